@@ -1,0 +1,35 @@
+# Everything a fresh machine needs: `make run` and `make test` create .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test lint bench clean
+
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt requirements.txt $(VENV)/.runtime
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# The gateway on SQLite in ./var; local sign-in unless an IdP client is configured.
+run: $(VENV)/.runtime
+	@mkdir -p var
+	@if [ -z "$$MCPGW_OIDC_CLIENT_ID" ] && [ -z "$$MCPGW_DEV_LOGIN" ]; then export MCPGW_DEV_LOGIN=1; fi; \
+	MCPGW_STORAGE=$${MCPGW_STORAGE:-sqlite:///var/gateway.db} MCPGW_UPSTREAM_ALLOW=$${MCPGW_UPSTREAM_ALLOW:-127.0.0.0/8} \
+	exec $(PY) gateway.py serve
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.dev
+	$(PY) bench/token_endpoint.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,197 @@
+"""MCP Auth Gateway entry point: `serve` runs the gateway; the other commands administer
+the same storage (servers, grants, clients, keys) and take effect without a restart."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import asdict
+
+from config import Config, ConfigError
+from services import Services, build_services
+from services.clients import ClientError, registration_response
+from services.servers import InvalidInput
+
+log = logging.getLogger("gateway")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="gateway.py", description="MCP Auth Gateway")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run the gateway")
+
+    servers = sub.add_parser("servers", help="upstream MCP servers").add_subparsers(dest="action", required=True)
+    add = servers.add_parser("add", help="register an upstream MCP server")
+    add.add_argument("--name", required=True)
+    add.add_argument("--upstream", required=True, help="the upstream's Streamable HTTP URL")
+    add.add_argument("--owner", required=True, help="the owner's e-mail address")
+    add.add_argument("--id", dest="server_id", help="choose the server id (default: srv_…)")
+    add.add_argument("--header", action="append", default=[], help="'Name: value' sent to the upstream")
+    add.add_argument("--forward-identity", action="store_true", help="send the user's identity upstream")
+    servers.add_parser("list", help="list servers")
+    for action in ("show", "remove"):
+        servers.add_parser(action).add_argument("server_id")
+
+    grants = sub.add_parser("grants", help="sharing rules").add_subparsers(dest="action", required=True)
+    for action in ("add", "remove"):
+        grant = grants.add_parser(action)
+        grant.add_argument("server_id")
+        who = grant.add_mutually_exclusive_group(required=True)
+        who.add_argument("--email")
+        who.add_argument("--domain", help="a Google Workspace domain (the ID token's hd claim)")
+    grants.add_parser("list").add_argument("server_id")
+
+    clients = sub.add_parser("clients", help="pre-registered OAuth clients").add_subparsers(dest="action", required=True)
+    cadd = clients.add_parser("add")
+    cadd.add_argument("--name", required=True)
+    cadd.add_argument("--redirect-uri", action="append", required=True)
+    cadd.add_argument("--confidential", action="store_true", help="issue a client secret")
+
+    keys = sub.add_parser("keys", help="token signing keys").add_subparsers(dest="action", required=True)
+    keys.add_parser("rotate")
+    keys.add_parser("list")
+    return parser.parse_args(argv)
+
+
+def emit(args, human: list[str], data) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        for line in human:
+            print(line)
+
+
+def server_view(services: Services, server) -> dict:
+    view = asdict(server)
+    view.pop("upstream_headers_enc")
+    view["mcp_url"] = services.config.server_resource(server.server_id)
+    # Upstream header values are secrets: show names only.
+    view["upstream_headers"] = sorted(services.servers.upstream_headers(server))
+    return view
+
+
+async def run_admin(args, services: Services) -> None:
+    registry = services.servers
+    if args.command == "servers":
+        if args.action == "add":
+            server = await registry.add(
+                name=args.name,
+                upstream_url=args.upstream,
+                owner_email=args.owner,
+                server_id=args.server_id,
+                headers=args.header,
+                forward_identity=args.forward_identity,
+            )
+            view = server_view(services, server)
+            emit(args, [f"added {server.name}: {view['mcp_url']}", server.server_id], view)
+        elif args.action == "list":
+            rows = [server_view(services, s) for s in await registry.list()]
+            emit(args, [f"{r['server_id']}\t{r['name']}\t{r['upstream_url']}\t{r['owner_email']}" for r in rows], rows)
+        elif args.action == "show":
+            view = server_view(services, await registry.get(args.server_id))
+            emit(args, [f"{k}: {v}" for k, v in view.items()], view)
+        elif args.action == "remove":
+            await registry.remove(args.server_id)
+            emit(args, [f"removed {args.server_id}"], {"removed": args.server_id})
+    elif args.command == "grants":
+        if args.action == "list":
+            grants = await registry.grants(args.server_id)
+            emit(args, [f"{g.kind}\t{g.value}" for g in grants], [asdict(g) for g in grants])
+            return
+        kind, value = ("email", args.email) if args.email else ("domain", args.domain)
+        if args.action == "add":
+            grant = await registry.add_grant(args.server_id, kind, value)
+            emit(args, [f"shared {args.server_id} with {kind} {grant.value}"], asdict(grant))
+        else:
+            await registry.remove_grant(args.server_id, kind, value)
+            emit(args, [f"removed {kind} {value} from {args.server_id}"], {"removed": [kind, value]})
+    elif args.command == "clients":
+        metadata = {
+            "client_name": args.name,
+            "redirect_uris": args.redirect_uri,
+            "token_endpoint_auth_method": "client_secret_basic" if args.confidential else "none",
+        }
+        client, secret = await services.clients.register(metadata, kind="static")
+        lines = [f"added client {client.client_name}"]
+        if secret:
+            lines.append(f"client secret (shown once): {secret}")
+        emit(args, [*lines, client.client_id], registration_response(client, secret))
+    elif args.command == "keys":
+        if args.action == "rotate":
+            key = await services.keyring.rotate()
+            emit(args, [f"new signing key {key.kid}; older keys verify until their tokens expire", key.kid], {"kid": key.kid})
+        else:
+            rows = [
+                {"kid": k.kid, "status": k.status, "created_at": k.created_at, "retire_at": k.retire_at}
+                for k in await services.storage.list_signing_keys()
+            ]
+            emit(args, [f"{r['kid']}\t{r['status']}" for r in rows], rows)
+
+
+async def serve(services: Services) -> None:
+    from handlers import make_app
+
+    config = services.config
+    await services.start()
+    app = make_app(services)
+    server = app.listen(
+        config.listen_port,
+        address=config.listen_host,
+        xheaders=config.trust_forwarded,
+        max_body_size=4 * 1024 * 1024,
+        idle_connection_timeout=75,
+    )
+    print(f"MCP Auth Gateway listening on http://{config.listen_host}:{config.listen_port}", flush=True)
+    print(f"  issuer / public URL: {config.public_url}", flush=True)
+    print(f"  dashboard:           {config.public_url}/dashboard", flush=True)
+    print(f"  MCP servers at:      {config.public_url}/mcp/<server id>", flush=True)
+    if config.dev_login:
+        print("  sign-in:             LOCAL DEV SIGN-IN (loopback only, never in production)", flush=True)
+    else:
+        print(f"  sign-in:             {config.oidc_issuer}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.stop()
+    await services.stop()
+
+
+async def main_async(args) -> int:
+    config = Config.from_env()
+    services = build_services(config)
+    if args.command == "serve":
+        config.check_can_serve()
+        await serve(services)
+        return 0
+    await services.start(background=False)
+    try:
+        await run_admin(args, services)
+    finally:
+        await services.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(main_async(args))
+    except (ConfigError, InvalidInput, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except ClientError as exc:
+        print(f"error: {exc.description}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

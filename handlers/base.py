@@ -1,0 +1,194 @@
+"""BaseHandler: what every handler shares: services, JSON and HTML errors, CORS, security
+headers, the signed sign-in cookie and strict form/JSON body parsing."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from http import HTTPStatus
+from urllib.parse import parse_qsl
+
+import tornado.web
+
+log = logging.getLogger("gateway.http")
+
+MAX_FORM_BODY = 64 * 1024
+CORS_ALLOW_HEADERS = (
+    "Authorization, Content-Type, Accept, Mcp-Session-Id, MCP-Protocol-Version, "
+    "Last-Event-ID, Mcp-Method, Mcp-Name"
+)
+CORS_EXPOSE_HEADERS = "Mcp-Session-Id, WWW-Authenticate, MCP-Protocol-Version"
+PAGE_CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self' data: https:; script-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+class BadRequest(Exception):
+    """Malformed input found while parsing a request body."""
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """API handlers (the default) answer JSON, take no cookies and so need no XSRF token;
+    `is_page` handlers are browser pages: HTML errors, CSP, XSRF-checked forms."""
+
+    is_page = False
+    cors = False
+
+    def check_xsrf_cookie(self) -> None:
+        if self.is_page:
+            super().check_xsrf_cookie()
+
+    @property
+    def services(self):
+        return self.application.settings["services"]
+
+    @property
+    def config(self):
+        return self.services.config
+
+    def set_default_headers(self) -> None:
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "no-referrer")
+        if self.is_page:
+            self.set_header("Content-Security-Policy", PAGE_CSP)
+            self.set_header("X-Frame-Options", "DENY")
+        if self.cors:
+            self.set_header("Access-Control-Allow-Origin", "*")
+            self.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
+            self.set_header("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS)
+            self.set_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
+            self.set_header("Access-Control-Max-Age", "86400")
+
+    def options(self, *args) -> None:
+        # CORS preflight never needs authentication.
+        self.set_status(204)
+
+    def client_ip(self) -> str:
+        if self.config.trust_forwarded:
+            forwarded = self.request.headers.get("X-Forwarded-For", "")
+            if forwarded:
+                return forwarded.split(",")[0].strip()
+        return self.request.remote_ip or ""
+
+    # ------------------------------------------------------------------ output
+
+    def write_json(self, body: dict, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(body, separators=(",", ":")))
+
+    def oauth_error(self, error: str, description: str, status: int = 400) -> None:
+        self.write_json({"error": error, "error_description": description}, status)
+
+    def page(self, template: str, status: int = 200, **context) -> None:
+        env = self.application.settings["jinja"]
+        self.set_status(status)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        html = env.get_template(template).render(
+            user=self.current_user,
+            xsrf_form_html=self.xsrf_form_html,
+            dev_login=self.config.dev_login,
+            static_url=self.static_url,
+            **context,
+        )
+        self.finish(html)
+
+    def error_page(self, status: int, title: str, message: str) -> None:
+        self.page("error.html", status=status, title=title, message=message)
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        reason = HTTPStatus(status_code).phrase if status_code in HTTPStatus._value2member_map_ else "Error"
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        message = exc.log_message if isinstance(exc, tornado.web.HTTPError) and exc.log_message else reason
+        if status_code >= 500:
+            message = "Something went wrong on our side. It has been logged."
+        if self.is_page:
+            self.clear_header("Content-Type")
+            try:
+                self.error_page(status_code, reason, message)
+                return
+            except Exception:  # a broken template must not hide the original error
+                log.exception("error page failed")
+        self.set_header("Content-Type", "application/json")
+        code = "server_error" if status_code >= 500 else "invalid_request"
+        self.finish(json.dumps({"error": code, "error_description": message}))
+
+    # ------------------------------------------------------------- sign-in cookie
+
+    @property
+    def signin_cookie_name(self) -> str:
+        # __Host- binds the cookie to this exact origin (Secure, Path=/, no Domain).
+        return "__Host-mcpgw_signin" if self.config.secure_cookies else "mcpgw_signin"
+
+    def get_current_user(self):
+        raw = self.get_signed_cookie(
+            self.signin_cookie_name, max_age_days=self.config.signin_ttl / 86400 + 1
+        )
+        if not raw:
+            return None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or data.get("exp", 0) < time.time():
+            return None
+        return data  # {"sub", "email", "name", "exp", "auth_time"}
+
+    def set_signin_cookie(self, sub: str, email: str, name: str) -> None:
+        now = int(time.time())
+        value = json.dumps(
+            {"sub": sub, "email": email, "name": name, "auth_time": now, "exp": now + self.config.signin_ttl}
+        )
+        self.set_signed_cookie(
+            self.signin_cookie_name,
+            value,
+            expires_days=None,
+            httponly=True,
+            secure=self.config.secure_cookies,
+            samesite="Lax",
+            path="/",
+        )
+
+    def clear_signin_cookie(self) -> None:
+        self.clear_cookie(self.signin_cookie_name, path="/", secure=self.config.secure_cookies)
+
+    # --------------------------------------------------------------- body parsing
+
+    def form_body(self) -> dict[str, str]:
+        """application/x-www-form-urlencoded, UTF-8, each parameter at most once."""
+        content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/x-www-form-urlencoded":
+            raise BadRequest("the body must be application/x-www-form-urlencoded")
+        if len(self.request.body) > MAX_FORM_BODY:
+            raise BadRequest("the body is too large")
+        try:
+            text = self.request.body.decode("utf-8")
+            pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text), errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise BadRequest("the body is not valid UTF-8 form data") from None
+        return unique_params(pairs)
+
+    def query_params(self) -> dict[str, str]:
+        try:
+            pairs = [
+                (name, value.decode("utf-8", "strict"))
+                for name, values in self.request.query_arguments.items()
+                for value in values
+            ]
+        except UnicodeDecodeError:
+            raise BadRequest("the query is not valid UTF-8") from None
+        return unique_params(pairs)
+
+
+def unique_params(pairs) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name in params:
+            raise BadRequest(f"the parameter {name} is repeated")
+        if "\x00" in value:
+            raise BadRequest(f"the parameter {name} contains a NUL character")
+        params[name] = value
+    return params

@@ -1,0 +1,384 @@
+"""OAuth clients: dynamic registration rules (RFC 7591), the redirect-URI policy and
+matching, client authentication at /token, and client ID metadata documents (CIMD).
+
+Policy (shared/reference/client-interop.md): https anywhere; http only on loopback, where
+any port matches; private-use schemes (cursor://, claude://, vscode://) allowed;
+javascript:, data:, file: and the like refused; exact string match otherwise.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import re
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import replace
+from urllib.parse import unquote_plus, urlsplit
+
+from config import is_loopback_host
+from services.keys import token_hash
+from storage.base import Client, Conflict, Storage
+
+DANGEROUS_SCHEMES = {"javascript", "data", "file", "vbscript", "about", "blob", "filesystem"}
+SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.\-]*$")
+AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post")
+MAX_REDIRECT_URIS = 20
+MAX_URI_LENGTH = 2000
+CIMD_MAX_BYTES = 5120
+CIMD_MIN_TTL, CIMD_MAX_TTL, CIMD_DEFAULT_TTL = 60, 86400, 300
+CIMD_CACHE_SIZE = 1000
+DCR_IDLE_REAP = 30 * 86400  # unused DCR registrations are deleted after this long
+CIMD_IDLE_REAP = 7 * 86400
+
+
+class ClientError(Exception):
+    """An RFC 6749 / 7591 error: `error` code, human description, HTTP status."""
+
+    def __init__(self, error: str, description: str, status: int = 400):
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+def is_cimd_client_id(client_id: str) -> bool:
+    return client_id.startswith("https://")
+
+
+def check_redirect_uri(uri: object) -> str:
+    """Return the URI when the policy allows it; raise ClientError(invalid_redirect_uri)."""
+    if not isinstance(uri, str) or not uri or len(uri) > MAX_URI_LENGTH:
+        raise ClientError("invalid_redirect_uri", "each redirect URI must be a non-empty string")
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in uri):
+        raise ClientError("invalid_redirect_uri", f"{uri!r}: contains spaces or control characters")
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if not scheme or not SCHEME_RE.match(scheme):
+        raise ClientError("invalid_redirect_uri", f"{uri!r}: not an absolute URI")
+    if parts.fragment or "#" in uri:
+        raise ClientError("invalid_redirect_uri", f"{uri!r}: a redirect URI must not have a fragment")
+    if scheme in DANGEROUS_SCHEMES:
+        raise ClientError("invalid_redirect_uri", f"{uri!r}: the {scheme}: scheme is not allowed")
+    if scheme in ("http", "https"):
+        if not parts.hostname:
+            raise ClientError("invalid_redirect_uri", f"{uri!r}: no host")
+        if parts.username or parts.password:
+            raise ClientError("invalid_redirect_uri", f"{uri!r}: user information is not allowed")
+        if scheme == "http" and not is_loopback_host(parts.hostname):
+            raise ClientError(
+                "invalid_redirect_uri", f"{uri!r}: http is only allowed for loopback hosts"
+            )
+    return uri
+
+
+def is_loopback_redirect(uri: str) -> bool:
+    parts = urlsplit(uri)
+    return parts.scheme == "http" and bool(parts.hostname) and is_loopback_host(parts.hostname)
+
+
+def redirect_uri_matches(registered: tuple[str, ...], requested: str) -> bool:
+    """Exact match, except that loopback http URIs match on any port (RFC 8252 §7.3)."""
+    if requested in registered:
+        return True
+    if not is_loopback_redirect(requested):
+        return False
+    want = urlsplit(requested)
+    for candidate in registered:
+        if not is_loopback_redirect(candidate):
+            continue
+        have = urlsplit(candidate)
+        if (have.hostname, have.path, have.query) == (want.hostname, want.path, want.query):
+            return True
+    return False
+
+
+def redirect_host(uri: str) -> str:
+    """What the consent page shows the user as the destination of the code."""
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        return parts.hostname or uri
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else f"{parts.scheme}:"
+
+
+def _optional_string(metadata: dict, name: str, limit: int = 1000) -> str:
+    value = metadata.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > limit:
+        raise ClientError("invalid_client_metadata", f"{name} must be a string of at most {limit} characters")
+    return value
+
+
+def _optional_url(metadata: dict, name: str) -> str:
+    value = _optional_string(metadata, name, MAX_URI_LENGTH)
+    if value and urlsplit(value).scheme not in ("http", "https"):
+        raise ClientError("invalid_client_metadata", f"{name} must be an http(s) URL")
+    return value
+
+
+def validate_metadata(metadata: object, *, for_cimd: bool = False) -> dict:
+    """Normalise RFC 7591 client metadata; raise ClientError for what cannot be registered."""
+    if not isinstance(metadata, dict):
+        raise ClientError("invalid_client_metadata", "the body must be a JSON object")
+    uris = metadata.get("redirect_uris")
+    if not isinstance(uris, list) or not uris:
+        raise ClientError("invalid_redirect_uri", "redirect_uris must be a non-empty array")
+    if len(uris) > MAX_REDIRECT_URIS:
+        raise ClientError("invalid_redirect_uri", f"at most {MAX_REDIRECT_URIS} redirect URIs")
+    redirect_uris = tuple(dict.fromkeys(check_redirect_uri(u) for u in uris))
+
+    default_method = "none" if for_cimd else "client_secret_basic"  # RFC 7591 §2 default
+    method = metadata.get("token_endpoint_auth_method", default_method)
+    if for_cimd and method != "none":
+        raise ClientError(
+            "invalid_client_metadata",
+            "a client ID metadata document must use token_endpoint_auth_method none",
+        )
+    if method not in AUTH_METHODS:
+        raise ClientError(
+            "invalid_client_metadata",
+            f"token_endpoint_auth_method must be one of {', '.join(AUTH_METHODS)}",
+        )
+    if for_cimd and ("client_secret" in metadata or "client_secret_expires_at" in metadata):
+        raise ClientError("invalid_client_metadata", "a metadata document must not carry a secret")
+
+    grant_types = metadata.get("grant_types", ["authorization_code"])
+    if not isinstance(grant_types, list) or not all(isinstance(g, str) for g in grant_types):
+        raise ClientError("invalid_client_metadata", "grant_types must be an array of strings")
+    unsupported = set(grant_types) - {"authorization_code", "refresh_token"}
+    if unsupported or "authorization_code" not in grant_types:
+        raise ClientError(
+            "invalid_client_metadata",
+            "grant_types must include authorization_code and may add refresh_token only",
+        )
+    response_types = metadata.get("response_types", ["code"])
+    if response_types != ["code"]:
+        raise ClientError("invalid_client_metadata", 'response_types must be ["code"]')
+    application_type = metadata.get("application_type", "web")
+    if application_type not in ("web", "native"):
+        raise ClientError("invalid_client_metadata", "application_type must be web or native")
+    contacts = metadata.get("contacts", [])
+    if not isinstance(contacts, list) or not all(isinstance(c, str) for c in contacts):
+        raise ClientError("invalid_client_metadata", "contacts must be an array of strings")
+
+    name = _optional_string(metadata, "client_name", 200).strip()
+    if for_cimd and not name:
+        raise ClientError("invalid_client_metadata", "client_name is required")
+    extra = {
+        key: value
+        for key in ("client_uri", "logo_uri", "tos_uri", "policy_uri")
+        if (value := _optional_url(metadata, key))
+    }
+    extra.update(
+        {
+            key: value
+            for key in ("software_id", "software_version")
+            if (value := _optional_string(metadata, key, 200))
+        }
+    )
+    if contacts:
+        extra["contacts"] = contacts[:10]
+    return {
+        "client_name": name or "Unnamed client",
+        "redirect_uris": redirect_uris,
+        "token_endpoint_auth_method": method,
+        # A refresh token is always issued (some clients drop one they did not expect to
+        # lose); registering the grant says so to the client.
+        "grant_types": ("authorization_code", "refresh_token"),
+        "response_types": ("code",),
+        "application_type": application_type,
+        "scope": _optional_string(metadata, "scope", 1000),
+        "metadata": extra,
+    }
+
+
+def registration_response(client: Client, secret: str | None = None) -> dict:
+    body = {
+        "client_id": client.client_id,
+        "client_id_issued_at": int(client.created_at),
+        "client_name": client.client_name,
+        "redirect_uris": list(client.redirect_uris),
+        "token_endpoint_auth_method": client.token_endpoint_auth_method,
+        "grant_types": list(client.grant_types),
+        "response_types": list(client.response_types),
+        "application_type": client.application_type,
+        **client.metadata,
+    }
+    if client.scope:
+        body["scope"] = client.scope
+    if secret is not None:
+        body["client_secret"] = secret
+        body["client_secret_expires_at"] = 0
+    return body
+
+
+class ClientRegistry:
+    """Registration, lookup and authentication of OAuth clients."""
+
+    def __init__(self, storage: Storage, fetch_document=None):
+        self._storage = storage
+        # fetch_document(url) -> (status, headers, body): the SSRF-guarded small fetcher.
+        self._fetch_document = fetch_document
+        self._cimd_cache: OrderedDict[str, tuple[Client, float]] = OrderedDict()
+
+    async def register(self, metadata: object, kind: str = "dcr") -> tuple[Client, str | None]:
+        fields = validate_metadata(metadata)
+        secret = None
+        if fields["token_endpoint_auth_method"] != "none":
+            secret = secrets.token_urlsafe(32)
+        now = time.time()
+        client = Client(
+            client_id=("mcp_" if kind == "dcr" else "static_") + secrets.token_urlsafe(16),
+            secret_hash=token_hash(secret) if secret else "",
+            kind=kind,
+            created_at=now,
+            **fields,
+        )
+        try:
+            await self._storage.create_client(client)
+        except Conflict:  # 128 random bits: only a broken RNG gets here
+            raise ClientError("server_error", "could not allocate a client id", 500) from None
+        return client, secret
+
+    async def get(self, client_id: str) -> Client:
+        """The client for /authorize; raise ClientError(invalid_client) when unusable."""
+        if not isinstance(client_id, str) or not client_id or len(client_id) > MAX_URI_LENGTH:
+            raise ClientError("invalid_request", "client_id is missing")
+        if is_cimd_client_id(client_id):
+            return await self._metadata_document_client(client_id)
+        client = await self._storage.get_client(client_id)
+        if client is None or client.kind == "cimd":
+            raise ClientError(
+                "invalid_client", "this client is not registered here (register again)", 401
+            )
+        return client
+
+    async def authenticate(
+        self, form_client_id: str | None, form_secret: str | None, authorization: str | None
+    ) -> Client:
+        """Client authentication at /token and /revoke (RFC 6749 §2.3)."""
+        basic_id = basic_secret = None
+        if authorization and authorization[:6].lower() == "basic ":
+            try:
+                decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+                raw_id, _, raw_secret = decoded.partition(":")
+                basic_id, basic_secret = unquote_plus(raw_id), unquote_plus(raw_secret)
+            except (ValueError, UnicodeDecodeError):
+                raise ClientError("invalid_client", "malformed Basic credentials", 401) from None
+        if basic_id is not None and form_client_id and form_client_id != basic_id:
+            raise ClientError("invalid_request", "client_id differs from the Basic credentials")
+        client_id = basic_id or form_client_id
+        if basic_id is not None and form_secret:
+            raise ClientError("invalid_request", "use one client authentication method, not two")
+        if not client_id:
+            raise ClientError("invalid_client", "client authentication is required", 401)
+        if is_cimd_client_id(client_id):
+            client = await self._storage.get_client(client_id)
+            if client is None:
+                client = await self._metadata_document_client(client_id)
+        else:
+            client = await self._storage.get_client(client_id)
+        if client is None:
+            raise ClientError("invalid_client", "unknown client (register again)", 401)
+        secret = basic_secret if basic_id is not None else form_secret
+        if client.secret_hash:
+            if not secret or not hmac.compare_digest(token_hash(secret), client.secret_hash):
+                raise ClientError("invalid_client", "client authentication failed", 401)
+        elif secret:
+            raise ClientError("invalid_client", "this client has no secret", 401)
+        return client
+
+    async def touch(self, client: Client) -> None:
+        # Writes at most once an hour per client: enough for idle reaping.
+        if time.time() - client.last_used_at > 3600:
+            await self._storage.touch_client(client.client_id, time.time())
+
+    async def reap_idle(self) -> int:
+        now = time.time()
+        return await self._storage.reap_idle_clients("dcr", now - DCR_IDLE_REAP) + (
+            await self._storage.reap_idle_clients("cimd", now - CIMD_IDLE_REAP)
+        )
+
+    # ------------------------------------------------------------ metadata documents
+
+    async def _metadata_document_client(self, url: str) -> Client:
+        cached = self._cimd_cache.get(url)
+        if cached and cached[1] > time.monotonic():
+            self._cimd_cache.move_to_end(url)
+            return cached[0]
+        check_metadata_document_url(url)
+        if self._fetch_document is None:
+            raise ClientError("invalid_client", "client ID metadata documents are not enabled", 401)
+        try:
+            status, headers, body = await self._fetch_document(url)
+        except Exception as exc:  # every fetch failure is the client's problem, shown as such
+            raise ClientError(
+                "invalid_client", f"the client ID metadata document could not be fetched: {exc}", 401
+            ) from None
+        if status != 200:
+            raise ClientError(
+                "invalid_client", f"the client ID metadata document answered HTTP {status}", 401
+            )
+        try:
+            document = json.loads(body)
+        except ValueError:
+            raise ClientError("invalid_client", "the client ID metadata document is not JSON", 401) from None
+        if not isinstance(document, dict) or document.get("client_id") != url:
+            raise ClientError(
+                "invalid_client", "the metadata document's client_id is not its own URL", 401
+            )
+        try:
+            fields = validate_metadata(document, for_cimd=True)
+        except ClientError as exc:
+            raise ClientError("invalid_client", f"metadata document: {exc.description}", 401) from None
+        now = time.time()
+        existing = await self._storage.get_client(url)
+        client = Client(
+            client_id=url,
+            kind="cimd",
+            created_at=existing.created_at if existing else now,
+            last_used_at=existing.last_used_at if existing else 0.0,
+            **fields,
+        )
+        if existing is None or replace(existing, metadata={}) != replace(client, metadata={}):
+            await self._storage.put_client(client)
+        self._cimd_cache[url] = (client, time.monotonic() + cache_ttl(headers))
+        while len(self._cimd_cache) > CIMD_CACHE_SIZE:
+            self._cimd_cache.popitem(last=False)
+        return client
+
+
+def check_metadata_document_url(url: str) -> None:
+    """CIMD §3: https, a path, no dot segments, no fragment, no user information."""
+    parts = urlsplit(url)
+    segments = parts.path.split("/")
+    if (
+        parts.scheme != "https"
+        or not parts.hostname
+        or parts.path in ("", "/")
+        or "." in segments
+        or ".." in segments
+        or parts.fragment
+        or "#" in url
+        or parts.username
+        or parts.password
+    ):
+        raise ClientError(
+            "invalid_client",
+            "a URL client_id must be an https URL with a path, without dot segments, fragment "
+            "or user information",
+            401,
+        )
+
+
+def cache_ttl(headers) -> float:
+    """Seconds to cache a metadata document, from Cache-Control, clamped to sane bounds."""
+    control = (headers.get("Cache-Control", "") if headers else "").lower()
+    if "no-store" in control or "no-cache" in control:
+        return CIMD_MIN_TTL
+    match = re.search(r"max-age=(\d+)", control)
+    ttl = int(match.group(1)) if match else CIMD_DEFAULT_TTL
+    return float(min(max(ttl, CIMD_MIN_TTL), CIMD_MAX_TTL))

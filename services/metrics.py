@@ -1,0 +1,27 @@
+"""Metrics: process-local counters rendered in the Prometheus text format."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+class Metrics:
+    def __init__(self):
+        self._counters: Counter[tuple[str, tuple[tuple[str, str], ...]]] = Counter()
+
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        self._counters[(name, tuple(sorted(labels.items())))] += amount
+
+    def value(self, name: str, **labels: str) -> float:
+        return self._counters[(name, tuple(sorted(labels.items())))]
+
+    def render(self) -> str:
+        lines = []
+        seen = set()
+        for (name, labels), value in sorted(self._counters.items()):
+            if name not in seen:
+                lines.append(f"# TYPE mcpgw_{name} counter")
+                seen.add(name)
+            label_text = ",".join(f'{k}="{v}"' for k, v in labels)
+            lines.append(f"mcpgw_{name}{{{label_text}}} {value:g}" if labels else f"mcpgw_{name} {value:g}")
+        return "\n".join(lines) + "\n"

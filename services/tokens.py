@@ -1,0 +1,445 @@
+"""Authorization codes, access tokens (RS256 JWT), refresh-token rotation with reuse
+detection, revocation, and access-token verification for the proxy's hot path.
+
+Rotation rule (DESIGN.md): redeeming RT0 returns RT1 and marks RT0 used. Presenting RT0
+again while RT1 is unused and within GRACE seconds returns the same RT1 (a retry after a
+lost response); any other reuse is theft and revokes the whole family. Concurrent
+redemptions of one token in one process are single-flight; across processes the
+conditional write in storage decides and the loser takes the grace path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import jwt
+
+from config import Config
+from services.access import AccessPolicy, Principal
+from services.keys import KeyRing, SecretBox, token_hash
+from storage.base import (
+    AuthCode,
+    Client,
+    RefreshFamily,
+    RefreshToken,
+    RevokedAccessToken,
+    Storage,
+    User,
+)
+
+SCOPE_CONNECT = "mcp:connect"
+SCOPE_INVOKE = "mcp:invoke"
+MCP_SCOPES = (SCOPE_CONNECT, SCOPE_INVOKE)
+SUPPORTED_SCOPES = (*MCP_SCOPES, "offline_access")
+CODE_TTL = 60
+GRACE = 30.0
+VERIFIED_CACHE_SIZE = 20000
+REVOCATION_REFRESH = 3.0  # revocations made on another instance apply within this bound
+VERIFIER_RE = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
+SCOPE_TOKEN_RE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
+
+
+class OAuthError(Exception):
+    """An RFC 6749 error for the token or authorization endpoint."""
+
+    def __init__(self, error: str, description: str, status: int = 400):
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+class InvalidToken(Exception):
+    """A bearer token the proxy must refuse with 401 invalid_token."""
+
+
+def s256(verifier: str) -> str:
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def parse_scope(requested: str | None) -> str:
+    """The scope granted for a request: known scopes in a fixed order; unknown ones are
+    dropped (a subset grant, RFC 6749 §3.3); no MCP scope at all means both."""
+    words = (requested or "").split()
+    for word in words:
+        if not SCOPE_TOKEN_RE.match(word):
+            raise OAuthError("invalid_scope", "scope contains characters RFC 6749 forbids")
+    granted = [s for s in SUPPORTED_SCOPES if s in words]
+    if not any(s in granted for s in MCP_SCOPES):
+        granted = [*MCP_SCOPES, *granted]
+    return " ".join(granted)
+
+
+@dataclass(frozen=True)
+class Audience:
+    value: str  # the `aud` claim
+    server_id: str  # empty for the base resource
+
+
+class TokenService:
+    def __init__(
+        self,
+        storage: Storage,
+        keyring: KeyRing,
+        box: SecretBox,
+        access: AccessPolicy,
+        config: Config,
+    ):
+        self._storage = storage
+        self._keys = keyring
+        self._box = box
+        self._access = access
+        self._config = config
+        self._verified: OrderedDict[str, dict] = OrderedDict()
+        self._revoked: set[str] = set()
+        self._inflight: dict[str, asyncio.Future] = {}
+
+    # ----------------------------------------------------------------- audiences
+
+    async def resolve_audience(self, resource: str | None) -> Audience:
+        """RFC 8707: no resource means the base resource; otherwise it must name a known
+        server or the base. Scheme and host compare case-insensitively; a trailing slash
+        is tolerated."""
+        base = self._config.base_resource
+        if not resource:
+            return Audience(base, "")
+        parts = urlsplit(resource)
+        if parts.fragment:
+            raise OAuthError("invalid_target", "resource must not have a fragment")
+        origin = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
+        path = parts.path.rstrip("/")
+        if origin == self._config.public_url and not parts.query:
+            if path in ("", "/mcp"):
+                return Audience(base, "")
+            if path.startswith("/mcp/") and "/" not in path[5:]:
+                server_id = path[5:]
+                if await self._access.server(server_id) is not None:
+                    return Audience(self._config.server_resource(server_id), server_id)
+        raise OAuthError("invalid_target", "resource does not name an MCP server of this gateway")
+
+    def audience_for(self, value: str) -> Audience:
+        if value.startswith(self._config.base_resource) and value != self._config.base_resource:
+            return Audience(value, value[len(self._config.base_resource) :])
+        return Audience(value, "")
+
+    async def check_access(self, user: User, audience: Audience) -> None:
+        if audience.server_id:
+            decision = await self._access.decide(principal_of(user), audience.server_id)
+            if not decision.allowed:
+                raise OAuthError("access_denied", decision.reason)
+
+    # ------------------------------------------------------------------- codes
+
+    async def issue_code(
+        self,
+        *,
+        client_id: str,
+        redirect_uri: str,
+        code_challenge: str,
+        user_sub: str,
+        scope: str,
+        audience: str,
+    ) -> str:
+        code = secrets.token_urlsafe(32)
+        await self._storage.put_code(
+            AuthCode(
+                code_hash=token_hash(code),
+                client_id=client_id,
+                redirect_uri=redirect_uri,
+                code_challenge=code_challenge,
+                user_sub=user_sub,
+                scope=scope,
+                audience=audience,
+                expires_at=time.time() + CODE_TTL,
+                family_id=secrets.token_urlsafe(16),
+            )
+        )
+        return code
+
+    async def exchange_code(
+        self,
+        client: Client,
+        code: str,
+        redirect_uri: str | None,
+        code_verifier: str,
+        resource: str | None,
+    ) -> dict:
+        if not VERIFIER_RE.match(code_verifier):
+            raise OAuthError(
+                "invalid_request", "code_verifier must be 43-128 characters of [A-Za-z0-9-._~]"
+            )
+        record, first_use = await self._storage.redeem_code(token_hash(code))
+        if record is None:
+            raise OAuthError("invalid_grant", "unknown authorization code")
+        if not first_use:
+            # RFC 6749 §4.1.2: a replayed code revokes what it issued.
+            await self.revoke_family(record.family_id)
+            raise OAuthError("invalid_grant", "authorization code already used")
+        if record.expires_at < time.time():
+            raise OAuthError("invalid_grant", "authorization code expired")
+        if record.client_id != client.client_id:
+            raise OAuthError("invalid_grant", "authorization code was issued to another client")
+        if redirect_uri is not None and redirect_uri != record.redirect_uri:
+            raise OAuthError("invalid_grant", "redirect_uri differs from the authorization request")
+        if not hmac.compare_digest(s256(code_verifier), record.code_challenge):
+            raise OAuthError("invalid_grant", "code_verifier does not match the code_challenge")
+        audience = await self._narrow_audience(self.audience_for(record.audience), resource)
+        user = await self._user(record.user_sub)
+        try:
+            await self.check_access(user, audience)
+        except OAuthError as exc:
+            raise OAuthError("invalid_grant", exc.description) from None
+
+        now = time.time()
+        refresh = secrets.token_urlsafe(32)
+        family = RefreshFamily(
+            family_id=record.family_id,
+            client_id=client.client_id,
+            user_sub=user.sub,
+            audience=audience.value,
+            scope=record.scope,
+            created_at=now,
+            expires_at=now + self._config.refresh_absolute_ttl,
+            last_used_at=now,
+        )
+        await self._storage.create_family(family, self._refresh_record(refresh, family, now))
+        return self._token_response(user, client.client_id, record.scope, audience, family, refresh)
+
+    async def _narrow_audience(self, audience: Audience, resource: str | None) -> Audience:
+        """A token request may repeat the audience, or name one server of a base grant."""
+        if not resource:
+            return audience
+        wanted = await self.resolve_audience(resource)
+        if wanted.value == audience.value or (not audience.server_id and wanted.server_id):
+            return wanted
+        raise OAuthError("invalid_target", "resource differs from the one authorized")
+
+    # ----------------------------------------------------------- refresh tokens
+
+    async def refresh(
+        self, client: Client, refresh_token: str, scope: str | None, resource: str | None
+    ) -> dict:
+        key = token_hash(refresh_token)
+        pending = self._inflight.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await self._refresh(client, key, scope, resource)
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # mark retrieved: waiters may not exist
+            raise
+        finally:
+            del self._inflight[key]
+
+    async def _refresh(
+        self, client: Client, key: str, scope: str | None, resource: str | None
+    ) -> dict:
+        now = time.time()
+        record = await self._storage.get_refresh_token(key)
+        if record is None or record.client_id != client.client_id:
+            raise OAuthError("invalid_grant", "unknown refresh token")
+        family = await self._storage.get_family(record.family_id)
+        if family is None or family.revoked_at or family.expires_at < now:
+            raise OAuthError("invalid_grant", "this authorization was revoked or has expired")
+        if record.expires_at < now:
+            raise OAuthError("invalid_grant", "refresh token expired (unused for too long)")
+        granted = record.scope.split()
+        requested = scope.split() if scope else granted
+        if not set(requested) <= set(granted):
+            raise OAuthError("invalid_scope", "scope may only narrow on refresh")
+        token_scope = " ".join(s for s in SUPPORTED_SCOPES if s in requested)
+        audience = await self._narrow_audience(self.audience_for(family.audience), resource)
+        user = await self._user(record.user_sub)
+        try:
+            await self.check_access(user, audience)
+        except OAuthError as exc:
+            raise OAuthError("invalid_grant", exc.description) from None
+
+        if not record.used_at:
+            successor = secrets.token_urlsafe(32)
+            sealed = self._box.seal(successor.encode(), "refresh:" + key)
+            if await self._storage.rotate_refresh_token(
+                key, self._refresh_record(successor, family, now), sealed, now
+            ):
+                return self._token_response(
+                    user, client.client_id, token_scope, audience, family, successor
+                )
+            record = await self._storage.get_refresh_token(key)  # another instance won
+        successor = await self._grace_successor(record, now)
+        if successor is None:
+            await self.revoke_family(family.family_id)
+            raise OAuthError("invalid_grant", "refresh token reused: the authorization is revoked")
+        return self._token_response(user, client.client_id, token_scope, audience, family, successor)
+
+    async def _grace_successor(self, record: RefreshToken, now: float) -> str | None:
+        """The successor of a just-rotated token, if this reuse is a lost-response retry."""
+        if not record.successor_enc or now - record.used_at > GRACE:
+            return None
+        successor = await self._storage.get_refresh_token(record.replaced_by)
+        if successor is None or successor.used_at:
+            return None
+        return self._box.open(record.successor_enc, "refresh:" + record.token_hash).decode()
+
+    def _refresh_record(self, token: str, family: RefreshFamily, now: float) -> RefreshToken:
+        return RefreshToken(
+            token_hash=token_hash(token),
+            family_id=family.family_id,
+            client_id=family.client_id,
+            user_sub=family.user_sub,
+            scope=family.scope,
+            audience=family.audience,
+            created_at=now,
+            expires_at=min(now + self._config.refresh_idle_ttl, family.expires_at),
+            family_expires_at=family.expires_at,
+        )
+
+    # ------------------------------------------------------------ access tokens
+
+    def _token_response(
+        self,
+        user: User,
+        client_id: str,
+        scope: str,
+        audience: Audience,
+        family: RefreshFamily,
+        refresh_token: str,
+    ) -> dict:
+        ttl = self._config.access_token_ttl
+        return {
+            "access_token": self.mint_access_token(user, client_id, scope, audience.value, family.family_id),
+            "token_type": "Bearer",
+            "expires_in": ttl,
+            "scope": scope,
+            "refresh_token": refresh_token,
+        }
+
+    def mint_access_token(
+        self, user: User, client_id: str, scope: str, audience: str, family_id: str
+    ) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": self._config.issuer,
+            "sub": user.sub,
+            "aud": audience,
+            "scope": " ".join(s for s in scope.split() if s in MCP_SCOPES),
+            "client_id": client_id,
+            "iat": now,
+            "exp": now + self._config.access_token_ttl,
+            "jti": secrets.token_urlsafe(16),
+            "fid": family_id,
+        }
+        # Only a verified e-mail is carried: sharing rules trust what the token says.
+        if user.email and user.email_verified:
+            claims["email"] = user.email
+        if user.hd:
+            claims["hd"] = user.hd
+        return self._keys.sign(claims)
+
+    async def verify_access_token(self, token: str) -> dict:
+        """Claims of a valid, unrevoked access token of this issuer (audience is the
+        caller's check). In memory when warm: a verified-token LRU keyed by hash."""
+        key = token_hash(token)
+        claims = self._verified.get(key)
+        if claims is None:
+            claims = await self._decode(token)
+            self._verified[key] = claims
+            if len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
+        if claims["exp"] <= time.time():
+            self._verified.pop(key, None)
+            raise InvalidToken("the access token has expired")
+        if claims["jti"] in self._revoked or ("fid:" + claims.get("fid", "")) in self._revoked:
+            raise InvalidToken("the access token has been revoked")
+        return claims
+
+    async def _decode(self, token: str, verify_exp: bool = True) -> dict:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise InvalidToken("the access token is not a JWT") from None
+        if header.get("alg") != "RS256" or not isinstance(header.get("kid"), str):
+            raise InvalidToken("the access token is not signed by this gateway")
+        if not await self._keys.ensure_kid(header["kid"]):
+            raise InvalidToken("the access token is signed with an unknown key")
+        try:
+            claims = jwt.decode(
+                token,
+                self._keys.public_key(header["kid"]),
+                algorithms=["RS256"],
+                issuer=self._config.issuer,
+                options={
+                    "verify_aud": False,
+                    "verify_exp": verify_exp,
+                    "require": ["exp", "iat", "sub", "aud", "jti", "iss"],
+                },
+                leeway=0 if verify_exp else 10**9,
+            )
+        except jwt.ExpiredSignatureError:
+            raise InvalidToken("the access token has expired") from None
+        except jwt.PyJWTError:
+            raise InvalidToken("the access token did not verify") from None
+        if not isinstance(claims.get("aud"), str) or not isinstance(claims.get("sub"), str):
+            raise InvalidToken("the access token is malformed")
+        return claims
+
+    async def refresh_revocations(self) -> None:
+        """Run every REVOCATION_REFRESH seconds by the app, off the request path."""
+        revoked = await self._storage.revoked_access_tokens(time.time())
+        self._revoked = {r.jti for r in revoked}
+
+    # --------------------------------------------------------------- revocation
+
+    async def revoke_family(self, family_id: str) -> None:
+        """Stops the refresh family and every access token minted from it."""
+        await self._storage.revoke_family(family_id, time.time())
+        marker = "fid:" + family_id
+        await self._storage.revoke_access_token(
+            RevokedAccessToken(marker, time.time() + self._config.access_token_ttl + 60)
+        )
+        self._revoked.add(marker)
+
+    async def revoke(self, client: Client, token: str, hint: str | None) -> None:
+        """RFC 7009: refresh tokens revoke their family, access tokens their jti. Tokens
+        that are unknown or belong to another client are ignored (200 either way)."""
+        if hint != "access_token":
+            record = await self._storage.get_refresh_token(token_hash(token))
+            if record is not None:
+                if record.client_id == client.client_id:
+                    await self.revoke_family(record.family_id)
+                return
+        try:
+            claims = await self._decode(token, verify_exp=False)
+        except InvalidToken:
+            return
+        if claims.get("client_id") == client.client_id and claims["exp"] > time.time():
+            await self._storage.revoke_access_token(RevokedAccessToken(claims["jti"], claims["exp"]))
+            self._revoked.add(claims["jti"])
+
+    async def _user(self, sub: str) -> User:
+        user = await self._storage.get_user(sub)
+        if user is None:
+            raise OAuthError("invalid_grant", "the user of this grant no longer exists")
+        return user
+
+
+def principal_of(user: User) -> Principal:
+    return Principal(sub=user.sub, email=user.email if user.email_verified else "", hd=user.hd)
+
+
+def principal_from_claims(claims: dict) -> Principal:
+    return Principal(sub=claims["sub"], email=claims.get("email", ""), hd=claims.get("hd", ""))

@@ -1,0 +1,394 @@
+"""The storage contract: record dataclasses and the abstract async `Storage` interface.
+
+Methods are named after access patterns so that every backend serves each one with a
+single key lookup, one query or one conditional write (SQLite: one indexed statement in
+a transaction; DynamoDB: one item or one partition). Anything that must happen at most
+once (redeem a code, rotate a refresh token, take a pending state, create the first
+signing key) is a conditional write that is safe when two processes race.
+
+Times are float UNIX seconds. Secrets never reach storage in clear: tokens and codes are
+stored as hashes, private material as ciphertext made by `services.keys.SecretBox`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+class StorageError(Exception):
+    """A backend failure that is not the caller's fault."""
+
+
+class Conflict(StorageError):
+    """A conditional write lost: the key exists already or the condition no longer holds."""
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class User:
+    sub: str  # the IdP subject: the one stable key of a person
+    email: str = ""
+    email_verified: bool = False
+    hd: str = ""  # Google Workspace domain from the ID token; never derived from email
+    name: str = ""
+    picture: str = ""
+    created_at: float = 0.0
+    last_login_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Client:
+    client_id: str
+    client_name: str
+    redirect_uris: tuple[str, ...]
+    token_endpoint_auth_method: str = "none"  # none | client_secret_basic | client_secret_post
+    secret_hash: str = ""  # hash of the client secret for confidential clients
+    grant_types: tuple[str, ...] = ("authorization_code", "refresh_token")
+    response_types: tuple[str, ...] = ("code",)
+    application_type: str = "web"  # web | native
+    scope: str = ""
+    kind: str = "dcr"  # dcr | static (CLI) | cimd (cached metadata document)
+    metadata: dict = field(default_factory=dict, compare=False, hash=False)  # the rest, as sent
+    created_at: float = 0.0
+    last_used_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Server:
+    server_id: str  # srv_…
+    name: str
+    upstream_url: str
+    owner_sub: str = ""  # empty until the owner's first verified sign-in binds it
+    owner_email: str = ""  # lower-case; used to bind owner_sub at first sign-in
+    upstream_headers_enc: str = ""  # SecretBox ciphertext of a JSON object of headers
+    forward_identity: bool = False
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Grant:
+    server_id: str
+    kind: str  # email | domain
+    value: str  # lower-case e-mail address or domain
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Pending:
+    """Short-lived single-use state: an /authorize in flight, an IdP login state, …"""
+
+    kind: str
+    key: str
+    payload: dict
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class AuthCode:
+    code_hash: str
+    client_id: str
+    redirect_uri: str
+    code_challenge: str
+    user_sub: str
+    scope: str
+    audience: str
+    expires_at: float
+    family_id: str  # the refresh family this code starts; revoked when the code is replayed
+    used: bool = False
+
+
+@dataclass(frozen=True)
+class RefreshToken:
+    token_hash: str
+    family_id: str
+    client_id: str
+    user_sub: str
+    scope: str
+    audience: str
+    created_at: float
+    expires_at: float  # idle expiry of this token (rotation extends the family)
+    family_expires_at: float  # absolute lifetime of the family
+    used_at: float = 0.0  # set once, when rotated
+    replaced_by: str = ""  # hash of the successor
+    successor_enc: str = ""  # SecretBox ciphertext of the successor pair, for the grace window
+
+
+@dataclass(frozen=True)
+class RefreshFamily:
+    family_id: str
+    client_id: str
+    user_sub: str
+    audience: str
+    scope: str
+    created_at: float
+    expires_at: float
+    revoked_at: float = 0.0
+    last_used_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Consent:
+    user_sub: str
+    client_id: str
+    audience: str
+    scope: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class McpSession:
+    session_id: str  # the gateway's id, shown to the client
+    upstream_session_id: str  # the upstream's id, never shown to the client
+    user_sub: str
+    server_id: str
+    protocol_version: str
+    created_at: float
+    expires_at: float  # idle expiry, pushed forward by touch_session
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    private_key_enc: str  # SecretBox ciphertext of the PEM private key
+    public_jwk: dict = field(compare=False, hash=False)
+    status: str = "active"  # active | retiring (verifies only) | retired (gone from JWKS)
+    created_at: float = 0.0
+    retire_at: float = 0.0  # for retiring keys: when the longest token they signed expires
+
+
+@dataclass(frozen=True)
+class RevokedAccessToken:
+    jti: str
+    expires_at: float  # kept until the token would have expired anyway
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    at: float
+    server_id: str
+    user_sub: str
+    user_email: str
+    client_id: str
+    method: str
+    target: str  # tool name, resource URI or prompt name
+    outcome: str  # "ok" or the JSON-RPC error code / HTTP status as text
+    latency_ms: float
+    bytes_in: int
+    bytes_out: int
+    era: str  # "2025" | "2026"
+
+
+@dataclass(frozen=True)
+class UsageAggregate:
+    day: str  # YYYY-MM-DD (UTC)
+    server_id: str
+    target: str
+    user_sub: str
+    calls: int
+    errors: int
+    latency_ms_sum: float
+    latency_ms_max: float
+
+
+# ------------------------------------------------------------------------- interface
+
+
+class Storage(abc.ABC):
+    """Every persistent operation of the gateway. All methods are async and never block
+    the event loop; backends run their blocking drivers in an executor."""
+
+    # lifecycle
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Create or migrate the schema; idempotent and safe for racing processes."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StorageError when the store cannot serve requests (readiness)."""
+
+    # users
+    @abc.abstractmethod
+    async def upsert_user(self, user: User) -> User:
+        """Insert or update by `sub`; keeps the original created_at. Returns the stored row."""
+
+    @abc.abstractmethod
+    async def get_user(self, sub: str) -> User | None: ...
+
+    # clients
+    @abc.abstractmethod
+    async def create_client(self, client: Client) -> None:
+        """Raise Conflict when the client_id exists."""
+
+    @abc.abstractmethod
+    async def put_client(self, client: Client) -> None:
+        """Insert or replace (used for cached client ID metadata documents)."""
+
+    @abc.abstractmethod
+    async def get_client(self, client_id: str) -> Client | None: ...
+
+    @abc.abstractmethod
+    async def touch_client(self, client_id: str, at: float) -> None:
+        """Record that a client was used (authorize or token), for idle reaping."""
+
+    @abc.abstractmethod
+    async def delete_client(self, client_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def reap_idle_clients(self, kind: str, unused_since: float, limit: int = 500) -> int:
+        """Delete up to `limit` clients of `kind` last used (or created, if never used)
+        before `unused_since` that hold no live refresh family. Background job, not a hot path."""
+
+    # servers and sharing rules
+    @abc.abstractmethod
+    async def create_server(self, server: Server) -> None:
+        """Raise Conflict when the server_id exists."""
+
+    @abc.abstractmethod
+    async def update_server(self, server: Server) -> None:
+        """Replace an existing server; raise KeyError when it does not exist."""
+
+    @abc.abstractmethod
+    async def get_server(self, server_id: str) -> Server | None: ...
+
+    @abc.abstractmethod
+    async def list_servers(self) -> list[Server]:
+        """All servers (admin views and the CLI)."""
+
+    @abc.abstractmethod
+    async def servers_owned_by(self, sub: str) -> list[Server]: ...
+
+    @abc.abstractmethod
+    async def bind_owner(self, email: str, sub: str) -> int:
+        """Set owner_sub on servers whose owner_email is `email` and owner_sub is empty."""
+
+    @abc.abstractmethod
+    async def delete_server(self, server_id: str) -> bool:
+        """Delete the server, its grants and its sessions."""
+
+    @abc.abstractmethod
+    async def add_grant(self, grant: Grant) -> bool:
+        """False when the same grant exists already."""
+
+    @abc.abstractmethod
+    async def remove_grant(self, server_id: str, kind: str, value: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def grants_for(self, server_id: str) -> list[Grant]: ...
+
+    @abc.abstractmethod
+    async def grants_matching(self, kind: str, value: str) -> list[Grant]:
+        """Grants naming this e-mail (kind=email) or domain (kind=domain): 'shared with me'."""
+
+    # short-lived single-use state
+    @abc.abstractmethod
+    async def put_pending(self, pending: Pending) -> None: ...
+
+    @abc.abstractmethod
+    async def get_pending(self, kind: str, key: str, now: float) -> Pending | None:
+        """The unexpired record, without consuming it."""
+
+    @abc.abstractmethod
+    async def take_pending(self, kind: str, key: str, now: float) -> Pending | None:
+        """Atomically delete and return the unexpired record; None for a second taker."""
+
+    # authorization codes
+    @abc.abstractmethod
+    async def put_code(self, code: AuthCode) -> None: ...
+
+    @abc.abstractmethod
+    async def redeem_code(self, code_hash: str) -> tuple[AuthCode | None, bool]:
+        """Mark the code used in one conditional write. Returns (code, first_use):
+        (code, True) for the first redemption, (code, False) for a replay, (None, False)
+        when unknown. Expiry is the caller's check."""
+
+    # refresh tokens
+    @abc.abstractmethod
+    async def create_family(self, family: RefreshFamily, first: RefreshToken) -> None: ...
+
+    @abc.abstractmethod
+    async def get_family(self, family_id: str) -> RefreshFamily | None: ...
+
+    @abc.abstractmethod
+    async def families_of_user(self, user_sub: str) -> list[RefreshFamily]:
+        """Live and revoked families of a user ('my authorizations')."""
+
+    @abc.abstractmethod
+    async def get_refresh_token(self, token_hash: str) -> RefreshToken | None: ...
+
+    @abc.abstractmethod
+    async def rotate_refresh_token(
+        self, old_hash: str, successor: RefreshToken, successor_enc: str, now: float
+    ) -> bool:
+        """If `old_hash` is unused: mark it used (replaced_by, successor_enc, used_at=now),
+        insert `successor` and touch the family, all or nothing. False when it was
+        used already (the caller then applies the grace-window / theft rule)."""
+
+    @abc.abstractmethod
+    async def revoke_family(self, family_id: str, at: float) -> bool:
+        """Mark the family revoked (every token of it stops working). False if unknown."""
+
+    # consent
+    @abc.abstractmethod
+    async def get_consent(self, user_sub: str, client_id: str, audience: str) -> Consent | None: ...
+
+    @abc.abstractmethod
+    async def put_consent(self, consent: Consent) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_consents(self, user_sub: str, client_id: str) -> int: ...
+
+    # signing keys
+    @abc.abstractmethod
+    async def list_signing_keys(self) -> list[SigningKey]: ...
+
+    @abc.abstractmethod
+    async def add_signing_key(self, key: SigningKey, only_if_none_active: bool = False) -> bool:
+        """Insert a key. With only_if_none_active, succeed only when no active key exists
+        (race-safe first start); False when another process won."""
+
+    @abc.abstractmethod
+    async def set_signing_key_status(self, kid: str, status: str, retire_at: float = 0.0) -> None: ...
+
+    # revoked access tokens (RFC 7009 for JWTs)
+    @abc.abstractmethod
+    async def revoke_access_token(self, revoked: RevokedAccessToken) -> None: ...
+
+    @abc.abstractmethod
+    async def revoked_access_tokens(self, now: float) -> list[RevokedAccessToken]:
+        """The unexpired revocations (a small set: bounded by the access-token lifetime)."""
+
+    # MCP sessions
+    @abc.abstractmethod
+    async def put_session(self, session: McpSession) -> None: ...
+
+    @abc.abstractmethod
+    async def get_session(self, session_id: str, now: float) -> McpSession | None: ...
+
+    @abc.abstractmethod
+    async def touch_session(self, session_id: str, expires_at: float) -> None: ...
+
+    @abc.abstractmethod
+    async def delete_session(self, session_id: str) -> bool: ...
+
+    # usage
+    @abc.abstractmethod
+    async def record_usage(self, events: list[UsageEvent]) -> None:
+        """Append a batch of events and add them to the daily aggregates."""
+
+    @abc.abstractmethod
+    async def usage_aggregates(self, server_id: str, since_day: str) -> list[UsageAggregate]: ...
+
+    @abc.abstractmethod
+    async def recent_usage(self, server_id: str, before: float, limit: int) -> list[UsageEvent]:
+        """Newest first, strictly older than `before` (pagination cursor)."""
+
+    # housekeeping
+    @abc.abstractmethod
+    async def purge_expired(self, now: float) -> int:
+        """Drop expired pending states, codes, sessions, revocations and dead tokens."""

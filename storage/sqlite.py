@@ -1,0 +1,886 @@
+"""The embedded default backend: `Storage` on one SQLite file (stdlib sqlite3, WAL).
+
+All blocking work runs on one thread owned by the instance, with one connection used
+only from that thread, so the event loop never waits on disk or on a lock. Several
+processes may share the file: every one-shot operation is a single conditional write
+inside a `BEGIN IMMEDIATE` transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import fields
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar, get_origin, get_type_hints
+
+from .base import (
+    AuthCode,
+    Client,
+    Conflict,
+    Consent,
+    Grant,
+    McpSession,
+    Pending,
+    RefreshFamily,
+    RefreshToken,
+    RevokedAccessToken,
+    Server,
+    SigningKey,
+    Storage,
+    StorageError,
+    UsageAggregate,
+    UsageEvent,
+    User,
+)
+
+__all__ = ["MIGRATIONS", "SqliteStorage"]
+
+MEMORY = ":memory:"
+BUSY_TIMEOUT_MS = 5000
+# RETURNING (take_pending) and `ON CONFLICT ... DO UPDATE` with RETURNING need 3.35.
+MIN_SQLITE_VERSION = (3, 35, 0)
+SIGNING_KEY_STATUSES = ("active", "retiring", "retired")
+
+T = TypeVar("T")
+R = TypeVar("R")  # a record dataclass
+
+# Forward migrations, applied in order; user_version is the number applied. Append
+# new entries, never edit a released one. Each entry is a sequence of statements rather
+# than one script because sqlite3's executescript() commits first, which would break
+# the all-or-nothing migration transaction.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE users (
+            sub TEXT PRIMARY KEY,
+            email TEXT NOT NULL,
+            email_verified INTEGER NOT NULL,
+            hd TEXT NOT NULL,
+            name TEXT NOT NULL,
+            picture TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            last_login_at REAL NOT NULL
+        )""",
+        """CREATE TABLE clients (
+            client_id TEXT PRIMARY KEY,
+            client_name TEXT NOT NULL,
+            redirect_uris TEXT NOT NULL,
+            token_endpoint_auth_method TEXT NOT NULL,
+            secret_hash TEXT NOT NULL,
+            grant_types TEXT NOT NULL,
+            response_types TEXT NOT NULL,
+            application_type TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            last_used_at REAL NOT NULL
+        )""",
+        # The expression must match reap_idle_clients' WHERE clause for the index to
+        # be used.
+        """CREATE INDEX clients_by_kind_idle
+            ON clients (kind, max(created_at, last_used_at))""",
+        """CREATE TABLE servers (
+            server_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            upstream_url TEXT NOT NULL,
+            owner_sub TEXT NOT NULL,
+            owner_email TEXT NOT NULL,
+            upstream_headers_enc TEXT NOT NULL,
+            forward_identity INTEGER NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+        "CREATE INDEX servers_by_owner_sub ON servers (owner_sub)",
+        "CREATE INDEX servers_by_owner_email ON servers (owner_email)",
+        """CREATE TABLE grants (
+            server_id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            value TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (server_id, kind, value)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX grants_by_kind_value ON grants (kind, value)",
+        """CREATE TABLE pending (
+            kind TEXT NOT NULL,
+            "key" TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (kind, "key")
+        ) WITHOUT ROWID""",
+        "CREATE INDEX pending_by_expiry ON pending (expires_at)",
+        """CREATE TABLE codes (
+            code_hash TEXT PRIMARY KEY,
+            client_id TEXT NOT NULL,
+            redirect_uri TEXT NOT NULL,
+            code_challenge TEXT NOT NULL,
+            user_sub TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            audience TEXT NOT NULL,
+            expires_at REAL NOT NULL,
+            family_id TEXT NOT NULL,
+            used INTEGER NOT NULL
+        )""",
+        "CREATE INDEX codes_by_expiry ON codes (expires_at)",
+        """CREATE TABLE refresh_families (
+            family_id TEXT PRIMARY KEY,
+            client_id TEXT NOT NULL,
+            user_sub TEXT NOT NULL,
+            audience TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            revoked_at REAL NOT NULL,
+            last_used_at REAL NOT NULL
+        )""",
+        "CREATE INDEX families_by_user ON refresh_families (user_sub)",
+        "CREATE INDEX families_by_client ON refresh_families (client_id)",
+        """CREATE TABLE refresh_tokens (
+            token_hash TEXT PRIMARY KEY,
+            family_id TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            user_sub TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            audience TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            family_expires_at REAL NOT NULL,
+            used_at REAL NOT NULL,
+            replaced_by TEXT NOT NULL,
+            successor_enc TEXT NOT NULL
+        )""",
+        "CREATE INDEX refresh_tokens_by_family ON refresh_tokens (family_id)",
+        """CREATE TABLE consents (
+            user_sub TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            audience TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (user_sub, client_id, audience)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE signing_keys (
+            kid TEXT PRIMARY KEY,
+            private_key_enc TEXT NOT NULL,
+            public_jwk TEXT NOT NULL,
+            status TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            retire_at REAL NOT NULL
+        )""",
+        "CREATE INDEX signing_keys_by_status ON signing_keys (status)",
+        """CREATE TABLE revoked_access_tokens (
+            jti TEXT PRIMARY KEY,
+            expires_at REAL NOT NULL
+        )""",
+        "CREATE INDEX revoked_access_tokens_by_expiry ON revoked_access_tokens (expires_at)",
+        """CREATE TABLE sessions (
+            session_id TEXT PRIMARY KEY,
+            upstream_session_id TEXT NOT NULL,
+            user_sub TEXT NOT NULL,
+            server_id TEXT NOT NULL,
+            protocol_version TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL
+        )""",
+        "CREATE INDEX sessions_by_server ON sessions (server_id)",
+        "CREATE INDEX sessions_by_expiry ON sessions (expires_at)",
+        # The explicit id orders events that share a timestamp.
+        """CREATE TABLE usage_events (
+            id INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            server_id TEXT NOT NULL,
+            user_sub TEXT NOT NULL,
+            user_email TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            method TEXT NOT NULL,
+            target TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            latency_ms REAL NOT NULL,
+            bytes_in INTEGER NOT NULL,
+            bytes_out INTEGER NOT NULL,
+            era TEXT NOT NULL
+        )""",
+        "CREATE INDEX usage_events_by_server_at ON usage_events (server_id, at)",
+        """CREATE TABLE usage_daily (
+            day TEXT NOT NULL,
+            server_id TEXT NOT NULL,
+            target TEXT NOT NULL,
+            user_sub TEXT NOT NULL,
+            calls INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            latency_ms_sum REAL NOT NULL,
+            latency_ms_max REAL NOT NULL,
+            PRIMARY KEY (day, server_id, target, user_sub)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX usage_daily_by_server_day ON usage_daily (server_id, day)",
+    ),
+)
+
+
+# ------------------------------------------------------------------ record mapping
+
+
+class _Table(Generic[R]):
+    """How one record dataclass maps to one table: columns are the dataclass fields,
+    in order, under the same names; tuples and dicts are JSON text, bools integers."""
+
+    def __init__(self, name: str, record: type[R], key: tuple[str, ...]) -> None:
+        self.name = name
+        self.record = record
+        self.columns = tuple(f.name for f in fields(record))
+        hints = get_type_hints(record)
+        self._decoders: tuple[Callable[[Any], Any] | None, ...] = tuple(
+            _decoder_for(hints[column]) for column in self.columns
+        )
+        quoted = _quoted(self.columns)
+        marks = ", ".join("?" for _ in self.columns)
+        self.select = f"SELECT {quoted} FROM {name}"
+        self.insert = f"INSERT INTO {name} ({quoted}) VALUES ({marks})"
+        updates = ", ".join(f'"{c}" = excluded."{c}"' for c in self.columns if c not in key)
+        self.upsert = f"{self.insert} ON CONFLICT ({_quoted(key)}) DO UPDATE SET {updates}"
+
+    def encode(self, record: R) -> tuple[Any, ...]:
+        return tuple(_encode(getattr(record, column)) for column in self.columns)
+
+    def decode(self, row: tuple[Any, ...]) -> R:
+        values = {
+            column: value if decoder is None else decoder(value)
+            for column, decoder, value in zip(self.columns, self._decoders, row, strict=True)
+        }
+        return self.record(**values)
+
+
+def _quoted(columns: tuple[str, ...]) -> str:
+    # Quoted because some field names ("key") are SQL keywords.
+    return ", ".join(f'"{c}"' for c in columns)
+
+
+def _decoder_for(hint: Any) -> Callable[[Any], Any] | None:
+    if get_origin(hint) is tuple:
+        return lambda text: tuple(json.loads(text))
+    if hint is dict or get_origin(hint) is dict:
+        return json.loads
+    if hint is bool:
+        return bool
+    return None
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, tuple | list | dict):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+USERS = _Table("users", User, ("sub",))
+CLIENTS = _Table("clients", Client, ("client_id",))
+SERVERS = _Table("servers", Server, ("server_id",))
+GRANTS = _Table("grants", Grant, ("server_id", "kind", "value"))
+PENDING = _Table("pending", Pending, ("kind", "key"))
+CODES = _Table("codes", AuthCode, ("code_hash",))
+FAMILIES = _Table("refresh_families", RefreshFamily, ("family_id",))
+REFRESH_TOKENS = _Table("refresh_tokens", RefreshToken, ("token_hash",))
+CONSENTS = _Table("consents", Consent, ("user_sub", "client_id", "audience"))
+SIGNING_KEYS = _Table("signing_keys", SigningKey, ("kid",))
+REVOKED = _Table("revoked_access_tokens", RevokedAccessToken, ("jti",))
+SESSIONS = _Table("sessions", McpSession, ("session_id",))
+USAGE_EVENTS = _Table("usage_events", UsageEvent, ())
+USAGE_DAILY = _Table("usage_daily", UsageAggregate, ("day", "server_id", "target", "user_sub"))
+
+
+def usage_day(at: float) -> str:
+    """The UTC calendar day of a timestamp, as aggregates are keyed."""
+    return datetime.fromtimestamp(at, tz=UTC).strftime("%Y-%m-%d")
+
+
+# ------------------------------------------------------------------------- backend
+
+
+class SqliteStorage(Storage):
+    """`Storage` on one SQLite file; `":memory:"` gives a private in-memory database."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None or self._conn is None:
+            raise StorageError("sqlite storage is not open")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite: {exc}") from exc
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError("sqlite storage is not open")
+        return self._conn
+
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return _transaction(self._db)
+
+    def _one(self, table: _Table[R], where: str, *args: Any) -> R | None:
+        row = self._db.execute(f"{table.select} WHERE {where}", args).fetchone()
+        return None if row is None else table.decode(row)
+
+    def _all(self, table: _Table[R], where: str, *args: Any) -> list[R]:
+        rows = self._db.execute(f"{table.select} WHERE {where}", args).fetchall()
+        return [table.decode(row) for row in rows]
+
+    def _insert(self, table: _Table[R], record: R) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute(table.insert, table.encode(record))
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"{table.name}: {exc}") from exc
+
+    def _upsert(self, table: _Table[R], record: R) -> None:
+        with self._write() as conn:
+            conn.execute(table.upsert, table.encode(record))
+
+    def _change(self, sql: str, *args: Any) -> int:
+        with self._write() as conn:
+            return conn.execute(sql, args).rowcount
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+            wanted = ".".join(map(str, MIN_SQLITE_VERSION))
+            raise StorageError(
+                f"SQLite {sqlite3.sqlite_version} is too old; the gateway needs {wanted}+"
+            )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            self._conn = await loop.run_in_executor(self._executor, self._connect)
+        except BaseException as exc:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(f"sqlite: cannot open {self.path}: {exc}") from exc
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.path != MEMORY:
+            _create_private_file(self.path)
+        conn = sqlite3.connect(
+            self.path,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            # Transactions are explicit (BEGIN IMMEDIATE); sqlite3's implicit ones would
+            # start deferred and could fail to upgrade under contention.
+            isolation_level=None,
+            check_same_thread=False,  # created here, then used only by this executor
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if self.path != MEMORY:
+                _enable_wal(conn)
+            # FULL rather than NORMAL: a crash must never forget that a code was
+            # redeemed or a refresh token rotated; write volume here is small.
+            conn.execute("PRAGMA synchronous = FULL")
+            self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        # Under IMMEDIATE, a second process opening a fresh file waits here and then
+        # finds the schema already at the latest version.
+        with _transaction(conn):
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise StorageError(
+                    f"{self.path} has schema version {version}, newer than this gateway "
+                    f"knows ({len(MIGRATIONS)}); upgrade the gateway"
+                )
+            for script in MIGRATIONS[version:]:
+                for statement in script:
+                    conn.execute(statement)
+            # PRAGMA takes no bound parameters; the value is our own integer.
+            conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
+
+    async def close(self) -> None:
+        executor, conn = self._executor, self._conn
+        if executor is None:
+            return
+        self._executor = self._conn = None
+        try:
+            if conn is not None:
+                await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+        finally:
+            executor.shutdown(wait=False)
+
+    async def ping(self) -> None:
+        await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+
+    # --------------------------------------------------------------------- users
+
+    async def upsert_user(self, user: User) -> User:
+        return await self._run(self._upsert_user, user)
+
+    def _upsert_user(self, user: User) -> User:
+        updates = ", ".join(
+            f'"{c}" = excluded."{c}"' for c in USERS.columns if c not in ("sub", "created_at")
+        )
+        sql = (
+            f"{USERS.insert} ON CONFLICT (sub) DO UPDATE SET {updates} "
+            f"RETURNING {_quoted(USERS.columns)}"
+        )
+        with self._write() as conn:
+            row = conn.execute(sql, USERS.encode(user)).fetchone()
+        return USERS.decode(row)
+
+    async def get_user(self, sub: str) -> User | None:
+        return await self._run(self._one, USERS, "sub = ?", sub)
+
+    # ------------------------------------------------------------------- clients
+
+    async def create_client(self, client: Client) -> None:
+        await self._run(self._insert, CLIENTS, client)
+
+    async def put_client(self, client: Client) -> None:
+        await self._run(self._upsert, CLIENTS, client)
+
+    async def get_client(self, client_id: str) -> Client | None:
+        return await self._run(self._one, CLIENTS, "client_id = ?", client_id)
+
+    async def touch_client(self, client_id: str, at: float) -> None:
+        # max(): a late, out-of-order touch must not make a client look idler.
+        await self._run(
+            self._change,
+            "UPDATE clients SET last_used_at = max(last_used_at, ?) WHERE client_id = ?",
+            at,
+            client_id,
+        )
+
+    async def delete_client(self, client_id: str) -> bool:
+        return (
+            await self._run(self._change, "DELETE FROM clients WHERE client_id = ?", client_id) > 0
+        )
+
+    async def reap_idle_clients(self, kind: str, unused_since: float, limit: int = 500) -> int:
+        return await self._run(
+            self._change,
+            """DELETE FROM clients WHERE client_id IN (
+                SELECT c.client_id FROM clients AS c
+                WHERE c.kind = ? AND max(c.created_at, c.last_used_at) < ?
+                AND NOT EXISTS (
+                    SELECT 1 FROM refresh_families AS f
+                    WHERE f.client_id = c.client_id AND f.revoked_at = 0 AND f.expires_at > ?
+                )
+                LIMIT ?
+            )""",
+            kind,
+            unused_since,
+            time.time(),
+            limit,
+        )
+
+    # ------------------------------------------------------------------- servers
+
+    async def create_server(self, server: Server) -> None:
+        await self._run(self._insert, SERVERS, server)
+
+    async def update_server(self, server: Server) -> None:
+        await self._run(self._update_server, server)
+
+    def _update_server(self, server: Server) -> None:
+        columns = [c for c in SERVERS.columns if c != "server_id"]
+        assignments = ", ".join(f'"{c}" = ?' for c in columns)
+        values = [_encode(getattr(server, c)) for c in columns]
+        changed = self._change(
+            f"UPDATE servers SET {assignments} WHERE server_id = ?", *values, server.server_id
+        )
+        if not changed:
+            raise KeyError(server.server_id)
+
+    async def get_server(self, server_id: str) -> Server | None:
+        return await self._run(self._one, SERVERS, "server_id = ?", server_id)
+
+    async def list_servers(self) -> list[Server]:
+        return await self._run(self._all, SERVERS, "1 ORDER BY created_at, server_id")
+
+    async def servers_owned_by(self, sub: str) -> list[Server]:
+        return await self._run(
+            self._all, SERVERS, "owner_sub = ? ORDER BY created_at, server_id", sub
+        )
+
+    async def bind_owner(self, email: str, sub: str) -> int:
+        return await self._run(
+            self._change,
+            "UPDATE servers SET owner_sub = ? WHERE owner_email = ? AND owner_sub = ''",
+            sub,
+            email,
+        )
+
+    async def delete_server(self, server_id: str) -> bool:
+        return await self._run(self._delete_server, server_id)
+
+    def _delete_server(self, server_id: str) -> bool:
+        with self._write() as conn:
+            conn.execute("DELETE FROM grants WHERE server_id = ?", (server_id,))
+            conn.execute("DELETE FROM sessions WHERE server_id = ?", (server_id,))
+            return (
+                conn.execute("DELETE FROM servers WHERE server_id = ?", (server_id,)).rowcount > 0
+            )
+
+    async def add_grant(self, grant: Grant) -> bool:
+        sql = f"{GRANTS.insert} ON CONFLICT DO NOTHING"
+        return await self._run(self._change, sql, *GRANTS.encode(grant)) > 0
+
+    async def remove_grant(self, server_id: str, kind: str, value: str) -> bool:
+        changed = await self._run(
+            self._change,
+            "DELETE FROM grants WHERE server_id = ? AND kind = ? AND value = ?",
+            server_id,
+            kind,
+            value,
+        )
+        return changed > 0
+
+    async def grants_for(self, server_id: str) -> list[Grant]:
+        return await self._run(self._all, GRANTS, "server_id = ? ORDER BY kind, value", server_id)
+
+    async def grants_matching(self, kind: str, value: str) -> list[Grant]:
+        return await self._run(
+            self._all, GRANTS, "kind = ? AND value = ? ORDER BY server_id", kind, value
+        )
+
+    # ------------------------------------------------------------------- pending
+
+    async def put_pending(self, pending: Pending) -> None:
+        await self._run(self._upsert, PENDING, pending)
+
+    async def get_pending(self, kind: str, key: str, now: float) -> Pending | None:
+        return await self._run(
+            self._one, PENDING, '"kind" = ? AND "key" = ? AND expires_at > ?', kind, key, now
+        )
+
+    async def take_pending(self, kind: str, key: str, now: float) -> Pending | None:
+        return await self._run(self._take_pending, kind, key, now)
+
+    def _take_pending(self, kind: str, key: str, now: float) -> Pending | None:
+        returning = _quoted(PENDING.columns)
+        with self._write() as conn:
+            # fetchall(): the statement must run to completion before COMMIT.
+            rows = conn.execute(
+                f'DELETE FROM pending WHERE "kind" = ? AND "key" = ? AND expires_at > ? '
+                f"RETURNING {returning}",
+                (kind, key, now),
+            ).fetchall()
+        return PENDING.decode(rows[0]) if rows else None
+
+    # --------------------------------------------------------------------- codes
+
+    async def put_code(self, code: AuthCode) -> None:
+        # Insert-only: overwriting would resurrect a redeemed code.
+        await self._run(self._insert, CODES, code)
+
+    async def redeem_code(self, code_hash: str) -> tuple[AuthCode | None, bool]:
+        return await self._run(self._redeem_code, code_hash)
+
+    def _redeem_code(self, code_hash: str) -> tuple[AuthCode | None, bool]:
+        with self._write() as conn:
+            first_use = (
+                conn.execute(
+                    "UPDATE codes SET used = 1 WHERE code_hash = ? AND used = 0", (code_hash,)
+                ).rowcount
+                == 1
+            )
+            code = self._one(CODES, "code_hash = ?", code_hash)
+        return code, first_use and code is not None
+
+    # ------------------------------------------------------------ refresh tokens
+
+    async def create_family(self, family: RefreshFamily, first: RefreshToken) -> None:
+        await self._run(self._create_family, family, first)
+
+    def _create_family(self, family: RefreshFamily, first: RefreshToken) -> None:
+        try:
+            with self._write() as conn:
+                conn.execute(FAMILIES.insert, FAMILIES.encode(family))
+                conn.execute(REFRESH_TOKENS.insert, REFRESH_TOKENS.encode(first))
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"refresh family: {exc}") from exc
+
+    async def get_family(self, family_id: str) -> RefreshFamily | None:
+        return await self._run(self._one, FAMILIES, "family_id = ?", family_id)
+
+    async def families_of_user(self, user_sub: str) -> list[RefreshFamily]:
+        return await self._run(
+            self._all, FAMILIES, "user_sub = ? ORDER BY created_at DESC, family_id", user_sub
+        )
+
+    async def get_refresh_token(self, token_hash: str) -> RefreshToken | None:
+        return await self._run(self._one, REFRESH_TOKENS, "token_hash = ?", token_hash)
+
+    async def rotate_refresh_token(
+        self, old_hash: str, successor: RefreshToken, successor_enc: str, now: float
+    ) -> bool:
+        if now <= 0:
+            # used_at = 0 means "unused": rotating at 0 would leave the token reusable.
+            raise ValueError("rotate_refresh_token needs a positive `now`")
+        return await self._run(self._rotate, old_hash, successor, successor_enc, now)
+
+    def _rotate(
+        self, old_hash: str, successor: RefreshToken, successor_enc: str, now: float
+    ) -> bool:
+        try:
+            with self._write() as conn:
+                marked = conn.execute(
+                    "UPDATE refresh_tokens SET used_at = ?, replaced_by = ?, successor_enc = ? "
+                    "WHERE token_hash = ? AND used_at = 0",
+                    (now, successor.token_hash, successor_enc, old_hash),
+                ).rowcount
+                if not marked:
+                    return False
+                conn.execute(REFRESH_TOKENS.insert, REFRESH_TOKENS.encode(successor))
+                conn.execute(
+                    "UPDATE refresh_families SET last_used_at = max(last_used_at, ?) "
+                    "WHERE family_id = ?",
+                    (now, successor.family_id),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"refresh token successor: {exc}") from exc
+        return True
+
+    async def revoke_family(self, family_id: str, at: float) -> bool:
+        # The first revocation time is kept: it is what the owner saw happen.
+        changed = await self._run(
+            self._change,
+            "UPDATE refresh_families SET revoked_at = CASE WHEN revoked_at = 0 THEN ? "
+            "ELSE revoked_at END WHERE family_id = ?",
+            at,
+            family_id,
+        )
+        return changed > 0
+
+    # ------------------------------------------------------------------- consent
+
+    async def get_consent(self, user_sub: str, client_id: str, audience: str) -> Consent | None:
+        return await self._run(
+            self._one,
+            CONSENTS,
+            "user_sub = ? AND client_id = ? AND audience = ?",
+            user_sub,
+            client_id,
+            audience,
+        )
+
+    async def put_consent(self, consent: Consent) -> None:
+        await self._run(self._upsert, CONSENTS, consent)
+
+    async def delete_consents(self, user_sub: str, client_id: str) -> int:
+        return await self._run(
+            self._change,
+            "DELETE FROM consents WHERE user_sub = ? AND client_id = ?",
+            user_sub,
+            client_id,
+        )
+
+    # -------------------------------------------------------------- signing keys
+
+    async def list_signing_keys(self) -> list[SigningKey]:
+        return await self._run(self._all, SIGNING_KEYS, "1 ORDER BY created_at, kid")
+
+    async def add_signing_key(self, key: SigningKey, only_if_none_active: bool = False) -> bool:
+        return await self._run(self._add_signing_key, key, only_if_none_active)
+
+    def _add_signing_key(self, key: SigningKey, only_if_none_active: bool) -> bool:
+        values = SIGNING_KEYS.encode(key)
+        try:
+            if not only_if_none_active:
+                self._insert(SIGNING_KEYS, key)
+                return True
+            columns = _quoted(SIGNING_KEYS.columns)
+            marks = ", ".join("?" for _ in values)
+            return (
+                self._change(
+                    f"INSERT INTO signing_keys ({columns}) SELECT {marks} WHERE NOT EXISTS "
+                    "(SELECT 1 FROM signing_keys WHERE status = 'active')",
+                    *values,
+                )
+                == 1
+            )
+        except sqlite3.IntegrityError as exc:
+            raise Conflict(f"signing_keys: {exc}") from exc
+
+    async def set_signing_key_status(self, kid: str, status: str, retire_at: float = 0.0) -> None:
+        if status not in SIGNING_KEY_STATUSES:
+            raise ValueError(f"unknown signing key status {status!r}")
+        changed = await self._run(
+            self._change,
+            "UPDATE signing_keys SET status = ?, retire_at = ? WHERE kid = ?",
+            status,
+            retire_at,
+            kid,
+        )
+        if not changed:
+            raise KeyError(kid)
+
+    # ----------------------------------------------------- revoked access tokens
+
+    async def revoke_access_token(self, revoked: RevokedAccessToken) -> None:
+        await self._run(
+            self._change,
+            f"{REVOKED.insert} ON CONFLICT (jti) DO UPDATE SET "
+            "expires_at = max(expires_at, excluded.expires_at)",
+            *REVOKED.encode(revoked),
+        )
+
+    async def revoked_access_tokens(self, now: float) -> list[RevokedAccessToken]:
+        return await self._run(self._all, REVOKED, "expires_at > ? ORDER BY expires_at", now)
+
+    # -------------------------------------------------------------- MCP sessions
+
+    async def put_session(self, session: McpSession) -> None:
+        await self._run(self._upsert, SESSIONS, session)
+
+    async def get_session(self, session_id: str, now: float) -> McpSession | None:
+        return await self._run(
+            self._one, SESSIONS, "session_id = ? AND expires_at > ?", session_id, now
+        )
+
+    async def touch_session(self, session_id: str, expires_at: float) -> None:
+        await self._run(
+            self._change,
+            "UPDATE sessions SET expires_at = ? WHERE session_id = ?",
+            expires_at,
+            session_id,
+        )
+
+    async def delete_session(self, session_id: str) -> bool:
+        changed = await self._run(
+            self._change, "DELETE FROM sessions WHERE session_id = ?", session_id
+        )
+        return changed > 0
+
+    # --------------------------------------------------------------------- usage
+
+    async def record_usage(self, events: list[UsageEvent]) -> None:
+        if events:
+            await self._run(self._record_usage, list(events))
+
+    def _record_usage(self, events: list[UsageEvent]) -> None:
+        # Pre-summing the batch turns N events into one upsert per aggregate row.
+        sums: dict[tuple[str, str, str, str], tuple[int, int, float, float]] = {}
+        for event in events:
+            key = (usage_day(event.at), event.server_id, event.target, event.user_sub)
+            calls, errors, latency_sum, latency_max = sums.get(key, (0, 0, 0.0, 0.0))
+            sums[key] = (
+                calls + 1,
+                errors + (event.outcome != "ok"),
+                latency_sum + event.latency_ms,
+                max(latency_max, event.latency_ms),
+            )
+        with self._write() as conn:
+            conn.executemany(USAGE_EVENTS.insert, [USAGE_EVENTS.encode(e) for e in events])
+            conn.executemany(
+                f"{USAGE_DAILY.insert} ON CONFLICT (day, server_id, target, user_sub) "
+                "DO UPDATE SET calls = calls + excluded.calls, "
+                "errors = errors + excluded.errors, "
+                "latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum, "
+                "latency_ms_max = max(latency_ms_max, excluded.latency_ms_max)",
+                [(*key, *totals) for key, totals in sums.items()],
+            )
+
+    async def usage_aggregates(self, server_id: str, since_day: str) -> list[UsageAggregate]:
+        return await self._run(
+            self._all,
+            USAGE_DAILY,
+            "server_id = ? AND day >= ? ORDER BY day, target, user_sub",
+            server_id,
+            since_day,
+        )
+
+    async def recent_usage(self, server_id: str, before: float, limit: int) -> list[UsageEvent]:
+        return await self._run(
+            self._all,
+            USAGE_EVENTS,
+            "server_id = ? AND at < ? ORDER BY at DESC, id DESC LIMIT ?",
+            server_id,
+            before,
+            limit,
+        )
+
+    # -------------------------------------------------------------- housekeeping
+
+    async def purge_expired(self, now: float) -> int:
+        return await self._run(self._purge_expired, now)
+
+    def _purge_expired(self, now: float) -> int:
+        # Families themselves stay: "my authorizations" lists revoked ones too, and a
+        # family row is small. Usage events are history, not expiring state.
+        statements = (
+            "DELETE FROM pending WHERE expires_at <= ?",
+            "DELETE FROM codes WHERE expires_at <= ?",
+            "DELETE FROM sessions WHERE expires_at <= ?",
+            "DELETE FROM revoked_access_tokens WHERE expires_at <= ?",
+            """DELETE FROM refresh_tokens WHERE family_expires_at <= ?1 OR family_id IN (
+                SELECT family_id FROM refresh_families WHERE revoked_at > 0 OR expires_at <= ?1
+            )""",
+        )
+        with self._write() as conn:
+            return sum(conn.execute(sql, (now,)).rowcount for sql in statements)
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction. IMMEDIATE takes the write lock up front (waiting up to the
+    busy timeout), so the reads inside see the latest commit of every process and a
+    deferred read-to-write upgrade can never fail with SQLITE_BUSY."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        # SQLite may have rolled back by itself already (e.g. disk full).
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _create_private_file(path: str) -> None:
+    """Create the database file owner-only before SQLite does (it would use 0644); the
+    -wal and -shm files inherit the database file's mode."""
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        return  # an existing file, or another process created it just now
+    os.close(fd)
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    # Switching to WAL needs a moment of exclusive access, which another process
+    # opening the same new file can hold; WAL is persistent, so the first winner
+    # settles it for all.
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+            continue
+        if mode.lower() != "wal":
+            raise StorageError(f"sqlite: cannot enable WAL mode (journal_mode is {mode})")
+        return

@@ -1,0 +1,1 @@
+"""Test harness pieces that talk to the gateway as real peers over loopback."""

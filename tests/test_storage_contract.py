@@ -1,0 +1,951 @@
+"""The storage contract: one suite that every backend must pass, plus the SQLite
+specifics (file mode, WAL, migrations, several processes) and `open_storage` parsing.
+
+Each test runs one `asyncio.run`, opening and closing its stores inside that loop.
+Races use separate instances on the same store, which for SQLite means separate
+connections on separate threads: the same locking as separate processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import (
+    AuthCode,
+    Client,
+    Conflict,
+    Consent,
+    Grant,
+    McpSession,
+    Pending,
+    RefreshFamily,
+    RefreshToken,
+    RevokedAccessToken,
+    Server,
+    SigningKey,
+    SqliteStorage,
+    Storage,
+    StorageError,
+    UsageEvent,
+    User,
+    open_storage,
+)
+from storage.sqlite import MIGRATIONS
+
+BACKENDS = ["sqlite"]
+T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z: a fixed clock for everything but reaping
+DAY = 86_400.0
+ROOT = Path(__file__).resolve().parent.parent
+
+StorageFactory = Callable[[], Storage]
+
+
+@pytest.fixture(params=BACKENDS)
+def storage_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StorageFactory:
+    """Makes new, unopened instances that all share one fresh store."""
+    if request.param == "sqlite":
+        path = str(tmp_path / "state" / "gateway.db")
+        return lambda: SqliteStorage(path)
+    raise AssertionError(f"unknown backend {request.param}")
+
+
+@pytest.fixture
+def storage(storage_factory: StorageFactory) -> Storage:
+    return storage_factory()
+
+
+def run(scenario: Callable[..., Awaitable[None]], *stores: Storage) -> None:
+    """Open the stores, run the scenario with them, close them: all in one loop."""
+
+    async def main() -> None:
+        for store in stores:
+            await store.open()
+        try:
+            await scenario(*stores)
+        finally:
+            for store in stores:
+                await store.close()
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------------ builders
+
+
+def client(client_id: str = "c1", kind: str = "dcr", created_at: float = T0, **kw: Any) -> Client:
+    defaults = {
+        "client_name": f"name of {client_id}",
+        "redirect_uris": ("http://127.0.0.1:33418/callback", "cursor://anysphere/oauth"),
+    }
+    return Client(client_id=client_id, kind=kind, created_at=created_at, **{**defaults, **kw})
+
+
+def server(server_id: str = "srv_a", owner_sub: str = "", owner_email: str = "o@x.org") -> Server:
+    return Server(
+        server_id=server_id,
+        name=f"server {server_id}",
+        upstream_url="http://127.0.0.1:9000/mcp",
+        owner_sub=owner_sub,
+        owner_email=owner_email,
+        upstream_headers_enc="ct:headers",
+        forward_identity=True,
+        created_at=T0,
+    )
+
+
+def code(code_hash: str = "h1", expires_at: float = T0 + 60) -> AuthCode:
+    return AuthCode(
+        code_hash=code_hash,
+        client_id="c1",
+        redirect_uri="http://127.0.0.1:33418/callback",
+        code_challenge="E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
+        user_sub="u1",
+        scope="mcp:connect mcp:invoke",
+        audience="https://gw.example/mcp/srv_a",
+        expires_at=expires_at,
+        family_id="fam1",
+    )
+
+
+def family(
+    family_id: str = "fam1",
+    client_id: str = "c1",
+    user_sub: str = "u1",
+    created_at: float = T0,
+    expires_at: float = T0 + 30 * DAY,
+) -> RefreshFamily:
+    return RefreshFamily(
+        family_id=family_id,
+        client_id=client_id,
+        user_sub=user_sub,
+        audience="https://gw.example/mcp/",
+        scope="mcp:connect",
+        created_at=created_at,
+        expires_at=expires_at,
+    )
+
+
+def refresh(
+    token_hash: str,
+    family_id: str = "fam1",
+    created_at: float = T0,
+    family_expires_at: float | None = None,
+) -> RefreshToken:
+    return RefreshToken(
+        token_hash=token_hash,
+        family_id=family_id,
+        client_id="c1",
+        user_sub="u1",
+        scope="mcp:connect",
+        audience="https://gw.example/mcp/",
+        created_at=created_at,
+        expires_at=created_at + 7 * DAY,
+        family_expires_at=T0 + 30 * DAY if family_expires_at is None else family_expires_at,
+    )
+
+
+def signing_key(kid: str, status: str = "active", created_at: float = T0) -> SigningKey:
+    return SigningKey(
+        kid=kid,
+        private_key_enc=f"ct:{kid}",
+        public_jwk={"kty": "RSA", "kid": kid, "n": "AQAB" * 8, "e": "AQAB"},
+        status=status,
+        created_at=created_at,
+    )
+
+
+def session(
+    session_id: str = "s1", server_id: str = "srv_a", expires_at: float = T0 + 600
+) -> McpSession:
+    return McpSession(
+        session_id=session_id,
+        upstream_session_id=f"up-{session_id}",
+        user_sub="u1",
+        server_id=server_id,
+        protocol_version="2025-11-25",
+        created_at=T0,
+        expires_at=expires_at,
+    )
+
+
+def event(
+    at: float,
+    server_id: str = "srv_a",
+    target: str = "search",
+    user_sub: str = "u1",
+    outcome: str = "ok",
+    latency_ms: float = 10.0,
+) -> UsageEvent:
+    return UsageEvent(
+        at=at,
+        server_id=server_id,
+        user_sub=user_sub,
+        user_email=f"{user_sub}@x.org",
+        client_id="c1",
+        method="tools/call",
+        target=target,
+        outcome=outcome,
+        latency_ms=latency_ms,
+        bytes_in=100,
+        bytes_out=2000,
+        era="2025",
+    )
+
+
+# ----------------------------------------------------------------------- lifecycle
+
+
+def test_open_is_idempotent_and_data_survives_reopening(
+    storage: Storage, storage_factory: StorageFactory
+) -> None:
+    async def first(s: Storage) -> None:
+        await s.open()  # a second open() on the same instance is harmless
+        await s.ping()
+        await s.create_server(server())
+
+    async def again(a: Storage, b: Storage) -> None:
+        assert await a.get_server("srv_a") == server()
+        assert await b.get_server("srv_a") == server()
+
+    run(first, storage)
+    run(again, storage_factory(), storage_factory())
+
+
+def test_calls_on_a_store_that_is_not_open_raise_storage_error(storage: Storage) -> None:
+    async def scenario() -> None:
+        with pytest.raises(StorageError):
+            await storage.ping()
+        await storage.open()
+        await storage.ping()
+        await storage.close()
+        await storage.close()  # closing twice is harmless
+        with pytest.raises(StorageError):
+            await storage.get_user("u1")
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- users
+
+
+def test_upsert_user_keeps_created_at_and_updates_the_rest(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        assert await s.get_user("u1") is None
+        first = User("u1", "a@x.org", True, "x.org", "A", "", created_at=T0, last_login_at=T0)
+        assert await s.upsert_user(first) == first
+        later = User(
+            "u1", "b@x.org", False, "", "B", "pic", created_at=T0 + 99, last_login_at=T0 + 99
+        )
+        stored = await s.upsert_user(later)
+        assert stored == User("u1", "b@x.org", False, "", "B", "pic", T0, T0 + 99)
+        assert await s.get_user("u1") == stored
+
+    run(scenario, storage)
+
+
+# ------------------------------------------------------------------------- clients
+
+
+def test_clients_create_conflict_put_touch_delete(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        original = client(metadata={"logo_uri": "https://x.org/l.png", "contacts": ["a@x.org"]})
+        await s.create_client(original)
+        with pytest.raises(Conflict):
+            await s.create_client(client(client_name="impostor"))
+        stored = await s.get_client("c1")
+        assert stored == original
+        assert stored.metadata == original.metadata  # metadata is compare=False
+        assert isinstance(stored.redirect_uris, tuple)
+        assert stored.grant_types == ("authorization_code", "refresh_token")
+
+        replaced = client(kind="cimd", scope="mcp:connect", metadata={"v": 2})
+        await s.put_client(replaced)
+        await s.put_client(client("c2", kind="cimd"))  # put also inserts
+        assert await s.get_client("c1") == replaced
+        assert (await s.get_client("c1")).metadata == {"v": 2}
+        assert await s.get_client("c2") is not None
+
+        await s.touch_client("c1", T0 + 50)
+        await s.touch_client("c1", T0 + 10)  # out of order: never moves backwards
+        await s.touch_client("nope", T0)
+        assert (await s.get_client("c1")).last_used_at == T0 + 50
+
+        assert await s.delete_client("c1") is True
+        assert await s.delete_client("c1") is False
+        assert await s.get_client("c1") is None
+
+    run(scenario, storage)
+
+
+def test_reap_idle_clients(storage: Storage) -> None:
+    now = time.time()
+    old, recent, cutoff = now - 90 * DAY, now - DAY, now - 30 * DAY
+
+    async def scenario(s: Storage) -> None:
+        await s.create_client(client("idle", created_at=old))
+        await s.create_client(client("idle-used-long-ago", created_at=old, last_used_at=old + 1))
+        await s.create_client(client("used-recently", created_at=old, last_used_at=recent))
+        await s.create_client(client("new", created_at=recent))
+        await s.create_client(client("static", kind="static", created_at=old))
+        await s.create_client(client("live-family", created_at=old))
+        await s.create_client(client("revoked-family", created_at=old))
+        await s.create_client(client("expired-family", created_at=old))
+        await s.create_family(
+            family("f-live", "live-family", expires_at=now + DAY), refresh("t-live", "f-live")
+        )
+        await s.create_family(
+            family("f-rev", "revoked-family", expires_at=now + DAY), refresh("t-rev", "f-rev")
+        )
+        await s.revoke_family("f-rev", now)
+        await s.create_family(
+            family("f-exp", "expired-family", expires_at=now - 1), refresh("t-exp", "f-exp")
+        )
+
+        assert await s.reap_idle_clients("dcr", cutoff, limit=2) == 2
+        assert await s.reap_idle_clients("dcr", cutoff) == 2
+        assert await s.reap_idle_clients("dcr", cutoff) == 0
+        remaining = [
+            cid
+            for cid in (
+                "idle",
+                "idle-used-long-ago",
+                "used-recently",
+                "new",
+                "static",
+                "live-family",
+                "revoked-family",
+                "expired-family",
+            )
+            if await s.get_client(cid) is not None
+        ]
+        assert remaining == ["used-recently", "new", "static", "live-family"]
+
+    run(scenario, storage)
+
+
+# ------------------------------------------------------------------------- servers
+
+
+def test_servers_create_update_list_and_owner_lookups(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.create_server(server("srv_a", owner_sub="u1"))
+        with pytest.raises(Conflict):
+            await s.create_server(server("srv_a"))
+        await s.create_server(server("srv_b", owner_sub="u2"))
+        await s.create_server(server("srv_c", owner_sub="u1"))
+
+        assert await s.get_server("srv_zzz") is None
+        assert [x.server_id for x in await s.list_servers()] == ["srv_a", "srv_b", "srv_c"]
+        assert [x.server_id for x in await s.servers_owned_by("u1")] == ["srv_a", "srv_c"]
+        assert await s.servers_owned_by("nobody") == []
+
+        changed = Server("srv_b", "renamed", "http://127.0.0.1:9001/mcp", "u1", "n@x.org")
+        await s.update_server(changed)
+        assert await s.get_server("srv_b") == changed
+        assert [x.server_id for x in await s.servers_owned_by("u1")] == [
+            "srv_b",  # created_at 0 after the update sorts first
+            "srv_a",
+            "srv_c",
+        ]
+        with pytest.raises(KeyError):
+            await s.update_server(server("srv_missing"))
+        assert await s.get_server("srv_missing") is None
+
+    run(scenario, storage)
+
+
+def test_bind_owner_binds_only_unbound_servers_of_that_email(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.create_server(server("srv_1", owner_email="o@x.org"))
+        await s.create_server(server("srv_2", owner_email="o@x.org"))
+        await s.create_server(server("srv_3", owner_email="o@x.org", owner_sub="someone-else"))
+        await s.create_server(server("srv_4", owner_email="other@x.org"))
+
+        assert await s.bind_owner("o@x.org", "u-o") == 2
+        assert await s.bind_owner("o@x.org", "u-intruder") == 0
+        owners = {x.server_id: x.owner_sub for x in await s.list_servers()}
+        assert owners == {"srv_1": "u-o", "srv_2": "u-o", "srv_3": "someone-else", "srv_4": ""}
+
+    run(scenario, storage)
+
+
+def test_grants_and_delete_server_cascade(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.create_server(server("srv_a"))
+        await s.create_server(server("srv_b"))
+        assert await s.add_grant(Grant("srv_a", "email", "bob@x.org", T0)) is True
+        assert await s.add_grant(Grant("srv_a", "email", "bob@x.org", T0 + 5)) is False
+        assert await s.add_grant(Grant("srv_a", "domain", "x.org", T0)) is True
+        assert await s.add_grant(Grant("srv_b", "email", "bob@x.org", T0)) is True
+
+        assert await s.grants_for("srv_a") == [
+            Grant("srv_a", "domain", "x.org", T0),
+            Grant("srv_a", "email", "bob@x.org", T0),
+        ]
+        assert [g.server_id for g in await s.grants_matching("email", "bob@x.org")] == [
+            "srv_a",
+            "srv_b",
+        ]
+        assert await s.grants_matching("domain", "x.org") == [Grant("srv_a", "domain", "x.org", T0)]
+        assert await s.grants_matching("domain", "bob@x.org") == []
+
+        assert await s.remove_grant("srv_b", "email", "bob@x.org") is True
+        assert await s.remove_grant("srv_b", "email", "bob@x.org") is False
+
+        await s.put_session(session("s-a", "srv_a"))
+        await s.put_session(session("s-b", "srv_b"))
+        assert await s.delete_server("srv_a") is True
+        assert await s.delete_server("srv_a") is False
+        assert await s.get_server("srv_a") is None
+        assert await s.grants_for("srv_a") == []
+        assert await s.grants_matching("email", "bob@x.org") == []
+        assert await s.get_session("s-a", T0) is None
+        assert await s.get_session("s-b", T0) == session("s-b", "srv_b")
+
+    run(scenario, storage)
+
+
+# ------------------------------------------------------------------------- pending
+
+
+def test_pending_get_does_not_consume_take_does_and_expiry_hides(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        payload = {"client_id": "c1", "scopes": ["a", "b"], "n": 1}
+        await s.put_pending(Pending("authorize", "k1", payload, T0 + 60))
+        await s.put_pending(Pending("login", "k1", {"other": True}, T0 + 60))
+
+        assert await s.get_pending("authorize", "k1", T0) == Pending(
+            "authorize", "k1", payload, T0 + 60
+        )
+        assert await s.get_pending("authorize", "k1", T0 + 60) is None  # expiry is exclusive
+        assert await s.take_pending("authorize", "k1", T0 + 61) is None  # expired: not taken
+        assert await s.take_pending("authorize", "missing", T0) is None
+
+        taken = await s.take_pending("authorize", "k1", T0)
+        assert taken == Pending("authorize", "k1", payload, T0 + 60)
+        assert await s.take_pending("authorize", "k1", T0) is None
+        assert await s.get_pending("authorize", "k1", T0) is None
+        assert (await s.get_pending("login", "k1", T0)).payload == {"other": True}
+
+    run(scenario, storage)
+
+
+def test_take_pending_has_exactly_one_winner_across_instances(
+    storage_factory: StorageFactory,
+) -> None:
+    stores = [storage_factory() for _ in range(4)]
+
+    async def scenario(*ss: Storage) -> None:
+        for i in range(25):
+            await ss[0].put_pending(Pending("authorize", f"k{i}", {"i": i}, T0 + 60))
+        for i in range(25):
+            results = await asyncio.gather(*(x.take_pending("authorize", f"k{i}", T0) for x in ss))
+            assert [r for r in results if r is not None] == [
+                Pending("authorize", f"k{i}", {"i": i}, T0 + 60)
+            ]
+
+    run(scenario, *stores)
+
+
+# --------------------------------------------------------------------------- codes
+
+
+def test_redeem_code_first_use_replay_and_unknown(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.put_code(code("h1"))
+        with pytest.raises(Conflict):
+            await s.put_code(code("h1"))  # never overwrite: it could resurrect a used code
+
+        assert await s.redeem_code("unknown") == (None, False)
+        first, first_use = await s.redeem_code("h1")
+        assert first_use is True
+        assert first == AuthCode(**{**code("h1").__dict__, "used": True})
+        replay, replay_first = await s.redeem_code("h1")
+        assert (replay, replay_first) == (first, False)
+        # Expiry is the caller's check: an expired code is still returned.
+        await s.put_code(code("old", expires_at=T0 - 1))
+        assert (await s.redeem_code("old"))[1] is True
+
+    run(scenario, storage)
+
+
+def test_redeem_code_has_exactly_one_winner_across_instances(
+    storage_factory: StorageFactory,
+) -> None:
+    stores = [storage_factory() for _ in range(4)]
+
+    async def scenario(*ss: Storage) -> None:
+        for i in range(25):
+            await ss[0].put_code(code(f"h{i}"))
+        for i in range(25):
+            results = await asyncio.gather(*(x.redeem_code(f"h{i}") for x in ss))
+            assert sorted(first for _, first in results) == [False, False, False, True]
+            assert all(c is not None and c.used for c, _ in results)
+
+    run(scenario, *stores)
+
+
+# -------------------------------------------------------------------------- refresh
+
+
+def test_refresh_family_create_rotate_and_replay(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.create_family(family(), refresh("rt0"))
+        with pytest.raises(Conflict):
+            await s.create_family(family(), refresh("rt-other"))
+        assert await s.get_refresh_token("rt-other") is None  # all or nothing
+        with pytest.raises(Conflict):
+            await s.create_family(family("fam2"), refresh("rt0"))
+        assert await s.get_family("fam2") is None
+
+        assert await s.get_family("fam1") == family()
+        assert await s.get_refresh_token("rt0") == refresh("rt0")
+        assert await s.get_refresh_token("nope") is None
+
+        rt1 = refresh("rt1", created_at=T0 + 100)
+        assert await s.rotate_refresh_token("rt0", rt1, "ct:rt1-pair", T0 + 100) is True
+        old = await s.get_refresh_token("rt0")
+        assert (old.used_at, old.replaced_by, old.successor_enc) == (
+            T0 + 100,
+            "rt1",
+            "ct:rt1-pair",
+        )
+        assert await s.get_refresh_token("rt1") == rt1
+        assert (await s.get_family("fam1")).last_used_at == T0 + 100
+
+        # A replay of rt0 loses and changes nothing.
+        rt1b = refresh("rt1b", created_at=T0 + 101)
+        assert await s.rotate_refresh_token("rt0", rt1b, "ct:other", T0 + 101) is False
+        assert await s.get_refresh_token("rt1b") is None
+        assert (await s.get_refresh_token("rt0")).replaced_by == "rt1"
+        assert (await s.get_family("fam1")).last_used_at == T0 + 100
+        assert await s.rotate_refresh_token("unknown", rt1b, "ct", T0 + 101) is False
+
+    run(scenario, storage)
+
+
+def test_rotate_refresh_token_is_all_or_nothing(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.create_family(family(), refresh("rt0"))
+        await s.create_family(family("fam2"), refresh("taken", "fam2"))
+        # The successor cannot be inserted (its hash exists): rt0 must stay unused.
+        with pytest.raises(Conflict):
+            await s.rotate_refresh_token("rt0", refresh("taken"), "ct", T0 + 5)
+        assert await s.get_refresh_token("rt0") == refresh("rt0")
+        assert (await s.get_family("fam1")).last_used_at == 0
+        assert await s.get_refresh_token("taken") == refresh("taken", "fam2")
+        assert await s.rotate_refresh_token("rt0", refresh("rt1"), "ct", T0 + 6) is True
+
+    run(scenario, storage)
+
+
+def test_rotate_refresh_token_has_exactly_one_winner_across_instances(
+    storage_factory: StorageFactory,
+) -> None:
+    stores = [storage_factory() for _ in range(4)]
+
+    async def scenario(*ss: Storage) -> None:
+        for i in range(20):
+            await ss[0].create_family(family(f"f{i}"), refresh(f"rt{i}", f"f{i}"))
+        for i in range(20):
+            results = await asyncio.gather(
+                *(
+                    x.rotate_refresh_token(
+                        f"rt{i}", refresh(f"rt{i}-next-{n}", f"f{i}"), f"ct{n}", T0 + 1
+                    )
+                    for n, x in enumerate(ss)
+                )
+            )
+            assert sorted(results) == [False, False, False, True]
+            winner = results.index(True)
+            old = await ss[0].get_refresh_token(f"rt{i}")
+            assert old.replaced_by == f"rt{i}-next-{winner}"
+            assert old.successor_enc == f"ct{winner}"
+            for n in range(len(ss)):
+                successor = await ss[0].get_refresh_token(f"rt{i}-next-{n}")
+                assert (successor is not None) == (n == winner)
+
+    run(scenario, *stores)
+
+
+def test_revoke_family_and_families_of_user(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.create_family(family("fa", created_at=T0), refresh("ta", "fa"))
+        await s.create_family(family("fb", created_at=T0 + 1), refresh("tb", "fb"))
+        await s.create_family(family("fc", user_sub="u2"), refresh("tc", "fc"))
+
+        assert await s.revoke_family("fa", T0 + 10) is True
+        assert await s.revoke_family("fa", T0 + 20) is True
+        assert (await s.get_family("fa")).revoked_at == T0 + 10  # the first revocation
+        assert await s.revoke_family("unknown", T0) is False
+
+        mine = await s.families_of_user("u1")
+        assert [f.family_id for f in mine] == ["fb", "fa"]  # newest first, revoked included
+        assert [f.revoked_at for f in mine] == [0, T0 + 10]
+        assert await s.families_of_user("nobody") == []
+        # get_refresh_token returns the row as is; validity is the caller's check.
+        assert await s.get_refresh_token("ta") == refresh("ta", "fa")
+
+    run(scenario, storage)
+
+
+# ------------------------------------------------------------------------- consent
+
+
+def test_consents(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        aud_a, aud_b = "https://gw/mcp/srv_a", "https://gw/mcp/"
+        assert await s.get_consent("u1", "c1", aud_a) is None
+        await s.put_consent(Consent("u1", "c1", aud_a, "mcp:connect", T0))
+        await s.put_consent(Consent("u1", "c1", aud_a, "mcp:connect mcp:invoke", T0 + 1))
+        await s.put_consent(Consent("u1", "c1", aud_b, "mcp:connect", T0))
+        await s.put_consent(Consent("u1", "c2", aud_a, "mcp:connect", T0))
+        assert await s.get_consent("u1", "c1", aud_a) == Consent(
+            "u1", "c1", aud_a, "mcp:connect mcp:invoke", T0 + 1
+        )
+        assert await s.delete_consents("u1", "c1") == 2
+        assert await s.delete_consents("u1", "c1") == 0
+        assert await s.get_consent("u1", "c1", aud_b) is None
+        assert await s.get_consent("u1", "c2", aud_a) is not None
+
+    run(scenario, storage)
+
+
+# -------------------------------------------------------------------- signing keys
+
+
+def test_signing_keys(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        assert await s.list_signing_keys() == []
+        assert await s.add_signing_key(signing_key("k1"), only_if_none_active=True) is True
+        assert await s.add_signing_key(signing_key("k2", created_at=T0 + 1), True) is False
+        assert await s.add_signing_key(signing_key("k2", created_at=T0 + 1)) is True
+        with pytest.raises(Conflict):
+            await s.add_signing_key(signing_key("k1"))
+
+        keys = await s.list_signing_keys()
+        assert [k.kid for k in keys] == ["k1", "k2"]
+        assert keys[0].public_jwk == signing_key("k1").public_jwk  # compare=False field
+
+        await s.set_signing_key_status("k1", "retiring", retire_at=T0 + 3600)
+        await s.set_signing_key_status("k2", "retiring", retire_at=T0 + 7200)
+        with pytest.raises(KeyError):
+            await s.set_signing_key_status("missing", "retired")
+        with pytest.raises(ValueError, match="status"):
+            await s.set_signing_key_status("k1", "bogus")
+        keys = {k.kid: k for k in await s.list_signing_keys()}
+        assert (keys["k1"].status, keys["k1"].retire_at) == ("retiring", T0 + 3600)
+        # No active key left: the first-start insert may succeed again.
+        assert await s.add_signing_key(signing_key("k3"), only_if_none_active=True) is True
+
+    run(scenario, storage)
+
+
+def test_add_signing_key_only_if_none_active_has_one_winner_across_instances(
+    storage_factory: StorageFactory,
+) -> None:
+    stores = [storage_factory() for _ in range(4)]
+
+    async def scenario(*ss: Storage) -> None:
+        results = await asyncio.gather(
+            *(
+                x.add_signing_key(signing_key(f"k{n}"), only_if_none_active=True)
+                for n, x in enumerate(ss)
+            )
+        )
+        assert sorted(results) == [False, False, False, True]
+        keys = await ss[0].list_signing_keys()
+        assert [k.kid for k in keys] == [f"k{results.index(True)}"]
+
+    run(scenario, *stores)
+
+
+# ------------------------------------------------------------ revoked access tokens
+
+
+def test_revoked_access_tokens_are_filtered_by_expiry(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.revoke_access_token(RevokedAccessToken("j1", T0 + 10))
+        await s.revoke_access_token(RevokedAccessToken("j2", T0 + 20))
+        await s.revoke_access_token(RevokedAccessToken("j1", T0 + 5))  # repeats are harmless
+        assert await s.revoked_access_tokens(T0) == [
+            RevokedAccessToken("j1", T0 + 10),
+            RevokedAccessToken("j2", T0 + 20),
+        ]
+        assert await s.revoked_access_tokens(T0 + 10) == [RevokedAccessToken("j2", T0 + 20)]
+        assert await s.revoked_access_tokens(T0 + 20) == []
+
+    run(scenario, storage)
+
+
+# -------------------------------------------------------------------- MCP sessions
+
+
+def test_sessions_put_get_touch_delete_and_expiry(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.put_session(session("s1", expires_at=T0 + 60))
+        assert await s.get_session("s1", T0) == session("s1", expires_at=T0 + 60)
+        assert await s.get_session("s1", T0 + 60) is None
+        await s.touch_session("s1", T0 + 600)
+        assert (await s.get_session("s1", T0 + 60)).expires_at == T0 + 600
+        await s.touch_session("missing", T0 + 600)
+        assert await s.get_session("missing", T0) is None
+        assert await s.delete_session("s1") is True
+        assert await s.delete_session("s1") is False
+        assert await s.get_session("s1", T0) is None
+
+    run(scenario, storage)
+
+
+# --------------------------------------------------------------------------- usage
+
+
+def test_usage_aggregates_sum_across_batches_and_split_by_utc_day(storage: Storage) -> None:
+    midnight = 1_800_057_600.0  # 2027-01-16T00:00:00Z
+    assert time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(midnight)) == "2027-01-16 00:00:00"
+
+    async def scenario(s: Storage) -> None:
+        await s.record_usage([])
+        await s.record_usage(
+            [
+                event(midnight - 1, latency_ms=10),
+                event(midnight - 2, latency_ms=30, outcome="-32602"),
+                event(midnight - 3, target="fetch"),
+                event(midnight - 4, user_sub="u2"),
+                event(midnight - 5, server_id="srv_other"),
+            ]
+        )
+        await s.record_usage(
+            [
+                event(midnight - 6, latency_ms=50, outcome="500"),
+                event(midnight, latency_ms=7),  # the next UTC day
+            ]
+        )
+        aggregates = await s.usage_aggregates("srv_a", "2027-01-15")
+        summary = [
+            (a.day, a.target, a.user_sub, a.calls, a.errors, a.latency_ms_sum, a.latency_ms_max)
+            for a in aggregates
+        ]
+        assert summary == [
+            ("2027-01-15", "fetch", "u1", 1, 0, 10.0, 10.0),
+            ("2027-01-15", "search", "u1", 3, 2, 90.0, 50.0),
+            ("2027-01-15", "search", "u2", 1, 0, 10.0, 10.0),
+            ("2027-01-16", "search", "u1", 1, 0, 7.0, 7.0),
+        ]
+        assert all(a.server_id == "srv_a" for a in aggregates)
+        assert [a.day for a in await s.usage_aggregates("srv_a", "2027-01-16")] == ["2027-01-16"]
+        assert len(await s.usage_aggregates("srv_other", "2000-01-01")) == 1
+
+    run(scenario, storage)
+
+
+def test_recent_usage_pages_newest_first(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        events = [event(T0 + i, target=f"t{i}") for i in range(7)]
+        await s.record_usage(events[:4])
+        await s.record_usage([*events[4:], event(T0 + 3.5, server_id="srv_other")])
+
+        page1 = await s.recent_usage("srv_a", float("inf"), 3)
+        assert page1 == [events[6], events[5], events[4]]
+        page2 = await s.recent_usage("srv_a", page1[-1].at, 3)
+        assert page2 == [events[3], events[2], events[1]]
+        page3 = await s.recent_usage("srv_a", page2[-1].at, 3)
+        assert page3 == [events[0]]
+        assert await s.recent_usage("srv_a", page3[-1].at, 3) == []
+        assert await s.recent_usage("srv_none", float("inf"), 3) == []
+
+    run(scenario, storage)
+
+
+# -------------------------------------------------------------------- housekeeping
+
+
+def test_purge_expired(storage: Storage) -> None:
+    now = T0 + 1000
+
+    async def scenario(s: Storage) -> None:
+        await s.put_pending(Pending("authorize", "old", {}, now))
+        await s.put_pending(Pending("authorize", "live", {}, now + 1))
+        await s.put_code(code("old", expires_at=now - 1))
+        await s.put_code(code("live", expires_at=now + 60))
+        await s.put_session(session("old", expires_at=now))
+        await s.put_session(session("live", expires_at=now + 60))
+        await s.revoke_access_token(RevokedAccessToken("old", now - 5))
+        await s.revoke_access_token(RevokedAccessToken("live", now + 5))
+        await s.create_family(family("f-live", expires_at=now + DAY), refresh("rt-live", "f-live"))
+        await s.rotate_refresh_token(
+            "rt-live", refresh("rt-live-2", "f-live"), "ct", now - 10
+        )  # a used token of a live family stays: replay detection needs it
+        await s.create_family(family("f-rev", expires_at=now + DAY), refresh("rt-rev", "f-rev"))
+        await s.revoke_family("f-rev", now - 1)
+        await s.create_family(
+            family("f-exp", expires_at=now - 1),
+            refresh("rt-exp", "f-exp", family_expires_at=now - 1),
+        )
+        await s.record_usage([event(T0 - 400 * DAY)])
+
+        # pending, code, session, revocation: one each; tokens: rt-rev and rt-exp
+        assert await s.purge_expired(now) == 6
+        assert await s.purge_expired(now) == 0
+
+        assert await s.get_pending("authorize", "live", now) is not None
+        assert await s.redeem_code("old") == (None, False)
+        assert (await s.redeem_code("live"))[0] is not None
+        assert await s.get_session("live", now) is not None
+        assert [r.jti for r in await s.revoked_access_tokens(0)] == ["live"]
+        assert await s.get_refresh_token("rt-live") is not None
+        assert await s.get_refresh_token("rt-live-2") is not None
+        assert await s.get_refresh_token("rt-rev") is None
+        assert await s.get_refresh_token("rt-exp") is None
+        # Families stay listed ("my authorizations"); usage history is never purged.
+        assert {f.family_id for f in await s.families_of_user("u1")} == {
+            "f-live",
+            "f-rev",
+            "f-exp",
+        }
+        assert len(await s.recent_usage("srv_a", float("inf"), 10)) == 1
+
+    run(scenario, storage)
+
+
+# ------------------------------------------------------------------ SQLite specifics
+
+
+def test_sqlite_file_is_private_in_created_directories_and_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "gateway.db"
+    store = SqliteStorage(str(path))
+
+    async def scenario(s: Storage) -> None:
+        await s.put_pending(Pending("k", "k", {}, T0))
+
+    run(scenario, store)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    for sidecar in path.parent.glob("gateway.db-*"):
+        assert stat.S_IMODE(sidecar.stat().st_mode) & 0o077 == 0, sidecar
+
+
+def test_sqlite_refuses_a_schema_newer_than_it_knows(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.db"
+    run(lambda s: asyncio.sleep(0), SqliteStorage(str(path)))
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+
+    async def scenario() -> None:
+        store = SqliteStorage(str(path))
+        with pytest.raises(StorageError, match="newer"):
+            await store.open()
+        with pytest.raises(StorageError):
+            await store.ping()  # a failed open leaves nothing half-open
+
+    asyncio.run(scenario())
+
+
+def test_sqlite_in_memory(tmp_path: Path) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.put_code(code("h"))
+        assert (await s.redeem_code("h"))[1] is True
+
+    run(scenario, SqliteStorage(":memory:"))
+    assert list(tmp_path.iterdir()) == []
+
+
+# Each process opens the (possibly fresh) file, then races for the first signing key.
+RACER = """
+import asyncio, sys
+from storage import SigningKey, SqliteStorage
+
+async def main(path, kid):
+    store = SqliteStorage(path)
+    await store.open()
+    key = SigningKey(kid, "ct", {"kid": kid})
+    won = await store.add_signing_key(key, only_if_none_active=True)
+    await store.close()
+    print("won" if won else "lost")
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_sqlite_processes_racing_on_a_fresh_file(tmp_path: Path) -> None:
+    path = str(tmp_path / "fresh" / "gateway.db")
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, path, f"k{n}"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(6)
+    ]
+    outputs = [racer.communicate(timeout=60) for racer in racers]
+    assert all(racer.returncode == 0 for racer in racers), outputs
+    assert sorted(out.strip() for out, _ in outputs) == ["lost"] * 5 + ["won"]
+
+    async def scenario(s: Storage) -> None:
+        assert len(await s.list_signing_keys()) == 1
+
+    run(scenario, SqliteStorage(path))
+
+
+# -------------------------------------------------------------------- open_storage
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///var/gateway.db", "var/gateway.db"),
+        ("sqlite:////srv/gw/state.db", "/srv/gw/state.db"),
+        ("sqlite:///:memory:", ":memory:"),
+        ("  sqlite:///var/gateway.db\n", "var/gateway.db"),
+    ],
+)
+def test_open_storage_sqlite_urls(url: str, path: str) -> None:
+    store = open_storage(url)
+    assert isinstance(store, SqliteStorage)
+    assert store.path == path
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "sqlite://",
+        "sqlite:///",
+        "sqlite://host/gateway.db",
+        "sqlite:gateway.db",
+        "sqlite:///var/",
+        "sqlite:///gateway.db?mode=ro",
+        "postgres://localhost/db",
+        "/var/gateway.db",
+    ],
+)
+def test_open_storage_rejects_bad_urls_naming_the_variable(url: str) -> None:
+    with pytest.raises(ValueError, match="^MCPGW_STORAGE") as caught:
+        open_storage(url)
+    assert "\n" not in str(caught.value)
+
+
+def test_open_storage_dynamodb_is_not_available_yet() -> None:
+    with pytest.raises(ValueError, match="DynamoDB backend is not available yet"):
+        open_storage("dynamodb://gateway?region=eu-west-1&endpoint=http://127.0.0.1:8000")
+
+
+def test_open_storage_does_not_touch_the_filesystem(tmp_path: Path) -> None:
+    open_storage(f"sqlite:///{tmp_path}/not/yet/gateway.db")
+    assert list(tmp_path.iterdir()) == []
+    assert os.path.isabs(open_storage(f"sqlite:///{tmp_path}/x.db").path)
