@@ -7,7 +7,7 @@ from pathlib import Path
 import jinja2
 import tornado.web
 
-from handlers import dashboard, discovery, oauth, ops
+from handlers import dashboard, discovery, oauth, ops, proxy
 from services.keys import derive_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +31,7 @@ def make_app(services, **settings) -> tornado.web.Application:
         (r"/oauth/callback", oauth.CallbackHandler),
         (r"/token", oauth.TokenHandler),
         (r"/revoke", oauth.RevokeHandler),
+        (r"/mcp/([^/]+)", proxy.McpProxyHandler),
         (r"/healthz", ops.HealthHandler),
         (r"/readyz", ops.ReadyHandler),
         (r"/metrics", ops.MetricsHandler),

@@ -1,0 +1,1125 @@
+"""HTTP client to upstream MCP servers: SSRF guard, small-document fetches, pooled streaming client.
+
+Three things live here, all async on Tornado's (asyncio) loop, none blocking it:
+
+``AddressPolicy`` (the SSRF guard)
+    Built from ``MCPGW_UPSTREAM_ALLOW`` (``AddressPolicy.from_setting("127.0.0.0/8,10.1.2.3,mcp.internal")``).
+    ``check_ip(ip)`` raises `UpstreamRefused` for anything that is not a public unicast
+    address (private, loopback, link-local, multicast, reserved, unspecified, CGNAT,
+    benchmarking, documentation, site-local, the IPv4 inside IPv4-mapped / NAT64 / 6to4
+    IPv6 addresses …) unless an allow-list entry covers it. Cloud metadata addresses
+    (169.254.169.254, fd00:ec2::254, …) are only allowed by an entry naming exactly that
+    address: a broad range or a host name never unlocks them. A host name entry
+    (``mcp.internal``, ``*.corp.example``) lets that name reach whatever it resolves to.
+    ``await policy.resolve(host, port)`` resolves once and returns the permitted addresses;
+    the client connects to exactly those addresses and never resolves the name again
+    (no DNS-rebinding window). URLs must be http(s), with a host and no userinfo.
+
+``fetch_small(url, *, policy, max_bytes=5120, timeout=5.0, headers=None) -> SmallResponse``
+    One guarded GET for small documents (client ID metadata documents): no redirects (a
+    3xx raises `UpstreamRedirect`), the read is aborted past ``max_bytes``, one overall
+    timeout. Every failure is an `UpstreamError` subclass with a message fit for a log.
+
+``UpstreamClient`` (the proxy hot path)::
+
+    client = UpstreamClient(policy, max_per_origin=64, connect_timeout=10, header_timeout=60)
+    resp = await client.request(method, url, headers, body)  # returns once headers arrived
+    resp.status, resp.reason, resp.headers                  # tornado.httputil.HTTPHeaders
+    async for chunk in resp.iter_chunks(): ...               # body bytes as they arrive
+    chunk = await resp.read_chunk()                          # same, b"" at the end
+    body = await resp.read_all(limit)                        # whole body, UpstreamTooLarge past limit
+    resp.close()                                             # abort: the connection is closed, not pooled
+    async with await client.request(...) as resp: ...        # close() on exit
+    client.stats.connections_opened / .requests / .reuses    # keep-alive is observable
+    client.close()                                           # closes idle (and by default active) connections
+
+  HTTP/1.1 on Tornado's own client-side ``HTTP1Connection`` (the machinery behind
+  ``simple_httpclient``), but the ``IOStream`` is kept for the next request when the
+  response allowed keep-alive. Chosen by measurement against aiohttp and curl (see
+  bench/README.md, "Upstream HTTP client choice"): fastest here and no dependency.
+
+  - Pool: idle keep-alive connections per (scheme, host, port, resolved ip), at most
+    ``max_per_origin`` idle ones per origin (like nginx ``keepalive N``). Active
+    connections are not capped: an SSE stream holds its connection for its whole life and
+    one process must hold thousands of them; a cap would starve every other call to that
+    upstream. Idle connections are dropped after ``idle_timeout`` (4 s, below the 5 s
+    keep-alive of uvicorn and Node, the usual MCP server stacks) and are checked for a
+    close by the peer before reuse.
+  - Body: delivered chunk by chunk as it is read from the socket (Tornado delivers what it
+    has whenever it would otherwise wait for the network), so an SSE event is relayed when
+    it arrives. Transfer coding is removed (chunked), content coding is not: the bytes are
+    the upstream's body. Flow control: past 256 KiB unread, reading from the upstream
+    pauses until the consumer catches up.
+  - Timeouts: ``connect_timeout`` covers DNS, TCP and TLS; ``header_timeout`` runs from
+    sending the request to the response headers. There is no read timeout once headers
+    arrived: an idle SSE stream lives until either side closes it (TCP keep-alive probes
+    find a vanished upstream host).
+  - Cancellation: ``resp.close()`` (or cancelling the task awaiting ``request``) closes
+    the upstream connection at once, so the upstream sees its client go away.
+  - Retries: none for requests that may have had an effect. A request that fails on a
+    reused connection before any response header is retried once on a new connection
+    only for idempotent methods (RFC 9110 §9.2.2); POSTs are never replayed.
+  - TLS: certificates verified against the system store (or ``ssl_context``); SNI and
+    certificate name are the URL's host although the socket connects to the checked IP.
+
+Errors: `UpstreamUnreachable` (DNS failure, refused connection, TLS failure, connection
+closed before headers → the proxy answers 502), `UpstreamRefused(UpstreamUnreachable)`
+(SSRF guard, bad URL → 502), `UpstreamTimeout` (connect or header timeout → 504),
+`UpstreamStreamError` (connection lost after the headers, while the body streams),
+`UpstreamTooLarge`, `UpstreamRedirect` (fetch_small only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ipaddress
+import select
+import socket
+import ssl
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+from tornado import httputil, iostream
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+HeadersArg = Mapping[str, str] | Iterable[tuple[str, str]] | httputil.HTTPHeaders | None
+
+__all__ = [
+    "AddressPolicy",
+    "SmallResponse",
+    "UpstreamClient",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamRedirect",
+    "UpstreamRefused",
+    "UpstreamResponse",
+    "UpstreamStats",
+    "UpstreamStreamError",
+    "UpstreamTimeout",
+    "UpstreamTooLarge",
+    "UpstreamUnreachable",
+    "fetch_small",
+    "parse_upstream_url",
+]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class UpstreamError(Exception):
+    """Base class of every failure talking to an upstream; the message is safe to log."""
+
+
+class UpstreamUnreachable(UpstreamError):
+    """No usable response: DNS failure, refused connection, TLS failure, early close (→ 502)."""
+
+
+class UpstreamRefused(UpstreamUnreachable):
+    """Refused before any traffic: the SSRF guard or an unusable URL (→ 502)."""
+
+
+class UpstreamProtocolError(UpstreamUnreachable):
+    """The upstream answered something that is not HTTP/1.x (→ 502)."""
+
+
+class UpstreamTimeout(UpstreamError):
+    """No connection or no response headers within the configured time (→ 504)."""
+
+
+class UpstreamStreamError(UpstreamError):
+    """The connection was lost after the headers, while the body was streaming."""
+
+
+class UpstreamTooLarge(UpstreamError):
+    """A body exceeded the caller's size limit; the read was aborted."""
+
+
+class UpstreamRedirect(UpstreamError):
+    """A small-document fetch got a 3xx; redirects are never followed."""
+
+    def __init__(self, message: str, status: int, location: str | None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.location = location
+
+
+# --------------------------------------------------------------------------- SSRF guard
+
+_V4 = ipaddress.IPv4Network
+_V6 = ipaddress.IPv6Network
+
+# Cloud instance-metadata endpoints: the prize of most SSRF attacks. Refused unless an
+# allow-list entry names exactly this address.
+_METADATA_ADDRESSES: frozenset[IPAddress] = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OpenStack, DigitalOcean …
+        "169.254.170.2",  # AWS ECS task metadata
+        "169.254.169.123",  # AWS time sync
+        "100.100.100.200",  # Alibaba Cloud
+        "168.63.129.16",  # Azure wire server (a public address!)
+        "fd00:ec2::254",  # AWS IMDS over IPv6
+        "fd00:ec2::23",  # AWS DNS over IPv6
+    )
+)
+
+# Ranges that ipaddress's is_global/is_private/is_reserved (3.11) let through although
+# they are not ordinary public unicast destinations.
+_EXTRA_BLOCKED: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = (
+    _V4("100.64.0.0/10"),  # CGNAT shared address space (RFC 6598)
+    _V4("192.0.0.0/24"),  # IETF protocol assignments
+    _V4("192.0.2.0/24"),  # TEST-NET-1
+    _V4("198.18.0.0/15"),  # benchmarking
+    _V4("198.51.100.0/24"),  # TEST-NET-2
+    _V4("203.0.113.0/24"),  # TEST-NET-3
+    _V4("192.88.99.0/24"),  # deprecated 6to4 relay anycast
+    _V6("64:ff9b:1::/48"),  # local-use NAT64 (RFC 8215)
+    _V6("100::/64"),  # discard-only
+    _V6("2001::/23"),  # IETF protocol assignments incl. Teredo
+    _V6("2001:db8::/32"),  # documentation
+    _V6("fec0::/10"),  # deprecated site-local
+)
+_NAT64 = _V6("64:ff9b::/96")
+_SIX_TO_FOUR = _V6("2002::/16")
+_HOSTNAME_LABEL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _embedded_ipv4(ip: IPAddress) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address really reaches (mapped, NAT64, 6to4), if any."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return None
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip in _SIX_TO_FOUR:
+        return ip.sixtofour
+    return None
+
+
+def _refusal_reason(ip: IPAddress) -> str | None:
+    """Why `ip` is not a public unicast destination, or None when it is one."""
+    inner = _embedded_ipv4(ip)
+    if inner is not None:
+        reason = _refusal_reason(inner)
+        return None if reason is None else f"{reason} (IPv4 {inner} inside IPv6)"
+    if ip in _METADATA_ADDRESSES:
+        return "a cloud metadata address"
+    if ip.is_unspecified:
+        return "the unspecified address"
+    if ip.is_loopback:
+        return "a loopback address"
+    if ip.is_link_local:
+        return "a link-local address"
+    if ip.is_multicast:
+        return "a multicast address"
+    for net in _EXTRA_BLOCKED:
+        if ip.version == net.version and ip in net:
+            return f"in the non-public range {net}"
+    if ip.is_private:
+        return "a private address"
+    if ip.is_reserved:
+        return "a reserved address"
+    if not ip.is_global:
+        return "not a globally routable address"
+    return None
+
+
+def _normalize_host(host: str) -> str:
+    return host.strip().rstrip(".").lower()
+
+
+class AddressPolicy:
+    """Which addresses upstream connections may reach: the public internet plus an allow-list.
+
+    Immutable once built; `UpstreamClient` caches its decisions per host.
+    """
+
+    def __init__(self, allow: Iterable[str] = ()) -> None:
+        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        exact: set[IPAddress] = set()
+        hosts: set[str] = set()
+        suffixes: list[str] = []
+        for raw in allow:
+            entry = raw.strip()
+            if not entry:
+                continue
+            network = self._parse_network(entry)
+            if network is not None:
+                networks.append(network)
+                if network.num_addresses == 1:
+                    exact.add(network.network_address)
+                continue
+            name = _normalize_host(entry)
+            wildcard = name.startswith("*.")
+            bare = name[2:] if wildcard else name
+            labels = bare.split(".")
+            if not bare or any(not label or not set(label) <= _HOSTNAME_LABEL_CHARS for label in labels):
+                raise ValueError(
+                    f"upstream allow-list entry {raw!r} is neither a CIDR, an IP address nor a host name"
+                )
+            if wildcard:
+                suffixes.append("." + bare)
+            else:
+                hosts.add(bare)
+        self._networks = tuple(networks)
+        self._exact = frozenset(exact)
+        self._hosts = frozenset(hosts)
+        self._suffixes = tuple(suffixes)
+
+    @classmethod
+    def from_setting(cls, value: str | None) -> AddressPolicy:
+        """Build from the comma/space separated ``MCPGW_UPSTREAM_ALLOW`` value (empty = public only)."""
+        return cls((value or "").replace(",", " ").split())
+
+    @staticmethod
+    def _parse_network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+        text = entry[1:-1] if entry.startswith("[") and entry.endswith("]") else entry
+        try:
+            return ipaddress.ip_network(text, strict=True)
+        except ValueError as exc:
+            if "/" in text or ":" in text or text.replace(".", "").isdigit():
+                # Looks like an address or CIDR but is not one (e.g. host bits set): a typo
+                # here would silently widen or narrow the guard, so refuse to start.
+                raise ValueError(f"upstream allow-list entry {entry!r} is not a valid CIDR: {exc}") from None
+            return None
+
+    def __repr__(self) -> str:
+        entries = [str(n) for n in self._networks] + sorted(self._hosts) + ["*" + s for s in self._suffixes]
+        return f"AddressPolicy(allow={entries!r})"
+
+    def allows_host(self, host: str) -> bool:
+        """True when `host` is allow-listed by name (then any address it resolves to is fine)."""
+        name = _normalize_host(host)
+        return name in self._hosts or any(name.endswith(s) for s in self._suffixes)
+
+    def _allowed_by_network(self, ip: IPAddress) -> bool:
+        candidates = [ip]
+        inner = _embedded_ipv4(ip)
+        if inner is not None:
+            candidates.append(inner)
+        for candidate in candidates:
+            if candidate in _METADATA_ADDRESSES:
+                # Only an entry naming exactly this address unlocks a metadata endpoint.
+                if candidate in self._exact:
+                    return True
+                continue
+            for net in self._networks:
+                if candidate.version == net.version and candidate in net:
+                    return True
+        return False
+
+    def refusal(self, ip: str | IPAddress, host: str | None = None) -> str | None:
+        """The reason `ip` (reached via `host`) is refused, or None when it is permitted."""
+        addr = ipaddress.ip_address(ip) if isinstance(ip, str) else ip
+        if self._allowed_by_network(addr):
+            return None
+        reason = _refusal_reason(addr)
+        if reason is None:
+            return None
+        if host is not None and self.allows_host(host):
+            inner = _embedded_ipv4(addr) or addr
+            if inner not in _METADATA_ADDRESSES:
+                return None
+        return reason
+
+    def check_ip(self, ip: str | IPAddress, host: str | None = None) -> None:
+        """Raise `UpstreamRefused` unless `ip` may be connected to (`host`: the name it came from)."""
+        reason = self.refusal(ip, host)
+        if reason is not None:
+            via = f" ({host} resolves there)" if host is not None and host != str(ip) else ""
+            raise UpstreamRefused(
+                f"upstream address {ip}{via} is refused: it is {reason}; "
+                f"allow it with MCPGW_UPSTREAM_ALLOW if it is meant to be reachable"
+            )
+
+    async def resolve(self, host: str, port: int) -> tuple[str, ...]:
+        """Resolve `host` once and return the permitted addresses, in resolver order.
+
+        Addresses the policy refuses are dropped (a name may resolve to a public and a
+        private address; only the permitted ones are ever connected to). Raises
+        `UpstreamRefused` when none is permitted, `UpstreamUnreachable` when DNS fails.
+        """
+        try:
+            literal: IPAddress | None = ipaddress.ip_address(host)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            self.check_ip(literal)
+            return (str(literal),)
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise UpstreamUnreachable(f"DNS lookup of upstream host {host!r} failed: {exc}") from None
+        permitted: list[str] = []
+        reasons: list[str] = []
+        for family, _type, _proto, _name, sockaddr in infos:
+            if family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            ip = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+            reason = self.refusal(ip, host)
+            text = str(ip)
+            if reason is None:
+                if text not in permitted:
+                    permitted.append(text)
+            else:
+                reasons.append(f"{text} is {reason}")
+        if permitted:
+            return tuple(permitted)
+        if not reasons:
+            raise UpstreamUnreachable(f"DNS lookup of upstream host {host!r} returned no usable address")
+        raise UpstreamRefused(
+            f"upstream host {host!r} is refused: {'; '.join(reasons)}; "
+            f"allow it with MCPGW_UPSTREAM_ALLOW if it is meant to be reachable"
+        )
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """A checked upstream URL split into what a connection and a request line need."""
+
+    scheme: str
+    host: str  # lower-case, IDNA-encoded, IPv6 without brackets: for DNS, SNI and the pool key
+    port: int
+    host_header: str
+    path: str  # path + query, never empty
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@functools.lru_cache(maxsize=1024)
+def parse_upstream_url(url: str) -> UpstreamTarget:
+    """Validate and split an upstream URL; raise `UpstreamRefused` for anything unusable.
+
+    Only http/https, a host is required, userinfo is refused (``http://a@b/`` has fooled
+    URL parsers into connecting elsewhere), whitespace and control characters are refused.
+    Cached: the proxy sends the same few URLs over and over.
+    """
+    if not isinstance(url, str) or not url:
+        raise UpstreamRefused("upstream URL is empty")
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
+        raise UpstreamRefused("upstream URL contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise UpstreamRefused(f"upstream URL {url!r} is malformed: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS:
+        raise UpstreamRefused(f"upstream URL scheme {parts.scheme!r} is refused: only http and https")
+    if "@" in parts.netloc:
+        raise UpstreamRefused("upstream URL must not carry userinfo (user:password@)")
+    host = parts.hostname or ""
+    if not host:
+        raise UpstreamRefused(f"upstream URL {url!r} has no host")
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise UpstreamRefused(f"upstream URL host {parts.hostname!r} is not a valid host name") from None
+    host = host.rstrip(".") or host
+    is_v6 = ":" in host
+    host_header = f"[{host}]" if is_v6 else host
+    if port is not None:
+        host_header += f":{port}"
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return UpstreamTarget(
+        scheme, host, port if port is not None else _DEFAULT_PORTS[scheme], host_header, path
+    )
+
+
+# --------------------------------------------------------------------------- client
+
+# Headers the client owns (framing, connection management) or that describe one hop only.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_HIGH_WATER = 256 * 1024  # unread body bytes at which reading from the upstream pauses
+
+
+@dataclass(slots=True)
+class UpstreamStats:
+    """Counters of an `UpstreamClient`, so tests and benchmarks can observe pooling."""
+
+    connections_opened: int = 0
+    requests: int = 0
+    reuses: int = 0
+    retries: int = 0
+    aborted: int = 0
+
+
+def _socket_is_dead(stream: iostream.IOStream) -> bool:
+    """True when an idle pooled connection must not be reused.
+
+    An idle HTTP/1.1 connection has nothing to read: readable means the peer closed it
+    (or sent garbage). poll() rather than select(): descriptors go far past FD_SETSIZE.
+    """
+    if stream.closed() or getattr(stream, "_read_buffer_size", 0):
+        return True
+    sock = stream.socket
+    if sock is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return True
+
+
+def _set_keepalive(sock: socket.socket) -> None:
+    # An SSE stream may stay idle for hours: TCP keep-alive probes find an upstream host
+    # that vanished without a FIN (about 2 minutes here instead of the kernel's 2 hours).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
+        option = getattr(socket, name, None)
+        if option is not None:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, option, value)
+            except OSError:
+                pass
+
+
+def _header_items(headers: HeadersArg) -> list[tuple[str, str]]:
+    if headers is None:
+        return []
+    if isinstance(headers, httputil.HTTPHeaders):
+        return list(headers.get_all())
+    if isinstance(headers, Mapping):
+        return list(headers.items())
+    return list(headers)
+
+
+def _build_headers(
+    target: UpstreamTarget, headers: HeadersArg, body: bytes | None, method: str
+) -> httputil.HTTPHeaders:
+    out = httputil.HTTPHeaders()
+    items = _header_items(headers)
+    dropped = _HOP_BY_HOP
+    for name, value in items:
+        if name.lower() == "connection":
+            # Headers listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
+            dropped = dropped | {t.strip().lower() for t in value.split(",")}
+    for name, value in items:
+        if name.lower() not in dropped:
+            out.add(name, value)
+    out["Host"] = target.host_header
+    if body is not None:
+        out["Content-Length"] = str(len(body))
+    elif method in ("POST", "PUT", "PATCH"):
+        # Without a length Tornado would switch to chunked encoding for an empty body.
+        out["Content-Length"] = "0"
+    return out
+
+
+def _keep_alive_allowed(
+    start_line: httputil.ResponseStartLine, headers: httputil.HTTPHeaders, method: str
+) -> bool:
+    tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
+    if "close" in tokens:
+        return False
+    delimited = (
+        "Content-Length" in headers
+        or "chunked" in headers.get("Transfer-Encoding", "").lower()
+        or start_line.code in (204, 304)
+        or method == "HEAD"
+    )
+    if start_line.version == "HTTP/1.1":
+        return delimited
+    return delimited and "keep-alive" in tokens
+
+
+class UpstreamClient:
+    """Pooled, SSRF-guarded, streaming HTTP/1.1 client for upstream MCP servers (see module doc)."""
+
+    def __init__(
+        self,
+        policy: AddressPolicy,
+        *,
+        max_per_origin: int = 64,
+        connect_timeout: float = 10.0,
+        header_timeout: float = 60.0,
+        idle_timeout: float = 4.0,
+        dns_ttl: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+        max_header_size: int = 65536,
+    ) -> None:
+        self.policy = policy
+        self.max_per_origin = max_per_origin
+        self.connect_timeout = connect_timeout
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self.dns_ttl = dns_ttl
+        self.stats = UpstreamStats()
+        self._ssl_context = ssl_context
+        # No body limit and no body timeout: a listen stream may run for days.
+        self._params = HTTP1ConnectionParameters(
+            no_keep_alive=False,
+            max_header_size=max_header_size,
+            max_body_size=2**62,
+            body_timeout=None,
+            decompress=False,
+        )
+        self._idle: dict[tuple[str, str, int, str], deque[list[Any]]] = {}
+        self._dns: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._dns_inflight: dict[tuple[str, int], asyncio.Future[tuple[str, ...]]] = {}
+        self._active: set[UpstreamResponse] = set()
+        self._closed = False
+
+    # ----------------------------------------------------------------- public API
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        headers: HeadersArg = None,
+        body: bytes | None = None,
+        *,
+        header_timeout: float | None = None,
+    ) -> UpstreamResponse:
+        """Send one request and return once the response headers arrived.
+
+        The caller must consume the body to its end or `close()` the response. Hop-by-hop
+        headers, ``Host`` and ``Content-Length`` from `headers` are replaced by the client's.
+        """
+        if self._closed:
+            raise UpstreamUnreachable("upstream client is closed")
+        target = parse_upstream_url(url)
+        method = method.upper()
+        self.stats.requests += 1
+        addresses = await self._resolve(target.host, target.port)
+        request_headers = _build_headers(target, headers, body, method)
+        start_line = httputil.RequestStartLine(method, target.path, "HTTP/1.1")
+        timeout = self.header_timeout if header_timeout is None else header_timeout
+        retried = False
+        while True:
+            stream, ip, reused = await self._checkout(target, addresses)
+            response = UpstreamResponse(
+                self, stream, (target.scheme, target.host, target.port, ip), method, reused
+            )
+            self._active.add(response)
+            try:
+                response._start(start_line, request_headers, body, timeout)
+                await response._headers_future
+            except _EarlyClose as exc:
+                response.close()
+                if reused and not retried and method in _IDEMPOTENT:
+                    retried = True
+                    self.stats.retries += 1
+                    continue
+                raise UpstreamUnreachable(
+                    f"upstream {target.host_header} closed the connection before answering ({ip})"
+                ) from exc.__cause__
+            except BaseException:
+                # Includes cancellation: the downstream went away while we waited.
+                response.close()
+                raise
+            return response
+
+    def idle_connections(self) -> int:
+        """How many keep-alive connections sit in the pool now."""
+        return sum(len(q) for q in self._idle.values())
+
+    def close(self, *, abort_active: bool = True) -> None:
+        """Close pooled connections (and, by default, abort every response in flight)."""
+        self._closed = True
+        for queue in self._idle.values():
+            for entry in queue:
+                entry[0].set_close_callback(None)
+                entry[0].close()
+        self._idle.clear()
+        if abort_active:
+            for response in list(self._active):
+                response.close()
+
+    # ----------------------------------------------------------------- DNS
+
+    async def _resolve(self, host: str, port: int) -> tuple[str, ...]:
+        cached = self._dns.get(host)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        key = (host, port)
+        inflight = self._dns_inflight.get(key)
+        if inflight is not None:
+            # Single flight: a burst of calls to a cold host costs one lookup.
+            return await asyncio.shield(inflight)
+        future: asyncio.Future[tuple[str, ...]] = asyncio.get_running_loop().create_future()
+        self._dns_inflight[key] = future
+        try:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    addresses = await self.policy.resolve(host, port)
+            except TimeoutError:
+                raise UpstreamTimeout(
+                    f"DNS lookup of upstream host {host!r} timed out after {self.connect_timeout:g}s"
+                ) from None
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here; waiters re-raise it
+            raise
+        else:
+            is_literal = addresses == (host,)
+            self._dns[host] = (float("inf") if is_literal else now + self.dns_ttl, addresses)
+            future.set_result(addresses)
+            return addresses
+        finally:
+            del self._dns_inflight[key]
+
+    # ----------------------------------------------------------------- pool
+
+    async def _checkout(
+        self, target: UpstreamTarget, addresses: tuple[str, ...]
+    ) -> tuple[iostream.IOStream, str, bool]:
+        now = time.monotonic()
+        for ip in addresses:
+            queue = self._idle.get((target.scheme, target.host, target.port, ip))
+            while queue:
+                # Most recently used first: the fewest connections stay warm, the rest expire.
+                entry = queue.pop()
+                stream: iostream.IOStream = entry[0]
+                stream.set_close_callback(None)
+                if now - entry[1] > self.idle_timeout or _socket_is_dead(stream):
+                    stream.close()
+                    continue
+                self.stats.reuses += 1
+                return stream, ip, True
+        stream, ip = await self._connect(target, addresses)
+        return stream, ip, False
+
+    async def _connect(
+        self, target: UpstreamTarget, addresses: tuple[str, ...]
+    ) -> tuple[iostream.IOStream, str]:
+        errors: list[str] = []
+        stream: iostream.IOStream | None = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                for ip in addresses:
+                    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    _set_keepalive(sock)
+                    stream = iostream.IOStream(sock)
+                    try:
+                        await stream.connect((ip, target.port))
+                    except (iostream.StreamClosedError, OSError) as exc:
+                        real = getattr(exc, "real_error", None) or exc
+                        errors.append(f"{ip}: {real}")
+                        stream.close()
+                        stream = None
+                        continue
+                    if target.scheme == "https":
+                        tls_stream = stream.start_tls(
+                            False, ssl_options=self._tls_context(), server_hostname=target.host
+                        )
+                        try:
+                            stream = await tls_stream
+                        except (iostream.StreamClosedError, OSError, ssl.SSLError) as exc:
+                            real = getattr(exc, "real_error", None) or exc
+                            stream = None
+                            raise UpstreamUnreachable(
+                                f"TLS handshake with upstream {target.host_header} ({ip}) failed: {real}"
+                            ) from None
+                    self.stats.connections_opened += 1
+                    return stream, ip
+        except TimeoutError:
+            if stream is not None:
+                stream.close()
+            raise UpstreamTimeout(
+                f"connecting to upstream {target.host_header} timed out after {self.connect_timeout:g}s"
+            ) from None
+        except BaseException:
+            if stream is not None:
+                stream.close()
+            raise
+        raise UpstreamUnreachable(f"cannot connect to upstream {target.host_header}: {'; '.join(errors)}")
+
+    def _tls_context(self) -> ssl.SSLContext:
+        if self._ssl_context is None:
+            context = ssl.create_default_context()
+            context.set_alpn_protocols(["http/1.1"])
+            self._ssl_context = context
+        return self._ssl_context
+
+    def _release(self, key: tuple[str, str, int, str], stream: iostream.IOStream) -> None:
+        if self._closed or self.max_per_origin <= 0:
+            stream.close()
+            return
+        queue = self._idle.get(key)
+        if queue is None:
+            queue = self._idle[key] = deque()
+        now = time.monotonic()
+        while queue and now - queue[0][1] > self.idle_timeout:
+            stale = queue.popleft()
+            stale[0].set_close_callback(None)
+            stale[0].close()
+        if len(queue) >= self.max_per_origin:
+            stream.close()
+            return
+        entry: list[Any] = [stream, now]
+        # With a close callback set, Tornado watches the idle socket and tells us when the
+        # upstream closes it, so a dead connection leaves the pool right away.
+        stream.set_close_callback(functools.partial(self._forget_idle, queue, entry))
+        queue.append(entry)
+
+    @staticmethod
+    def _forget_idle(queue: deque[list[Any]], entry: list[Any]) -> None:
+        try:
+            queue.remove(entry)
+        except ValueError:
+            pass
+
+
+class _EarlyClose(Exception):
+    """Internal: the connection closed before response headers (maybe a stale pooled one)."""
+
+
+class UpstreamResponse(httputil.HTTPMessageDelegate):
+    """One upstream response: status and headers now, the body as it arrives.
+
+    Also the `HTTPMessageDelegate` that Tornado's HTTP1Connection feeds.
+    """
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        stream: iostream.IOStream,
+        key: tuple[str, str, int, str],
+        method: str,
+        reused: bool,
+    ) -> None:
+        self.status = 0
+        self.reason = ""
+        self.version = ""
+        self.headers = httputil.HTTPHeaders()
+        self.reused = reused
+        self._client = client
+        self._key = key
+        self._method = method
+        self._connection = HTTP1Connection(stream, True, client._params)
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._headers_future: asyncio.Future[None] = loop.create_future()
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._reader_waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._body_done = False
+        self._aborted = False
+        self._error: UpstreamError | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
+        self._task: asyncio.Task[None] | None = None
+        self._start_line: httputil.ResponseStartLine | None = None
+
+    # ----------------------------------------------------------------- consumer API
+
+    async def read_chunk(self) -> bytes:
+        """The next body bytes received (everything buffered so far), b"" at the end."""
+        while True:
+            chunks = self._chunks
+            if chunks:
+                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self._buffered = 0
+                drain = self._drain_waiter
+                if drain is not None:
+                    self._drain_waiter = None
+                    if not drain.done():
+                        drain.set_result(None)
+                return data
+            if self._error is not None:
+                raise self._error
+            if self._body_done or self._aborted:
+                return b""
+            waiter = self._reader_waiter = self._loop.create_future()
+            await waiter
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Yield body bytes as they arrive; raises `UpstreamStreamError` if the upstream dies."""
+        while True:
+            chunk = await self.read_chunk()
+            if not chunk:
+                return
+            yield chunk
+
+    async def read_all(self, limit: int) -> bytes:
+        """The whole body; `UpstreamTooLarge` (and the connection closed) past `limit` bytes."""
+        declared = self.headers.get("Content-Length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            self.close()
+            raise UpstreamTooLarge(f"upstream body of {declared} bytes exceeds the limit of {limit} bytes")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await self.read_chunk()
+            if not chunk:
+                return b"".join(parts)
+            size += len(chunk)
+            if size > limit:
+                self.close()
+                raise UpstreamTooLarge(f"upstream body exceeds the limit of {limit} bytes")
+            parts.append(chunk)
+
+    @property
+    def finished(self) -> bool:
+        """True once the whole body was received (the connection went back to the pool)."""
+        return self._body_done
+
+    def close(self) -> None:
+        """Abort: close the upstream connection now unless the body was already complete.
+
+        Safe to call at any time and more than once; after a complete body it only drops
+        what was not read (the connection is pooled).
+        """
+        self._client._active.discard(self)
+        if self._body_done or self._aborted:
+            self._chunks.clear()
+            return
+        self._aborted = True
+        self._client.stats.aborted += 1
+        self._cancel_timer()
+        self._connection.close()
+        self._chunks.clear()
+        self._wake()
+        if not self._headers_future.done():
+            self._headers_future.set_exception(_EarlyClose())
+            self._headers_future.exception()
+
+    async def __aenter__(self) -> UpstreamResponse:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- driving the exchange
+
+    def _start(
+        self,
+        start_line: httputil.RequestStartLine,
+        headers: httputil.HTTPHeaders,
+        body: bytes | None,
+        timeout: float,
+    ) -> None:
+        connection = self._connection
+        # Headers and body leave in one write; a closed stream surfaces in read_response.
+        connection.write_headers(start_line, headers, body or None)
+        connection.finish()
+        if timeout > 0:
+            self._timer = self._loop.call_later(timeout, self._on_header_timeout)
+        self._task = self._loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        connection = self._connection
+        keep_open = False
+        try:
+            keep_open = await connection.read_response(self)
+        except (iostream.StreamClosedError, OSError) as exc:
+            self._fail(exc)
+        except httputil.HTTPInputError as exc:
+            self._fail(exc, protocol=True)
+        except Exception as exc:  # never leave a consumer waiting on a silent failure
+            self._fail(exc)
+        finally:
+            self._cancel_timer()
+        stream = connection.stream
+        if (
+            keep_open
+            and self._body_done
+            and not self._aborted
+            and stream is not None
+            and not stream.closed()
+            and self._start_line is not None
+            and _keep_alive_allowed(self._start_line, self.headers, self._method)
+        ):
+            self._client._release(self._key, connection.detach())
+        else:
+            connection.close()
+            if not self._body_done:
+                self._fail(None)
+        self._client._active.discard(self)
+
+    def _fail(self, exc: BaseException | None, *, protocol: bool = False) -> None:
+        if self._aborted or self._body_done:
+            return
+        if not self._headers_future.done():
+            if self._timed_out:
+                return  # already failed with UpstreamTimeout
+            if protocol:
+                error: BaseException = UpstreamProtocolError(
+                    f"upstream {self._key[1]} sent a malformed HTTP response: {exc}"
+                )
+            else:
+                error = _EarlyClose()
+                error.__cause__ = exc
+            self._headers_future.set_exception(error)
+            self._headers_future.exception()
+            return
+        if self._error is None:
+            detail = f": {exc}" if exc is not None and str(exc) else ""
+            self._error = UpstreamStreamError(
+                f"upstream {self._key[1]} closed the connection mid-body{detail}"
+            )
+        self._wake()
+
+    def _on_header_timeout(self) -> None:
+        self._timer = None
+        if self._headers_future.done():
+            return
+        self._timed_out = True
+        self._headers_future.set_exception(
+            UpstreamTimeout(f"upstream {self._key[1]} sent no response headers within the header timeout")
+        )
+        self._headers_future.exception()
+        self._connection.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _wake(self) -> None:
+        waiter = self._reader_waiter
+        if waiter is not None:
+            self._reader_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        drain = self._drain_waiter
+        if drain is not None:
+            self._drain_waiter = None
+            if not drain.done():
+                drain.set_result(None)
+
+    # ----------------------------------------------------------------- HTTPMessageDelegate
+
+    def headers_received(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+    ) -> None:
+        assert isinstance(start_line, httputil.ResponseStartLine)
+        if 100 <= start_line.code < 200:
+            return  # interim response (100 Continue …): the real one follows
+        self._cancel_timer()
+        self._start_line = start_line
+        self.status = start_line.code
+        self.reason = start_line.reason
+        self.version = start_line.version
+        self.headers = headers
+        if not self._headers_future.done():
+            self._headers_future.set_result(None)
+
+    def data_received(self, chunk: bytes) -> asyncio.Future[None] | None:
+        if self._aborted:
+            return None
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        waiter = self._reader_waiter
+        if waiter is not None:
+            self._reader_waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._buffered >= _HIGH_WATER:
+            # Back-pressure: stop reading the upstream until the consumer took the data.
+            drain = self._drain_waiter = self._loop.create_future()
+            return drain
+        return None
+
+    def finish(self) -> None:
+        self._body_done = True
+        self._wake()
+
+    def on_connection_close(self) -> None:
+        self._fail(None)
+
+
+# --------------------------------------------------------------------------- small documents
+
+
+@dataclass(frozen=True, slots=True)
+class SmallResponse:
+    """A fully read small upstream document."""
+
+    status: int
+    headers: httputil.HTTPHeaders
+    body: bytes
+
+
+async def fetch_small(
+    url: str,
+    *,
+    policy: AddressPolicy,
+    max_bytes: int = 5120,
+    timeout: float = 5.0,
+    headers: HeadersArg = None,
+    ssl_context: ssl.SSLContext | None = None,
+) -> SmallResponse:
+    """GET a small document (e.g. a client ID metadata document) through the SSRF guard.
+
+    One overall `timeout` (DNS, connect, TLS, headers and body), no redirects (3xx raises
+    `UpstreamRedirect`), bodies over `max_bytes` abort the read with `UpstreamTooLarge`.
+    Non-3xx statuses are returned as they are; the caller decides what a 404 means.
+    """
+    request_headers: list[tuple[str, str]] = [
+        ("Accept", "application/json"),
+        ("User-Agent", "mcp-auth-gateway"),
+    ]
+    given = _header_items(headers)
+    names = {name.lower() for name, _ in given}
+    request_headers = [h for h in request_headers if h[0].lower() not in names] + given
+    # A private client: no pooling (max_per_origin=0) and no DNS answers shared with the proxy.
+    client = UpstreamClient(
+        policy, max_per_origin=0, connect_timeout=timeout, header_timeout=timeout, ssl_context=ssl_context
+    )
+    response: UpstreamResponse | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            response = await client.request("GET", url, request_headers)
+            if 300 <= response.status < 400:
+                location = response.headers.get("Location")
+                raise UpstreamRedirect(
+                    f"{url} answered {response.status} redirecting to {location!r}; redirects are not followed",
+                    response.status,
+                    location,
+                )
+            try:
+                body = await response.read_all(max_bytes)
+            except UpstreamTooLarge:
+                raise UpstreamTooLarge(f"{url} is larger than {max_bytes} bytes") from None
+            except UpstreamStreamError as exc:
+                raise UpstreamUnreachable(f"{url}: {exc}") from None
+            return SmallResponse(response.status, response.headers, body)
+    except TimeoutError:
+        raise UpstreamTimeout(f"fetching {url} took longer than {timeout:g}s") from None
+    finally:
+        if response is not None:
+            response.close()
+        client.close()
