@@ -81,7 +81,7 @@ class Config:
         values: dict = {}
 
         public_url = _get(env, "MCPGW_PUBLIC_URL", cls.public_url).rstrip("/")
-        parts = urlsplit(public_url)
+        parts = _url(public_url, "MCPGW_PUBLIC_URL")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"MCPGW_PUBLIC_URL: {public_url!r} is not an http(s) URL")
         if parts.path or parts.query or parts.fragment or parts.username:
@@ -93,7 +93,7 @@ class Config:
 
         listen = _get(env, "MCPGW_LISTEN", "127.0.0.1:8080")
         host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not _is_number(port) or not 0 < int(port) < 65536:
             raise ConfigError(f"MCPGW_LISTEN: {listen!r} is not HOST:PORT")
         values["listen_host"], values["listen_port"] = host.strip("[]") or "0.0.0.0", int(port)
 
@@ -101,7 +101,7 @@ class Config:
         values["state_dir"] = _get(env, "MCPGW_STATE_DIR", cls.state_dir)
 
         issuer = _get(env, "MCPGW_OIDC_ISSUER", cls.oidc_issuer).rstrip("/")
-        iparts = urlsplit(issuer)
+        iparts = _url(issuer, "MCPGW_OIDC_ISSUER")
         if iparts.scheme not in ("http", "https") or not iparts.hostname:
             raise ConfigError(f"MCPGW_OIDC_ISSUER: {issuer!r} is not an http(s) URL")
         if iparts.scheme != "https" and not is_loopback_host(iparts.hostname):
@@ -145,6 +145,21 @@ class Config:
         return cls(**values)
 
 
+def _is_number(raw: str) -> bool:
+    # str.isdigit() also accepts characters such as "\u00b2" that int() refuses.
+    return raw.isascii() and raw.isdigit()
+
+
+def _url(value: str, name: str):
+    """urlsplit, with a malformed host or port reported against the variable."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {value!r} is not a valid URL ({exc})") from None
+    return parts
+
+
 def _get(env: dict[str, str], name: str, default: str) -> str:
     value = env.get(name, "").strip()
     return value or default
@@ -157,6 +172,8 @@ def _secret(env: dict[str, str], name: str) -> str:
             return Path(path).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{name}_FILE: {path} is not UTF-8 text") from None
     return env.get(name, "").strip()
 
 
@@ -175,7 +192,7 @@ def _int(env: dict[str, str], name: str, default: int, low: int, high: int) -> i
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
+    if not _is_number(raw) or not low <= int(raw) <= high:
         raise ConfigError(f"{name}: {raw!r} is not a whole number between {low} and {high}")
     return int(raw)
 

@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from dataclasses import asdict
@@ -15,47 +16,61 @@ from config import Config, ConfigError
 from services import Services, build_services
 from services.clients import ClientError, registration_response
 from services.servers import InvalidInput
+from storage.base import StorageError
 
 log = logging.getLogger("gateway")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes end like every other failure: one line on stderr, non-zero exit."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="gateway.py", description="MCP Auth Gateway")
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # --json is accepted before or after the subcommand; SUPPRESS keeps a subcommand's
+    # default from overwriting a --json given before it.
+    json_flag = argparse.ArgumentParser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                           help="machine-readable output")
+    parser = OneLineParser(prog="gateway.py", description="MCP Auth Gateway", parents=[json_flag])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     sub.add_parser("serve", help="run the gateway")
 
     servers = sub.add_parser("servers", help="upstream MCP servers").add_subparsers(dest="action", required=True)
-    add = servers.add_parser("add", help="register an upstream MCP server")
+    add = servers.add_parser("add", parents=[json_flag], help="register an upstream MCP server")
     add.add_argument("--name", required=True)
     add.add_argument("--upstream", required=True, help="the upstream's Streamable HTTP URL")
     add.add_argument("--owner", required=True, help="the owner's e-mail address")
     add.add_argument("--id", dest="server_id", help="choose the server id (default: srv_…)")
     add.add_argument("--header", action="append", default=[], help="'Name: value' sent to the upstream")
     add.add_argument("--forward-identity", action="store_true", help="send the user's identity upstream")
-    servers.add_parser("list", help="list servers")
+    servers.add_parser("list", parents=[json_flag], help="list servers")
     for action in ("show", "remove"):
-        servers.add_parser(action).add_argument("server_id")
+        servers.add_parser(action, parents=[json_flag]).add_argument("server_id")
 
     grants = sub.add_parser("grants", help="sharing rules").add_subparsers(dest="action", required=True)
     for action in ("add", "remove"):
-        grant = grants.add_parser(action)
+        grant = grants.add_parser(action, parents=[json_flag])
         grant.add_argument("server_id")
         who = grant.add_mutually_exclusive_group(required=True)
         who.add_argument("--email")
         who.add_argument("--domain", help="a Google Workspace domain (the ID token's hd claim)")
-    grants.add_parser("list").add_argument("server_id")
+    grants.add_parser("list", parents=[json_flag]).add_argument("server_id")
 
     clients = sub.add_parser("clients", help="pre-registered OAuth clients").add_subparsers(dest="action", required=True)
-    cadd = clients.add_parser("add")
+    cadd = clients.add_parser("add", parents=[json_flag])
     cadd.add_argument("--name", required=True)
     cadd.add_argument("--redirect-uri", action="append", required=True)
     cadd.add_argument("--confidential", action="store_true", help="issue a client secret")
 
     keys = sub.add_parser("keys", help="token signing keys").add_subparsers(dest="action", required=True)
-    keys.add_parser("rotate")
-    keys.add_parser("list")
-    return parser.parse_args(argv)
+    keys.add_parser("rotate", parents=[json_flag])
+    keys.add_parser("list", parents=[json_flag])
+    args = parser.parse_args(argv)
+    args.json = getattr(args, "json", False)
+    return args
 
 
 def emit(args, human: list[str], data) -> None:
@@ -188,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(exc, ConfigError) else 1
     except ClientError as exc:
         print(f"error: {exc.description}", file=sys.stderr)
+        return 1
+    except (StorageError, OSError) as exc:
+        print(f"error: storage ({os.environ.get('MCPGW_STORAGE', 'default')}) is not usable: {exc}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -139,8 +139,10 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def set_signin_cookie(self, sub: str, email: str, name: str) -> None:
         now = int(time.time())
+        # auth_time to the millisecond: prompt=login compares it with the request's time.
         value = json.dumps(
-            {"sub": sub, "email": email, "name": name, "auth_time": now, "exp": now + self.config.signin_ttl}
+            {"sub": sub, "email": email, "name": name, "auth_time": round(time.time(), 3),
+             "exp": now + self.config.signin_ttl}
         )
         self.set_signed_cookie(
             self.signin_cookie_name,

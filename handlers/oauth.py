@@ -38,6 +38,15 @@ def local_path(target: str | None, default: str = "/dashboard") -> str:
     return target
 
 
+def signin_time() -> float:
+    """The clock of the sign-in cookie's auth_time (see BaseHandler.set_signin_cookie)."""
+    return round(time.time(), 3)
+
+
+def signed_in_after(user: dict, payload: dict) -> bool:
+    return float(user.get("auth_time", 0)) >= float(payload.get("login_after", 0))
+
+
 def add_query(uri: str, params: dict[str, str]) -> str:
     parts = urlsplit(uri)
     query = urlencode({k: v for k, v in params.items() if v is not None})
@@ -63,7 +72,7 @@ class RegisterHandler(BaseHandler):
             return
         try:
             metadata = json.loads(self.request.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: absurd nesting
             self.oauth_error("invalid_client_metadata", "the body is not valid UTF-8 JSON")
             return
         try:
@@ -124,6 +133,8 @@ class AuthorizeHandler(BaseHandler):
                     "client_id": client.client_id,
                     "redirect_uri": redirect_uri,
                     "state": state,
+                    # prompt=login: only a sign-in completed after this request counts.
+                    "login_after": signin_time() if request["prompt"] == "login" else 0,
                 },
                 expires_at=time.time() + PENDING_TTL,
             )
@@ -207,10 +218,11 @@ class ConsentHandler(BaseHandler):
             self._gone()
             return
         user = self.current_user
-        if user is None:
-            self.redirect("/login?" + urlencode({"next": self.request.uri}))
-            return
         payload = pending.payload
+        if user is None or not signed_in_after(user, payload):
+            force = "1" if user is not None else ""
+            self.redirect("/login?" + urlencode({"next": self.request.uri, "force": force}))
+            return
         decision = await self._decide_access(user, payload)
         if decision is not None:
             await self._pending(key, take=True)
@@ -265,7 +277,7 @@ class ConsentHandler(BaseHandler):
             self._gone()
             return
         payload = pending.payload
-        if user is None:
+        if user is None or not signed_in_after(user, payload):
             self.error_page(401, "Not signed in", "Sign in again from your application.")
             return
         if self.get_body_argument("decision", "") != "approve":
@@ -450,6 +462,8 @@ class RevokeHandler(BaseHandler):
             self.oauth_error("invalid_request", str(exc))
             return
         except ClientError as exc:
+            if exc.status == 401 and self.request.headers.get("Authorization"):
+                self.set_header("WWW-Authenticate", 'Basic realm="revoke"')
             self.oauth_error(exc.error, exc.description, exc.status)
             return
         token = form.get("token")

@@ -3,17 +3,38 @@ are checked on every request before anything reaches the upstream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
+
+from tornado.iostream import StreamClosedError
 
 from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
+from services import protocol
 from services.tokens import MCP_SCOPES, SCOPE_INVOKE, InvalidToken, principal_from_claims
+from services.upstream import UpstreamError, UpstreamStreamError, UpstreamTimeout
+from storage.base import UsageEvent
 
 log = logging.getLogger("gateway.proxy")
+
+MAX_BODY = 1024 * 1024  # a JSON-RPC message bigger than this is refused with 413
+KEEPALIVE_AFTER = 15.0  # idle SSE streams get a comment so intermediaries keep them open
+SLOW_READER_LIMIT = 30.0  # a client that takes longer than this to drain one write is cut off
+MAX_PENDING_EVENT = 8 * 1024 * 1024  # an SSE event may not grow beyond this in the gateway
+OUTCOME_SCAN_LIMIT = 1024 * 1024  # JSON bodies larger than this are relayed, outcome unknown
+# Headers the client sends that the upstream gets as they are (besides Mcp-* and the
+# upstream's own credentials); Authorization, cookies and hop-by-hop headers never pass.
+FORWARDED_REQUEST_HEADERS = ("Accept", "Content-Type", "Last-Event-ID", "User-Agent", "Accept-Language")
+FORWARDED_RESPONSE_HEADERS = ("Content-Type", "MCP-Protocol-Version", "Retry-After")
 
 
 class McpProxyHandler(BaseHandler):
     SUPPORTED_METHODS = ("GET", "POST", "DELETE", "OPTIONS")
+
+    def initialize(self) -> None:
+        self._upstream_response = None
+        self._bytes_out = 0
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -88,20 +109,216 @@ class McpProxyHandler(BaseHandler):
         )
         return False
 
+
+    # ------------------------------------------------------------------- relaying
+
     async def get(self, server_id: str) -> None:
         claims = await self.authenticate(server_id)
         if claims is not None:
-            await self.relay(server_id, claims)
-
-    async def post(self, server_id: str) -> None:
-        claims = await self.authenticate(server_id)
-        if claims is not None:
-            await self.relay(server_id, claims)
+            await self.relay(server_id, claims, None)
 
     async def delete(self, server_id: str) -> None:
         claims = await self.authenticate(server_id)
         if claims is not None:
-            await self.relay(server_id, claims)
+            await self.relay(server_id, claims, None)
 
-    async def relay(self, server_id: str, claims: dict) -> None:
-        self.jsonrpc_error(502, -32603, "relaying is not implemented yet")
+    async def post(self, server_id: str) -> None:
+        claims = await self.authenticate(server_id)
+        if claims is None:
+            return
+        if len(self.request.body) > MAX_BODY:
+            self.jsonrpc_error(413, -32600, f"the request body exceeds {MAX_BODY} bytes")
+            return
+        try:
+            message = protocol.parse_message(self.request.body)
+            protocol.check_routing_headers(message, self.request.headers)
+        except protocol.ProtocolError as exc:
+            self.jsonrpc_error(400, exc.code, exc.message, getattr(exc, "id", None))
+            return
+        if message.needs_invoke and not self.require_invoke(server_id, claims):
+            return
+        await self.relay(server_id, claims, message)
+
+    def on_connection_close(self) -> None:
+        # The client went away: close the upstream request (and its connection) at once.
+        if self._upstream_response is not None:
+            self._upstream_response.close()
+
+    def upstream_headers(self, server, claims: dict, session) -> list[tuple[str, str]]:
+        headers = [(n, v) for n in FORWARDED_REQUEST_HEADERS if (v := self.request.headers.get(n))]
+        for name, value in self.request.headers.get_all():
+            lower = name.lower()
+            if lower.startswith("mcp-") and lower != "mcp-session-id":
+                headers.append((name, value))
+        if session is not None:
+            headers.append(("Mcp-Session-Id", session.upstream_session_id))
+        headers.extend(self.services.servers.upstream_headers(server).items())
+        if server.forward_identity:
+            headers.extend(self.services.identity_headers(server, claims))
+        return headers
+
+    async def relay(self, server_id: str, claims: dict, message) -> None:
+        services = self.services
+        server = await services.access.server(server_id)
+        method = self.request.method
+        started = time.monotonic()
+        session = None
+        incoming_session = self.request.headers.get("Mcp-Session-Id")
+        if incoming_session:
+            session = await services.sessions.resolve(incoming_session, claims["sub"], server_id)
+            if session is None:
+                self.jsonrpc_error(404, -32001, "session not found (initialize again)", message and message.id)
+                return
+        try:
+            response = await services.upstream.request(
+                method,
+                server.upstream_url,
+                self.upstream_headers(server, claims, session),
+                self.request.body if method == "POST" else None,
+            )
+        except UpstreamTimeout:
+            services.metrics.inc("upstream_errors_total", kind="timeout")
+            self.jsonrpc_error(504, -32603, "the upstream MCP server did not answer in time", message and message.id)
+            self.record(claims, server_id, message, "504", started)
+            return
+        except UpstreamError as exc:
+            services.metrics.inc("upstream_errors_total", kind="unreachable")
+            log.warning("upstream %s unreachable: %s", server_id, exc)
+            self.jsonrpc_error(502, -32603, "the upstream MCP server is unreachable", message and message.id)
+            self.record(claims, server_id, message, "502", started)
+            return
+        self._upstream_response = response
+        try:
+            await self.relay_response(response, server_id, claims, message, session, started)
+        finally:
+            response.close()
+            self._upstream_response = None
+
+    async def relay_response(self, response, server_id, claims, message, session, started) -> None:
+        services = self.services
+        status = response.status
+        if status == 404 and session is not None:
+            # The upstream forgot the session: so do we, and the client re-initializes.
+            await services.sessions.drop(session.session_id)
+        if status in (401, 403):
+            # The upstream refused the gateway's own credentials; passing its challenge on
+            # would send the client into a re-authorization loop with us.
+            log.warning("upstream %s answered %s to the gateway", server_id, status)
+            self.jsonrpc_error(502, -32603, "the upstream MCP server refused the gateway", message and message.id)
+            self.record(claims, server_id, message, "502", started)
+            return
+        if self.request.method == "DELETE" and session is not None and status < 300:
+            await services.sessions.drop(session.session_id)
+        self.set_status(status, response.reason or None)
+        for name in FORWARDED_RESPONSE_HEADERS:
+            if name in response.headers:
+                self.set_header(name, response.headers[name])
+        upstream_session = response.headers.get("Mcp-Session-Id")
+        if upstream_session and session is None and message is not None and message.method == "initialize":
+            session = await services.sessions.create(
+                user_sub=claims["sub"],
+                server_id=server_id,
+                upstream_session_id=upstream_session,
+                protocol_version=self.request.headers.get("MCP-Protocol-Version", ""),
+            )
+        if session is not None:
+            self.set_header("Mcp-Session-Id", session.session_id)
+        content_type = response.headers.get("Content-Type", "")
+        if content_type.startswith("text/event-stream"):
+            outcome = await self.relay_stream(response, message, started)
+        else:
+            outcome = await self.relay_body(response, message, status)
+        self.record(claims, server_id, message, outcome, started)
+
+    async def relay_body(self, response, message, status: int) -> str:
+        scanned = bytearray()
+        try:
+            async for chunk in response.iter_chunks():
+                self.write(chunk)
+                self._bytes_out += len(chunk)
+                if len(scanned) <= OUTCOME_SCAN_LIMIT:
+                    scanned += chunk
+        except UpstreamStreamError:
+            self.services.metrics.inc("upstream_errors_total", kind="broken_body")
+        try:
+            await self.finish()
+        except StreamClosedError:
+            pass
+        if status >= 400:
+            return str(status)
+        if message is None or message.id is None:
+            return "ok"
+        return protocol.outcome_of(bytes(scanned), message.id) or "ok"
+
+    async def relay_stream(self, response, message, started: float) -> str:
+        """Relay an SSE stream event by event, flushed at once, never buffered beyond one
+        event; keep-alive comments while idle; slow readers cut off."""
+        self.set_header("Cache-Control", "no-cache, no-transform")
+        self.set_header("X-Accel-Buffering", "no")
+        metrics = self.services.metrics
+        parser = protocol.SseParser()
+        outcome = "stream"
+        next_chunk = None
+        try:
+            self.flush()
+            next_chunk = asyncio.ensure_future(response.read_chunk())
+            while True:
+                done, _ = await asyncio.wait({next_chunk}, timeout=KEEPALIVE_AFTER)
+                if not done:
+                    if not parser.pending:
+                        self.write(b": keepalive\n\n")
+                        await asyncio.wait_for(self.flush(), SLOW_READER_LIMIT)
+                    continue
+                chunk = next_chunk.result()
+                if not chunk:
+                    break
+                events = parser.feed(chunk)
+                if parser.pending > MAX_PENDING_EVENT:
+                    metrics.inc("streams_closed_total", reason="event_too_large")
+                    break
+                for event in events:
+                    self.write(event.raw)
+                    self._bytes_out += len(event.raw)
+                    if message is not None and message.id is not None and outcome == "stream":
+                        found = protocol.outcome_of(event.data.encode(), message.id)
+                        if found:
+                            outcome = found
+                next_chunk = asyncio.ensure_future(response.read_chunk())
+                if events:
+                    await asyncio.wait_for(self.flush(), SLOW_READER_LIMIT)
+        except StreamClosedError:
+            metrics.inc("streams_closed_total", reason="client_gone")
+        except TimeoutError:
+            metrics.inc("streams_closed_total", reason="slow_reader")
+            self.request.connection.close()
+        except UpstreamStreamError:
+            metrics.inc("streams_closed_total", reason="upstream_broke")
+        finally:
+            if next_chunk is not None and not next_chunk.done():
+                next_chunk.cancel()
+        if not self._finished:
+            try:
+                await self.finish()
+            except StreamClosedError:
+                pass
+        return outcome if outcome != "stream" else "ok"
+
+    def record(self, claims: dict, server_id: str, message, outcome: str, started: float) -> None:
+        if message is None or message.method is None or message.kind != "request":
+            return
+        self.services.usage.record(
+            UsageEvent(
+                at=time.time(),
+                server_id=server_id,
+                user_sub=claims["sub"],
+                user_email=claims.get("email", ""),
+                client_id=claims.get("client_id", ""),
+                method=message.method,
+                target=message.target or "",
+                outcome=outcome,
+                latency_ms=(time.monotonic() - started) * 1000,
+                bytes_in=len(self.request.body),
+                bytes_out=self._bytes_out,
+                era=protocol.era_of(message, self.request.headers),
+            )
+        )

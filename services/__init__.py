@@ -16,13 +16,17 @@ from services.keys import KeyRing, SecretBox
 from services.metrics import Metrics
 from services.ratelimit import RateLimiter
 from services.servers import ServerRegistry
+from services.sessions import SessionMap
 from services.tokens import REVOCATION_REFRESH, TokenService
+from services.upstream import AddressPolicy, UpstreamClient, fetch_small
+from services.usage import UsageRecorder
 from storage import open_storage
 from storage.base import Storage
 
 log = logging.getLogger("gateway.services")
 
 HOUSEKEEPING_INTERVAL = 300.0
+IDENTITY_TTL = 300  # lifetime of the identity assertion sent to upstreams
 
 
 @dataclass
@@ -39,13 +43,18 @@ class Services:
     servers: ServerRegistry
     metrics: Metrics
     identity: OidcIdentityProvider | None
+    upstream: UpstreamClient
+    sessions: SessionMap
+    usage: UsageRecorder
     _tasks: list = field(default_factory=list)
+    _identity_cache: dict = field(default_factory=dict)
 
     async def start(self, background: bool = True) -> None:
         await self.storage.open()
         await self.keyring.load()
         await self.tokens.refresh_revocations()
         if background:
+            self.usage.start()
             self._tasks = [
                 asyncio.create_task(self._every(REVOCATION_REFRESH, self.tokens.refresh_revocations)),
                 asyncio.create_task(self._every(60.0, self.keyring.refresh_if_stale)),
@@ -56,11 +65,41 @@ class Services:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.usage.stop()
+        self.upstream.close()
         await self.storage.close()
 
     async def _housekeeping(self) -> None:
         await self.storage.purge_expired(time.time())
         await self.clients.reap_idle()
+
+    def identity_headers(self, server, claims: dict) -> list[tuple[str, str]]:
+        """Opt-in identity forwarding: who the user is, plus a short-lived gateway-signed
+        JWT (audience = the upstream URL) the upstream can verify with /jwks.json."""
+        key = (claims["sub"], server.server_id)
+        cached = self._identity_cache.get(key)
+        now = time.time()
+        if cached is None or cached[0] < now:
+            assertion = self.keyring.sign(
+                {
+                    "iss": self.config.issuer,
+                    "sub": claims["sub"],
+                    "email": claims.get("email", ""),
+                    "aud": server.upstream_url,
+                    "iat": int(now),
+                    "exp": int(now) + IDENTITY_TTL,
+                },
+                typ="JWT",
+            )
+            if len(self._identity_cache) > 10000:
+                self._identity_cache.clear()
+            cached = (now + IDENTITY_TTL - 60, assertion)
+            self._identity_cache[key] = cached
+        return [
+            ("X-MCPGW-User-Sub", claims["sub"]),
+            ("X-MCPGW-User-Email", claims.get("email", "")),
+            ("X-MCPGW-Identity", cached[1]),
+        ]
 
     @staticmethod
     async def _every(interval: float, job) -> None:
@@ -77,10 +116,9 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
     box = SecretBox(config.secret_key)
     keyring = KeyRing(storage, box, config.access_token_ttl)
     access = AccessPolicy(storage)
-    async def fetch_document(url: str):
-        from services.upstream import AddressPolicy, fetch_small  # TEMP until upstream lands
+    policy = AddressPolicy(config.upstream_allow)
 
-        policy = AddressPolicy(config.upstream_allow)
+    async def fetch_document(url: str):
         response = await fetch_small(url, policy=policy, max_bytes=5120, timeout=5.0)
         return response.status, response.headers, response.body
 
@@ -92,6 +130,7 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
             config.oidc_client_secret,
             config.public_url + "/oauth/callback",
         )
+    metrics = Metrics()
     return Services(
         config=config,
         storage=storage,
@@ -103,6 +142,9 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
         accounts=Accounts(storage),
         limits=RateLimiter(),
         servers=ServerRegistry(storage, box, access),
-        metrics=Metrics(),
+        metrics=metrics,
+        upstream=UpstreamClient(policy),
+        sessions=SessionMap(storage),
+        usage=UsageRecorder(storage, metrics),
         identity=identity,
     )

@@ -54,7 +54,9 @@ def check_redirect_uri(uri: object) -> str:
         raise ClientError("invalid_redirect_uri", "each redirect URI must be a non-empty string")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in uri):
         raise ClientError("invalid_redirect_uri", f"{uri!r}: contains spaces or control characters")
-    parts = urlsplit(uri)
+    parts = _split(uri)
+    if parts is None:
+        raise ClientError("invalid_redirect_uri", f"{uri!r}: malformed host or port")
     scheme = parts.scheme.lower()
     if not scheme or not SCHEME_RE.match(scheme):
         raise ClientError("invalid_redirect_uri", f"{uri!r}: not an absolute URI")
@@ -74,9 +76,19 @@ def check_redirect_uri(uri: object) -> str:
     return uri
 
 
+def _split(uri: str):
+    """urlsplit, or None when the host or port is malformed (urlsplit and .port raise)."""
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        return None
+    return parts
+
+
 def is_loopback_redirect(uri: str) -> bool:
-    parts = urlsplit(uri)
-    return parts.scheme == "http" and bool(parts.hostname) and is_loopback_host(parts.hostname)
+    parts = _split(uri)
+    return parts is not None and parts.scheme == "http" and bool(parts.hostname) and is_loopback_host(parts.hostname)
 
 
 def redirect_uri_matches(registered: tuple[str, ...], requested: str) -> bool:
@@ -86,6 +98,9 @@ def redirect_uri_matches(registered: tuple[str, ...], requested: str) -> bool:
     if not is_loopback_redirect(requested):
         return False
     want = urlsplit(requested)
+    # Only the port may differ: no fragment (RFC 6749 §3.1.2), no user information.
+    if want.fragment or "#" in requested or want.username is not None or want.password is not None:
+        return False
     for candidate in registered:
         if not is_loopback_redirect(candidate):
             continue
@@ -114,7 +129,8 @@ def _optional_string(metadata: dict, name: str, limit: int = 1000) -> str:
 
 def _optional_url(metadata: dict, name: str) -> str:
     value = _optional_string(metadata, name, MAX_URI_LENGTH)
-    if value and urlsplit(value).scheme not in ("http", "https"):
+    parts = _split(value)
+    if value and (parts is None or parts.scheme not in ("http", "https")):
         raise ClientError("invalid_client_metadata", f"{name} must be an http(s) URL")
     return value
 
@@ -353,10 +369,11 @@ class ClientRegistry:
 
 def check_metadata_document_url(url: str) -> None:
     """CIMD §3: https, a path, no dot segments, no fragment, no user information."""
-    parts = urlsplit(url)
-    segments = parts.path.split("/")
+    parts = _split(url)
+    segments = parts.path.split("/") if parts is not None else []
     if (
-        parts.scheme != "https"
+        parts is None
+        or parts.scheme != "https"
         or not parts.hostname
         or parts.path in ("", "/")
         or "." in segments

@@ -171,14 +171,14 @@ class KeyRing:
     def jwks(self) -> dict:
         return {"keys": [k.record.public_jwk for k in self._keys.values()]}
 
-    def sign(self, claims: dict) -> str:
+    def sign(self, claims: dict, typ: str = "at+jwt") -> str:
         if self._active is None or self._active.private_key is None:
             raise RuntimeError("KeyRing.load() has not run")
         return jwt.encode(
             claims,
             self._active.private_key,
             algorithm="RS256",
-            headers={"kid": self._active.record.kid, "typ": "at+jwt"},
+            headers={"kid": self._active.record.kid, "typ": typ},
         )
 
     def public_key(self, kid: str):

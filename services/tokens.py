@@ -113,7 +113,11 @@ class TokenService:
         base = self._config.base_resource
         if not resource:
             return Audience(base, "")
-        parts = urlsplit(resource)
+        try:
+            parts = urlsplit(resource)
+            parts.port  # noqa: B018 - raises ValueError for a malformed port
+        except ValueError:
+            raise OAuthError("invalid_target", "resource is not a valid URL") from None
         if parts.fragment:
             raise OAuthError("invalid_target", "resource must not have a fragment")
         origin = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
@@ -230,11 +234,14 @@ class TokenService:
         self, client: Client, refresh_token: str, scope: str | None, resource: str | None
     ) -> dict:
         key = token_hash(refresh_token)
-        pending = self._inflight.get(key)
+        # Only identical requests share a result: a concurrent request by another client
+        # (or for another scope or resource) goes through every check itself.
+        flight = (key, client.client_id, scope or "", resource or "")
+        pending = self._inflight.get(flight)
         if pending is not None:
             return await asyncio.shield(pending)
         future = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
+        self._inflight[flight] = future
         try:
             result = await self._refresh(client, key, scope, resource)
             future.set_result(result)
@@ -244,7 +251,7 @@ class TokenService:
             future.exception()  # mark retrieved: waiters may not exist
             raise
         finally:
-            del self._inflight[key]
+            del self._inflight[flight]
 
     async def _refresh(
         self, client: Client, key: str, scope: str | None, resource: str | None
@@ -415,13 +422,13 @@ class TokenService:
 
     async def revoke(self, client: Client, token: str, hint: str | None) -> None:
         """RFC 7009: refresh tokens revoke their family, access tokens their jti. Tokens
-        that are unknown or belong to another client are ignored (200 either way)."""
-        if hint != "access_token":
-            record = await self._storage.get_refresh_token(token_hash(token))
-            if record is not None:
-                if record.client_id == client.client_id:
-                    await self.revoke_family(record.family_id)
-                return
+        that are unknown or belong to another client are ignored (200 either way). The
+        hint only orders the search (§2.1): a wrong hint still finds the token."""
+        record = await self._storage.get_refresh_token(token_hash(token))
+        if record is not None:
+            if record.client_id == client.client_id:
+                await self.revoke_family(record.family_id)
+            return
         try:
             claims = await self._decode(token, verify_exp=False)
         except InvalidToken:

@@ -33,10 +33,11 @@ Three things live here, all async on Tornado's (asyncio) loop, none blocking it:
     client.stats.connections_opened / .requests / .reuses    # keep-alive is observable
     client.close()                                           # closes idle (and by default active) connections
 
-  HTTP/1.1 on Tornado's own client-side ``HTTP1Connection`` (the machinery behind
-  ``simple_httpclient``), but the ``IOStream`` is kept for the next request when the
-  response allowed keep-alive. Chosen by measurement against aiohttp and curl (see
-  bench/README.md, "Upstream HTTP client choice"): fastest here and no dependency.
+  HTTP/1.1 framed here on Tornado's ``IOStream`` (status line and headers parsed by
+  ``tornado.httputil``), connections kept for the next request when the response allows
+  keep-alive. Chosen by measurement against the same idea on Tornado's
+  ``HTTP1Connection``, aiohttp, curl_httpclient and simple_httpclient (bench/README.md,
+  "Upstream HTTP client choice"): the fastest of them here, and no dependency.
 
   - Pool: idle keep-alive connections per (scheme, host, port, resolved ip), at most
     ``max_per_origin`` idle ones per origin (like nginx ``keepalive N``). Active
@@ -45,20 +46,19 @@ Three things live here, all async on Tornado's (asyncio) loop, none blocking it:
     upstream. Idle connections are dropped after ``idle_timeout`` (4 s, below the 5 s
     keep-alive of uvicorn and Node, the usual MCP server stacks) and are checked for a
     close by the peer before reuse.
-  - Body: delivered chunk by chunk as it is read from the socket (Tornado delivers what it
-    has whenever it would otherwise wait for the network), so an SSE event is relayed when
-    it arrives. Transfer coding is removed (chunked), content coding is not: the bytes are
-    the upstream's body. Flow control: past 256 KiB unread, reading from the upstream
-    pauses until the consumer catches up.
+  - Body: read from the socket when the consumer asks and handed over as it arrives (at
+    most up to the end of the current chunk), so an SSE event is relayed the moment it
+    arrives and a slow downstream slows the upstream through TCP flow control instead of
+    piling up in memory. Transfer coding (chunked) is removed, content coding is not.
   - Timeouts: ``connect_timeout`` covers DNS, TCP and TLS; ``header_timeout`` runs from
     sending the request to the response headers. There is no read timeout once headers
     arrived: an idle SSE stream lives until either side closes it (TCP keep-alive probes
     find a vanished upstream host).
   - Cancellation: ``resp.close()`` (or cancelling the task awaiting ``request``) closes
     the upstream connection at once, so the upstream sees its client go away.
-  - Retries: none for requests that may have had an effect. A request that fails on a
-    reused connection before any response header is retried once on a new connection
-    only for idempotent methods (RFC 9110 §9.2.2); POSTs are never replayed.
+  - Retries: a request that fails on a reused connection before any response header is
+    replayed once on a new connection only if nothing was sent or the method is
+    idempotent (RFC 9110 §9.2.2); a POST that reached the upstream is never replayed.
   - TLS: certificates verified against the system store (or ``ssl_context``); SNI and
     certificate name are the URL's host although the socket connects to the checked IP.
 
@@ -74,10 +74,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import re
 import select
 import socket
 import ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
@@ -86,7 +88,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tornado import httputil, iostream
-from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 HeadersArg = Mapping[str, str] | Iterable[tuple[str, str]] | httputil.HTTPHeaders | None
@@ -461,7 +462,11 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
-_HIGH_WATER = 256 * 1024  # unread body bytes at which reading from the upstream pauses
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
+_READ_SIZE = 65536
+_MAX_1XX = 10
+_MAX_CHUNK_LINE = 4096
 
 
 @dataclass(slots=True)
@@ -494,7 +499,9 @@ def _socket_is_dead(stream: iostream.IOStream) -> bool:
         return True
 
 
-def _set_keepalive(sock: socket.socket) -> None:
+def _configure_socket(sock: socket.socket) -> None:
+    # Requests leave in one write, so Nagle can only add delayed-ACK stalls.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # An SSE stream may stay idle for hours: TCP keep-alive probes find an upstream host
     # that vanished without a FIN (about 2 minutes here instead of the kernel's 2 hours).
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -517,43 +524,35 @@ def _header_items(headers: HeadersArg) -> list[tuple[str, str]]:
     return list(headers)
 
 
-def _build_headers(
-    target: UpstreamTarget, headers: HeadersArg, body: bytes | None, method: str
-) -> httputil.HTTPHeaders:
-    out = httputil.HTTPHeaders()
+def _serialize_request(method: str, target: UpstreamTarget, headers: HeadersArg, body: bytes | None) -> bytes:
+    """The request head (and body) as bytes, ready for one write.
+
+    Framing headers are the client's own; hop-by-hop headers of the caller are dropped;
+    names must be tokens and values must not contain CR, LF or NUL (no header injection).
+    """
     items = _header_items(headers)
     dropped = _HOP_BY_HOP
     for name, value in items:
         if name.lower() == "connection":
             # Headers listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
             dropped = dropped | {t.strip().lower() for t in value.split(",")}
+    lines = [f"{method} {target.path} HTTP/1.1", f"Host: {target.host_header}"]
     for name, value in items:
-        if name.lower() not in dropped:
-            out.add(name, value)
-    out["Host"] = target.host_header
+        if name.lower() in dropped:
+            continue
+        if not _TOKEN.fullmatch(name) or "\r" in value or "\n" in value or "\0" in value:
+            raise ValueError(f"invalid upstream request header {name!r}")
+        lines.append(f"{name}: {value}")
     if body is not None:
-        out["Content-Length"] = str(len(body))
+        lines.append(f"Content-Length: {len(body)}")
     elif method in ("POST", "PUT", "PATCH"):
-        # Without a length Tornado would switch to chunked encoding for an empty body.
-        out["Content-Length"] = "0"
-    return out
-
-
-def _keep_alive_allowed(
-    start_line: httputil.ResponseStartLine, headers: httputil.HTTPHeaders, method: str
-) -> bool:
-    tokens = {t.strip().lower() for t in headers.get("Connection", "").split(",")}
-    if "close" in tokens:
-        return False
-    delimited = (
-        "Content-Length" in headers
-        or "chunked" in headers.get("Transfer-Encoding", "").lower()
-        or start_line.code in (204, 304)
-        or method == "HEAD"
-    )
-    if start_line.version == "HTTP/1.1":
-        return delimited
-    return delimited and "keep-alive" in tokens
+        lines.append("Content-Length: 0")
+    lines.append("\r\n")
+    try:
+        head = "\r\n".join(lines).encode("latin-1")
+    except UnicodeEncodeError:
+        raise ValueError("upstream request headers must be latin-1") from None
+    return head + body if body else head
 
 
 class UpstreamClient:
@@ -577,20 +576,14 @@ class UpstreamClient:
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
         self.dns_ttl = dns_ttl
+        self.max_header_size = max_header_size
         self.stats = UpstreamStats()
         self._ssl_context = ssl_context
-        # No body limit and no body timeout: a listen stream may run for days.
-        self._params = HTTP1ConnectionParameters(
-            no_keep_alive=False,
-            max_header_size=max_header_size,
-            max_body_size=2**62,
-            body_timeout=None,
-            decompress=False,
-        )
         self._idle: dict[tuple[str, str, int, str], deque[list[Any]]] = {}
         self._dns: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._dns_inflight: dict[tuple[str, int], asyncio.Future[tuple[str, ...]]] = {}
-        self._active: set[UpstreamResponse] = set()
+        # Weak: a response its consumer dropped must stay collectable (its __del__ closes it).
+        self._active: weakref.WeakSet[UpstreamResponse] = weakref.WeakSet()
         self._closed = False
 
     # ----------------------------------------------------------------- public API
@@ -606,41 +599,36 @@ class UpstreamClient:
     ) -> UpstreamResponse:
         """Send one request and return once the response headers arrived.
 
-        The caller must consume the body to its end or `close()` the response. Hop-by-hop
-        headers, ``Host`` and ``Content-Length`` from `headers` are replaced by the client's.
+        The caller must read the body to its end (b"" from `read_chunk`) or `close()` the
+        response; ``async with`` does the latter. Hop-by-hop headers, ``Host`` and
+        ``Content-Length`` in `headers` are replaced by the client's own.
         """
         if self._closed:
             raise UpstreamUnreachable("upstream client is closed")
         target = parse_upstream_url(url)
         method = method.upper()
+        if not _TOKEN.fullmatch(method):
+            raise ValueError(f"invalid HTTP method {method!r}")
+        payload = _serialize_request(method, target, headers, body)
         self.stats.requests += 1
         addresses = await self._resolve(target.host, target.port)
-        request_headers = _build_headers(target, headers, body, method)
-        start_line = httputil.RequestStartLine(method, target.path, "HTTP/1.1")
         timeout = self.header_timeout if header_timeout is None else header_timeout
         retried = False
         while True:
             stream, ip, reused = await self._checkout(target, addresses)
-            response = UpstreamResponse(
-                self, stream, (target.scheme, target.host, target.port, ip), method, reused
-            )
-            self._active.add(response)
+            response = UpstreamResponse(self, stream, (target.scheme, target.host, target.port, ip), method)
             try:
-                response._start(start_line, request_headers, body, timeout)
-                await response._headers_future
+                await response._exchange(payload, timeout)
             except _EarlyClose as exc:
-                response.close()
-                if reused and not retried and method in _IDEMPOTENT:
+                # A pooled connection the upstream closed meanwhile. Replaying is safe when
+                # nothing was sent, or for idempotent methods (RFC 9110 §9.2.2).
+                if reused and not retried and (not exc.sent or method in _IDEMPOTENT):
                     retried = True
                     self.stats.retries += 1
                     continue
                 raise UpstreamUnreachable(
-                    f"upstream {target.host_header} closed the connection before answering ({ip})"
+                    f"upstream {target.host_header} ({ip}) closed the connection before answering"
                 ) from exc.__cause__
-            except BaseException:
-                # Includes cancellation: the downstream went away while we waited.
-                response.close()
-                raise
             return response
 
     def idle_connections(self) -> int:
@@ -683,7 +671,7 @@ class UpstreamClient:
                 ) from None
         except BaseException as exc:
             future.set_exception(exc)
-            future.exception()  # retrieved here; waiters re-raise it
+            future.exception()  # marked retrieved: waiters re-raise it, nobody else must
             raise
         else:
             is_literal = addresses == (host,)
@@ -724,25 +712,24 @@ class UpstreamClient:
                 for ip in addresses:
                     family = socket.AF_INET6 if ":" in ip else socket.AF_INET
                     sock = socket.socket(family, socket.SOCK_STREAM)
-                    _set_keepalive(sock)
+                    _configure_socket(sock)
                     stream = iostream.IOStream(sock)
                     try:
                         await stream.connect((ip, target.port))
                     except (iostream.StreamClosedError, OSError) as exc:
-                        real = getattr(exc, "real_error", None) or exc
-                        errors.append(f"{ip}: {real}")
+                        errors.append(f"{ip}: {getattr(exc, 'real_error', None) or exc}")
                         stream.close()
                         stream = None
                         continue
                     if target.scheme == "https":
-                        tls_stream = stream.start_tls(
+                        handshake = stream.start_tls(
                             False, ssl_options=self._tls_context(), server_hostname=target.host
                         )
+                        stream = None  # the socket now belongs to the TLS stream
                         try:
-                            stream = await tls_stream
+                            stream = await handshake
                         except (iostream.StreamClosedError, OSError, ssl.SSLError) as exc:
                             real = getattr(exc, "real_error", None) or exc
-                            stream = None
                             raise UpstreamUnreachable(
                                 f"TLS handshake with upstream {target.host_header} ({ip}) failed: {real}"
                             ) from None
@@ -768,7 +755,7 @@ class UpstreamClient:
         return self._ssl_context
 
     def _release(self, key: tuple[str, str, int, str], stream: iostream.IOStream) -> None:
-        if self._closed or self.max_per_origin <= 0:
+        if self._closed or self.max_per_origin <= 0 or stream.closed():
             stream.close()
             return
         queue = self._idle.get(key)
@@ -782,11 +769,7 @@ class UpstreamClient:
         if len(queue) >= self.max_per_origin:
             stream.close()
             return
-        entry: list[Any] = [stream, now]
-        # With a close callback set, Tornado watches the idle socket and tells us when the
-        # upstream closes it, so a dead connection leaves the pool right away.
-        stream.set_close_callback(functools.partial(self._forget_idle, queue, entry))
-        queue.append(entry)
+        queue.append([stream, now])
 
     @staticmethod
     def _forget_idle(queue: deque[list[Any]], entry: list[Any]) -> None:
@@ -799,11 +782,21 @@ class UpstreamClient:
 class _EarlyClose(Exception):
     """Internal: the connection closed before response headers (maybe a stale pooled one)."""
 
+    def __init__(self, sent: bool) -> None:
+        super().__init__("connection closed before response headers")
+        self.sent = sent
 
-class UpstreamResponse(httputil.HTTPMessageDelegate):
-    """One upstream response: status and headers now, the body as it arrives.
 
-    Also the `HTTPMessageDelegate` that Tornado's HTTP1Connection feeds.
+# Body framing of a response (RFC 9112 §6.3).
+_NO_BODY, _FIXED, _CHUNKED, _UNTIL_CLOSE = range(4)
+
+
+class UpstreamResponse:
+    """One upstream response: status and headers now, the body as the consumer reads it.
+
+    The body is read from the socket only when the consumer asks (`read_chunk`), so a slow
+    downstream slows the upstream through TCP flow control and nothing piles up here.
+    One consumer at a time.
     """
 
     def __init__(
@@ -812,54 +805,69 @@ class UpstreamResponse(httputil.HTTPMessageDelegate):
         stream: iostream.IOStream,
         key: tuple[str, str, int, str],
         method: str,
-        reused: bool,
     ) -> None:
         self.status = 0
         self.reason = ""
         self.version = ""
         self.headers = httputil.HTTPHeaders()
-        self.reused = reused
         self._client = client
+        self._stream: iostream.IOStream | None = stream
         self._key = key
         self._method = method
-        self._connection = HTTP1Connection(stream, True, client._params)
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._headers_future: asyncio.Future[None] = loop.create_future()
-        self._chunks: deque[bytes] = deque()
-        self._buffered = 0
-        self._reader_waiter: asyncio.Future[None] | None = None
-        self._drain_waiter: asyncio.Future[None] | None = None
-        self._body_done = False
+        self._framing = _NO_BODY
+        self._remaining = 0  # bytes left: of the body (fixed) or of the current chunk (chunked)
+        self._chunk_crlf_due = False
+        self._keep_alive = False
+        self._done = False
         self._aborted = False
-        self._error: UpstreamError | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._timed_out = False
-        self._task: asyncio.Task[None] | None = None
-        self._start_line: httputil.ResponseStartLine | None = None
 
     # ----------------------------------------------------------------- consumer API
 
+    @property
+    def finished(self) -> bool:
+        """True once the whole body was read (the connection went back to the pool or was closed)."""
+        return self._done
+
     async def read_chunk(self) -> bytes:
-        """The next body bytes received (everything buffered so far), b"" at the end."""
-        while True:
-            chunks = self._chunks
-            if chunks:
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._buffered = 0
-                drain = self._drain_waiter
-                if drain is not None:
-                    self._drain_waiter = None
-                    if not drain.done():
-                        drain.set_result(None)
+        """The next body bytes as they arrive from the upstream, b"" at the end of the body.
+
+        Raises `UpstreamStreamError` when the upstream connection breaks mid-body (or sends
+        a malformed chunked body). After `close()` it returns b"".
+        """
+        stream = self._stream
+        if stream is None or self._done or self._aborted:
+            return b""  # complete, closed by the caller, or already failed
+        try:
+            if self._framing == _FIXED:
+                data = await stream.read_bytes(min(self._remaining, _READ_SIZE), partial=True)
+                self._remaining -= len(data)
+                if self._remaining == 0:
+                    self._finish()
                 return data
-            if self._error is not None:
-                raise self._error
-            if self._body_done or self._aborted:
+            if self._framing == _CHUNKED:
+                return await self._read_chunked(stream)
+            if self._framing == _UNTIL_CLOSE:
+                try:
+                    return await stream.read_bytes(_READ_SIZE, partial=True)
+                except iostream.StreamClosedError:
+                    if self._aborted:
+                        return b""
+                    self._finish()  # the close is the end of this body
+                    return b""
+            self._finish()
+            return b""
+        except iostream.StreamClosedError as exc:
+            if self._aborted:
                 return b""
-            waiter = self._reader_waiter = self._loop.create_future()
-            await waiter
+            self._abort_connection()
+            real = exc.real_error or "connection closed"
+            raise UpstreamStreamError(f"upstream {self._key[1]} broke off the body: {real}") from None
+        except (UpstreamStreamError, ValueError) as exc:
+            self._abort_connection()
+            if isinstance(exc, UpstreamStreamError):
+                raise
+            raise UpstreamStreamError(f"upstream {self._key[1]} sent a malformed chunked body") from None
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Yield body bytes as they arrive; raises `UpstreamStreamError` if the upstream dies."""
@@ -871,10 +879,11 @@ class UpstreamResponse(httputil.HTTPMessageDelegate):
 
     async def read_all(self, limit: int) -> bytes:
         """The whole body; `UpstreamTooLarge` (and the connection closed) past `limit` bytes."""
-        declared = self.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if self._framing == _FIXED and self._remaining > limit:
             self.close()
-            raise UpstreamTooLarge(f"upstream body of {declared} bytes exceeds the limit of {limit} bytes")
+            raise UpstreamTooLarge(
+                f"upstream body of {self._remaining} bytes exceeds the limit of {limit} bytes"
+            )
         parts: list[bytes] = []
         size = 0
         while True:
@@ -887,30 +896,17 @@ class UpstreamResponse(httputil.HTTPMessageDelegate):
                 raise UpstreamTooLarge(f"upstream body exceeds the limit of {limit} bytes")
             parts.append(chunk)
 
-    @property
-    def finished(self) -> bool:
-        """True once the whole body was received (the connection went back to the pool)."""
-        return self._body_done
-
     def close(self) -> None:
-        """Abort: close the upstream connection now unless the body was already complete.
+        """Abort: close the upstream connection now, unless the body was already complete.
 
-        Safe to call at any time and more than once; after a complete body it only drops
-        what was not read (the connection is pooled).
+        Safe at any time and more than once. The upstream sees the connection close at once,
+        which is how an MCP server learns that its client went away.
         """
-        self._client._active.discard(self)
-        if self._body_done or self._aborted:
-            self._chunks.clear()
+        if self._done or self._aborted:
             return
         self._aborted = True
         self._client.stats.aborted += 1
-        self._cancel_timer()
-        self._connection.close()
-        self._chunks.clear()
-        self._wake()
-        if not self._headers_future.done():
-            self._headers_future.set_exception(_EarlyClose())
-            self._headers_future.exception()
+        self._abort_connection()
 
     async def __aenter__(self) -> UpstreamResponse:
         return self
@@ -920,145 +916,167 @@ class UpstreamResponse(httputil.HTTPMessageDelegate):
     ) -> None:
         self.close()
 
-    # ----------------------------------------------------------------- driving the exchange
+    def __del__(self) -> None:
+        # Safety net for a response dropped without close(): never leak the socket.
+        stream = self._stream
+        if stream is not None and not self._done:
+            stream.close()
 
-    def _start(
-        self,
-        start_line: httputil.RequestStartLine,
-        headers: httputil.HTTPHeaders,
-        body: bytes | None,
-        timeout: float,
-    ) -> None:
-        connection = self._connection
-        # Headers and body leave in one write; a closed stream surfaces in read_response.
-        connection.write_headers(start_line, headers, body or None)
-        connection.finish()
-        if timeout > 0:
-            self._timer = self._loop.call_later(timeout, self._on_header_timeout)
-        self._task = self._loop.create_task(self._run())
+    # ----------------------------------------------------------------- the exchange
 
-    async def _run(self) -> None:
-        connection = self._connection
-        keep_open = False
+    async def _exchange(self, payload: bytes, timeout: float) -> None:
+        """Send the request and read the response head; raises _EarlyClose if the connection
+        closed before a response head arrived (the request's retry decision needs that)."""
+        stream = self._stream
+        assert stream is not None
+        client = self._client
+        client._active.add(self)
         try:
-            keep_open = await connection.read_response(self)
-        except (iostream.StreamClosedError, OSError) as exc:
-            self._fail(exc)
-        except httputil.HTTPInputError as exc:
-            self._fail(exc, protocol=True)
-        except Exception as exc:  # never leave a consumer waiting on a silent failure
-            self._fail(exc)
-        finally:
-            self._cancel_timer()
-        stream = connection.stream
-        if (
-            keep_open
-            and self._body_done
-            and not self._aborted
-            and stream is not None
-            and not stream.closed()
-            and self._start_line is not None
-            and _keep_alive_allowed(self._start_line, self.headers, self._method)
-        ):
-            self._client._release(self._key, connection.detach())
-        else:
-            connection.close()
-            if not self._body_done:
-                self._fail(None)
-        self._client._active.discard(self)
-
-    def _fail(self, exc: BaseException | None, *, protocol: bool = False) -> None:
-        if self._aborted or self._body_done:
-            return
-        if not self._headers_future.done():
+            stream.write(payload)
+        except iostream.StreamClosedError as exc:
+            self._abort_connection()
+            raise _EarlyClose(sent=False) from exc
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(timeout, self._on_header_timeout) if timeout > 0 else None
+        try:
+            for _ in range(_MAX_1XX + 1):
+                head = await stream.read_until_regex(_HEADER_END, max_bytes=client.max_header_size)
+                if self._parse_head(head):
+                    return
+            raise UpstreamProtocolError(f"upstream {self._key[1]} sent too many 1xx responses")
+        except iostream.StreamClosedError as exc:
+            self._abort_connection()
             if self._timed_out:
-                return  # already failed with UpstreamTimeout
-            if protocol:
-                error: BaseException = UpstreamProtocolError(
-                    f"upstream {self._key[1]} sent a malformed HTTP response: {exc}"
-                )
-            else:
-                error = _EarlyClose()
-                error.__cause__ = exc
-            self._headers_future.set_exception(error)
-            self._headers_future.exception()
-            return
-        if self._error is None:
-            detail = f": {exc}" if exc is not None and str(exc) else ""
-            self._error = UpstreamStreamError(
-                f"upstream {self._key[1]} closed the connection mid-body{detail}"
-            )
-        self._wake()
+                raise UpstreamTimeout(
+                    f"upstream {self._key[1]} sent no response headers within {timeout:g}s"
+                ) from None
+            if isinstance(exc.real_error, iostream.UnsatisfiableReadError):
+                raise UpstreamProtocolError(
+                    f"upstream {self._key[1]} sent response headers larger than {client.max_header_size} bytes"
+                ) from None
+            raise _EarlyClose(sent=True) from exc
+        except iostream.UnsatisfiableReadError:
+            self._abort_connection()
+            raise UpstreamProtocolError(
+                f"upstream {self._key[1]} sent response headers larger than {client.max_header_size} bytes"
+            ) from None
+        except httputil.HTTPInputError as exc:
+            self._abort_connection()
+            raise UpstreamProtocolError(f"upstream {self._key[1]} sent a malformed response: {exc}") from None
+        except BaseException:
+            # Cancellation included: the downstream went away while we waited.
+            self._abort_connection()
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
-    def _on_header_timeout(self) -> None:
-        self._timer = None
-        if self._headers_future.done():
-            return
-        self._timed_out = True
-        self._headers_future.set_exception(
-            UpstreamTimeout(f"upstream {self._key[1]} sent no response headers within the header timeout")
-        )
-        self._headers_future.exception()
-        self._connection.close()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _wake(self) -> None:
-        waiter = self._reader_waiter
-        if waiter is not None:
-            self._reader_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-        drain = self._drain_waiter
-        if drain is not None:
-            self._drain_waiter = None
-            if not drain.done():
-                drain.set_result(None)
-
-    # ----------------------------------------------------------------- HTTPMessageDelegate
-
-    def headers_received(
-        self,
-        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
-        headers: httputil.HTTPHeaders,
-    ) -> None:
-        assert isinstance(start_line, httputil.ResponseStartLine)
-        if 100 <= start_line.code < 200:
-            return  # interim response (100 Continue …): the real one follows
-        self._cancel_timer()
-        self._start_line = start_line
-        self.status = start_line.code
+    def _parse_head(self, head: bytes) -> bool:
+        """Parse a response head; False for an interim 1xx response (another head follows)."""
+        lines = head.decode("latin-1").lstrip("\r\n").split("\n")
+        start_line = httputil.parse_response_start_line(lines[0].rstrip("\r"))
+        headers = httputil.HTTPHeaders()
+        add = headers.add  # validates names and values (RFC 9110 field syntax)
+        for line in lines[1:]:
+            line = line.rstrip("\r")
+            if not line:
+                continue
+            if line[0] in " \t":
+                raise httputil.HTTPInputError("obsolete header line folding")
+            name, colon, value = line.partition(":")
+            if not colon:
+                raise httputil.HTTPInputError("header line without a colon")
+            add(name, value.strip(" \t"))
+        code = start_line.code
+        if 100 <= code < 200:
+            if code == 101:
+                raise httputil.HTTPInputError("unexpected protocol switch")
+            return False
+        self.status = code
         self.reason = start_line.reason
         self.version = start_line.version
         self.headers = headers
-        if not self._headers_future.done():
-            self._headers_future.set_result(None)
+        connection = headers.get("Connection", "").lower()
+        if start_line.version == "HTTP/1.1":
+            keep_alive = "close" not in connection
+        else:
+            keep_alive = "keep-alive" in connection and "close" not in connection
+        transfer_encoding = headers.get("Transfer-Encoding")
+        if self._method == "HEAD" or code in (204, 304):
+            self._framing = _NO_BODY
+        elif transfer_encoding is not None:
+            codings = [c.strip().lower() for c in transfer_encoding.split(",")]
+            if codings[-1] == "chunked":
+                self._framing = _CHUNKED
+            else:
+                self._framing = _UNTIL_CLOSE
+            if "Content-Length" in headers:
+                # Both framings at once is a smuggling pattern: honour chunked, never reuse.
+                keep_alive = False
+        elif "Content-Length" in headers:
+            values = {v.strip() for v in headers["Content-Length"].split(",")}
+            value = values.pop() if len(values) == 1 else ""
+            if not value.isdigit() or not value.isascii():
+                raise httputil.HTTPInputError(f"bad Content-Length {headers['Content-Length']!r}")
+            self._remaining = int(value)
+            self._framing = _FIXED if self._remaining else _NO_BODY
+        else:
+            self._framing = _UNTIL_CLOSE
+        self._keep_alive = keep_alive and self._framing != _UNTIL_CLOSE
+        if self._framing == _NO_BODY:
+            self._finish()
+        return True
 
-    def data_received(self, chunk: bytes) -> asyncio.Future[None] | None:
-        if self._aborted:
-            return None
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        waiter = self._reader_waiter
-        if waiter is not None:
-            self._reader_waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
-        if self._buffered >= _HIGH_WATER:
-            # Back-pressure: stop reading the upstream until the consumer took the data.
-            drain = self._drain_waiter = self._loop.create_future()
-            return drain
-        return None
+    async def _read_chunked(self, stream: iostream.IOStream) -> bytes:
+        while True:
+            if self._remaining:
+                data = await stream.read_bytes(min(self._remaining, _READ_SIZE), partial=True)
+                self._remaining -= len(data)
+                # The CRLF after the chunk is read on the next call: the data is delivered
+                # now, even if that CRLF is still in flight.
+                self._chunk_crlf_due = self._remaining == 0
+                return data
+            if self._chunk_crlf_due:
+                if await stream.read_bytes(2) != b"\r\n":
+                    raise ValueError("chunk not followed by CRLF")
+                self._chunk_crlf_due = False
+            line = await stream.read_until(b"\r\n", max_bytes=_MAX_CHUNK_LINE)
+            size_text = line[:-2].split(b";", 1)[0].strip()
+            if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
+                raise ValueError("bad chunk size")
+            size = int(size_text, 16)
+            if size == 0:
+                # Trailer fields end with an empty line; they are dropped.
+                while await stream.read_until(b"\r\n", max_bytes=_MAX_CHUNK_LINE) != b"\r\n":
+                    pass
+                self._finish()
+                return b""
+            self._remaining = size
 
-    def finish(self) -> None:
-        self._body_done = True
-        self._wake()
+    def _finish(self) -> None:
+        """The body is complete: pool the connection if it may be reused, else close it."""
+        self._done = True
+        stream = self._stream
+        self._stream = None
+        self._client._active.discard(self)
+        if stream is None:
+            return
+        if self._keep_alive:
+            self._client._release(self._key, stream)
+        else:
+            stream.close()
 
-    def on_connection_close(self) -> None:
-        self._fail(None)
+    def _abort_connection(self) -> None:
+        stream = self._stream
+        self._stream = None
+        self._client._active.discard(self)
+        if stream is not None:
+            stream.close()
+
+    def _on_header_timeout(self) -> None:
+        self._timed_out = True
+        if self._stream is not None:
+            self._stream.close()
 
 
 # --------------------------------------------------------------------------- small documents

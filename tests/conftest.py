@@ -34,3 +34,51 @@ def gateway_factory(idp, tmp_path):
 @pytest.fixture
 def gateway(gateway_factory):
     return gateway_factory()
+
+
+class UpstreamProcess:
+    """The `mcp` package's MCPServer (tests/support/upstream_server.py) in a process."""
+
+    def __init__(self, *flags: str):
+        import subprocess
+        import sys
+
+        from tests.support.idp import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.upstream_server", str(self.port), *flags],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def wait_ready(self):
+        import socket
+        import time
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("upstream MCP server did not start")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def upstream():
+    process = UpstreamProcess().wait_ready()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def stateless_upstream():
+    process = UpstreamProcess("--stateless").wait_ready()
+    yield process
+    process.stop()

@@ -1,0 +1,72 @@
+"""SessionMap: the gateway's own Mcp-Session-Id <-> the upstream's session id, bound to
+the user and the server. The upstream id never reaches the client; another user (or the
+same user on another server) presenting a gateway id finds nothing.
+
+Warm lookups come from an in-process LRU; any instance sharing the storage can continue
+any session (a miss reads storage once)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import replace
+
+from storage.base import McpSession, Storage
+
+IDLE_TTL = 8 * 3600.0  # a session unused this long is forgotten
+TOUCH_EVERY = 600.0  # storage is told of activity at most this often per session
+CACHE_SIZE = 50000
+
+
+class SessionMap:
+    def __init__(self, storage: Storage):
+        self._storage = storage
+        self._cache: OrderedDict[str, McpSession] = OrderedDict()
+
+    async def create(
+        self, *, user_sub: str, server_id: str, upstream_session_id: str, protocol_version: str
+    ) -> McpSession:
+        now = time.time()
+        session = McpSession(
+            session_id="mcpgw-" + secrets.token_urlsafe(24),
+            upstream_session_id=upstream_session_id,
+            user_sub=user_sub,
+            server_id=server_id,
+            protocol_version=protocol_version,
+            created_at=now,
+            expires_at=now + IDLE_TTL,
+        )
+        await self._storage.put_session(session)
+        self._remember(session)
+        return session
+
+    async def resolve(self, session_id: str, user_sub: str, server_id: str) -> McpSession | None:
+        """The session if it exists and belongs to this user on this server."""
+        now = time.time()
+        session = self._cache.get(session_id)
+        if session is None or session.expires_at <= now:
+            session = await self._storage.get_session(session_id, now) if len(session_id) <= 128 else None
+            if session is None:
+                self._cache.pop(session_id, None)
+                return None
+            self._remember(session)
+        else:
+            self._cache.move_to_end(session_id)
+        if session.user_sub != user_sub or session.server_id != server_id:
+            return None
+        if session.expires_at - now < IDLE_TTL - TOUCH_EVERY:
+            session = replace(session, expires_at=now + IDLE_TTL)
+            await self._storage.touch_session(session_id, session.expires_at)
+            self._remember(session)
+        return session
+
+    async def drop(self, session_id: str) -> None:
+        self._cache.pop(session_id, None)
+        await self._storage.delete_session(session_id)
+
+    def _remember(self, session: McpSession) -> None:
+        self._cache[session.session_id] = session
+        self._cache.move_to_end(session.session_id)
+        if len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)

@@ -1,0 +1,75 @@
+"""A real upstream: the `mcp` package's own MCPServer over Streamable HTTP, with tools that
+stream progress, ask the client for elicitation, fail, and count what the gateway sends.
+
+Run: python -m tests.support.upstream_server PORT [--stateless] [--json]"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from mcp.server.mcpserver import Context, MCPServer
+from pydantic import BaseModel
+
+server = MCPServer("upstream-under-test")
+seen_headers: list[dict] = []
+
+
+class Confirm(BaseModel):
+    confirm: bool
+
+
+@server.tool()
+def echo(text: str) -> str:
+    """Echo the text back."""
+    return f"echo: {text}"
+
+
+@server.tool()
+async def count(steps: int, ctx: Context) -> str:
+    """Report progress `steps` times, then answer."""
+    for step in range(1, steps + 1):
+        await ctx.report_progress(step, steps, f"step {step}")
+        await asyncio.sleep(0.01)
+    return f"counted {steps}"
+
+
+@server.tool()
+async def ask(ctx: Context) -> str:
+    """Ask the client to confirm (elicitation round trip)."""
+    result = await ctx.elicit("Proceed?", Confirm)
+    return f"answer: {result.action} {getattr(result, 'data', None)}"
+
+
+@server.tool()
+def fail() -> str:
+    """Always raises: a tool error."""
+    raise ValueError("this tool always fails")
+
+
+@server.tool()
+async def slow(seconds: float) -> str:
+    """Sleep, then answer (for disconnect tests)."""
+    await asyncio.sleep(seconds)
+    return "slept"
+
+
+@server.resource("memo://greeting")
+def greeting() -> str:
+    return "hello from the upstream"
+
+
+@server.prompt()
+def review(code: str) -> str:
+    return f"Please review: {code}"
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1])
+    server.run(
+        transport="streamable-http",
+        host="127.0.0.1",
+        port=port,
+        stateless_http="--stateless" in sys.argv,
+        json_response="--json" in sys.argv,
+    )

@@ -1,0 +1,46 @@
+"""The MCP SDK client through the gateway to the MCP SDK server, both protocol eras, with
+the whole OAuth flow at a real OIDC provider in front."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.support.browser import ScriptedBrowser
+from tests.support.mcp_oauth import connect, make_oauth_rig
+
+ALICE = {"sub": "alice-proxy", "email": "alice@example.com", "email_verified": True, "name": "Alice"}
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+@pytest.mark.parametrize("which", ["stateful", "stateless"])
+def test_tools_resources_prompts_through_the_gateway(gateway, upstream, stateless_upstream, mode, which):
+    target = upstream if which == "stateful" else stateless_upstream
+    server_id = gateway.add_server(target.url, ALICE["email"])
+
+    async def main():
+        async with ScriptedBrowser() as browser:
+            rig = make_oauth_rig(f"{gateway.url}/mcp/{server_id}", browser, idp_login=ALICE)
+            progress: list[float] = []
+
+            async def on_progress(value, total, message):
+                progress.append(value)
+
+            async with connect(rig, mode=mode) as client:
+                tools = await client.list_tools()
+                assert {"echo", "count", "fail"} <= {t.name for t in tools.tools}
+                result = await client.call_tool("echo", {"text": "hi"})
+                assert result.content[0].text == "echo: hi"
+                result = await client.call_tool("count", {"steps": 3}, progress_callback=on_progress)
+                assert result.content[0].text == "counted 3"
+                failed = await client.call_tool("fail", {})
+                assert failed.is_error
+                resource = await client.read_resource("memo://greeting")
+                assert resource.contents[0].text == "hello from the upstream"
+                prompt = await client.get_prompt("review", {"code": "x = 1"})
+                assert "Please review: x = 1" in prompt.messages[0].content.text
+            if which == "stateful" and mode == "legacy":
+                assert progress == [1, 2, 3]
+
+    asyncio.run(main())
