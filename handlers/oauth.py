@@ -327,7 +327,7 @@ class LoginHandler(BaseHandler):
         target = local_path(self.get_query_argument("next", None))
         force = self.get_query_argument("force", "") == "1"
         if self.config.dev_login:
-            self.page("login_dev.html", next=target)
+            self.page("login_dev.html", next=target, error=None, email="")
             return
         identity = self.services.identity
         try:
@@ -413,7 +413,9 @@ class TokenHandler(BaseHandler):
             client = await self.services.clients.authenticate(
                 form.get("client_id"), form.get("client_secret"), self.request.headers.get("Authorization")
             )
-            if not self.services.limits.allow("token", client.client_id):
+            # Keyed by client and address: one client_id may serve many users (a CIMD
+            # client such as VS Code's, a pre-registered one), so never by client alone.
+            if not self.services.limits.allow("token", f"{client.client_id}|{self.client_ip()}"):
                 self.set_header("Retry-After", "10")
                 self.oauth_error("slow_down", "too many token requests for this client", 429)
                 return

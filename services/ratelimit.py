@@ -9,7 +9,7 @@ from collections import OrderedDict
 # action -> (burst, refill per second)
 DEFAULT_RULES = {
     "register": (60.0, 1.0),  # per client IP: 60 at once, then one a second
-    "token": (120.0, 4.0),  # per client_id
+    "token": (300.0, 20.0),  # per (client_id, IP)
 }
 MAX_KEYS = 50000
 

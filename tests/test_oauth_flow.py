@@ -109,3 +109,35 @@ def test_domain_grant_uses_hd_claim_not_email_suffix(gateway):
         assert_refused_page(caught.value)
 
     asyncio.run(main())
+
+
+def test_dev_sign_in_flow_of_make_run(tmp_path):
+    """`make run` mode: no IdP, the local sign-in form; the SDK flow still ends in tokens."""
+    from tests.support.gateway import GatewayProcess
+
+    gateway = GatewayProcess(tmp_path / "dev").start()
+    try:
+        server_id = gateway.add_server("http://127.0.0.1:9/mcp", "dev@example.com")
+        page = httpx.get(gateway.url + "/login")
+        assert page.status_code == 200 and "Local development sign-in is ON" in page.text
+
+        async def main():
+            async with ScriptedBrowser() as browser:
+                rig = make_oauth_rig(f"{gateway.url}/mcp/{server_id}", browser, email="dev@example.com")
+                async with httpx2.AsyncClient(auth=rig.provider, timeout=30) as http:
+                    response = await http.post(rig.server_url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+                assert response.status_code != 401
+                claims = verify_with_gateway_jwks(gateway, rig.storage.tokens.access_token)
+                assert claims["email"] == "dev@example.com"
+                assert claims["aud"] == f"{gateway.url}/mcp/{server_id}"
+
+        asyncio.run(main())
+    finally:
+        gateway.stop()
+
+
+def test_dev_sign_in_is_refused_off_loopback():
+    from config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match="MCPGW_DEV_LOGIN"):
+        Config.from_env({"MCPGW_DEV_LOGIN": "1", "MCPGW_LISTEN": "0.0.0.0:8080", "MCPGW_SECRET_KEY": "x" * 40})
