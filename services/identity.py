@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from google.oauth2 import id_token as google_id_token
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
@@ -142,29 +142,20 @@ class OidcIdentityProvider:
 
     async def finish_login(self, code: str, code_verifier: str, nonce: str) -> IdentityClaims:
         discovery = await self.discovery()
-        body = urlencode(
-            {
-                "grant_type": "authorization_code",
-                "code": code,
-                "redirect_uri": self.redirect_uri,
-                "code_verifier": code_verifier,
-                "client_id": self.client_id,
-                "client_secret": self._client_secret,
-            }
-        )
-        methods = discovery.get("token_endpoint_auth_methods_supported", ["client_secret_basic"])
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": self.redirect_uri,
+            "code_verifier": code_verifier,
+        }
         headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-        if "client_secret_post" not in methods:
-            basic = base64.b64encode(f"{self.client_id}:{self._client_secret}".encode()).decode()
-            headers["Authorization"] = "Basic " + basic
-            body = urlencode(
-                {
-                    "grant_type": "authorization_code",
-                    "code": code,
-                    "redirect_uri": self.redirect_uri,
-                    "code_verifier": code_verifier,
-                }
-            )
+        methods = discovery.get("token_endpoint_auth_methods_supported", ["client_secret_basic"])
+        if "client_secret_post" in methods:
+            form.update(client_id=self.client_id, client_secret=self._client_secret)
+        else:
+            basic = f"{quote(self.client_id, safe='')}:{quote(self._client_secret, safe='')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(basic.encode()).decode()
+        body = urlencode(form)
         try:
             response = await self._http.fetch(
                 HTTPRequest(

@@ -44,3 +44,29 @@ def test_tools_resources_prompts_through_the_gateway(gateway, upstream, stateles
                 assert progress == [1, 2, 3]
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["legacy"])
+def test_elicitation_round_trip_through_the_gateway(gateway, upstream, mode):
+    """A server→client request (elicitation) crosses the gateway inside the SSE stream
+    and the client's answer comes back through it. (2026-07-28 has no such back-channel:
+    elicitation there is an input_required result the client retries, a plain request.)"""
+    from mcp import types
+
+    server_id = gateway.add_server(upstream.url, ALICE["email"])
+    asked: list[str] = []
+
+    async def on_elicit(context, params):
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"confirm": True})
+
+    async def main():
+        async with ScriptedBrowser() as browser:
+            rig = make_oauth_rig(f"{gateway.url}/mcp/{server_id}", browser, idp_login=ALICE)
+            async with connect(rig, mode=mode, elicitation_callback=on_elicit) as client:
+                result = await client.call_tool("ask", {})
+        return result
+
+    result = asyncio.run(main())
+    assert asked == ["Proceed?"]
+    assert result.content[0].text.startswith("answer: accept")
