@@ -34,6 +34,8 @@ class McpProxyHandler(BaseHandler):
 
     def initialize(self) -> None:
         self._upstream_response = None
+        self._upstream_request: asyncio.Future | None = None
+        self._client_gone = False
         self._bytes_out = 0
 
     def set_default_headers(self) -> None:
@@ -140,7 +142,11 @@ class McpProxyHandler(BaseHandler):
         await self.relay(server_id, claims, message)
 
     def on_connection_close(self) -> None:
-        # The client went away: close the upstream request (and its connection) at once.
+        # The client went away: close the upstream request (and its connection) at once,
+        # whether the upstream is still to answer (cancel the request) or streaming.
+        self._client_gone = True
+        if self._upstream_request is not None:
+            self._upstream_request.cancel()
         if self._upstream_response is not None:
             self._upstream_response.close()
 
@@ -169,13 +175,22 @@ class McpProxyHandler(BaseHandler):
             if session is None:
                 self.jsonrpc_error(404, -32001, "session not found (initialize again)", message and message.id)
                 return
-        try:
-            response = await services.upstream.request(
+        if self._client_gone:
+            return
+        self._upstream_request = asyncio.ensure_future(
+            services.upstream.request(
                 method,
                 server.upstream_url,
                 self.upstream_headers(server, claims, session),
                 self.request.body if method == "POST" else None,
             )
+        )
+        try:
+            response = await self._upstream_request
+        except asyncio.CancelledError:
+            if not self._client_gone:
+                raise
+            return  # cancelled by on_connection_close: the upstream connection is closed
         except UpstreamTimeout:
             services.metrics.inc("upstream_errors_total", kind="timeout")
             self.jsonrpc_error(504, -32603, "the upstream MCP server did not answer in time", message and message.id)
@@ -186,6 +201,11 @@ class McpProxyHandler(BaseHandler):
             log.warning("upstream %s unreachable: %s", server_id, exc)
             self.jsonrpc_error(502, -32603, "the upstream MCP server is unreachable", message and message.id)
             self.record(claims, server_id, message, "502", started)
+            return
+        finally:
+            self._upstream_request = None
+        if self._client_gone:
+            response.close()
             return
         self._upstream_response = response
         try:
