@@ -41,7 +41,8 @@ class McpProxyHandler(BaseHandler):
     def set_default_headers(self) -> None:
         super().set_default_headers()
         origin = self.request.headers.get("Origin")
-        if origin:
+        # Only allowed browser origins get CORS headers: others cannot even read a 401.
+        if origin and self.origin_allowed():
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Vary", "Origin")
             self.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")

@@ -612,6 +612,7 @@ def test_foreign_browser_origin_is_refused_and_no_origin_passes(rig):
                             headers={**headers_for(token), "Origin": "https://evil.example"})
     assert jsonrpc_error(foreign, 403)["error"]["code"] == -32003
     assert "origin" in foreign.json()["error"]["message"].lower()
+    assert "access-control-allow-origin" not in foreign.headers  # a foreign page reads nothing
     allowed = rig.http.post(f"/mcp/{SRV_A}", content=json.dumps(INITIALIZE),
                             headers={**headers_for(token), "Origin": ALLOWED_ORIGIN})
     assert allowed.status_code == 200, allowed.text
