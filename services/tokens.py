@@ -197,12 +197,7 @@ class TokenService:
             raise OAuthError("invalid_grant", "redirect_uri differs from the authorization request")
         if not hmac.compare_digest(s256(code_verifier), record.code_challenge):
             raise OAuthError("invalid_grant", "code_verifier does not match the code_challenge")
-        audience = await self._narrow_audience(self.audience_for(record.audience), resource)
-        user = await self._user(record.user_sub)
-        try:
-            await self.check_access(user, audience)
-        except OAuthError as exc:
-            raise OAuthError("invalid_grant", exc.description) from None
+        user, audience = await self._still_allowed(record.user_sub, record.audience, resource)
 
         now = time.time()
         refresh = secrets.token_urlsafe(32)
@@ -270,12 +265,7 @@ class TokenService:
         if not set(requested) <= set(granted):
             raise OAuthError("invalid_scope", "scope may only narrow on refresh")
         token_scope = " ".join(s for s in SUPPORTED_SCOPES if s in requested)
-        audience = await self._narrow_audience(self.audience_for(family.audience), resource)
-        user = await self._user(record.user_sub)
-        try:
-            await self.check_access(user, audience)
-        except OAuthError as exc:
-            raise OAuthError("invalid_grant", exc.description) from None
+        user, audience = await self._still_allowed(record.user_sub, family.audience, resource)
 
         if not record.used_at:
             successor = secrets.token_urlsafe(32)
@@ -436,6 +426,16 @@ class TokenService:
         if claims.get("client_id") == client.client_id and claims["exp"] > time.time():
             await self._storage.revoke_access_token(RevokedAccessToken(claims["jti"], claims["exp"]))
             self._revoked.add(claims["jti"])
+
+    async def _still_allowed(self, user_sub: str, granted: str, resource: str | None):
+        """The user and the token audience, if the sharing rules still let them in."""
+        audience = await self._narrow_audience(self.audience_for(granted), resource)
+        user = await self._user(user_sub)
+        try:
+            await self.check_access(user, audience)
+        except OAuthError as exc:
+            raise OAuthError("invalid_grant", exc.description) from None
+        return user, audience
 
     async def _user(self, sub: str) -> User:
         user = await self._storage.get_user(sub)
