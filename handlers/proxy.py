@@ -19,8 +19,6 @@ from storage.base import UsageEvent
 log = logging.getLogger("gateway.proxy")
 
 MAX_BODY = 1024 * 1024  # a JSON-RPC message bigger than this is refused with 413
-KEEPALIVE_AFTER = 15.0  # idle SSE streams get a comment so intermediaries keep them open
-SLOW_READER_LIMIT = 30.0  # a client that takes longer than this to drain one write is cut off
 MAX_PENDING_EVENT = 8 * 1024 * 1024  # an SSE event may not grow beyond this in the gateway
 OUTCOME_SCAN_LIMIT = 1024 * 1024  # JSON bodies larger than this are relayed, outcome unknown
 # Headers the client sends that the upstream gets as they are (besides Mcp-* and the
@@ -284,11 +282,11 @@ class McpProxyHandler(BaseHandler):
             self.flush()
             next_chunk = asyncio.ensure_future(response.read_chunk())
             while True:
-                done, _ = await asyncio.wait({next_chunk}, timeout=KEEPALIVE_AFTER)
+                done, _ = await asyncio.wait({next_chunk}, timeout=self.config.sse_keepalive)
                 if not done:
                     if not parser.pending:
                         self.write(b": keepalive\n\n")
-                        await asyncio.wait_for(self.flush(), SLOW_READER_LIMIT)
+                        await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)
                     continue
                 chunk = next_chunk.result()
                 if not chunk:
@@ -306,7 +304,7 @@ class McpProxyHandler(BaseHandler):
                             outcome = found
                 next_chunk = asyncio.ensure_future(response.read_chunk())
                 if events:
-                    await asyncio.wait_for(self.flush(), SLOW_READER_LIMIT)
+                    await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)
         except StreamClosedError:
             metrics.inc("streams_closed_total", reason="client_gone")
         except TimeoutError:

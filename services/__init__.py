@@ -143,7 +143,7 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
         limits=RateLimiter(),
         servers=ServerRegistry(storage, box, access),
         metrics=metrics,
-        upstream=UpstreamClient(policy),
+        upstream=UpstreamClient(policy, header_timeout=config.upstream_timeout),
         sessions=SessionMap(storage),
         usage=UsageRecorder(storage, metrics),
         identity=identity,
