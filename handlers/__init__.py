@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import jinja2
 import tornado.web
+from tornado.log import access_log
 
 from handlers import dashboard, discovery, oauth, ops, proxy
 from services.keys import derive_key
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log: failures always; successful MCP calls only at DEBUG, because on the hot
+    path one log line costs a tenth of the request and usage records cover them."""
+    status = handler.get_status()
+    if status >= 500:
+        level = logging.ERROR
+    elif status >= 400:
+        level = logging.WARNING
+    elif handler.request.path.startswith("/mcp/"):
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
+    if access_log.isEnabledFor(level):
+        access_log.log(level, "%d %s %s (%s) %.2fms", status, handler.request.method,
+                       handler.request.path, handler.request.remote_ip, 1000 * handler.request.request_time())
 
 
 def make_app(services, **settings) -> tornado.web.Application:
@@ -48,6 +67,7 @@ def make_app(services, **settings) -> tornado.web.Application:
         static_path=str(ROOT / "static"),
         cookie_secret=derive_key(services.config.secret_key, "mcpgw cookies").hex(),
         xsrf_cookies=True,
+        log_function=log_request,
         xsrf_cookie_kwargs={"httponly": True, "samesite": "Lax", "secure": services.config.secure_cookies},
         **settings,
     )
