@@ -70,3 +70,28 @@ def test_elicitation_round_trip_through_the_gateway(gateway, upstream, mode):
     result = asyncio.run(main())
     assert asked == ["Proceed?"]
     assert result.content[0].text.startswith("answer: accept")
+
+
+def test_sampling_round_trip_through_the_gateway(gateway, upstream):
+    """sampling/createMessage from the upstream reaches the client through the gateway's
+    relayed stream, and the client's answer, POSTed back, reaches the upstream."""
+    from mcp import types
+
+    server_id = gateway.add_server(upstream.url, ALICE["email"])
+    prompts: list[str] = []
+
+    async def on_sample(context, params):
+        prompts.append(params.messages[0].content.text)
+        return types.CreateMessageResult(
+            role="assistant", content=types.TextContent(type="text", text="short"), model="test-model"
+        )
+
+    async def main():
+        async with ScriptedBrowser() as browser:
+            rig = make_oauth_rig(f"{gateway.url}/mcp/{server_id}", browser, idp_login=ALICE)
+            async with connect(rig, mode="legacy", sampling_callback=on_sample) as client:
+                return await client.call_tool("summarize", {"text": "a long text"})
+
+    result = asyncio.run(main())
+    assert prompts == ["a long text"]
+    assert result.content[0].text == "summary: short"

@@ -42,6 +42,19 @@ async def ask(ctx: Context) -> str:
 
 
 @server.tool()
+async def summarize(text: str, ctx: Context) -> str:
+    """Ask the client's model to summarize (sampling round trip)."""
+    from mcp import types
+
+    result = await ctx.request_context.session.create_message(
+        [types.SamplingMessage(role="user", content=types.TextContent(type="text", text=text))],
+        max_tokens=50,
+        related_request_id=ctx.request_id,
+    )
+    return f"summary: {result.content.text}"
+
+
+@server.tool()
 def fail() -> str:
     """Always raises: a tool error."""
     raise ValueError("this tool always fails")
