@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import anyio
+
 import pytest
 
 from tests.support.browser import ScriptedBrowser
@@ -95,3 +97,22 @@ def test_sampling_round_trip_through_the_gateway(gateway, upstream):
     result = asyncio.run(main())
     assert prompts == ["a long text"]
     assert result.content[0].text == "summary: short"
+
+
+def test_subscriptions_listen_stream_through_the_gateway(gateway, upstream):
+    """2026-07-28: a subscriptions/listen POST stream stays open through the gateway and
+    carries the upstream's change event to the client."""
+    server_id = gateway.add_server(upstream.url, ALICE["email"])
+
+    async def main():
+        async with ScriptedBrowser() as browser:
+            rig = make_oauth_rig(f"{gateway.url}/mcp/{server_id}", browser, idp_login=ALICE)
+            async with connect(rig, mode="2026-07-28") as client:
+                async with client.listen(tools_list_changed=True) as subscription:
+                    assert (await client.call_tool("announce", {})).content[0].text == "announced"
+                    with anyio.fail_after(10):
+                        event = await subscription.__anext__()
+        return event
+
+    event = asyncio.run(main())
+    assert type(event).__name__ == "ToolsListChanged"

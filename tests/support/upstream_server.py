@@ -55,6 +55,13 @@ async def summarize(text: str, ctx: Context) -> str:
 
 
 @server.tool()
+async def announce(ctx: Context) -> str:
+    """Publish a tools list-changed event to subscriptions/listen streams (2026 era)."""
+    await ctx.notify_tools_changed()
+    return "announced"
+
+
+@server.tool()
 def fail() -> str:
     """Always raises: a tool error."""
     raise ValueError("this tool always fails")
