@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 
 import anyio
-
 import pytest
 
 from tests.support.browser import ScriptedBrowser
