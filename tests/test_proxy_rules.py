@@ -47,6 +47,7 @@ SRV_GRANT = "srv_rules_grant"  # MCPServer, owner someone else, shared with Caro
 SRV_DOWN = "srv_rules_down"  # nothing listens at its upstream
 SRV_REC = "srv_rules_rec"  # recording upstream, with an upstream API key header
 SRV_SSE = "srv_rules_sse"  # recording upstream answering a fixed SSE stream
+SRV_IDENTITY = "rules-identity"
 SRV_HANG_HEAD = "srv_rules_hang_head"  # upstream that never sends response headers
 SRV_HANG_BODY = "srv_rules_hang_body"  # upstream that starts an SSE stream, then hangs
 SRV_USAGE = "srv_rules_usage"  # MCPServer, only the usage test calls it
@@ -259,6 +260,7 @@ def rig(idp, upstream, tmp_path_factory):
         gw.add_server(f"http://127.0.0.1:{free_port()}/mcp", alice, "Rules down", "--id", SRV_DOWN)
         gw.add_server(f"{fake.url}/json", alice, "Rules rec", "--id", SRV_REC, "--header", f"X-Api-Key: {API_KEY}")
         gw.add_server(f"{fake.url}/sse", alice, "Rules sse", "--id", SRV_SSE)
+        gw.add_server(f"{fake.url}/json", alice, "Rules identity", "--id", SRV_IDENTITY, "--forward-identity")
         gw.add_server(f"{fake.url}/hang-head", alice, "Rules hang head", "--id", SRV_HANG_HEAD)
         gw.add_server(f"{fake.url}/hang-body", alice, "Rules hang body", "--id", SRV_HANG_BODY)
         gw.add_server(upstream.url, alice, "Rules usage", "--id", SRV_USAGE)
@@ -650,6 +652,28 @@ def test_client_credentials_never_reach_the_upstream_but_server_headers_do(rig):
         assert headers["x-api-key"] == [API_KEY]
         assert headers["mcp-protocol-version"] == [LEGACY]
     assert json.loads(arrived[0]["body"])["id"] == 31
+
+
+def test_identity_forwarding_sends_a_gateway_signed_assertion_for_the_upstream(rig):
+    token = rig.tokens["alice_base"]
+    before = len(rig.fake.requests)
+    response = rig.http.post(f"/mcp/{SRV_IDENTITY}", content=json.dumps(rpc("tools/list", 32)),
+                             headers=headers_for(token))
+    assert response.status_code == 200, response.text
+    headers = rig.fake.requests[before]["headers"]
+    assert headers["x-mcpgw-user-sub"] == [ALICE["sub"]]
+    assert headers["x-mcpgw-user-email"] == [ALICE["email"]]
+    assertion = headers["x-mcpgw-identity"][0]
+    assert assertion != token  # never the client's own token
+    keys = rig.http.get("/jwks.json").json()["keys"]
+    key = next(k for k in keys if k["kid"] == jwt.get_unverified_header(assertion)["kid"])
+    claims = jwt.decode(assertion, jwt.PyJWK(key).key, algorithms=["RS256"],
+                        audience=f"{rig.fake.url}/json", issuer=rig.gw.url)
+    assert claims["sub"] == ALICE["sub"] and claims["exp"] - claims["iat"] <= 300
+    # A server without the opt-in gets none of it.
+    before = len(rig.fake.requests)
+    rig.http.post(f"/mcp/{SRV_REC}", content=json.dumps(rpc("tools/list", 33)), headers=headers_for(token))
+    assert not any(name.startswith("x-mcpgw") for name in rig.fake.requests[before]["headers"])
 
 
 # ------------------------------------------------------------------------------ 10. SSE
