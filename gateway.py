@@ -15,6 +15,9 @@ from dataclasses import asdict
 from config import Config, ConfigError
 from services import Services, build_services
 from services.clients import ClientError, registration_response
+from services.dashboard import Actor, DashboardError
+from services.probe import McpProbe
+from services.reports import MAX_DAYS, UsageReports
 from services.servers import InvalidInput
 from storage.base import StorageError
 
@@ -49,6 +52,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     servers.add_parser("list", parents=[json_flag], help="list servers")
     for action in ("show", "remove"):
         servers.add_parser(action, parents=[json_flag]).add_argument("server_id")
+    servers.add_parser("test", parents=[json_flag], help="speak MCP to the upstream (Test connection)"
+                       ).add_argument("server_id")
+    edit = servers.add_parser("edit", parents=[json_flag], help="change a server")
+    edit.add_argument("server_id")
+    edit.add_argument("--name")
+    edit.add_argument("--upstream", help="the upstream's Streamable HTTP URL")
+    edit.add_argument("--header", action="append", help="'Name: value'; replaces every upstream header")
+    edit.add_argument("--clear-headers", action="store_true", help="remove every upstream header")
+    identity = edit.add_mutually_exclusive_group()
+    identity.add_argument("--forward-identity", dest="forward_identity", action="store_true", default=None)
+    identity.add_argument("--no-forward-identity", dest="forward_identity", action="store_false")
+
+    usage = sub.add_parser("usage", parents=[json_flag], help="usage report of one server")
+    usage.add_argument("server_id")
+    usage.add_argument("--days", type=int, default=7, help="1 (the last 24 hours) to 366; default 7")
+
+    auths = sub.add_parser("authorizations", help="applications holding a user's tokens"
+                           ).add_subparsers(dest="action", required=True)
+    auths.add_parser("list", parents=[json_flag]).add_argument("--user", required=True, help="e-mail or sub")
+    arevoke = auths.add_parser("revoke", parents=[json_flag])
+    arevoke.add_argument("--user", required=True, help="e-mail or sub")
+    arevoke.add_argument("--client", required=True, help="the client_id")
 
     grants = sub.add_parser("grants", help="sharing rules").add_subparsers(dest="action", required=True)
     for action in ("add", "remove"):
@@ -90,6 +115,16 @@ def server_view(services: Services, server) -> dict:
     return view
 
 
+async def cli_actor(services: Services, who: str) -> Actor:
+    user = await services.storage.get_user(who)
+    if user is None and "@" in who:
+        matches = await services.storage.users_matching("email", who.strip().lower())
+        user = matches[0] if matches else None
+    if user is None:
+        raise InvalidInput(f"nobody has signed in as {who}")
+    return Actor.of(user, services.config.admin_emails)
+
+
 async def run_admin(args, services: Services) -> None:
     registry = services.servers
     if args.command == "servers":
@@ -113,6 +148,45 @@ async def run_admin(args, services: Services) -> None:
         elif args.action == "remove":
             await registry.remove(args.server_id)
             emit(args, [f"removed {args.server_id}"], {"removed": args.server_id})
+        elif args.action == "edit":
+            headers = [] if args.clear_headers else args.header
+            server = await registry.update(
+                args.server_id, name=args.name, upstream_url=args.upstream, headers=headers,
+                forward_identity=args.forward_identity,
+            )
+            view = server_view(services, server)
+            emit(args, [f"updated {server.server_id}"], view)
+        elif args.action == "test":
+            server = await registry.get(args.server_id)
+            result = await McpProbe(services.upstream).probe(server.upstream_url, registry.upstream_headers(server))
+            lines = ([f"ok: {result.server_name} {result.server_version} ({result.era})",
+                      "tools: " + ", ".join(result.tools)] if result.ok else [f"failed: {result.error}"])
+            emit(args, lines, result.as_dict())
+            if not result.ok:
+                raise SystemExit(1)
+    elif args.command == "usage":
+        await registry.get(args.server_id)
+        if not 1 <= args.days <= MAX_DAYS:
+            raise InvalidInput(f"--days must be 1 to {MAX_DAYS}")
+        report = await UsageReports(services.storage).report(args.server_id, args.days)
+        lines = [
+            f"{args.server_id}, {report.label}: {report.calls} calls, {report.errors} errors "
+            f"({report.error_rate:.1%}), {report.active_sessions} active sessions",
+            "user\ttool\tcalls\terrors\tp50_ms\tp95_ms",
+            *(f"{r.user_email or r.user_sub}\t{r.target or '-'}\t{r.calls}\t{r.errors}\t{r.p50_ms}\t{r.p95_ms}"
+              for r in report.table),
+        ]
+        emit(args, lines, report.as_dict())
+    elif args.command == "authorizations":
+        actor = await cli_actor(services, args.user)
+        if args.action == "list":
+            found = await services.dashboard.authorizations(actor)
+            emit(args, [f"{a.client_id}\t{a.client_name}\t{', '.join(a.servers)}" for a in found],
+                 [a.as_dict() for a in found])
+        else:
+            count = await services.dashboard.revoke_authorization(actor, args.client)
+            emit(args, [f"revoked {args.client} for {args.user} ({count} grant(s))"],
+                 {"revoked": args.client, "families": count})
     elif args.command == "grants":
         if args.action == "list":
             grants = await registry.grants(args.server_id)
@@ -208,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(exc, ConfigError) else 1
     except ClientError as exc:
         print(f"error: {exc.description}", file=sys.stderr)
+        return 1
+    except DashboardError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
         return 1
     except (StorageError, OSError) as exc:
         print(f"error: storage ({os.environ.get('MCPGW_STORAGE', 'default')}) is not usable: {exc}",

@@ -9,7 +9,7 @@ import jinja2
 import tornado.web
 from tornado.log import access_log
 
-from handlers import dashboard, discovery, oauth, ops, proxy
+from handlers import api, dashboard, discovery, oauth, ops, proxy
 from services.keys import derive_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,29 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 def make_app(services, **settings) -> tornado.web.Application:
     routes = [
         (r"/", dashboard.HomeHandler),
-        (r"/dashboard", dashboard.DashboardHandler),
+        (r"/dashboard/?", dashboard.DashboardHandler),
+        (r"/dashboard/servers/new", dashboard.NewServerHandler),
+        (r"/dashboard/servers", dashboard.NewServerHandler),
+        (r"/dashboard/servers/([^/]+)", dashboard.ServerHandler),
+        (r"/dashboard/servers/([^/]+)/edit", dashboard.EditServerHandler),
+        (r"/dashboard/servers/([^/]+)/delete", dashboard.DeleteServerHandler),
+        (r"/dashboard/servers/([^/]+)/test", dashboard.TestServerHandler),
+        (r"/dashboard/servers/([^/]+)/grants", dashboard.GrantsHandler),
+        (r"/dashboard/servers/([^/]+)/grants/remove", dashboard.RemoveGrantHandler),
+        (r"/dashboard/servers/([^/]+)/usage", dashboard.UsageHandler),
+        (r"/dashboard/servers/([^/]+)/usage\.csv", dashboard.UsageCsvHandler),
+        (r"/dashboard/authorizations", dashboard.AuthorizationsHandler),
+        (r"/dashboard/authorizations/revoke", dashboard.RevokeAuthorizationHandler),
+        (r"/api/me", api.MeHandler),
+        (r"/api/servers", api.ServersHandler),
+        (r"/api/servers/([^/]+)", api.ServerHandler),
+        (r"/api/servers/([^/]+)/test", api.TestHandler),
+        (r"/api/servers/([^/]+)/grants", api.GrantsHandler),
+        (r"/api/servers/([^/]+)/grants/(email|domain)/([^/]+)", api.GrantHandler),
+        (r"/api/servers/([^/]+)/usage", api.UsageHandler),
+        (r"/api/servers/([^/]+)/usage\.csv", api.UsageCsvHandler),
+        (r"/api/authorizations", api.AuthorizationsHandler),
+        (r"/api/authorizations/(.+)", api.AuthorizationHandler),
         (r"/\.well-known/oauth-protected-resource", discovery.ProtectedResourceHandler),
         (r"/\.well-known/oauth-protected-resource/mcp/?", discovery.ProtectedResourceHandler),
         (r"/\.well-known/oauth-protected-resource/mcp/([^/]+)", discovery.ProtectedResourceHandler),
@@ -65,6 +87,7 @@ def make_app(services, **settings) -> tornado.web.Application:
         services=services,
         jinja=jinja,
         static_path=str(ROOT / "static"),
+        default_handler_class=dashboard.NotFoundHandler,
         cookie_secret=derive_key(services.config.secret_key, "mcpgw cookies").hex(),
         xsrf_cookies=True,
         log_function=log_request,

@@ -11,10 +11,13 @@ from dataclasses import dataclass, field
 from config import Config
 from services.access import AccessPolicy
 from services.clients import ClientRegistry
+from services.dashboard import Dashboard
 from services.identity import Accounts, OidcIdentityProvider
 from services.keys import KeyRing, SecretBox
 from services.metrics import Metrics
+from services.probe import McpProbe
 from services.ratelimit import RateLimiter
+from services.reports import UsageReports
 from services.servers import ServerRegistry
 from services.sessions import SessionMap
 from services.tokens import REVOCATION_REFRESH, TokenService
@@ -46,6 +49,7 @@ class Services:
     upstream: UpstreamClient
     sessions: SessionMap
     usage: UsageRecorder
+    dashboard: Dashboard
     _tasks: list = field(default_factory=list)
     _identity_cache: dict = field(default_factory=dict)
 
@@ -131,20 +135,27 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
             config.public_url + "/oauth/callback",
         )
     metrics = Metrics()
+    tokens = TokenService(storage, keyring, box, access, config)
+    clients = ClientRegistry(storage, fetch_document)
+    servers = ServerRegistry(storage, box, access)
+    upstream = UpstreamClient(policy, header_timeout=config.upstream_timeout)
     return Services(
         config=config,
         storage=storage,
         box=box,
         keyring=keyring,
         access=access,
-        tokens=TokenService(storage, keyring, box, access, config),
-        clients=ClientRegistry(storage, fetch_document),
+        tokens=tokens,
+        clients=clients,
         accounts=Accounts(storage),
         limits=RateLimiter(),
-        servers=ServerRegistry(storage, box, access),
+        servers=servers,
         metrics=metrics,
-        upstream=UpstreamClient(policy, header_timeout=config.upstream_timeout),
+        upstream=upstream,
         sessions=SessionMap(storage),
         usage=UsageRecorder(storage, metrics),
         identity=identity,
+        dashboard=Dashboard(
+            storage, servers, access, tokens, clients, McpProbe(upstream), UsageReports(storage), config
+        ),
     )

@@ -7,6 +7,7 @@ import json
 import re
 import secrets
 import time
+from dataclasses import replace
 from urllib.parse import urlsplit
 
 from services.access import AccessPolicy
@@ -100,6 +101,38 @@ class ServerRegistry:
         except Conflict:
             raise InvalidInput(f"a server with id {server_id} exists already") from None
         return server
+
+    async def update(
+        self,
+        server_id: str,
+        *,
+        name: str | None = None,
+        upstream_url: str | None = None,
+        headers: list[str] | None = None,
+        forward_identity: bool | None = None,
+    ) -> Server:
+        """Change what is given; `headers` (when not None) replaces every upstream header."""
+        server = await self.get(server_id)
+        changes: dict = {}
+        if name is not None:
+            name = name.strip()
+            if not 0 < len(name) <= 100:
+                raise InvalidInput("the name must be 1 to 100 characters")
+            changes["name"] = name
+        if upstream_url is not None:
+            changes["upstream_url"] = check_upstream_url(upstream_url)
+        if headers is not None:
+            parsed = dict(parse_header(h) for h in headers)
+            changes["upstream_headers_enc"] = self.seal_headers(server_id, parsed) if parsed else ""
+        if forward_identity is not None:
+            changes["forward_identity"] = forward_identity
+        updated = replace(server, **changes)
+        try:
+            await self._storage.update_server(updated)
+        except KeyError:
+            raise InvalidInput(f"there is no server {server_id}") from None
+        self._access.forget(server_id)
+        return updated
 
     def seal_headers(self, server_id: str, headers: dict[str, str]) -> str:
         return self._box.seal(json.dumps(headers).encode(), "upstream-headers:" + server_id)

@@ -13,6 +13,7 @@ stored as hashes, private material as ciphertext made by `services.keys.SecretBo
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass, field
 
 
@@ -191,6 +192,60 @@ class UsageAggregate:
     errors: int
     latency_ms_sum: float
     latency_ms_max: float
+    latency_hist: tuple[int, ...] = ()  # calls per latency bucket (see latency_bucket)
+
+
+@dataclass(frozen=True)
+class UsageRollup:
+    """Usage of one target by one user over a period, summed (the usage page's rows)."""
+
+    target: str
+    user_sub: str
+    calls: int
+    errors: int
+    latency_ms_sum: float
+    latency_ms_max: float
+    latency_hist: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class UsagePeriod:
+    """Calls in one day (YYYY-MM-DD) or one hour (YYYY-MM-DDTHH), for the chart."""
+
+    period: str
+    calls: int
+    errors: int
+
+
+@dataclass(frozen=True)
+class ServerUser:
+    """Someone who has used a server through the gateway, and when."""
+
+    server_id: str
+    user_sub: str
+    user_email: str
+    first_used_at: float
+    last_used_at: float
+
+
+# Latency histogram: fixed log-spaced buckets, five per decade. Bucket 0 holds calls of at
+# most 0.1 ms, bucket i (1..30) calls in (10**((i-1)/5 - 1), 10**(i/5 - 1)] ms (up to
+# 100 s), the last bucket everything slower. Fixed so that histograms of any days, users
+# and tools add up bucket by bucket.
+LATENCY_BUCKETS = 32
+
+
+def latency_bucket(latency_ms: float) -> int:
+    if latency_ms <= 0.1:
+        return 0
+    return min(LATENCY_BUCKETS - 1, max(1, math.ceil((math.log10(latency_ms) + 1) * 5 - 1e-9)))
+
+
+def latency_bucket_bounds(index: int) -> tuple[float, float]:
+    """(lower, upper] in ms of a bucket; the last one's upper bound is infinite."""
+    lower = 0.0 if index == 0 else 10 ** ((index - 1) / 5 - 1)
+    upper = math.inf if index >= LATENCY_BUCKETS - 1 else 10 ** (index / 5 - 1)
+    return lower, upper
 
 
 # ------------------------------------------------------------------------- interface
@@ -285,6 +340,11 @@ class Storage(abc.ABC):
     async def grants_matching(self, kind: str, value: str) -> list[Grant]:
         """Grants naming this e-mail (kind=email) or domain (kind=domain): 'shared with me'."""
 
+    @abc.abstractmethod
+    async def users_matching(self, kind: str, value: str) -> list[User]:
+        """Users who have signed in with this e-mail (kind=email) or Workspace domain
+        (kind=domain, the hd claim): who a sharing rule has actually reached."""
+
     # short-lived single-use state
     @abc.abstractmethod
     async def put_pending(self, pending: Pending) -> None: ...
@@ -376,6 +436,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def delete_session(self, session_id: str) -> bool: ...
 
+    @abc.abstractmethod
+    async def count_sessions(self, server_id: str, now: float) -> int:
+        """Unexpired MCP sessions of one server (the usage page's 'active sessions')."""
+
     # usage
     @abc.abstractmethod
     async def record_usage(self, events: list[UsageEvent]) -> None:
@@ -383,6 +447,28 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def usage_aggregates(self, server_id: str, since_day: str) -> list[UsageAggregate]: ...
+
+    @abc.abstractmethod
+    async def usage_rollup(self, server_id: str, since_day: str) -> list[UsageRollup]:
+        """The daily aggregates from `since_day` on, summed per (target, user): calls,
+        errors, latency sum, max and histogram. Reads aggregates only, never events."""
+
+    @abc.abstractmethod
+    async def usage_per_day(self, server_id: str, since_day: str) -> list[UsagePeriod]:
+        """Calls and errors per UTC day from `since_day` on (days without calls absent)."""
+
+    @abc.abstractmethod
+    async def usage_rollup_since(self, server_id: str, since: float) -> list[UsageRollup]:
+        """Like usage_rollup, from the events at or after `since`: for windows shorter than
+        the daily aggregates' resolution (the last 24 hours)."""
+
+    @abc.abstractmethod
+    async def usage_per_hour(self, server_id: str, since: float) -> list[UsagePeriod]:
+        """Calls and errors per UTC hour (period 'YYYY-MM-DDTHH') of the events since `since`."""
+
+    @abc.abstractmethod
+    async def server_users(self, server_id: str) -> list[ServerUser]:
+        """Everyone who has used the server, most recent first (kept by record_usage)."""
 
     @abc.abstractmethod
     async def recent_usage(self, server_id: str, before: float, limit: int) -> list[UsageEvent]:

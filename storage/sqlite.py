@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, get_origin, get_type_hints
 
 from .base import (
+    LATENCY_BUCKETS,
     AuthCode,
     Client,
     Conflict,
@@ -33,12 +34,17 @@ from .base import (
     RefreshToken,
     RevokedAccessToken,
     Server,
+    ServerUser,
     SigningKey,
     Storage,
     StorageError,
     UsageAggregate,
     UsageEvent,
+    UsagePeriod,
+    UsageRollup,
     User,
+    latency_bucket,
+    latency_bucket_bounds,
 )
 
 __all__ = ["MIGRATIONS", "SqliteStorage"]
@@ -219,6 +225,53 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         ) WITHOUT ROWID""",
         "CREATE INDEX usage_daily_by_server_day ON usage_daily (server_id, day)",
     ),
+    # 2: the dashboard. A latency histogram in the daily aggregates (one integer column
+    # per fixed bucket, so SQL can add histograms up); who has used each server and when;
+    # user lookups by e-mail and Workspace domain for the sharing list.
+    (
+        # Rebuilt rather than altered: keyed by server first, so that a server's days are
+        # one contiguous range of the table (the usage page reads them without lookups).
+        f"""CREATE TABLE usage_daily_v2 (
+            server_id TEXT NOT NULL,
+            day TEXT NOT NULL,
+            target TEXT NOT NULL,
+            user_sub TEXT NOT NULL,
+            calls INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            latency_ms_sum REAL NOT NULL,
+            latency_ms_max REAL NOT NULL,
+            {", ".join(f"h{i} INTEGER NOT NULL DEFAULT 0" for i in range(LATENCY_BUCKETS))},
+            PRIMARY KEY (server_id, day, target, user_sub)
+        ) WITHOUT ROWID""",
+        """INSERT INTO usage_daily_v2
+            (server_id, day, target, user_sub, calls, errors, latency_ms_sum, latency_ms_max)
+            SELECT server_id, day, target, user_sub, calls, errors, latency_ms_sum, latency_ms_max
+            FROM usage_daily""",
+        "DROP TABLE usage_daily",
+        "ALTER TABLE usage_daily_v2 RENAME TO usage_daily",
+        """CREATE TABLE usage_users (
+            server_id TEXT NOT NULL,
+            user_sub TEXT NOT NULL,
+            user_email TEXT NOT NULL,
+            first_used_at REAL NOT NULL,
+            last_used_at REAL NOT NULL,
+            PRIMARY KEY (server_id, user_sub)
+        ) WITHOUT ROWID""",
+        """INSERT INTO usage_users
+            SELECT server_id, user_sub, max(user_email), min(at), max(at)
+            FROM usage_events GROUP BY server_id, user_sub""",
+        "CREATE INDEX users_by_email ON users (email)",
+        "CREATE INDEX users_by_hd ON users (hd)",
+    ),
+)
+HIST_COLUMNS = tuple(f"h{i}" for i in range(LATENCY_BUCKETS))
+# The bucket of an event's latency, in SQL (the same bounds as latency_bucket).
+_BUCKET_SQL = (
+    "CASE "
+    + " ".join(
+        f"WHEN latency_ms <= {latency_bucket_bounds(i)[1]!r} THEN {i}" for i in range(LATENCY_BUCKETS - 1)
+    )
+    + f" ELSE {LATENCY_BUCKETS - 1} END"
 )
 
 
@@ -291,7 +344,7 @@ SIGNING_KEYS = _Table("signing_keys", SigningKey, ("kid",))
 REVOKED = _Table("revoked_access_tokens", RevokedAccessToken, ("jti",))
 SESSIONS = _Table("sessions", McpSession, ("session_id",))
 USAGE_EVENTS = _Table("usage_events", UsageEvent, ())
-USAGE_DAILY = _Table("usage_daily", UsageAggregate, ("day", "server_id", "target", "user_sub"))
+SERVER_USERS = _Table("usage_users", ServerUser, ("server_id", "user_sub"))
 
 
 def usage_day(at: float) -> str:
@@ -561,6 +614,15 @@ class SqliteStorage(Storage):
             self._all, GRANTS, "kind = ? AND value = ? ORDER BY server_id", kind, value
         )
 
+    async def users_matching(self, kind: str, value: str) -> list[User]:
+        if kind == "email":
+            where = "email = ? AND email_verified = 1 ORDER BY last_login_at DESC, sub"
+        elif kind == "domain":
+            where = "hd = ? ORDER BY last_login_at DESC, sub"
+        else:
+            raise ValueError(f"unknown grant kind {kind!r}")
+        return await self._run(self._all, USERS, where, value)
+
     # ------------------------------------------------------------------- pending
 
     async def put_pending(self, pending: Pending) -> None:
@@ -770,6 +832,15 @@ class SqliteStorage(Storage):
         )
         return changed > 0
 
+    async def count_sessions(self, server_id: str, now: float) -> int:
+        rows = await self._run(
+            self._select,
+            "SELECT count(*) FROM sessions WHERE server_id = ? AND expires_at > ?",
+            server_id,
+            now,
+        )
+        return rows[0][0]
+
     # --------------------------------------------------------------------- usage
 
     async def record_usage(self, events: list[UsageEvent]) -> None:
@@ -778,34 +849,119 @@ class SqliteStorage(Storage):
 
     def _record_usage(self, events: list[UsageEvent]) -> None:
         # Pre-summing the batch turns N events into one upsert per aggregate row.
-        sums: dict[tuple[str, str, str, str], tuple[int, int, float, float]] = {}
+        sums: dict[tuple[str, str, str, str], list] = {}
+        users: dict[tuple[str, str], list] = {}
         for event in events:
             key = (usage_day(event.at), event.server_id, event.target, event.user_sub)
-            calls, errors, latency_sum, latency_max = sums.get(key, (0, 0, 0.0, 0.0))
-            sums[key] = (
-                calls + 1,
-                errors + (event.outcome != "ok"),
-                latency_sum + event.latency_ms,
-                max(latency_max, event.latency_ms),
-            )
+            row = sums.get(key)
+            if row is None:
+                row = sums[key] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS]
+            row[0] += 1
+            row[1] += event.outcome != "ok"
+            row[2] += event.latency_ms
+            row[3] = max(row[3], event.latency_ms)
+            row[4][latency_bucket(event.latency_ms)] += 1
+            seen = users.get((event.server_id, event.user_sub))
+            if seen is None:
+                users[(event.server_id, event.user_sub)] = [event.user_email, event.at, event.at]
+            else:
+                if event.at >= seen[2]:
+                    seen[0], seen[2] = event.user_email or seen[0], event.at
+                seen[1] = min(seen[1], event.at)
+        columns = ("day", "server_id", "target", "user_sub", "calls", "errors",
+                   "latency_ms_sum", "latency_ms_max", *HIST_COLUMNS)
+        hist_updates = ", ".join(f"{h} = {h} + excluded.{h}" for h in HIST_COLUMNS)
         with self._write() as conn:
             conn.executemany(USAGE_EVENTS.insert, [USAGE_EVENTS.encode(e) for e in events])
             conn.executemany(
-                f"{USAGE_DAILY.insert} ON CONFLICT (day, server_id, target, user_sub) "
+                f"INSERT INTO usage_daily ({', '.join(columns)}) "
+                f"VALUES ({', '.join('?' for _ in columns)}) "
+                "ON CONFLICT (server_id, day, target, user_sub) "
                 "DO UPDATE SET calls = calls + excluded.calls, "
                 "errors = errors + excluded.errors, "
                 "latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum, "
-                "latency_ms_max = max(latency_ms_max, excluded.latency_ms_max)",
-                [(*key, *totals) for key, totals in sums.items()],
+                f"latency_ms_max = max(latency_ms_max, excluded.latency_ms_max), {hist_updates}",
+                [(*key, *totals[:4], *totals[4]) for key, totals in sums.items()],
+            )
+            conn.executemany(
+                f"{SERVER_USERS.insert} ON CONFLICT (server_id, user_sub) DO UPDATE SET "
+                "user_email = CASE WHEN excluded.last_used_at >= last_used_at AND excluded.user_email != '' "
+                "THEN excluded.user_email ELSE user_email END, "
+                "first_used_at = min(first_used_at, excluded.first_used_at), "
+                "last_used_at = max(last_used_at, excluded.last_used_at)",
+                [(server, sub, *seen) for (server, sub), seen in users.items()],
             )
 
+    def _select(self, sql: str, *args: Any) -> list[tuple]:
+        return self._db.execute(sql, args).fetchall()
+
     async def usage_aggregates(self, server_id: str, since_day: str) -> list[UsageAggregate]:
-        return await self._run(
-            self._all,
-            USAGE_DAILY,
-            "server_id = ? AND day >= ? ORDER BY day, target, user_sub",
+        rows = await self._run(
+            self._select,
+            "SELECT day, server_id, target, user_sub, calls, errors, latency_ms_sum, latency_ms_max, "
+            f"{', '.join(HIST_COLUMNS)} FROM usage_daily WHERE server_id = ? AND day >= ? "
+            "ORDER BY day, target, user_sub",
             server_id,
             since_day,
+        )
+        return [UsageAggregate(*row[:8], tuple(row[8:])) for row in rows]
+
+    async def usage_rollup(self, server_id: str, since_day: str) -> list[UsageRollup]:
+        sums = ", ".join(f"sum({h})" for h in HIST_COLUMNS)
+        rows = await self._run(
+            self._select,
+            "SELECT target, user_sub, sum(calls), sum(errors), sum(latency_ms_sum), max(latency_ms_max), "
+            f"{sums} FROM usage_daily WHERE server_id = ? AND day >= ? "
+            "GROUP BY target, user_sub ORDER BY target, user_sub",
+            server_id,
+            since_day,
+        )
+        return [UsageRollup(*row[:6], tuple(row[6:])) for row in rows]
+
+    async def usage_per_day(self, server_id: str, since_day: str) -> list[UsagePeriod]:
+        rows = await self._run(
+            self._select,
+            "SELECT day, sum(calls), sum(errors) FROM usage_daily WHERE server_id = ? AND day >= ? "
+            "GROUP BY day ORDER BY day",
+            server_id,
+            since_day,
+        )
+        return [UsagePeriod(*row) for row in rows]
+
+    async def usage_rollup_since(self, server_id: str, since: float) -> list[UsageRollup]:
+        rows = await self._run(
+            self._select,
+            "SELECT target, user_sub, count(*), sum(outcome != 'ok'), sum(latency_ms), max(latency_ms), "
+            f"{_BUCKET_SQL} AS bucket FROM usage_events WHERE server_id = ? AND at >= ? "
+            "GROUP BY target, user_sub, bucket ORDER BY target, user_sub",
+            server_id,
+            since,
+        )
+        merged: dict[tuple[str, str], list] = {}
+        for target, sub, calls, errors, latency_sum, latency_max, bucket in rows:
+            row = merged.get((target, sub))
+            if row is None:
+                row = merged[(target, sub)] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS]
+            row[0] += calls
+            row[1] += errors
+            row[2] += latency_sum
+            row[3] = max(row[3], latency_max)
+            row[4][bucket] += calls
+        return [UsageRollup(t, u, r[0], r[1], r[2], r[3], tuple(r[4])) for (t, u), r in merged.items()]
+
+    async def usage_per_hour(self, server_id: str, since: float) -> list[UsagePeriod]:
+        rows = await self._run(
+            self._select,
+            "SELECT strftime('%Y-%m-%dT%H', at, 'unixepoch') AS hour, count(*), sum(outcome != 'ok') "
+            "FROM usage_events WHERE server_id = ? AND at >= ? GROUP BY hour ORDER BY hour",
+            server_id,
+            since,
+        )
+        return [UsagePeriod(*row) for row in rows]
+
+    async def server_users(self, server_id: str) -> list[ServerUser]:
+        return await self._run(
+            self._all, SERVER_USERS, "server_id = ? ORDER BY last_used_at DESC, user_sub", server_id
         )
 
     async def recent_usage(self, server_id: str, before: float, limit: int) -> list[UsageEvent]:

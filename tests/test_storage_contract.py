@@ -41,6 +41,7 @@ from storage import (
     User,
     open_storage,
 )
+from storage.base import LATENCY_BUCKETS, latency_bucket, latency_bucket_bounds
 from storage.sqlite import MIGRATIONS
 
 BACKENDS = ["sqlite"]
@@ -766,6 +767,120 @@ def test_recent_usage_pages_newest_first(storage: Storage) -> None:
         assert await s.recent_usage("srv_none", float("inf"), 3) == []
 
     run(scenario, storage)
+
+
+def test_usage_aggregates_carry_a_latency_histogram_that_adds_up(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.record_usage([event(T0, latency_ms=0.05), event(T0 + 1, latency_ms=10)])
+        await s.record_usage([event(T0 + 2, latency_ms=10), event(T0 + 3, latency_ms=5000)])
+        (aggregate,) = await s.usage_aggregates("srv_a", "2000-01-01")
+        assert len(aggregate.latency_hist) == LATENCY_BUCKETS
+        assert sum(aggregate.latency_hist) == aggregate.calls == 4
+        assert aggregate.latency_hist[latency_bucket(0.05)] == 1
+        assert aggregate.latency_hist[latency_bucket(10)] == 2
+        assert aggregate.latency_hist[latency_bucket(5000)] == 1
+
+    run(scenario, storage)
+
+
+def test_latency_buckets_are_fixed_and_log_spaced() -> None:
+    assert latency_bucket(0) == 0 and latency_bucket(0.1) == 0
+    assert latency_bucket(1.0) == 5 and latency_bucket(1.01) == 6
+    assert latency_bucket(100_000) == 30 and latency_bucket(10**9) == LATENCY_BUCKETS - 1
+    for i in range(1, LATENCY_BUCKETS - 1):
+        lower, upper = latency_bucket_bounds(i)
+        assert latency_bucket(upper) == i and latency_bucket(lower * 1.0001) == i
+        assert abs(upper / lower - 10 ** 0.2) < 1e-9
+
+
+def test_usage_rollup_per_day_and_from_events(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.record_usage([
+            event(T0 - 2 * DAY, latency_ms=1),
+            event(T0, latency_ms=10),
+            event(T0 + 1, latency_ms=20, outcome="-32603"),
+            event(T0 + 2, target="fetch", user_sub="u2", latency_ms=300),
+            event(T0 + 3, server_id="srv_other"),
+        ])
+        rollup = {(r.target, r.user_sub): r for r in await s.usage_rollup("srv_a", "2027-01-15")}
+        assert set(rollup) == {("search", "u1"), ("fetch", "u2")}
+        search = rollup[("search", "u1")]
+        assert (search.calls, search.errors, search.latency_ms_sum, search.latency_ms_max) == (2, 1, 30.0, 20.0)
+        assert sum(search.latency_hist) == 2
+        whole = {(r.target, r.user_sub): r.calls for r in await s.usage_rollup("srv_a", "2000-01-01")}
+        assert whole[("search", "u1")] == 3
+        days = await s.usage_per_day("srv_a", "2000-01-01")
+        assert [(d.period, d.calls, d.errors) for d in days] == [("2027-01-13", 1, 0), ("2027-01-15", 3, 1)]
+        since = {(r.target, r.user_sub): r for r in await s.usage_rollup_since("srv_a", T0 + 0.5)}
+        assert {k: (r.calls, r.errors) for k, r in since.items()} == {("search", "u1"): (1, 1), ("fetch", "u2"): (1, 0)}
+        assert since[("fetch", "u2")].latency_hist[latency_bucket(300)] == 1
+        hours = await s.usage_per_hour("srv_a", T0 - DAY)
+        assert [(h.period, h.calls, h.errors) for h in hours] == [("2027-01-15T08", 3, 1)]
+
+    run(scenario, storage)
+
+
+def test_server_users_remember_first_and_last_use(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.record_usage([event(T0 + 5), event(T0 + 1), event(T0 + 2, user_sub="u2")])
+        await s.record_usage([event(T0 + 9, user_sub="u2"), event(T0, server_id="srv_other")])
+        users = await s.server_users("srv_a")
+        assert [(u.user_sub, u.user_email, u.first_used_at, u.last_used_at) for u in users] == [
+            ("u2", "u2@x.org", T0 + 2, T0 + 9),
+            ("u1", "u1@x.org", T0 + 1, T0 + 5),
+        ]
+        assert await s.server_users("srv_none") == []
+
+    run(scenario, storage)
+
+
+def test_users_matching_email_and_domain(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.upsert_user(User("s1", "ana@corp.example", True, "corp.example", last_login_at=T0))
+        await s.upsert_user(User("s2", "bo@corp.example", False, "corp.example", last_login_at=T0 + 1))
+        await s.upsert_user(User("s3", "cy@else.example", True, "", last_login_at=T0))
+        assert [u.sub for u in await s.users_matching("email", "ana@corp.example")] == ["s1"]
+        assert await s.users_matching("email", "bo@corp.example") == []  # unverified
+        assert [u.sub for u in await s.users_matching("domain", "corp.example")] == ["s2", "s1"]
+        assert await s.users_matching("domain", "else.example") == []
+
+    run(scenario, storage)
+
+
+def test_count_sessions_counts_live_sessions_of_one_server(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.put_session(session("a", expires_at=T0 + 60))
+        await s.put_session(session("b", expires_at=T0 + 60))
+        await s.put_session(session("old", expires_at=T0 - 1))
+        assert await s.count_sessions(session("x").server_id, T0) == 2
+        assert await s.count_sessions("srv_none", T0) == 0
+
+    run(scenario, storage)
+
+
+def test_sqlite_migration_2_keeps_old_aggregates_and_backfills_server_users(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:
+        for statement in MIGRATIONS[0]:
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 1")
+        conn.execute(
+            "INSERT INTO usage_events (at, server_id, user_sub, user_email, client_id, method, target, "
+            "outcome, latency_ms, bytes_in, bytes_out, era) VALUES (?, 'srv_a', 'u1', 'u1@x.org', 'c1', "
+            "'tools/call', 'search', 'ok', 10, 1, 1, '2025')",
+            (T0,),
+        )
+        conn.execute("INSERT INTO usage_daily VALUES ('2027-01-15', 'srv_a', 'search', 'u1', 1, 0, 10, 10)")
+
+    async def scenario(s: Storage) -> None:
+        (old,) = await s.usage_aggregates("srv_a", "2000-01-01")
+        assert old.calls == 1 and sum(old.latency_hist) == 0  # history from before histograms
+        assert [(u.user_sub, u.last_used_at) for u in await s.server_users("srv_a")] == [("u1", T0)]
+        await s.record_usage([event(T0 + 1)])
+        (new,) = await s.usage_aggregates("srv_a", "2000-01-01")
+        assert new.calls == 2 and sum(new.latency_hist) == 1
+
+    run(scenario, SqliteStorage(str(path)))
 
 
 # -------------------------------------------------------------------- housekeeping

@@ -1,0 +1,167 @@
+"""The dashboard's JSON API under /api/: the same operations as the pages, through the same
+services, with the same sign-in cookie. Every state-changing request needs the _xsrf
+cookie's value in an X-XSRFToken header (GET /api/me hands it out)."""
+
+from __future__ import annotations
+
+import json
+
+import tornado.web
+
+from handlers.base import BadRequest, BaseHandler
+from services.dashboard import DashboardError, FieldErrors
+from services.reports import parse_range
+
+MAX_JSON_BODY = 64 * 1024
+ERROR_CODES = {400: "invalid_request", 401: "not_signed_in", 403: "forbidden", 404: "not_found"}
+
+
+class ApiHandler(BaseHandler):
+    def check_xsrf_cookie(self) -> None:
+        # The API rides on the sign-in cookie, so it needs the same XSRF proof as forms.
+        tornado.web.RequestHandler.check_xsrf_cookie(self)
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'")
+
+    @property
+    def dashboard(self):
+        return self.services.dashboard
+
+    async def actor(self):
+        return await self.dashboard.actor(self.current_user)
+
+    def json_body(self) -> dict:
+        content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise BadRequest("the body must be application/json")
+        if len(self.request.body) > MAX_JSON_BODY:
+            raise BadRequest("the body is too large")
+        try:
+            data = json.loads(self.request.body.decode("utf-8") or "{}")
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise BadRequest("the body is not valid UTF-8 JSON") from None
+        if not isinstance(data, dict):
+            raise BadRequest("the body must be a JSON object")
+        return data
+
+    def fail(self, status: int, description: str, **extra) -> None:
+        self.write_json({"error": ERROR_CODES.get(status, "error"), "error_description": description, **extra}, status)
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        if self._finished:
+            return super()._handle_request_exception(e)
+        if isinstance(e, FieldErrors):
+            self.fail(400, e.message, fields=e.errors)
+        elif isinstance(e, DashboardError):
+            self.fail(e.status, e.message)
+        elif isinstance(e, BadRequest):
+            self.fail(400, str(e))
+        else:
+            super()._handle_request_exception(e)
+
+    def write_error(self, status_code: int, **kwargs) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, tornado.web.HTTPError) and status_code == 403 and "xsrf" in (exc.log_message or "").lower():
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps({"error": "forbidden", "error_description": "missing or wrong X-XSRFToken header"}))
+            return
+        super().write_error(status_code, **kwargs)
+
+
+def _days(handler: ApiHandler) -> int:
+    raw = handler.get_query_argument("range", None) or handler.get_query_argument("days", None)
+    try:
+        return parse_range(raw)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
+class MeHandler(ApiHandler):
+    async def get(self) -> None:
+        actor = await self.actor()
+        self.write_json({
+            "sub": actor.sub, "email": actor.email, "name": actor.name, "is_admin": actor.is_admin,
+            "xsrf_token": self.xsrf_token.decode(),
+        })
+
+
+class ServersHandler(ApiHandler):
+    async def get(self) -> None:
+        overview = await self.dashboard.overview(await self.actor())
+        self.write_json({key: [v.as_dict() for v in views] for key, views in overview.items()})
+
+    async def post(self) -> None:
+        view = await self.dashboard.register(await self.actor(), self.json_body())
+        self.write_json(view.as_dict(), 201)
+
+
+class ServerHandler(ApiHandler):
+    async def get(self, server_id: str) -> None:
+        view = await self.dashboard.server(await self.actor(), server_id)
+        self.write_json(view.as_dict())
+
+    async def patch(self, server_id: str) -> None:
+        view = await self.dashboard.edit(await self.actor(), server_id, self.json_body())
+        self.write_json(view.as_dict())
+
+    async def delete(self, server_id: str) -> None:
+        await self.dashboard.delete(await self.actor(), server_id)
+        self.write_json({"deleted": server_id})
+
+
+class TestHandler(ApiHandler):
+    async def post(self, server_id: str) -> None:
+        result = await self.dashboard.test_connection(await self.actor(), server_id)
+        self.write_json(result.as_dict())
+
+
+class GrantsHandler(ApiHandler):
+    async def get(self, server_id: str) -> None:
+        grants = await self.dashboard.sharing(await self.actor(), server_id)
+        self.write_json({"grants": [g.as_dict() for g in grants]})
+
+    async def post(self, server_id: str) -> None:
+        body = self.json_body()
+        grant = await self.dashboard.add_grant(
+            await self.actor(), server_id, str(body.get("kind", "")), str(body.get("value", ""))
+        )
+        self.write_json({"kind": grant.kind, "value": grant.value, "created_at": grant.created_at}, 201)
+
+
+class GrantHandler(ApiHandler):
+    async def delete(self, server_id: str, kind: str, value: str) -> None:
+        await self.dashboard.remove_grant(await self.actor(), server_id, kind, value)
+        self.write_json({"removed": {"kind": kind, "value": value}})
+
+
+class UsageHandler(ApiHandler):
+    async def get(self, server_id: str) -> None:
+        before = self.get_query_argument("before", None)
+        try:
+            cursor = float(before) if before else None
+        except ValueError:
+            raise BadRequest("before must be a timestamp") from None
+        report = await self.dashboard.usage(await self.actor(), server_id, _days(self), cursor)
+        self.write_json(report.as_dict())
+
+
+class UsageCsvHandler(ApiHandler):
+    async def get(self, server_id: str) -> None:
+        body = await self.dashboard.usage_csv(await self.actor(), server_id, _days(self))
+        self.set_header("Content-Type", "text/csv; charset=utf-8")
+        self.finish(body)
+
+
+class AuthorizationsHandler(ApiHandler):
+    async def get(self) -> None:
+        found = await self.dashboard.authorizations(await self.actor())
+        self.write_json({"authorizations": [a.as_dict() for a in found]})
+
+
+class AuthorizationHandler(ApiHandler):
+    async def delete(self, client_id: str) -> None:
+        revoked = await self.dashboard.revoke_authorization(await self.actor(), client_id)
+        self.write_json({"revoked": client_id, "families": revoked})

@@ -1,0 +1,423 @@
+"""The owner dashboard's rules, shared by its pages, its JSON API and the CLI: who may see,
+change, share, test, delete and read the usage of which server (owner or admin; people it
+is shared with see only its install panel), registration with field errors, the sharing
+list, and the signed-in user's authorizations. Every method takes the Actor and checks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from config import Config
+from services.access import AccessPolicy
+from services.clients import ClientError, ClientRegistry, redirect_host
+from services.install import install_snippets
+from services.probe import McpProbe, ProbeResult
+from services.reports import UsageReport, UsageReports
+from services.servers import (
+    InvalidInput,
+    ServerRegistry,
+    check_domain,
+    check_email,
+    check_upstream_url,
+    parse_header,
+)
+from services.tokens import TokenService
+from services.upstream import UpstreamError, UpstreamRefused, UpstreamTimeout, parse_upstream_url
+from storage.base import Grant, Server, Storage, User
+
+
+class DashboardError(Exception):
+    status = 400
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class NotSignedIn(DashboardError):
+    status = 401
+
+
+class Forbidden(DashboardError):
+    status = 403
+
+
+class NotFound(DashboardError):
+    status = 404
+
+
+class FieldErrors(DashboardError):
+    """Form input that cannot be used: {field: message}."""
+
+    status = 400
+
+    def __init__(self, errors: dict[str, str]):
+        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class Actor:
+    """The signed-in person, as the dashboard's rules see them."""
+
+    sub: str
+    email: str  # verified only, else empty
+    hd: str
+    name: str
+    is_admin: bool
+
+    @classmethod
+    def of(cls, user: User, admin_emails: tuple[str, ...]) -> Actor:
+        email = user.email.lower() if user.email and user.email_verified else ""
+        return cls(user.sub, email, user.hd, user.name, bool(email) and email in admin_emails)
+
+
+@dataclass
+class ServerView:
+    server: Server
+    role: str  # owner | admin | email | domain
+    mcp_url: str
+    install: dict[str, str]
+    header_names: list[str] = field(default_factory=list)
+
+    @property
+    def can_manage(self) -> bool:
+        return self.role in ("owner", "admin")
+
+    def as_dict(self) -> dict:
+        s = self.server
+        view = {
+            "server_id": s.server_id,
+            "name": s.name,
+            "mcp_url": self.mcp_url,
+            "role": self.role,
+            "install": self.install,
+        }
+        if self.can_manage:
+            view.update(
+                upstream_url=s.upstream_url,
+                upstream_headers=self.header_names,
+                forward_identity=s.forward_identity,
+                owner_email=s.owner_email,
+                created_at=s.created_at,
+            )
+        return view
+
+
+@dataclass
+class Reached:
+    email: str
+    signed_in_at: float
+    last_used_at: float  # 0 when never used through the gateway
+
+
+@dataclass
+class GrantView:
+    grant: Grant
+    reached: list[Reached]
+
+    def as_dict(self) -> dict:
+        return {
+            "kind": self.grant.kind,
+            "value": self.grant.value,
+            "created_at": self.grant.created_at,
+            "users": [
+                {"email": r.email, "signed_in_at": r.signed_in_at, "last_used_at": r.last_used_at or None}
+                for r in self.reached
+            ],
+        }
+
+
+@dataclass
+class Authorization:
+    client_id: str
+    client_name: str
+    redirect_hosts: list[str]
+    servers: list[str]
+    created_at: float
+    last_used_at: float
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def sentence(message: str) -> str:
+    message = message.strip().rstrip(".")
+    return (message[:1].upper() + message[1:] + ".") if message else message
+
+
+def form_bool(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value or "").strip().lower() in ("1", "on", "true", "yes")
+
+
+def header_lines(value) -> list[str]:
+    """Headers as typed: a textarea ('Name: value' per line) or a JSON list."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value if str(v).strip()]
+    return [line for line in str(value).splitlines() if line.strip()]
+
+
+class Dashboard:
+    def __init__(self, storage: Storage, servers: ServerRegistry, access: AccessPolicy,
+                 tokens: TokenService, clients: ClientRegistry, probe: McpProbe,
+                 reports: UsageReports, config: Config):
+        self._storage = storage
+        self._servers = servers
+        self._access = access
+        self._tokens = tokens
+        self._clients = clients
+        self._probe = probe
+        self._reports = reports
+        self._config = config
+
+    # ------------------------------------------------------------------ who
+
+    async def actor(self, signed_in: dict | None) -> Actor:
+        """The Actor of a sign-in cookie; NotSignedIn when there is none (or the account is gone)."""
+        if not signed_in or not signed_in.get("sub"):
+            raise NotSignedIn("sign in to use the dashboard")
+        user = await self._storage.get_user(signed_in["sub"])
+        if user is None:
+            raise NotSignedIn("your account is unknown here; sign in again")
+        return Actor.of(user, self._config.admin_emails)
+
+    def role(self, actor: Actor, server: Server) -> str | None:
+        if server.owner_sub == actor.sub or (not server.owner_sub and actor.email and actor.email == server.owner_email):
+            return "owner"
+        if actor.is_admin:
+            return "admin"
+        return None
+
+    async def _server(self, actor: Actor, server_id: str) -> tuple[Server, str]:
+        """The server and the actor's role on it; NotFound when the actor may not even use it
+        (the same answer as for a server that does not exist: ids are not disclosed)."""
+        server = await self._storage.get_server(server_id) if server_id else None
+        if server is None:
+            raise NotFound("there is no such server")
+        role = self.role(actor, server)
+        if role is None:
+            grants = tuple(await self._storage.grants_for(server_id))
+            role = _grant_role(actor, grants)
+        if role is None:
+            raise NotFound("there is no such server")
+        return server, role
+
+    async def _managed(self, actor: Actor, server_id: str) -> Server:
+        server, role = await self._server(actor, server_id)
+        if role not in ("owner", "admin"):
+            raise Forbidden("only the owner of this server (or an administrator) may do that")
+        return server
+
+    def _view(self, server: Server, role: str) -> ServerView:
+        url = self._config.server_resource(server.server_id)
+        names = sorted(self._servers.upstream_headers(server)) if role in ("owner", "admin") else []
+        return ServerView(server, role, url, install_snippets(server.name, url), names)
+
+    # -------------------------------------------------------------- servers
+
+    async def overview(self, actor: Actor) -> dict[str, list[ServerView]]:
+        """mine: servers the actor owns; shared: servers shared with them; all (admins):
+        every other server."""
+        mine, shared = [], []
+        for server, why in await self._servers.visible_to(actor.sub):
+            (mine if why == "owner" else shared).append(self._view(server, why))
+        others: list[ServerView] = []
+        if actor.is_admin:
+            seen = {v.server.server_id for v in mine}
+            others = [self._view(s, "admin") for s in await self._storage.list_servers() if s.server_id not in seen]
+        return {"mine": mine, "shared": shared, "all": others}
+
+    async def server(self, actor: Actor, server_id: str) -> ServerView:
+        server, role = await self._server(actor, server_id)
+        return self._view(server, role)
+
+    async def manage(self, actor: Actor, server_id: str) -> ServerView:
+        """The server, for someone who may change it (the edit and delete pages)."""
+        server = await self._managed(actor, server_id)
+        return self._view(server, self.role(actor, server) or "admin")
+
+    async def register(self, actor: Actor, form: dict) -> ServerView:
+        if not actor.email:
+            raise Forbidden("a verified e-mail address is needed to own a server")
+        name, url, headers = await self._check_form(form, require_all=True)
+        try:
+            server = await self._servers.add(
+                name=name, upstream_url=url, owner_email=actor.email, owner_sub=actor.sub,
+                headers=headers, forward_identity=form_bool(form.get("forward_identity")),
+            )
+        except InvalidInput as exc:
+            raise FieldErrors({"name": str(exc)}) from None
+        return self._view(server, "owner")
+
+    async def edit(self, actor: Actor, server_id: str, form: dict) -> ServerView:
+        server = await self._managed(actor, server_id)
+        clear = form_bool(form.get("clear_headers"))
+        name, url, headers = await self._check_form(
+            form, require_all=False, existing_headers=self._servers.upstream_headers(server),
+            current_url=server.upstream_url,
+        )
+        new_headers = [] if clear and not headers else (headers or None)
+        updated = await self._servers.update(
+            server_id,
+            name=name,
+            upstream_url=url,
+            headers=new_headers,
+            forward_identity=form_bool(form["forward_identity"]) if "forward_identity" in form else None,
+        )
+        return self._view(updated, self.role(actor, updated) or "admin")
+
+    async def _check_form(self, form: dict, *, require_all: bool, existing_headers: dict | None = None,
+                          current_url: str | None = None):
+        """(name, upstream URL, header lines) checked field by field; None for a field not
+        given on an edit. The URL must pass the address guard and answer HTTP."""
+        errors: dict[str, str] = {}
+        name = form.get("name")
+        if name is not None or require_all:
+            name = str(name or "").strip()
+            if not 0 < len(name) <= 100:
+                errors["name"] = "Enter a name of 1 to 100 characters."
+        headers = header_lines(form.get("headers"))
+        parsed: dict[str, str] = {}
+        for line in headers:
+            try:
+                key, value = parse_header(line)
+                parsed[key] = value
+            except InvalidInput as exc:
+                errors["headers"] = sentence(str(exc))
+                break
+        url = form.get("upstream_url")
+        if url is not None or require_all:
+            url = str(url or "").strip()
+            try:
+                url = check_upstream_url(url)
+                parse_upstream_url(url)
+            except InvalidInput as exc:
+                errors["upstream_url"] = sentence(str(exc))
+            except UpstreamRefused as exc:
+                errors["upstream_url"] = str(exc)
+            if "upstream_url" not in errors and url != current_url:
+                probe_headers = parsed or existing_headers or {}
+                try:
+                    await self._probe.check_reachable(url, probe_headers)
+                except UpstreamRefused as exc:
+                    errors["upstream_url"] = f"Refused by the gateway's address guard (SSRF protection): {exc}"
+                except (UpstreamTimeout, TimeoutError):
+                    errors["upstream_url"] = "Unreachable: the upstream did not answer in time."
+                except UpstreamError as exc:
+                    errors["upstream_url"] = f"Unreachable: {exc}"
+        if errors:
+            raise FieldErrors(errors)
+        return name, url, headers
+
+    async def delete(self, actor: Actor, server_id: str) -> None:
+        """Deletes the server, its sharing rules and its sessions; every token for it stops
+        working at once (the proxy and the token endpoint find no server)."""
+        await self._managed(actor, server_id)
+        try:
+            await self._servers.remove(server_id)
+        except InvalidInput:
+            raise NotFound("there is no such server") from None
+
+    async def test_connection(self, actor: Actor, server_id: str) -> ProbeResult:
+        server = await self._managed(actor, server_id)
+        return await self._probe.probe(server.upstream_url, self._servers.upstream_headers(server))
+
+    # -------------------------------------------------------------- sharing
+
+    async def sharing(self, actor: Actor, server_id: str) -> list[GrantView]:
+        await self._managed(actor, server_id)
+        used = {u.user_sub: u for u in await self._storage.server_users(server_id)}
+        views = []
+        for grant in await self._storage.grants_for(server_id):
+            reached = [
+                Reached(user.email, user.last_login_at, used[user.sub].last_used_at if user.sub in used else 0.0)
+                for user in await self._storage.users_matching(grant.kind, grant.value)
+            ]
+            views.append(GrantView(grant, reached))
+        return views
+
+    async def add_grant(self, actor: Actor, server_id: str, kind: str, value: str) -> Grant:
+        await self._managed(actor, server_id)
+        if kind not in ("email", "domain"):
+            raise FieldErrors({"kind": "Choose an e-mail address or a Workspace domain."})
+        try:
+            value = check_email(value) if kind == "email" else check_domain(value)
+            return await self._servers.add_grant(server_id, kind, value)
+        except InvalidInput as exc:
+            raise FieldErrors({"value": sentence(str(exc))}) from None
+
+    async def remove_grant(self, actor: Actor, server_id: str, kind: str, value: str) -> None:
+        """Takes effect on this instance at once, on others within the access cache's 3 s."""
+        await self._managed(actor, server_id)
+        try:
+            await self._servers.remove_grant(server_id, kind, value)
+        except InvalidInput as exc:
+            raise NotFound(str(exc)) from None
+
+    # ---------------------------------------------------------------- usage
+
+    async def usage(self, actor: Actor, server_id: str, days: int, before: float | None = None) -> UsageReport:
+        await self._managed(actor, server_id)
+        return await self._reports.report(server_id, days, before)
+
+    async def usage_csv(self, actor: Actor, server_id: str, days: int) -> str:
+        await self._managed(actor, server_id)
+        return await self._reports.csv(server_id, days)
+
+    # -------------------------------------------------------- authorizations
+
+    async def authorizations(self, actor: Actor) -> list[Authorization]:
+        """The clients holding live refresh families of the actor, most recently used first."""
+        now = time.time()
+        by_client: dict[str, Authorization] = {}
+        for family in await self._storage.families_of_user(actor.sub):
+            if family.revoked_at or family.expires_at <= now:
+                continue
+            entry = by_client.get(family.client_id)
+            if entry is None:
+                try:
+                    client = await self._clients.get(family.client_id)
+                    name, uris = client.client_name, client.redirect_uris
+                except ClientError:
+                    name, uris = family.client_id, ()
+                entry = by_client[family.client_id] = Authorization(
+                    family.client_id, name or family.client_id,
+                    sorted({redirect_host(u) for u in uris}), [], family.created_at, 0.0,
+                )
+            audience = family.audience
+            server = audience[len(self._config.base_resource):] if audience != self._config.base_resource else ""
+            label = server or "all servers shared with you"
+            if label not in entry.servers:
+                entry.servers.append(label)
+            entry.created_at = min(entry.created_at, family.created_at)
+            entry.last_used_at = max(entry.last_used_at, family.last_used_at, family.created_at)
+        return sorted(by_client.values(), key=lambda a: -a.last_used_at)
+
+    async def revoke_authorization(self, actor: Actor, client_id: str) -> int:
+        """Revokes every live refresh family (and the access tokens minted from them) of
+        this client for the actor, and forgets the consent; the count revoked."""
+        now = time.time()
+        families = [
+            f for f in await self._storage.families_of_user(actor.sub)
+            if f.client_id == client_id and not f.revoked_at and f.expires_at > now
+        ]
+        if not families:
+            raise NotFound("this application holds no authorization of yours")
+        for family in families:
+            await self._tokens.revoke_family(family.family_id)
+        await self._storage.delete_consents(actor.sub, client_id)
+        return len(families)
+
+
+def _grant_role(actor: Actor, grants: tuple[Grant, ...]) -> str | None:
+    for grant in grants:
+        if grant.kind == "email" and actor.email and grant.value == actor.email:
+            return "email"
+        if grant.kind == "domain" and actor.hd and grant.value == actor.hd.lower():
+            return "domain"
+    return None

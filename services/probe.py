@@ -1,0 +1,251 @@
+"""'Test connection': the gateway speaks MCP to an upstream (server/discover at 2026-07-28,
+else the initialize handshake at 2025-11-25) and reports who answered and which tools it
+offers, or exactly what went wrong. Also the reachability check of a registration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+from services.protocol import SseParser
+from services.upstream import UpstreamClient, UpstreamError, UpstreamRefused, UpstreamTimeout
+
+MODERN = "2026-07-28"
+HANDSHAKE = "2025-11-25"
+SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
+BODY_LIMIT = 1024 * 1024
+STEP_TIMEOUT = 10.0
+TOTAL_TIMEOUT = 20.0
+MAX_TOOL_PAGES = 5
+
+
+@dataclass
+class ProbeResult:
+    ok: bool
+    era: str = ""  # "2026-07-28 (server/discover)" or the negotiated handshake version
+    protocol_version: str = ""
+    server_name: str = ""
+    server_version: str = ""
+    tools: list[str] = field(default_factory=list)
+    error: str = ""
+    steps: list[str] = field(default_factory=list)  # what was tried, in order
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "era": self.era,
+            "protocol_version": self.protocol_version,
+            "server_name": self.server_name,
+            "server_version": self.server_version,
+            "tools": self.tools,
+            "error": self.error,
+            "steps": self.steps,
+        }
+
+
+class ProbeFailed(Exception):
+    """One step failed; the message is shown to the owner as is."""
+
+
+class RpcError(ProbeFailed):
+    def __init__(self, message: str, code: int | None = None, status: int = 0):
+        super().__init__(message)
+        self.code = code
+        self.status = status
+
+
+class McpProbe:
+    def __init__(self, upstream: UpstreamClient):
+        self._upstream = upstream
+
+    async def check_reachable(self, url: str, headers: dict[str, str]) -> None:
+        """Raise UpstreamRefused (SSRF guard, bad URL) or UpstreamError (DNS, connection,
+        timeout) unless something answers HTTP at `url`; any status counts as reachable."""
+        response = await asyncio.wait_for(
+            self._upstream.request(
+                "POST", url, self._headers(headers, MODERN, "server/discover"),
+                _rpc(1, "server/discover", _discover_params()), header_timeout=STEP_TIMEOUT,
+            ),
+            STEP_TIMEOUT + 5,
+        )
+        response.close()
+
+    async def probe(self, url: str, headers: dict[str, str]) -> ProbeResult:
+        result = ProbeResult(ok=False)
+        try:
+            await asyncio.wait_for(self._probe(url, headers, result), TOTAL_TIMEOUT)
+            result.ok = True
+        except TimeoutError:
+            result.error = f"the upstream did not finish answering within {TOTAL_TIMEOUT:.0f} s"
+        except UpstreamRefused as exc:
+            result.error = f"refused by the gateway's address guard: {exc}"
+        except UpstreamTimeout as exc:
+            result.error = f"timed out: {exc}"
+        except (UpstreamError, ProbeFailed) as exc:
+            result.error = str(exc)
+        return result
+
+    async def _probe(self, url: str, headers: dict[str, str], result: ProbeResult) -> None:
+        result.steps.append(f"POST server/discover (MCP-Protocol-Version {MODERN})")
+        try:
+            discovered, _ = await self._call(url, headers, MODERN, "server/discover", _discover_params())
+        except RpcError as exc:
+            result.steps.append(f"server/discover refused ({exc}); falling back to initialize")
+            discovered = None
+        if discovered is not None and MODERN in (discovered.get("supportedVersions") or []):
+            result.era = "2026-07-28 (stateless, server/discover)"
+            result.protocol_version = MODERN
+            _server_info(result, (discovered.get("_meta") or {}).get(SERVER_INFO_META))
+            result.steps.append("POST tools/list")
+            tools, meta = await self._tools(url, headers, MODERN, None)
+            result.tools = tools
+            if not result.server_name:
+                _server_info(result, meta.get(SERVER_INFO_META))
+            return
+        await self._handshake(url, headers, result)
+
+    async def _handshake(self, url: str, headers: dict[str, str], result: ProbeResult) -> None:
+        result.steps.append(f"POST initialize (protocolVersion {HANDSHAKE})")
+        params = {
+            "protocolVersion": HANDSHAKE,
+            "capabilities": {},
+            "clientInfo": {"name": "mcp-auth-gateway-probe", "version": "1"},
+        }
+        init, session = await self._call(url, headers, HANDSHAKE, "initialize", params)
+        version = init.get("protocolVersion") if isinstance(init.get("protocolVersion"), str) else HANDSHAKE
+        result.protocol_version = version
+        result.era = f"{version} (initialize handshake{', session' if session else ', no session'})"
+        _server_info(result, init.get("serverInfo"))
+        try:
+            result.steps.append("POST notifications/initialized")
+            await self._notify(url, headers, version, session)
+            result.steps.append("POST tools/list")
+            result.tools, _ = await self._tools(url, headers, version, session)
+        finally:
+            if session:
+                result.steps.append("DELETE the session")
+                try:
+                    response = await self._upstream.request(
+                        "DELETE", url, self._headers(headers, version, None, session), None,
+                        header_timeout=STEP_TIMEOUT,
+                    )
+                    response.close()
+                except UpstreamError:
+                    pass  # the probe's answer stands; the upstream will expire the session
+
+    async def _tools(self, url, headers, version, session) -> tuple[list[str], dict]:
+        names: list[str] = []
+        cursor = None
+        meta: dict = {}
+        for _ in range(MAX_TOOL_PAGES):
+            params = {"cursor": cursor} if cursor else {}
+            if version >= MODERN:
+                params.update(_discover_params())  # every 2026-era request carries the envelope
+            listed, _ = await self._call(url, headers, version, "tools/list", params, session)
+            meta = listed.get("_meta") or {}
+            for tool in listed.get("tools") or []:
+                if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+                    names.append(tool["name"])
+            cursor = listed.get("nextCursor")
+            if not cursor:
+                break
+        return names, meta
+
+    def _headers(self, extra: dict[str, str], version: str, method: str | None, session: str | None = None):
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json, text/event-stream"),
+            ("MCP-Protocol-Version", version),
+        ]
+        if method and version >= MODERN:
+            headers.append(("Mcp-Method", method))
+        if session:
+            headers.append(("Mcp-Session-Id", session))
+        return [*headers, *extra.items()]
+
+    async def _notify(self, url, headers, version, session) -> None:
+        body = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+        response = await self._upstream.request(
+            "POST", url, self._headers(headers, version, "notifications/initialized", session), body,
+            header_timeout=STEP_TIMEOUT,
+        )
+        try:
+            if response.status >= 400:
+                raise ProbeFailed(f"notifications/initialized: the upstream answered HTTP {response.status}")
+            await response.read_all(BODY_LIMIT)
+        finally:
+            response.close()
+
+    async def _call(self, url, headers, version, method, params, session=None) -> tuple[dict, str | None]:
+        """One JSON-RPC request; (result, the Mcp-Session-Id the upstream sent)."""
+        response = await self._upstream.request(
+            "POST", url, self._headers(headers, version, method, session), _rpc(1, method, params),
+            header_timeout=STEP_TIMEOUT,
+        )
+        try:
+            body = await response.read_all(BODY_LIMIT)
+        finally:
+            response.close()
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        message = _find_response(body, content_type)
+        if message is None:
+            if response.status >= 400:
+                snippet = body[:200].decode("utf-8", "replace").strip()
+                raise RpcError(
+                    f"{method}: the upstream answered HTTP {response.status}" + (f": {snippet}" if snippet else ""),
+                    status=response.status,
+                )
+            raise ProbeFailed(f"{method}: the upstream's answer is not a JSON-RPC response ({content_type or 'no content type'})")
+        if "error" in message:
+            error = message["error"] if isinstance(message["error"], dict) else {}
+            raise RpcError(
+                f"{method}: error {error.get('code')}: {error.get('message', 'no message')}",
+                code=error.get("code"), status=response.status,
+            )
+        result = message.get("result")
+        if not isinstance(result, dict):
+            raise ProbeFailed(f"{method}: the upstream's result is not an object")
+        return result, response.headers.get("Mcp-Session-Id")
+
+
+def _rpc(request_id: int, method: str, params: dict) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}).encode()
+
+
+def _discover_params() -> dict:
+    return {
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": MODERN,
+            "io.modelcontextprotocol/clientInfo": {"name": "mcp-auth-gateway-probe", "version": "1"},
+            "io.modelcontextprotocol/clientCapabilities": {},
+        }
+    }
+
+
+def _find_response(body: bytes, content_type: str) -> dict | None:
+    candidates: list = []
+    if content_type == "text/event-stream":
+        parser = SseParser()
+        for event in parser.feed(body + b"\n\n"):
+            if event.data:
+                try:
+                    candidates.append(json.loads(event.data))
+                except ValueError:
+                    continue
+    else:
+        try:
+            candidates.append(json.loads(body))
+        except (UnicodeDecodeError, ValueError):
+            return None
+    for item in candidates:
+        for message in item if isinstance(item, list) else [item]:
+            if isinstance(message, dict) and message.get("id") == 1 and "method" not in message:
+                return message
+    return None
+
+
+def _server_info(result: ProbeResult, info) -> None:
+    if isinstance(info, dict):
+        result.server_name = str(info.get("name") or "")[:200]
+        result.server_version = str(info.get("version") or "")[:100]
