@@ -21,10 +21,11 @@ log = logging.getLogger("gateway.proxy")
 MAX_BODY = 1024 * 1024  # a JSON-RPC message bigger than this is refused with 413
 MAX_PENDING_EVENT = 8 * 1024 * 1024  # an SSE event may not grow beyond this in the gateway
 OUTCOME_SCAN_LIMIT = 1024 * 1024  # JSON bodies larger than this are relayed, outcome unknown
+BODY_FLUSH_AT = 256 * 1024  # a non-SSE body past this streams to the client with back-pressure
 # Headers the client sends that the upstream gets as they are (besides Mcp-* and the
 # upstream's own credentials); Authorization, cookies and hop-by-hop headers never pass.
 FORWARDED_REQUEST_HEADERS = ("Accept", "Content-Type", "Last-Event-ID", "User-Agent", "Accept-Language")
-FORWARDED_RESPONSE_HEADERS = ("Content-Type", "MCP-Protocol-Version", "Retry-After")
+FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Content-Encoding", "MCP-Protocol-Version", "Retry-After")
 
 
 class McpProxyHandler(BaseHandler):
@@ -251,18 +252,35 @@ class McpProxyHandler(BaseHandler):
 
     async def relay_body(self, response, message, status: int) -> str:
         scanned = bytearray()
+        unflushed = 0
         try:
             async for chunk in response.iter_chunks():
                 self.write(chunk)
                 self._bytes_out += len(chunk)
                 if len(scanned) <= OUTCOME_SCAN_LIMIT:
                     scanned += chunk
+                unflushed += len(chunk)
+                if unflushed >= BODY_FLUSH_AT:
+                    # Small bodies keep their Content-Length; a large one is never held whole
+                    # here, and a client that does not drain it is cut off like an SSE reader.
+                    unflushed = 0
+                    await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)
         except UpstreamStreamError:
+            # Finishing would make a cut-off body look complete (its Content-Length would
+            # match): closing the connection tells the client the answer broke off.
             self.services.metrics.inc("upstream_errors_total", kind="broken_body")
-        try:
-            await self.finish()
+            self.request.connection.close()
+            return "502"
         except StreamClosedError:
-            pass
+            self.services.metrics.inc("streams_closed_total", reason="client_gone")
+        except TimeoutError:
+            self.services.metrics.inc("streams_closed_total", reason="slow_reader")
+            self.request.connection.close()
+        if not self._finished:
+            try:
+                await self.finish()
+            except StreamClosedError:
+                pass
         if status >= 400:
             return str(status)
         if message is None or message.id is None:
