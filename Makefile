@@ -11,9 +11,20 @@ $(VENV)/.runtime: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: requirements-dev.txt requirements.txt $(VENV)/.runtime
+# The browser tests (tests/test_dashboard_browser.py) drive Debian's Chromium through
+# Playwright; Playwright's own browser download is never used.
+CHROMIUM := /usr/bin/chromium
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
+
+$(VENV)/.dev: requirements-dev.txt requirements.txt $(VENV)/.runtime | $(CHROMIUM)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
+
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	else echo "$(CHROMIUM) is missing: install Debian's chromium as root (apt-get install -y chromium)" >&2; exit 1; fi; \
+	$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+	@test -x $(CHROMIUM) || { echo "apt-get installed no $(CHROMIUM)" >&2; exit 1; }
 
 # The gateway on SQLite in ./var; local sign-in unless an IdP client is configured.
 run: $(VENV)/.runtime
