@@ -237,9 +237,9 @@ async def run(args, upstream_port: int, gateway: GatewayProcess, server_id: str,
     line("through the gateway p50 / p99", f"{p50:.3f} / {p99:.3f} ms")
     line("added p50 / p99", f"+{p50 - d50:.3f} / +{p99 - d99:.3f} ms", "(target +1 / +3 ms)")
 
-    if os.environ.get("BENCH_PROFILE"):
-        profiler = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "-o", os.environ["BENCH_PROFILE"],
-                                     "-f", "raw", "-d", str(int(args.seconds) + 4), "-p", str(gateway._process.pid)])
+    if os.environ.get("BENCH_PROFILE"):  # a py-spy profile of the gateway under load
+        subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "-o", os.environ["BENCH_PROFILE"],
+                          "-f", "raw", "-d", str(int(args.seconds) + 4), "-p", str(gateway._process.pid)])
         await asyncio.sleep(1)
     print("2. throughput, 32 concurrent clients")
     direct_rps = await throughput(upstream_port, "/mcp", None, args.seconds)
