@@ -10,10 +10,11 @@ process:
   * upstream connections opened per 1,000 sequential requests (keep-alive reuse),
   * upstream SSE streams still open 0.5 s after the client dropped 50 of them (cancellation).
 
-Clients: a minimal hand-written asyncio keep-alive client (the floor every ratio is taken
-against), services.upstream.UpstreamClient (pooled, HTTP/1.1 framed on Tornado's IOStream),
-the same pooling on Tornado's HTTP1Connection, aiohttp's pooled ClientSession, Tornado's
-curl_httpclient, Tornado's simple_httpclient.
+Clients: a minimal hand-written asyncio-streams keep-alive client that does not even
+parse headers (the floor every ratio is taken against); services.upstream.UpstreamClient
+(the real one: asyncio streams, pooled, SSRF-checked); minimal pooled clients on Tornado's
+IOStream and on Tornado's HTTP1Connection (the designs it was measured against);
+aiohttp's pooled ClientSession; Tornado's curl_httpclient; Tornado's simple_httpclient.
 Missing packages are skipped (aiohttp and pycurl are not project dependencies)::
 
     python bench/upstream_clients.py [--rounds 3] [--seconds 5] [--requests 2000]
@@ -178,9 +179,9 @@ class RawFloor:
 
 
 class GatewayClient:
-    """services.upstream.UpstreamClient: pooled HTTP/1.1 framed on Tornado's IOStream."""
+    """services.upstream.UpstreamClient: the real thing (SSRF guard, timeouts, chunked, SSE)."""
 
-    name = "services.upstream.UpstreamClient (IOStream, pooled, SSRF-checked)"
+    name = "services.upstream.UpstreamClient (asyncio streams, pooled, SSRF-checked)"
 
     def __init__(self, port: int) -> None:
         from services.upstream import AddressPolicy, UpstreamClient
@@ -200,6 +201,54 @@ class GatewayClient:
 
     async def close(self) -> None:
         self.client.close()
+
+
+class IOStreamClient:
+    """The same pooling framed by hand on Tornado's IOStream (an earlier design of
+    services.upstream). Minimal: no SSRF check, no timeouts, Content-Length bodies only."""
+
+    name = "pooled on Tornado IOStream (minimal)"
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.idle: list = []
+
+    async def _stream(self):  # type: ignore[no-untyped-def]
+        from tornado.iostream import IOStream
+
+        if self.idle:
+            return self.idle.pop()
+        stream = IOStream(socket.socket())
+        await stream.connect(("127.0.0.1", self.port))
+        return stream
+
+    async def _head(self, stream, payload: bytes):  # type: ignore[no-untyped-def]
+        from tornado.httputil import HTTPHeaders, parse_response_start_line
+
+        stream.write(payload)
+        head = (await stream.read_until(b"\r\n\r\n")).decode("latin-1")
+        start_line, _, rest = head.partition("\r\n")
+        parse_response_start_line(start_line)
+        return HTTPHeaders.parse(rest)
+
+    async def post(self) -> bytes:
+        stream = await self._stream()
+        lines = ["POST /mcp HTTP/1.1", f"Host: 127.0.0.1:{self.port}"]
+        lines += [f"{k}: {v}" for k, v in HEADERS.items()] + [f"Content-Length: {len(BODY)}", "\r\n"]
+        headers = await self._head(stream, "\r\n".join(lines).encode("latin-1") + BODY)
+        body = await stream.read_bytes(int(headers["Content-Length"]))
+        self.idle.append(stream)
+        return body
+
+    async def stream_and_drop(self) -> None:
+        stream = await self._stream()
+        await self._head(stream, b"GET /sse HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        await stream.read_bytes(1, partial=True)
+        stream.close()
+
+    async def close(self) -> None:
+        for stream in self.idle:
+            stream.close()
 
 
 class Http1ConnectionClient:
@@ -357,6 +406,7 @@ def available_clients() -> list[tuple[str, Callable[[int], object]]]:
     factories: list[tuple[str, Callable[[int], object]]] = [
         ("raw", RawFloor),
         ("gateway", GatewayClient),
+        ("iostream", IOStreamClient),
         ("http1connection", Http1ConnectionClient),
     ]
     try:
@@ -472,7 +522,7 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
         p50, p99, rps = median(key, "p50"), median(key, "p99"), median(key, "rps")
         print(
             f"| {results[key][0]['name']} | {p50:.0f} | {p99:.0f} | "
-            f"+{p50 - floor_p50:.0f} / +{p99 - floor_p99:.0f} µs ({p50 / floor_p50:.2f}×) | {rps:.0f} | "
+            f"{p50 - floor_p50:+.0f} / {p99 - floor_p99:+.0f} µs ({p50 / floor_p50:.2f}×) | {rps:.0f} | "
             f"{rps / floor_rps:.2f} | {rps / best_rps:.2f} | {median(key, 'conns'):.0f} | "
             f"{median(key, 'left_open'):.0f} |"
         )

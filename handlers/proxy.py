@@ -351,7 +351,7 @@ class McpProxyHandler(BaseHandler):
                 user_email=claims.get("email", ""),
                 client_id=claims.get("client_id", ""),
                 method=message.method,
-                target=message.target or "",
+                target=(message.target or "")[:500],  # a tool name, not a document
                 outcome=outcome,
                 latency_ms=(time.monotonic() - started) * 1000,
                 bytes_in=len(self.request.body),

@@ -242,10 +242,11 @@ class UsageReports:
 
     async def _read(self, server_id: str, days: int, now: float):
         if days == 1:
-            since = now - 86400
-            rollups = await self._storage.usage_rollup_since(server_id, since)
-            periods = await self._storage.usage_per_hour(server_id, since)
-            start = datetime.fromtimestamp(since, tz=UTC).replace(minute=0, second=0, microsecond=0)
+            # The hour 24 h ago counts whole: 24 to 25 hours, read from hourly aggregates.
+            start = datetime.fromtimestamp(now - 86400, tz=UTC).replace(minute=0, second=0, microsecond=0)
+            since_hour = start.strftime("%Y-%m-%dT%H")
+            rollups = await self._storage.usage_rollup_hours(server_id, since_hour)
+            periods = await self._storage.usage_per_hour(server_id, since_hour)
             slots = [(start + timedelta(hours=h)).strftime("%Y-%m-%dT%H") for h in range(25)]
             return rollups, periods, "hour", slots
         first = datetime.fromtimestamp(now, tz=UTC).date() - timedelta(days=days - 1)

@@ -33,11 +33,12 @@ Three things live here, all async on Tornado's (asyncio) loop, none blocking it:
     client.stats.connections_opened / .requests / .reuses    # keep-alive is observable
     client.close()                                           # closes idle (and by default active) connections
 
-  HTTP/1.1 framed here on Tornado's ``IOStream`` (status line and headers parsed by
-  ``tornado.httputil``), connections kept for the next request when the response allows
-  keep-alive. Chosen by measurement against the same idea on Tornado's
-  ``HTTP1Connection``, aiohttp, curl_httpclient and simple_httpclient (bench/README.md,
-  "Upstream HTTP client choice"): the fastest of them here, and no dependency.
+  HTTP/1.1 framed here on asyncio streams (the transports Tornado's own loop runs on;
+  status line and headers parsed and validated by ``tornado.httputil``), connections
+  kept for the next request when the response allows keep-alive. Chosen by measurement
+  against the same pooling on Tornado's ``IOStream`` and ``HTTP1Connection``, aiohttp,
+  curl_httpclient and simple_httpclient (bench/README.md, "Upstream HTTP client
+  choice"): the fastest of them here, and no dependency.
 
   - Pool: idle keep-alive connections per (scheme, host, port, resolved ip), at most
     ``max_per_origin`` idle ones per origin (like nginx ``keepalive N``). Active
@@ -46,10 +47,11 @@ Three things live here, all async on Tornado's (asyncio) loop, none blocking it:
     upstream. Idle connections are dropped after ``idle_timeout`` (4 s, below the 5 s
     keep-alive of uvicorn and Node, the usual MCP server stacks) and are checked for a
     close by the peer before reuse.
-  - Body: read from the socket when the consumer asks and handed over as it arrives (at
-    most up to the end of the current chunk), so an SSE event is relayed the moment it
-    arrives and a slow downstream slows the upstream through TCP flow control instead of
-    piling up in memory. Transfer coding (chunked) is removed, content coding is not.
+  - Body: handed over as it arrives (at most up to the end of the current chunk) when
+    the consumer asks, so an SSE event is relayed the moment it arrives; past 128 KiB
+    unread, reading the socket pauses, so a slow downstream slows the upstream through
+    TCP flow control instead of piling up in memory. Transfer coding (chunked) is
+    removed, content coding is not.
   - Timeouts: ``connect_timeout`` covers DNS, TCP and TLS; ``header_timeout`` runs from
     sending the request to the response headers. There is no read timeout once headers
     arrived: an idle SSE stream lives until either side closes it (TCP keep-alive probes
@@ -66,7 +68,8 @@ Errors: `UpstreamUnreachable` (DNS failure, refused connection, TLS failure, con
 closed before headers → the proxy answers 502), `UpstreamRefused(UpstreamUnreachable)`
 (SSRF guard, bad URL → 502), `UpstreamTimeout` (connect or header timeout → 504),
 `UpstreamStreamError` (connection lost after the headers, while the body streams),
-`UpstreamTooLarge`, `UpstreamRedirect` (fetch_small only).
+`UpstreamProtocolError(UpstreamUnreachable)` (not HTTP/1.x → 502), `UpstreamTooLarge`,
+`UpstreamRedirect` (fetch_small only).
 """
 
 from __future__ import annotations
@@ -84,10 +87,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
 from urllib.parse import urlsplit
 
-from tornado import httputil, iostream
+from tornado import httputil
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 HeadersArg = Mapping[str, str] | Iterable[tuple[str, str]] | httputil.HTTPHeaders | None
@@ -284,11 +286,12 @@ class AddressPolicy:
     def _parse_network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
         text = entry[1:-1] if entry.startswith("[") and entry.endswith("]") else entry
         try:
-            return ipaddress.ip_network(text, strict=True)
+            # Host bits are tolerated ("10.1.2.3/24" means 10.1.2.0/24), as config.py does.
+            return ipaddress.ip_network(text, strict=False)
         except ValueError as exc:
             if "/" in text or ":" in text or text.replace(".", "").isdigit():
-                # Looks like an address or CIDR but is not one (e.g. host bits set): a typo
-                # here would silently widen or narrow the guard, so refuse to start.
+                # Looks like an address or CIDR but is not one: a typo here would silently
+                # widen or narrow the guard, so refuse to start.
                 raise ValueError(f"upstream allow-list entry {entry!r} is not a valid CIDR: {exc}") from None
             return None
 
@@ -480,15 +483,16 @@ class UpstreamStats:
     aborted: int = 0
 
 
-def _socket_is_dead(stream: iostream.IOStream) -> bool:
+def _connection_is_dead(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
     """True when an idle pooled connection must not be reused.
 
-    An idle HTTP/1.1 connection has nothing to read: readable means the peer closed it
-    (or sent garbage). poll() rather than select(): descriptors go far past FD_SETSIZE.
+    An idle HTTP/1.1 connection has nothing to read: buffered bytes, an EOF, or a socket
+    that polls readable (a FIN the loop has not processed yet) all disqualify it.
+    poll() rather than select(): descriptors go far past FD_SETSIZE.
     """
-    if stream.closed() or getattr(stream, "_read_buffer_size", 0):
+    if writer.is_closing() or reader.at_eof() or len(getattr(reader, "_buffer", b"")):
         return True
-    sock = stream.socket
+    sock = writer.get_extra_info("socket")
     if sock is None:
         return True
     try:
@@ -499,19 +503,21 @@ def _socket_is_dead(stream: iostream.IOStream) -> bool:
         return True
 
 
-def _configure_socket(sock: socket.socket) -> None:
-    # Requests leave in one write, so Nagle can only add delayed-ACK stalls.
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def _set_keepalive(writer: asyncio.StreamWriter) -> None:
     # An SSE stream may stay idle for hours: TCP keep-alive probes find an upstream host
     # that vanished without a FIN (about 2 minutes here instead of the kernel's 2 hours).
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
-        option = getattr(socket, name, None)
-        if option is not None:
-            try:
+    # (asyncio already sets TCP_NODELAY: requests leave in one write.)
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
+            option = getattr(socket, name, None)
+            if option is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, option, value)
-            except OSError:
-                pass
+    except OSError:
+        pass
 
 
 def _header_items(headers: HeadersArg) -> list[tuple[str, str]]:
@@ -579,9 +585,14 @@ class UpstreamClient:
         self.max_header_size = max_header_size
         self.stats = UpstreamStats()
         self._ssl_context = ssl_context
-        self._idle: dict[tuple[str, str, int, str], deque[list[Any]]] = {}
+        self._idle: dict[
+            tuple[str, str, int, str], deque[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]]
+        ] = {}
+        # The StreamReader's limit caps a header block and a chunk-size line, and sets
+        # its flow control: past twice this many unread bytes it stops reading the socket.
+        self._stream_limit = max(max_header_size, _READ_SIZE)
         self._dns: dict[str, tuple[float, tuple[str, ...]]] = {}
-        self._dns_inflight: dict[tuple[str, int], asyncio.Future[tuple[str, ...]]] = {}
+        self._dns_inflight: dict[tuple[str, int], asyncio.Task[tuple[str, ...]]] = {}
         # Weak: a response its consumer dropped must stay collectable (its __del__ closes it).
         self._active: weakref.WeakSet[UpstreamResponse] = weakref.WeakSet()
         self._closed = False
@@ -615,8 +626,10 @@ class UpstreamClient:
         timeout = self.header_timeout if header_timeout is None else header_timeout
         retried = False
         while True:
-            stream, ip, reused = await self._checkout(target, addresses)
-            response = UpstreamResponse(self, stream, (target.scheme, target.host, target.port, ip), method)
+            reader, writer, ip, reused = await self._checkout(target, addresses)
+            response = UpstreamResponse(
+                self, reader, writer, (target.scheme, target.host, target.port, ip), method
+            )
             try:
                 await response._exchange(payload, timeout)
             except _EarlyClose as exc:
@@ -640,8 +653,7 @@ class UpstreamClient:
         self._closed = True
         for queue in self._idle.values():
             for entry in queue:
-                entry[0].set_close_callback(None)
-                entry[0].close()
+                entry[1].transport.abort()
         self._idle.clear()
         if abort_active:
             for response in list(self._active):
@@ -651,100 +663,86 @@ class UpstreamClient:
 
     async def _resolve(self, host: str, port: int) -> tuple[str, ...]:
         cached = self._dns.get(host)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
         key = (host, port)
-        inflight = self._dns_inflight.get(key)
-        if inflight is not None:
-            # Single flight: a burst of calls to a cold host costs one lookup.
-            return await asyncio.shield(inflight)
-        future: asyncio.Future[tuple[str, ...]] = asyncio.get_running_loop().create_future()
-        self._dns_inflight[key] = future
+        lookup = self._dns_inflight.get(key)
+        if lookup is None:
+            # Single flight in a task of its own: a burst of calls to a cold host costs one
+            # lookup, and a caller that gives up (cancelled) does not fail the others.
+            lookup = asyncio.get_running_loop().create_task(self._lookup(host, port))
+            self._dns_inflight[key] = lookup
+            lookup.add_done_callback(functools.partial(self._lookup_done, key))
+        return await asyncio.shield(lookup)
+
+    def _lookup_done(self, key: tuple[str, int], lookup: asyncio.Task[tuple[str, ...]]) -> None:
+        self._dns_inflight.pop(key, None)
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved: the callers that still wait get it re-raised
+
+    async def _lookup(self, host: str, port: int) -> tuple[str, ...]:
         try:
-            try:
-                async with asyncio.timeout(self.connect_timeout):
-                    addresses = await self.policy.resolve(host, port)
-            except TimeoutError:
-                raise UpstreamTimeout(
-                    f"DNS lookup of upstream host {host!r} timed out after {self.connect_timeout:g}s"
-                ) from None
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # marked retrieved: waiters re-raise it, nobody else must
-            raise
-        else:
-            is_literal = addresses == (host,)
-            self._dns[host] = (float("inf") if is_literal else now + self.dns_ttl, addresses)
-            future.set_result(addresses)
-            return addresses
-        finally:
-            del self._dns_inflight[key]
+            async with asyncio.timeout(self.connect_timeout):
+                addresses = await self.policy.resolve(host, port)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"DNS lookup of upstream host {host!r} timed out after {self.connect_timeout:g}s"
+            ) from None
+        is_literal = addresses == (host,)  # never changes: no expiry
+        self._dns[host] = (float("inf") if is_literal else time.monotonic() + self.dns_ttl, addresses)
+        return addresses
 
     # ----------------------------------------------------------------- pool
 
     async def _checkout(
         self, target: UpstreamTarget, addresses: tuple[str, ...]
-    ) -> tuple[iostream.IOStream, str, bool]:
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str, bool]:
         now = time.monotonic()
         for ip in addresses:
             queue = self._idle.get((target.scheme, target.host, target.port, ip))
             while queue:
                 # Most recently used first: the fewest connections stay warm, the rest expire.
-                entry = queue.pop()
-                stream: iostream.IOStream = entry[0]
-                stream.set_close_callback(None)
-                if now - entry[1] > self.idle_timeout or _socket_is_dead(stream):
-                    stream.close()
+                reader, writer, since = queue.pop()
+                if now - since > self.idle_timeout or _connection_is_dead(reader, writer):
+                    writer.transport.abort()
                     continue
                 self.stats.reuses += 1
-                return stream, ip, True
-        stream, ip = await self._connect(target, addresses)
-        return stream, ip, False
+                return reader, writer, ip, True
+        reader, writer, ip = await self._connect(target, addresses)
+        return reader, writer, ip, False
 
     async def _connect(
         self, target: UpstreamTarget, addresses: tuple[str, ...]
-    ) -> tuple[iostream.IOStream, str]:
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
         errors: list[str] = []
-        stream: iostream.IOStream | None = None
+        tls = self._tls_context() if target.scheme == "https" else None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 for ip in addresses:
-                    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
-                    sock = socket.socket(family, socket.SOCK_STREAM)
-                    _configure_socket(sock)
-                    stream = iostream.IOStream(sock)
                     try:
-                        await stream.connect((ip, target.port))
-                    except (iostream.StreamClosedError, OSError) as exc:
-                        errors.append(f"{ip}: {getattr(exc, 'real_error', None) or exc}")
-                        stream.close()
-                        stream = None
-                        continue
-                    if target.scheme == "https":
-                        handshake = stream.start_tls(
-                            False, ssl_options=self._tls_context(), server_hostname=target.host
+                        # An IP literal: asyncio connects to exactly this address, no lookup.
+                        # SNI and certificate check use the URL's host name.
+                        reader, writer = await asyncio.open_connection(
+                            ip,
+                            target.port,
+                            ssl=tls,
+                            server_hostname=target.host if tls is not None else None,
+                            limit=self._stream_limit,
                         )
-                        stream = None  # the socket now belongs to the TLS stream
-                        try:
-                            stream = await handshake
-                        except (iostream.StreamClosedError, OSError, ssl.SSLError) as exc:
-                            real = getattr(exc, "real_error", None) or exc
-                            raise UpstreamUnreachable(
-                                f"TLS handshake with upstream {target.host_header} ({ip}) failed: {real}"
-                            ) from None
+                    except ssl.SSLError as exc:  # before OSError: SSLError is one
+                        raise UpstreamUnreachable(
+                            f"TLS handshake with upstream {target.host_header} ({ip}) failed: {exc}"
+                        ) from None
+                    except OSError as exc:
+                        errors.append(f"{ip}: {exc.strerror or exc}")
+                        continue
+                    _set_keepalive(writer)
                     self.stats.connections_opened += 1
-                    return stream, ip
+                    return reader, writer, ip
         except TimeoutError:
-            if stream is not None:
-                stream.close()
             raise UpstreamTimeout(
                 f"connecting to upstream {target.host_header} timed out after {self.connect_timeout:g}s"
             ) from None
-        except BaseException:
-            if stream is not None:
-                stream.close()
-            raise
         raise UpstreamUnreachable(f"cannot connect to upstream {target.host_header}: {'; '.join(errors)}")
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -754,29 +752,24 @@ class UpstreamClient:
             self._ssl_context = context
         return self._ssl_context
 
-    def _release(self, key: tuple[str, str, int, str], stream: iostream.IOStream) -> None:
-        if self._closed or self.max_per_origin <= 0 or stream.closed():
-            stream.close()
+    def _release(
+        self, key: tuple[str, str, int, str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if self._closed or self.max_per_origin <= 0 or writer.is_closing():
+            writer.transport.abort()
             return
         queue = self._idle.get(key)
         if queue is None:
             queue = self._idle[key] = deque()
         now = time.monotonic()
-        while queue and now - queue[0][1] > self.idle_timeout:
-            stale = queue.popleft()
-            stale[0].set_close_callback(None)
-            stale[0].close()
+        while queue and now - queue[0][2] > self.idle_timeout:
+            queue.popleft()[1].transport.abort()
         if len(queue) >= self.max_per_origin:
-            stream.close()
+            writer.transport.abort()
             return
-        queue.append([stream, now])
-
-    @staticmethod
-    def _forget_idle(queue: deque[list[Any]], entry: list[Any]) -> None:
-        try:
-            queue.remove(entry)
-        except ValueError:
-            pass
+        # asyncio keeps reading idle sockets, so an upstream's FIN shows up as at_eof()
+        # by the time the connection is checked out again.
+        queue.append((reader, writer, now))
 
 
 class _EarlyClose(Exception):
@@ -794,24 +787,28 @@ _NO_BODY, _FIXED, _CHUNKED, _UNTIL_CLOSE = range(4)
 class UpstreamResponse:
     """One upstream response: status and headers now, the body as the consumer reads it.
 
-    The body is read from the socket only when the consumer asks (`read_chunk`), so a slow
-    downstream slows the upstream through TCP flow control and nothing piles up here.
-    One consumer at a time.
+    The body is read when the consumer asks (`read_chunk`), and asyncio stops reading
+    the socket once 128 KiB wait unread, so a slow downstream slows the upstream through
+    TCP flow control and nothing piles up here. One consumer at a time; cancelling a
+    `read_chunk` in the middle leaves the body unusable: `close()` the response then.
     """
+
+    status: int
+    reason: str
+    version: str
+    headers: httputil.HTTPHeaders  # set, with the three above, before request() returns
 
     def __init__(
         self,
         client: UpstreamClient,
-        stream: iostream.IOStream,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
         key: tuple[str, str, int, str],
         method: str,
     ) -> None:
-        self.status = 0
-        self.reason = ""
-        self.version = ""
-        self.headers = httputil.HTTPHeaders()
         self._client = client
-        self._stream: iostream.IOStream | None = stream
+        self._reader = reader
+        self._writer: asyncio.StreamWriter | None = writer
         self._key = key
         self._method = method
         self._framing = _NO_BODY
@@ -835,38 +832,37 @@ class UpstreamResponse:
         Raises `UpstreamStreamError` when the upstream connection breaks mid-body (or sends
         a malformed chunked body). After `close()` it returns b"".
         """
-        stream = self._stream
-        if stream is None or self._done or self._aborted:
+        if self._writer is None or self._done or self._aborted:
             return b""  # complete, closed by the caller, or already failed
+        reader = self._reader
         try:
             if self._framing == _FIXED:
-                data = await stream.read_bytes(min(self._remaining, _READ_SIZE), partial=True)
+                data = await reader.read(min(self._remaining, _READ_SIZE))
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", self._remaining)
                 self._remaining -= len(data)
                 if self._remaining == 0:
                     self._finish()
                 return data
             if self._framing == _CHUNKED:
-                return await self._read_chunked(stream)
+                return await self._read_chunked(reader)
             if self._framing == _UNTIL_CLOSE:
-                try:
-                    return await stream.read_bytes(_READ_SIZE, partial=True)
-                except iostream.StreamClosedError:
-                    if self._aborted:
-                        return b""
+                data = await reader.read(_READ_SIZE)
+                if not data and not self._aborted:
                     self._finish()  # the close is the end of this body
-                    return b""
+                return data
             self._finish()
             return b""
-        except iostream.StreamClosedError as exc:
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
             if self._aborted:
                 return b""
             self._abort_connection()
-            real = exc.real_error or "connection closed"
-            raise UpstreamStreamError(f"upstream {self._key[1]} broke off the body: {real}") from None
-        except (UpstreamStreamError, ValueError) as exc:
+            detail = "connection closed" if isinstance(exc, asyncio.IncompleteReadError) else str(exc)
+            raise UpstreamStreamError(f"upstream {self._key[1]} broke off the body: {detail}") from None
+        except (asyncio.LimitOverrunError, ValueError):
+            if self._aborted:
+                return b""
             self._abort_connection()
-            if isinstance(exc, UpstreamStreamError):
-                raise
             raise UpstreamStreamError(f"upstream {self._key[1]} sent a malformed chunked body") from None
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -918,44 +914,49 @@ class UpstreamResponse:
 
     def __del__(self) -> None:
         # Safety net for a response dropped without close(): never leak the socket.
-        stream = self._stream
-        if stream is not None and not self._done:
-            stream.close()
+        writer = getattr(self, "_writer", None)
+        if writer is not None and not self._done:
+            try:
+                writer.transport.abort()
+            except Exception:  # the loop may be gone already (interpreter shutdown)
+                pass
 
     # ----------------------------------------------------------------- the exchange
 
     async def _exchange(self, payload: bytes, timeout: float) -> None:
         """Send the request and read the response head; raises _EarlyClose if the connection
         closed before a response head arrived (the request's retry decision needs that)."""
-        stream = self._stream
-        assert stream is not None
+        writer = self._writer
+        assert writer is not None
         client = self._client
         client._active.add(self)
-        try:
-            stream.write(payload)
-        except iostream.StreamClosedError as exc:
+        if writer.is_closing():
             self._abort_connection()
-            raise _EarlyClose(sent=False) from exc
+            raise _EarlyClose(sent=False)
+        writer.write(payload)
         loop = asyncio.get_running_loop()
         timer = loop.call_later(timeout, self._on_header_timeout) if timeout > 0 else None
+        reader = self._reader
         try:
             for _ in range(_MAX_1XX + 1):
-                head = await stream.read_until_regex(_HEADER_END, max_bytes=client.max_header_size)
+                head = await reader.readuntil(b"\r\n\r\n")
+                if len(head) > client.max_header_size:
+                    raise asyncio.LimitOverrunError("header block too large", len(head))
                 if self._parse_head(head):
                     return
             raise UpstreamProtocolError(f"upstream {self._key[1]} sent too many 1xx responses")
-        except iostream.StreamClosedError as exc:
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
             self._abort_connection()
             if self._timed_out:
                 raise UpstreamTimeout(
                     f"upstream {self._key[1]} sent no response headers within {timeout:g}s"
                 ) from None
-            if isinstance(exc.real_error, iostream.UnsatisfiableReadError):
+            if isinstance(exc, asyncio.IncompleteReadError) and exc.partial.strip():
                 raise UpstreamProtocolError(
-                    f"upstream {self._key[1]} sent response headers larger than {client.max_header_size} bytes"
+                    f"upstream {self._key[1]} closed the connection in the middle of the response headers"
                 ) from None
             raise _EarlyClose(sent=True) from exc
-        except iostream.UnsatisfiableReadError:
+        except asyncio.LimitOverrunError:
             self._abort_connection()
             raise UpstreamProtocolError(
                 f"upstream {self._key[1]} sent response headers larger than {client.max_header_size} bytes"
@@ -973,12 +974,11 @@ class UpstreamResponse:
 
     def _parse_head(self, head: bytes) -> bool:
         """Parse a response head; False for an interim 1xx response (another head follows)."""
-        lines = head.decode("latin-1").lstrip("\r\n").split("\n")
-        start_line = httputil.parse_response_start_line(lines[0].rstrip("\r"))
+        lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")
+        start_line = httputil.parse_response_start_line(lines[0])
         headers = httputil.HTTPHeaders()
         add = headers.add  # validates names and values (RFC 9110 field syntax)
         for line in lines[1:]:
-            line = line.rstrip("\r")
             if not line:
                 continue
             if line[0] in " \t":
@@ -1006,10 +1006,7 @@ class UpstreamResponse:
             self._framing = _NO_BODY
         elif transfer_encoding is not None:
             codings = [c.strip().lower() for c in transfer_encoding.split(",")]
-            if codings[-1] == "chunked":
-                self._framing = _CHUNKED
-            else:
-                self._framing = _UNTIL_CLOSE
+            self._framing = _CHUNKED if codings[-1] == "chunked" else _UNTIL_CLOSE
             if "Content-Length" in headers:
                 # Both framings at once is a smuggling pattern: honour chunked, never reuse.
                 keep_alive = False
@@ -1027,27 +1024,31 @@ class UpstreamResponse:
             self._finish()
         return True
 
-    async def _read_chunked(self, stream: iostream.IOStream) -> bytes:
+    async def _read_chunked(self, reader: asyncio.StreamReader) -> bytes:
         while True:
             if self._remaining:
-                data = await stream.read_bytes(min(self._remaining, _READ_SIZE), partial=True)
+                data = await reader.read(min(self._remaining, _READ_SIZE))
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", self._remaining)
                 self._remaining -= len(data)
                 # The CRLF after the chunk is read on the next call: the data is delivered
                 # now, even if that CRLF is still in flight.
                 self._chunk_crlf_due = self._remaining == 0
                 return data
             if self._chunk_crlf_due:
-                if await stream.read_bytes(2) != b"\r\n":
+                if await reader.readexactly(2) != b"\r\n":
                     raise ValueError("chunk not followed by CRLF")
                 self._chunk_crlf_due = False
-            line = await stream.read_until(b"\r\n", max_bytes=_MAX_CHUNK_LINE)
+            line = await reader.readuntil(b"\r\n")
+            if len(line) > _MAX_CHUNK_LINE:
+                raise ValueError("chunk-size line too long")
             size_text = line[:-2].split(b";", 1)[0].strip()
             if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
                 raise ValueError("bad chunk size")
             size = int(size_text, 16)
             if size == 0:
                 # Trailer fields end with an empty line; they are dropped.
-                while await stream.read_until(b"\r\n", max_bytes=_MAX_CHUNK_LINE) != b"\r\n":
+                while await reader.readuntil(b"\r\n") != b"\r\n":
                     pass
                 self._finish()
                 return b""
@@ -1056,27 +1057,27 @@ class UpstreamResponse:
     def _finish(self) -> None:
         """The body is complete: pool the connection if it may be reused, else close it."""
         self._done = True
-        stream = self._stream
-        self._stream = None
+        writer = self._writer
+        self._writer = None
         self._client._active.discard(self)
-        if stream is None:
+        if writer is None:
             return
         if self._keep_alive:
-            self._client._release(self._key, stream)
+            self._client._release(self._key, self._reader, writer)
         else:
-            stream.close()
+            writer.transport.abort()
 
     def _abort_connection(self) -> None:
-        stream = self._stream
-        self._stream = None
+        writer = self._writer
+        self._writer = None
         self._client._active.discard(self)
-        if stream is not None:
-            stream.close()
+        if writer is not None:
+            writer.transport.abort()
 
     def _on_header_timeout(self) -> None:
         self._timed_out = True
-        if self._stream is not None:
-            self._stream.close()
+        if self._writer is not None:
+            self._writer.transport.abort()
 
 
 # --------------------------------------------------------------------------- small documents

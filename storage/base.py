@@ -458,13 +458,13 @@ class Storage(abc.ABC):
         """Calls and errors per UTC day from `since_day` on (days without calls absent)."""
 
     @abc.abstractmethod
-    async def usage_rollup_since(self, server_id: str, since: float) -> list[UsageRollup]:
-        """Like usage_rollup, from the events at or after `since`: for windows shorter than
-        the daily aggregates' resolution (the last 24 hours)."""
+    async def usage_rollup_hours(self, server_id: str, since_hour: str) -> list[UsageRollup]:
+        """Like usage_rollup, from the hourly aggregates of UTC hours 'YYYY-MM-DDTHH' at or
+        after `since_hour` (the last-24-hours view; hourly rows are kept a few days)."""
 
     @abc.abstractmethod
-    async def usage_per_hour(self, server_id: str, since: float) -> list[UsagePeriod]:
-        """Calls and errors per UTC hour (period 'YYYY-MM-DDTHH') of the events since `since`."""
+    async def usage_per_hour(self, server_id: str, since_hour: str) -> list[UsagePeriod]:
+        """Calls and errors per UTC hour (period 'YYYY-MM-DDTHH') from `since_hour` on."""
 
     @abc.abstractmethod
     async def server_users(self, server_id: str) -> list[ServerUser]:

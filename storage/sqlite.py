@@ -58,6 +58,17 @@ SIGNING_KEY_STATUSES = ("active", "retiring", "retired")
 T = TypeVar("T")
 R = TypeVar("R")  # a record dataclass
 
+HIST_COLUMNS = tuple(f"h{i}" for i in range(LATENCY_BUCKETS))
+# The bucket of an event's latency, in SQL (the same bounds as latency_bucket).
+_BUCKET_SQL = (
+    "CASE "
+    + " ".join(
+        f"WHEN latency_ms <= {latency_bucket_bounds(i)[1]!r} THEN {i}" for i in range(LATENCY_BUCKETS - 1)
+    )
+    + f" ELSE {LATENCY_BUCKETS - 1} END"
+)
+HOURLY_KEPT_SECONDS = 3 * 86400  # hourly aggregates serve the 24-hour view only
+
 # Forward migrations, applied in order; user_version is the number applied. Append
 # new entries, never edit a released one. Each entry is a sequence of statements rather
 # than one script because sqlite3's executescript() commits first, which would break
@@ -263,15 +274,29 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX users_by_email ON users (email)",
         "CREATE INDEX users_by_hd ON users (hd)",
     ),
-)
-HIST_COLUMNS = tuple(f"h{i}" for i in range(LATENCY_BUCKETS))
-# The bucket of an event's latency, in SQL (the same bounds as latency_bucket).
-_BUCKET_SQL = (
-    "CASE "
-    + " ".join(
-        f"WHEN latency_ms <= {latency_bucket_bounds(i)[1]!r} THEN {i}" for i in range(LATENCY_BUCKETS - 1)
-    )
-    + f" ELSE {LATENCY_BUCKETS - 1} END"
+    # 3: hourly aggregates, the same shape as the daily ones, so that the 24-hour usage
+    # view reads aggregates too instead of a day of raw events. Kept for a few days only.
+    (
+        f"""CREATE TABLE usage_hourly (
+            server_id TEXT NOT NULL,
+            hour TEXT NOT NULL,
+            target TEXT NOT NULL,
+            user_sub TEXT NOT NULL,
+            calls INTEGER NOT NULL,
+            errors INTEGER NOT NULL,
+            latency_ms_sum REAL NOT NULL,
+            latency_ms_max REAL NOT NULL,
+            {", ".join(f"h{i} INTEGER NOT NULL DEFAULT 0" for i in range(LATENCY_BUCKETS))},
+            PRIMARY KEY (server_id, hour, target, user_sub)
+        ) WITHOUT ROWID""",
+        f"""INSERT INTO usage_hourly
+            SELECT server_id, strftime('%Y-%m-%dT%H', at, 'unixepoch'), target, user_sub, count(*),
+                   sum(outcome != 'ok'), sum(latency_ms), max(latency_ms),
+                   {", ".join(f"sum(bucket = {i})" for i in range(LATENCY_BUCKETS))}
+            FROM (SELECT *, {_BUCKET_SQL} AS bucket FROM usage_events
+                  WHERE at >= strftime('%s', 'now') - {HOURLY_KEPT_SECONDS})
+            GROUP BY 1, 2, 3, 4""",
+    ),
 )
 
 
@@ -345,6 +370,20 @@ REVOKED = _Table("revoked_access_tokens", RevokedAccessToken, ("jti",))
 SESSIONS = _Table("sessions", McpSession, ("session_id",))
 USAGE_EVENTS = _Table("usage_events", UsageEvent, ())
 SERVER_USERS = _Table("usage_users", ServerUser, ("server_id", "user_sub"))
+
+
+def _aggregate_upsert(table: str, period: str) -> str:
+    """Add pre-summed rows into usage_daily or usage_hourly (histograms add up too)."""
+    columns = ("server_id", period, "target", "user_sub", "calls", "errors",
+               "latency_ms_sum", "latency_ms_max", *HIST_COLUMNS)
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
+        f"ON CONFLICT (server_id, {period}, target, user_sub) DO UPDATE SET "
+        "calls = calls + excluded.calls, errors = errors + excluded.errors, "
+        "latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum, "
+        "latency_ms_max = max(latency_ms_max, excluded.latency_ms_max), "
+        + ", ".join(f"{h} = {h} + excluded.{h}" for h in HIST_COLUMNS)
+    )
 
 
 def usage_day(at: float) -> str:
@@ -849,18 +888,21 @@ class SqliteStorage(Storage):
 
     def _record_usage(self, events: list[UsageEvent]) -> None:
         # Pre-summing the batch turns N events into one upsert per aggregate row.
-        sums: dict[tuple[str, str, str, str], list] = {}
+        daily: dict[tuple[str, str, str, str], list] = {}
+        hourly: dict[tuple[str, str, str, str], list] = {}
         users: dict[tuple[str, str], list] = {}
         for event in events:
-            key = (usage_day(event.at), event.server_id, event.target, event.user_sub)
-            row = sums.get(key)
-            if row is None:
-                row = sums[key] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS]
-            row[0] += 1
-            row[1] += event.outcome != "ok"
-            row[2] += event.latency_ms
-            row[3] = max(row[3], event.latency_ms)
-            row[4][latency_bucket(event.latency_ms)] += 1
+            moment = datetime.fromtimestamp(event.at, tz=UTC)
+            for sums, period in ((daily, moment.strftime("%Y-%m-%d")), (hourly, moment.strftime("%Y-%m-%dT%H"))):
+                key = (event.server_id, period, event.target, event.user_sub)
+                row = sums.get(key)
+                if row is None:
+                    row = sums[key] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS]
+                row[0] += 1
+                row[1] += event.outcome != "ok"
+                row[2] += event.latency_ms
+                row[3] = max(row[3], event.latency_ms)
+                row[4][latency_bucket(event.latency_ms)] += 1
             seen = users.get((event.server_id, event.user_sub))
             if seen is None:
                 users[(event.server_id, event.user_sub)] = [event.user_email, event.at, event.at]
@@ -868,21 +910,11 @@ class SqliteStorage(Storage):
                 if event.at >= seen[2]:
                     seen[0], seen[2] = event.user_email or seen[0], event.at
                 seen[1] = min(seen[1], event.at)
-        columns = ("day", "server_id", "target", "user_sub", "calls", "errors",
-                   "latency_ms_sum", "latency_ms_max", *HIST_COLUMNS)
-        hist_updates = ", ".join(f"{h} = {h} + excluded.{h}" for h in HIST_COLUMNS)
         with self._write() as conn:
             conn.executemany(USAGE_EVENTS.insert, [USAGE_EVENTS.encode(e) for e in events])
-            conn.executemany(
-                f"INSERT INTO usage_daily ({', '.join(columns)}) "
-                f"VALUES ({', '.join('?' for _ in columns)}) "
-                "ON CONFLICT (server_id, day, target, user_sub) "
-                "DO UPDATE SET calls = calls + excluded.calls, "
-                "errors = errors + excluded.errors, "
-                "latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum, "
-                f"latency_ms_max = max(latency_ms_max, excluded.latency_ms_max), {hist_updates}",
-                [(*key, *totals[:4], *totals[4]) for key, totals in sums.items()],
-            )
+            for table, period, sums in (("usage_daily", "day", daily), ("usage_hourly", "hour", hourly)):
+                conn.executemany(_aggregate_upsert(table, period),
+                                 [(*key, *totals[:4], *totals[4]) for key, totals in sums.items()])
             conn.executemany(
                 f"{SERVER_USERS.insert} ON CONFLICT (server_id, user_sub) DO UPDATE SET "
                 "user_email = CASE WHEN excluded.last_used_at >= last_used_at AND excluded.user_email != '' "
@@ -928,34 +960,25 @@ class SqliteStorage(Storage):
         )
         return [UsagePeriod(*row) for row in rows]
 
-    async def usage_rollup_since(self, server_id: str, since: float) -> list[UsageRollup]:
+    async def usage_rollup_hours(self, server_id: str, since_hour: str) -> list[UsageRollup]:
+        sums = ", ".join(f"sum({h})" for h in HIST_COLUMNS)
         rows = await self._run(
             self._select,
-            "SELECT target, user_sub, count(*), sum(outcome != 'ok'), sum(latency_ms), max(latency_ms), "
-            f"{_BUCKET_SQL} AS bucket FROM usage_events WHERE server_id = ? AND at >= ? "
-            "GROUP BY target, user_sub, bucket ORDER BY target, user_sub",
+            "SELECT target, user_sub, sum(calls), sum(errors), sum(latency_ms_sum), max(latency_ms_max), "
+            f"{sums} FROM usage_hourly WHERE server_id = ? AND hour >= ? "
+            "GROUP BY target, user_sub ORDER BY target, user_sub",
             server_id,
-            since,
+            since_hour,
         )
-        merged: dict[tuple[str, str], list] = {}
-        for target, sub, calls, errors, latency_sum, latency_max, bucket in rows:
-            row = merged.get((target, sub))
-            if row is None:
-                row = merged[(target, sub)] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS]
-            row[0] += calls
-            row[1] += errors
-            row[2] += latency_sum
-            row[3] = max(row[3], latency_max)
-            row[4][bucket] += calls
-        return [UsageRollup(t, u, r[0], r[1], r[2], r[3], tuple(r[4])) for (t, u), r in merged.items()]
+        return [UsageRollup(*row[:6], tuple(row[6:])) for row in rows]
 
-    async def usage_per_hour(self, server_id: str, since: float) -> list[UsagePeriod]:
+    async def usage_per_hour(self, server_id: str, since_hour: str) -> list[UsagePeriod]:
         rows = await self._run(
             self._select,
-            "SELECT strftime('%Y-%m-%dT%H', at, 'unixepoch') AS hour, count(*), sum(outcome != 'ok') "
-            "FROM usage_events WHERE server_id = ? AND at >= ? GROUP BY hour ORDER BY hour",
+            "SELECT hour, sum(calls), sum(errors) FROM usage_hourly WHERE server_id = ? AND hour >= ? "
+            "GROUP BY hour ORDER BY hour",
             server_id,
-            since,
+            since_hour,
         )
         return [UsagePeriod(*row) for row in rows]
 
@@ -987,6 +1010,7 @@ class SqliteStorage(Storage):
             "DELETE FROM codes WHERE expires_at <= ?",
             "DELETE FROM sessions WHERE expires_at <= ?",
             "DELETE FROM revoked_access_tokens WHERE expires_at <= ?",
+            f"DELETE FROM usage_hourly WHERE hour < strftime('%Y-%m-%dT%H', ? - {HOURLY_KEPT_SECONDS}, 'unixepoch')",
             """DELETE FROM refresh_tokens WHERE family_expires_at <= ?1 OR family_id IN (
                 SELECT family_id FROM refresh_families WHERE revoked_at > 0 OR expires_at <= ?1
             )""",

@@ -793,7 +793,7 @@ def test_latency_buckets_are_fixed_and_log_spaced() -> None:
         assert abs(upper / lower - 10 ** 0.2) < 1e-9
 
 
-def test_usage_rollup_per_day_and_from_events(storage: Storage) -> None:
+def test_usage_rollup_per_day_and_per_hour(storage: Storage) -> None:
     async def scenario(s: Storage) -> None:
         await s.record_usage([
             event(T0 - 2 * DAY, latency_ms=1),
@@ -811,11 +811,18 @@ def test_usage_rollup_per_day_and_from_events(storage: Storage) -> None:
         assert whole[("search", "u1")] == 3
         days = await s.usage_per_day("srv_a", "2000-01-01")
         assert [(d.period, d.calls, d.errors) for d in days] == [("2027-01-13", 1, 0), ("2027-01-15", 3, 1)]
-        since = {(r.target, r.user_sub): r for r in await s.usage_rollup_since("srv_a", T0 + 0.5)}
-        assert {k: (r.calls, r.errors) for k, r in since.items()} == {("search", "u1"): (1, 1), ("fetch", "u2"): (1, 0)}
+        since = {(r.target, r.user_sub): r for r in await s.usage_rollup_hours("srv_a", "2027-01-15T08")}
+        assert {k: (r.calls, r.errors) for k, r in since.items()} == {("search", "u1"): (2, 1), ("fetch", "u2"): (1, 0)}
         assert since[("fetch", "u2")].latency_hist[latency_bucket(300)] == 1
-        hours = await s.usage_per_hour("srv_a", T0 - DAY)
-        assert [(h.period, h.calls, h.errors) for h in hours] == [("2027-01-15T08", 3, 1)]
+        assert await s.usage_rollup_hours("srv_a", "2027-01-15T09") == []
+        hours = await s.usage_per_hour("srv_a", "2027-01-13T00")
+        assert [(h.period, h.calls, h.errors) for h in hours] == [("2027-01-13T08", 1, 0), ("2027-01-15T08", 3, 1)]
+        assert [h.period for h in await s.usage_per_hour("srv_a", "2027-01-14T00")] == ["2027-01-15T08"]
+        # Hourly rows serve the last day only: purging drops them after a few days, never
+        # the daily ones.
+        await s.purge_expired(T0 + 10 * DAY)
+        assert await s.usage_per_hour("srv_a", "2000-01-01T00") == []
+        assert len(await s.usage_per_day("srv_a", "2000-01-01")) == 2
 
     run(scenario, storage)
 
@@ -883,6 +890,30 @@ def test_sqlite_migration_2_keeps_old_aggregates_and_backfills_server_users(tmp_
     run(scenario, SqliteStorage(str(path)))
 
 
+def test_sqlite_migration_3_backfills_hourly_aggregates_of_recent_events(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    recent, old = time.time() - 3600, time.time() - 10 * DAY
+    with sqlite3.connect(path) as conn:
+        for migration in MIGRATIONS[:2]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 2")
+        for at, latency in ((recent, 12.0), (recent + 1, 300.0), (old, 5.0)):
+            conn.execute(
+                "INSERT INTO usage_events (at, server_id, user_sub, user_email, client_id, method, target, "
+                "outcome, latency_ms, bytes_in, bytes_out, era) VALUES (?, 'srv_a', 'u1', 'u1@x.org', 'c1', "
+                "'tools/call', 'search', ?, ?, 1, 1, '2025')",
+                (at, "ok" if latency < 100 else "-32603", latency),
+            )
+
+    async def scenario(s: Storage) -> None:
+        (rollup,) = await s.usage_rollup_hours("srv_a", "2000-01-01T00")
+        assert (rollup.calls, rollup.errors, rollup.latency_ms_max) == (2, 1, 300.0)  # the old event is not
+        assert rollup.latency_hist[latency_bucket(12.0)] == 1 and rollup.latency_hist[latency_bucket(300.0)] == 1
+
+    run(scenario, SqliteStorage(str(path)))
+
+
 # -------------------------------------------------------------------- housekeeping
 
 
@@ -910,8 +941,9 @@ def test_purge_expired(storage: Storage) -> None:
         )
         await s.record_usage([event(T0 - 400 * DAY)])
 
-        # pending, code, session, revocation: one each; tokens: rt-rev and rt-exp
-        assert await s.purge_expired(now) == 6
+        # pending, code, session, revocation: one each; tokens: rt-rev and rt-exp; the
+        # 400-day-old event's hourly aggregate (its event and daily row stay)
+        assert await s.purge_expired(now) == 7
         assert await s.purge_expired(now) == 0
 
         assert await s.get_pending("authorize", "live", now) is not None
