@@ -117,7 +117,7 @@ def main() -> None:
                 print(f"\n{'request':<44} {'p50 ms':>9} {'x /healthz':>11}")
                 print(f"{'GET /healthz (floor)':<44} {floor:9.2f} {1.0:11.1f}")
                 for label, path in (
-                    ("usage page, 24 h (events of one day)", base + "/usage?range=24h"),
+                    ("usage page, 24 h (hourly aggregates)", base + "/usage?range=24h"),
                     ("usage page, 7 days (aggregates)", base + "/usage?range=7d"),
                     ("usage page, 30 days (aggregates)", base + "/usage?range=30d"),
                     ("usage JSON, 30 days", f"/api/servers/{SERVER_ID}/usage?range=30d"),
