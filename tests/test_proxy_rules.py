@@ -9,17 +9,13 @@ client disconnects."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import secrets
 import socket
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlencode
 
 import httpx
 import jwt
@@ -27,13 +23,14 @@ import pytest
 import tornado.web
 
 from tests.support.browser import ScriptedBrowser
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayProcess
 from tests.support.idp import free_port
+from tests.support.tokens import access_token, register_public_client
 
 ALICE = {"sub": "alice-rules", "email": "alice@example.com", "email_verified": True, "name": "Alice"}
 BOB = {"sub": "bob-rules", "email": "bob@example.com", "email_verified": True, "name": "Bob"}
 CAROL = {"sub": "carol-rules", "email": "carol@example.com", "email_verified": True, "name": "Carol"}
-REDIRECT = "http://127.0.0.1:9/callback"  # nothing listens: the browser stops at the redirect
 ALLOWED_ORIGIN = "https://app.example"
 ACCEPT = "application/json, text/event-stream"
 LEGACY = "2025-11-25"
@@ -119,98 +116,12 @@ class _UpstreamHandler(tornado.web.RequestHandler):
             self._released.set_result(None)
 
 
-class FakeUpstream:
-    """A Tornado app on its own thread and event loop (the tests themselves are sync)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.requests: list[dict] = []
-        self._events: dict[tuple[str, str], threading.Event] = {}
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def record(self, kind: str, request) -> None:
-        headers: dict[str, list[str]] = {}
-        for name, value in request.headers.get_all():
-            headers.setdefault(name.lower(), []).append(value)
-        with self._lock:
-            self.requests.append({"kind": kind, "method": request.method, "headers": headers,
-                                  "body": request.body})
-
-    def event(self, what: str, kind: str) -> threading.Event:
-        with self._lock:
-            return self._events.setdefault((what, kind), threading.Event())
-
-    def start(self) -> FakeUpstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-
-            async def listen():
-                app = tornado.web.Application([(r"/([a-z-]+)", _UpstreamHandler, {"upstream": self})])
-                return app.listen(self.port, address="127.0.0.1")
-
-            server = loop.run_until_complete(listen())
-            ready.set()
-            loop.run_forever()
-            server.stop()
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="fake-upstream", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("the in-test upstream did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-
-
 # ---------------------------------------------------------------------- token helpers
-
-
-def _pkce() -> tuple[str, str]:
-    verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-    return verifier, challenge
-
-
-async def _access_token(gw: GatewayProcess, http: httpx.AsyncClient, browser: ScriptedBrowser,
-                        client_id: str, who: dict, *, resource: str | None = None,
-                        scope: str | None = None) -> str:
-    """One real authorization: /authorize → IdP sign-in → consent → /token."""
-    verifier, challenge = _pkce()
-    query = {"response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT,
-             "state": secrets.token_hex(6), "code_challenge": challenge, "code_challenge_method": "S256"}
-    if resource:
-        query["resource"] = resource
-    if scope:
-        query["scope"] = scope
-    result = await browser.authorize(f"{gw.url}/authorize?{urlencode(query)}", stop_at=REDIRECT, idp_login=who)
-    assert "code" in result, result
-    response = await http.post("/token", data={
-        "grant_type": "authorization_code", "code": result["code"], "code_verifier": verifier,
-        "redirect_uri": REDIRECT, "client_id": client_id,
-    })
-    assert response.status_code == 200, response.text
-    return response.json()["access_token"]
 
 
 async def _all_tokens(gw: GatewayProcess) -> dict[str, str]:
     async with httpx.AsyncClient(base_url=gw.url, trust_env=False, timeout=20) as http:
-        registered = await http.post("/register", json={
-            "client_name": "Proxy rules", "redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none",
-        })
-        assert registered.status_code == 201, registered.text
-        client_id = registered.json()["client_id"]
+        client_id = await register_public_client(http, "Proxy rules")
         tokens: dict[str, str] = {}
         plan = {
             ALICE["sub"]: [("alice_a", SRV_A, None), ("alice_base", None, None),
@@ -222,8 +133,8 @@ async def _all_tokens(gw: GatewayProcess) -> dict[str, str]:
             async with ScriptedBrowser() as browser:  # one browser (one sign-in) per person
                 for name, server_id, scope in plan[who["sub"]]:
                     resource = f"{gw.url}/mcp/{server_id}" if server_id else None
-                    tokens[name] = await _access_token(gw, http, browser, client_id, who,
-                                                       resource=resource, scope=scope)
+                    tokens[name] = await access_token(gw.url, http, browser, client_id, who,
+                                                      resource=resource, scope=scope)
         return tokens
 
 
@@ -244,7 +155,7 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(idp, upstream, tmp_path_factory):
-    fake = FakeUpstream().start()
+    fake = FakeUpstream(_UpstreamHandler).start()
     gw = GatewayProcess(tmp_path_factory.mktemp("proxy-rules"), idp=idp,
                         extra_env={"MCPGW_ALLOWED_ORIGINS": ALLOWED_ORIGIN})
     client = idp.register_client([gw.url + "/oauth/callback"])

@@ -9,16 +9,12 @@ upstream dying mid-stream, upstream session loss, and resume / session header hy
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import re
 import secrets
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlencode
 
 import httpx
 import pytest
@@ -26,8 +22,9 @@ import tornado.iostream
 import tornado.web
 
 from tests.support.browser import ScriptedBrowser
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayProcess
-from tests.support.idp import free_port
+from tests.support.tokens import access_token, register_public_client
 
 KEEPALIVE_S, SLOW_READER_S, UPSTREAM_TIMEOUT_S = 1, 2, 2
 GATEWAY_ENV = {
@@ -37,7 +34,6 @@ GATEWAY_ENV = {
 }
 KEEPALIVE = b": keepalive\n\n"
 ALICE = {"sub": "alice-streams", "email": "alice.streams@example.com", "email_verified": True, "name": "Alice"}
-REDIRECT = "http://127.0.0.1:9/callback"  # nothing listens: the browser stops at the redirect
 ACCEPT = "application/json, text/event-stream"
 LEGACY = "2025-11-25"
 
@@ -220,96 +216,11 @@ class _UpstreamHandler(tornado.web.RequestHandler):
             self._gone.set_result(None)
 
 
-class FakeUpstream:
-    """A Tornado app on its own thread and event loop (the tests themselves are sync)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.requests: list[dict] = []
-        self.marks: dict[str, float] = {}
-        self.pushed = 0  # bytes the flood handler got into the gateway's socket
-        self._events: dict[tuple[str, str], threading.Event] = {}
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def record(self, kind: str, request) -> None:
-        headers: dict[str, list[str]] = {}
-        for name, value in request.headers.get_all():
-            headers.setdefault(name.lower(), []).append(value)
-        with self._lock:
-            self.requests.append({"kind": kind, "method": request.method, "headers": headers,
-                                  "body": request.body})
-
-    def of(self, kind: str) -> list[dict]:
-        with self._lock:
-            return [r for r in self.requests if r["kind"] == kind]
-
-    def mark(self, name: str) -> None:
-        with self._lock:
-            self.marks[name] = time.monotonic()
-
-    def event(self, what: str, kind: str) -> threading.Event:
-        with self._lock:
-            return self._events.setdefault((what, kind), threading.Event())
-
-    def start(self) -> FakeUpstream:
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(loop)
-            self._loop = loop
-
-            async def listen():
-                app = tornado.web.Application([(r"/([a-z0-9-]+)", _UpstreamHandler, {"upstream": self})])
-                return app.listen(self.port, address="127.0.0.1")
-
-            server = loop.run_until_complete(listen())
-            ready.set()
-            loop.run_forever()
-            server.stop()
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name="fake-upstream-streams", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("the in-test upstream did not start")
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-
-
-# ---------------------------------------------------------------------- token (real flow)
-
-
 async def _access_token(gw: GatewayProcess) -> str:
-    """One real authorization: /register → /authorize → IdP sign-in → consent → /token."""
     async with httpx.AsyncClient(base_url=gw.url, trust_env=False, timeout=20) as http:
-        registered = await http.post("/register", json={
-            "client_name": "Proxy streams", "redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none",
-        })
-        assert registered.status_code == 201, registered.text
-        client_id = registered.json()["client_id"]
-        verifier = secrets.token_urlsafe(48)
-        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
-        query = {"response_type": "code", "client_id": client_id, "redirect_uri": REDIRECT,
-                 "state": secrets.token_hex(6), "code_challenge": challenge, "code_challenge_method": "S256"}
+        client_id = await register_public_client(http, "Proxy streams")
         async with ScriptedBrowser() as browser:
-            result = await browser.authorize(f"{gw.url}/authorize?{urlencode(query)}", stop_at=REDIRECT,
-                                             idp_login=ALICE)
-        assert "code" in result, result
-        response = await http.post("/token", data={
-            "grant_type": "authorization_code", "code": result["code"], "code_verifier": verifier,
-            "redirect_uri": REDIRECT, "client_id": client_id,
-        })
-        assert response.status_code == 200, response.text
-        return response.json()["access_token"]
+            return await access_token(gw.url, http, browser, client_id, ALICE)
 
 
 # -------------------------------------------------------------------------- fixtures
@@ -335,7 +246,7 @@ class Rig:
 
 @pytest.fixture(scope="module")
 def rig(idp, tmp_path_factory):
-    fake = FakeUpstream().start()
+    fake = FakeUpstream(_UpstreamHandler, "fake-upstream-streams").start()
     gw = GatewayProcess(tmp_path_factory.mktemp("proxy-streams"), idp=idp, extra_env=GATEWAY_ENV)
     client = idp.register_client([gw.url + "/oauth/callback"])
     gw.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
