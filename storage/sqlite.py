@@ -939,46 +939,37 @@ class SqliteStorage(Storage):
         return [UsageAggregate(*row[:8], tuple(row[8:])) for row in rows]
 
     async def usage_rollup(self, server_id: str, since_day: str) -> list[UsageRollup]:
-        sums = ", ".join(f"sum({h})" for h in HIST_COLUMNS)
-        rows = await self._run(
-            self._select,
-            "SELECT target, user_sub, sum(calls), sum(errors), sum(latency_ms_sum), max(latency_ms_max), "
-            f"{sums} FROM usage_daily WHERE server_id = ? AND day >= ? "
-            "GROUP BY target, user_sub ORDER BY target, user_sub",
-            server_id,
-            since_day,
-        )
-        return [UsageRollup(*row[:6], tuple(row[6:])) for row in rows]
+        return await self._rollup("usage_daily", "day", server_id, since_day)
 
     async def usage_per_day(self, server_id: str, since_day: str) -> list[UsagePeriod]:
-        rows = await self._run(
-            self._select,
-            "SELECT day, sum(calls), sum(errors) FROM usage_daily WHERE server_id = ? AND day >= ? "
-            "GROUP BY day ORDER BY day",
-            server_id,
-            since_day,
-        )
-        return [UsagePeriod(*row) for row in rows]
+        return await self._periods("usage_daily", "day", server_id, since_day)
 
     async def usage_rollup_hours(self, server_id: str, since_hour: str) -> list[UsageRollup]:
+        return await self._rollup("usage_hourly", "hour", server_id, since_hour)
+
+    async def usage_per_hour(self, server_id: str, since_hour: str) -> list[UsagePeriod]:
+        return await self._periods("usage_hourly", "hour", server_id, since_hour)
+
+    async def _rollup(self, table: str, period: str, server_id: str, since: str) -> list[UsageRollup]:
+        """Per (tool, user) totals of daily or hourly aggregates; histograms add up."""
         sums = ", ".join(f"sum({h})" for h in HIST_COLUMNS)
         rows = await self._run(
             self._select,
             "SELECT target, user_sub, sum(calls), sum(errors), sum(latency_ms_sum), max(latency_ms_max), "
-            f"{sums} FROM usage_hourly WHERE server_id = ? AND hour >= ? "
+            f"{sums} FROM {table} WHERE server_id = ? AND {period} >= ? "
             "GROUP BY target, user_sub ORDER BY target, user_sub",
             server_id,
-            since_hour,
+            since,
         )
         return [UsageRollup(*row[:6], tuple(row[6:])) for row in rows]
 
-    async def usage_per_hour(self, server_id: str, since_hour: str) -> list[UsagePeriod]:
+    async def _periods(self, table: str, period: str, server_id: str, since: str) -> list[UsagePeriod]:
         rows = await self._run(
             self._select,
-            "SELECT hour, sum(calls), sum(errors) FROM usage_hourly WHERE server_id = ? AND hour >= ? "
-            "GROUP BY hour ORDER BY hour",
+            f"SELECT {period}, sum(calls), sum(errors) FROM {table} WHERE server_id = ? AND {period} >= ? "
+            f"GROUP BY {period} ORDER BY {period}",
             server_id,
-            since_hour,
+            since,
         )
         return [UsagePeriod(*row) for row in rows]
 
