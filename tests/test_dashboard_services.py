@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import csv
-import functools
 import io
 import json
 import time
@@ -34,8 +33,9 @@ from storage.base import (
     latency_bucket,
 )
 from tests.support.idp import free_port
+from tests.support.inprocess import make_config as base_config
+from tests.support.inprocess import run
 
-SECRET = "d" * 40
 ANA = User("sub-ana", "ana@example.com", True, "", "Ana", last_login_at=1.0)
 BOB = User("sub-bob", "bob@example.com", True, "", "Bob", last_login_at=1.0)
 CAROL = User("sub-carol", "carol@corp.example", True, "corp.example", "Carol", last_login_at=1.0)
@@ -43,24 +43,11 @@ ADMIN = User("sub-admin", "root@example.com", True, "", "Root", last_login_at=1.
 UNVERIFIED = User("sub-unv", "ana@example.com", False, "", "Fake Ana", last_login_at=1.0)
 
 
-def run(test):
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return wrapper
 
 
 def make_config(tmp_path, **env) -> Config:
-    return Config.from_env({
-        "MCPGW_STATE_DIR": str(tmp_path),
-        "MCPGW_STORAGE": f"sqlite:///{tmp_path}/gateway.db",
-        "MCPGW_DEV_LOGIN": "1",
-        "MCPGW_SECRET_KEY": SECRET,
-        "MCPGW_UPSTREAM_ALLOW": "127.0.0.0/8",
-        "MCPGW_ADMIN_EMAILS": "root@example.com",
-        **env,
-    })
+    return base_config(tmp_path, **{"MCPGW_UPSTREAM_ALLOW": "127.0.0.0/8",
+                                    "MCPGW_ADMIN_EMAILS": "root@example.com", **env})
 
 
 @asynccontextmanager

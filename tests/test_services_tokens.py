@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hashlib
 import math
 import secrets
@@ -21,37 +20,20 @@ import jwt
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from config import Config
 from services import build_services
 from services.clients import ClientError, check_redirect_uri, redirect_uri_matches
 from services.keys import SecretBox
 from services.tokens import GRACE, InvalidToken, OAuthError, parse_scope
 from storage.base import AuthCode, User
+from tests.support.inprocess import make_config, run
 
 REDIRECT = "http://127.0.0.1:9/callback"
-SECRET = "s" * 40
 ALICE = User(sub="u-alice", email="alice@example.com", email_verified=True, name="Alice")
 BOB = User(sub="u-bob", email="bob@example.com", email_verified=True, name="Bob")
 
 
-def run(test):
-    """Run an async test body on a fresh event loop (fixtures stay synchronous)."""
-
-    @functools.wraps(test)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(test(*args, **kwargs))
-
-    return wrapper
 
 
-def make_config(tmp_path, **env) -> Config:
-    return Config.from_env({
-        "MCPGW_STATE_DIR": str(tmp_path),
-        "MCPGW_STORAGE": f"sqlite:///{tmp_path}/gateway.db",
-        "MCPGW_DEV_LOGIN": "1",
-        "MCPGW_SECRET_KEY": SECRET,
-        **env,
-    })
 
 
 @asynccontextmanager
