@@ -15,15 +15,18 @@ from services.keys import derive_key
 ROOT = Path(__file__).resolve().parent.parent
 
 
+QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}  # polled by machines every few seconds
+
+
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log: failures always; successful MCP calls only at DEBUG, because on the hot
-    path one log line costs a tenth of the request and usage records cover them."""
+    """Access log: failures always; successful MCP calls and probes only at DEBUG (on the
+    hot path one log line costs a tenth of the request, and usage records cover calls)."""
     status = handler.get_status()
     if status >= 500:
         level = logging.ERROR
     elif status >= 400:
         level = logging.WARNING
-    elif handler.request.path.startswith("/mcp/"):
+    elif handler.request.path.startswith("/mcp/") or handler.request.path in QUIET_PATHS:
         level = logging.DEBUG
     else:
         level = logging.INFO
