@@ -36,6 +36,7 @@ class McpProxyHandler(BaseHandler):
         self._upstream_request: asyncio.Future | None = None
         self._client_gone = False
         self._bytes_out = 0
+        self._answered_at: float | None = None  # when the response to the request went by
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -320,6 +321,7 @@ class McpProxyHandler(BaseHandler):
                         found = protocol.outcome_of(event.data.encode(), message.id)
                         if found:
                             outcome = found
+                            self._answered_at = time.monotonic()
                 next_chunk = asyncio.ensure_future(response.read_chunk())
                 if events:
                     await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)
@@ -353,7 +355,8 @@ class McpProxyHandler(BaseHandler):
                 method=message.method,
                 target=(message.target or "")[:500],  # a tool name, not a document
                 outcome=outcome,
-                latency_ms=(time.monotonic() - started) * 1000,
+                # To the response, not to the end of a stream that may stay open after it.
+                latency_ms=((self._answered_at or time.monotonic()) - started) * 1000,
                 bytes_in=len(self.request.body),
                 bytes_out=self._bytes_out,
                 era=protocol.era_of(message, self.request.headers),

@@ -321,6 +321,32 @@ def test_token_signed_by_a_foreign_key_is_invalid_token(rig):
     assert challenge_params(response)["error"] == "invalid_token"
 
 
+def test_expired_token_signed_with_the_gateways_own_key_is_invalid_token(rig):
+    """The gateway's real signing key (read from its own storage and master secret, as a
+    second instance would) signs a token that expired a second ago: refused with 401."""
+    from config import Config
+    from services import build_services
+
+    async def mint() -> str:
+        env = {k: v for k, v in rig.gw.env.items() if k.startswith("MCPGW_")}
+        services = build_services(Config.from_env(env))
+        await services.start(background=False)
+        try:
+            now = int(time.time())
+            return services.keyring.sign({
+                "iss": rig.gw.url, "sub": ALICE["sub"], "aud": f"{rig.gw.url}/mcp/{SRV_A}",
+                "scope": "mcp:connect mcp:invoke", "email": ALICE["email"], "client_id": "c",
+                "iat": now - 3601, "exp": now - 1, "jti": "expired-1", "fid": "f"})
+        finally:
+            await services.stop()
+
+    expired = asyncio.run(mint())
+    response = post(rig.http, SRV_A, expired, rpc("ping"))
+    assert response.status_code == 401
+    params = challenge_params(response)
+    assert params["error"] == "invalid_token" and "expired" in params["error_description"]
+
+
 def test_preflight_needs_no_auth_and_exposes_session_and_challenge_headers(rig):
     response = rig.http.options(f"/mcp/{SRV_A}", headers={
         "Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST",
