@@ -19,9 +19,13 @@ QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}  # polled by machines every fe
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log: failures always; successful MCP calls and probes only at DEBUG (on the
+    """Request metrics, and the access log: failures always; successful MCP calls and probes only at DEBUG (on the
     hot path one log line costs a tenth of the request, and usage records cover calls)."""
     status = handler.get_status()
+    # One counter per handler and status: a bounded label set, unlike paths or server ids.
+    handler.application.settings["services"].metrics.inc(
+        "http_requests_total", handler=type(handler).__name__, code=str(status)
+    )
     if status >= 500:
         level = logging.ERROR
     elif status >= 400:

@@ -297,6 +297,7 @@ class McpProxyHandler(BaseHandler):
         parser = protocol.SseParser()
         outcome = "stream"
         next_chunk = None
+        metrics.gauge_add("sse_streams_open", 1)
         try:
             self.flush()
             next_chunk = asyncio.ensure_future(response.read_chunk())
@@ -333,6 +334,7 @@ class McpProxyHandler(BaseHandler):
         except UpstreamStreamError:
             metrics.inc("streams_closed_total", reason="upstream_broke")
         finally:
+            metrics.gauge_add("sse_streams_open", -1)
             if next_chunk is not None and not next_chunk.done():
                 next_chunk.cancel()
         if not self._finished:

@@ -240,7 +240,8 @@ class Rig:
     def metric(self, name: str, **labels: str) -> float:
         text = self.http.get("/metrics").text
         label_text = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        match = re.search(rf"^mcpgw_{name}\{{{re.escape(label_text)}\}} (\S+)$", text, re.M)
+        labelled = rf"\{{{re.escape(label_text)}\}}" if labels else ""
+        match = re.search(rf"^mcpgw_{name}{labelled} (\S+)$", text, re.M)
         return float(match.group(1)) if match else 0.0
 
 
@@ -549,3 +550,30 @@ def test_resume_headers_reach_the_upstream_and_its_session_id_never_reaches_the_
     assert stray.status_code == 200, stray.text
     assert "mcp-session-id" not in stray.headers
     assert STRAY_SID not in json.dumps(list(stray.headers.multi_items()))
+
+
+# ------------------------------------------------------------------------- metrics
+# Last in the file: it cuts a "quiet" stream short, which earlier tests assert never happens.
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_metrics_count_requests_and_open_streams(rig):
+    before = rig.metric("http_requests_total", handler="McpProxyHandler", code="200")
+    assert rig.metric("sse_streams_open") == 0
+    seen_open = []
+    with rig.http.stream("POST", f"/mcp/{SRV['quiet']}", content=json.dumps(rpc("tools/call", 12, name="quiet")),
+                         headers=headers_for(rig.token)) as response:
+        for _ in response.iter_raw():
+            seen_open.append(rig.metric("sse_streams_open"))
+            break  # the stream is up: one open stream while we hold it
+    assert seen_open == [1]
+    assert wait_until(lambda: rig.metric("sse_streams_open") == 0, 10)
+    assert rig.metric("http_requests_total", handler="McpProxyHandler", code="200") == before + 1
