@@ -239,7 +239,7 @@ async def run(args, upstream_port: int, gateway: GatewayProcess, server_id: str,
 
     if os.environ.get("BENCH_PROFILE"):  # a py-spy profile of the gateway under load
         subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "-o", os.environ["BENCH_PROFILE"],
-                          "-f", "raw", "-d", str(int(args.seconds) + 4), "-p", str(gateway._process.pid)])
+                          "-f", "raw", "-r", "400", "-d", str(int(args.seconds) + 4), "-p", str(gateway._process.pid)])
         await asyncio.sleep(1)
     print("2. throughput, 32 concurrent clients")
     direct_rps = await throughput(upstream_port, "/mcp", None, args.seconds)

@@ -41,6 +41,8 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 
 def make_app(services, **settings) -> tornado.web.Application:
     routes = [
+        # First: Tornado tries routes in order, and this is the hot path.
+        (r"/mcp/([^/]+)", proxy.McpProxyHandler),
         (r"/", dashboard.HomeHandler),
         (r"/dashboard/?", dashboard.DashboardHandler),
         (r"/dashboard/servers/new", dashboard.NewServerHandler),
@@ -79,7 +81,6 @@ def make_app(services, **settings) -> tornado.web.Application:
         (r"/oauth/callback", oauth.CallbackHandler),
         (r"/token", oauth.TokenHandler),
         (r"/revoke", oauth.RevokeHandler),
-        (r"/mcp/([^/]+)", proxy.McpProxyHandler),
         (r"/healthz", ops.HealthHandler),
         (r"/readyz", ops.ReadyHandler),
         (r"/metrics", ops.MetricsHandler),
