@@ -112,7 +112,6 @@ class McpProxyHandler(BaseHandler):
         )
         return False
 
-
     # ------------------------------------------------------------------- relaying
 
     async def get(self, server_id: str) -> None:

@@ -7,7 +7,9 @@ import json
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import replace
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from services.access import AccessPolicy
@@ -66,6 +68,9 @@ class ServerRegistry:
         self._storage = storage
         self._box = box
         self._access = access
+        # Decrypted upstream headers by ciphertext: the proxy needs them on every call, and
+        # an edit makes a new ciphertext, so entries never go stale.
+        self._headers_cache: dict[str, Mapping[str, str]] = {}
 
     async def add(
         self,
@@ -137,10 +142,18 @@ class ServerRegistry:
     def seal_headers(self, server_id: str, headers: dict[str, str]) -> str:
         return self._box.seal(json.dumps(headers).encode(), "upstream-headers:" + server_id)
 
-    def upstream_headers(self, server: Server) -> dict[str, str]:
-        if not server.upstream_headers_enc:
+    def upstream_headers(self, server: Server) -> Mapping[str, str]:
+        """The server's upstream headers, decrypted (read-only: it is a shared cache entry)."""
+        sealed = server.upstream_headers_enc
+        if not sealed:
             return {}
-        return json.loads(self._box.open(server.upstream_headers_enc, "upstream-headers:" + server.server_id))
+        headers = self._headers_cache.get(sealed)
+        if headers is None:
+            headers = MappingProxyType(json.loads(self._box.open(sealed, "upstream-headers:" + server.server_id)))
+            if len(self._headers_cache) >= 10000:
+                self._headers_cache.clear()
+            self._headers_cache[sealed] = headers
+        return headers
 
     async def get(self, server_id: str) -> Server:
         server = await self._storage.get_server(server_id)
