@@ -11,12 +11,22 @@ $(VENV)/.runtime: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# The TypeScript SDK client of tests/test_interop_typescript.py, exactly as package-lock.json
+# pins it; reinstalled whenever the lock file changes. Only the tests need Node; `make run` never does.
+INTEROP := tests/interop
+INTEROP_STAMP := $(INTEROP)/node_modules/.installed
+
+$(INTEROP_STAMP): $(INTEROP)/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is missing: the TypeScript interop test needs Node.js 20+ with npm" >&2; exit 1; }
+	npm ci --prefix $(INTEROP) --no-audit --no-fund
+	touch $@
+
 # The browser tests (tests/test_dashboard_browser.py) drive Debian's Chromium through
 # Playwright; Playwright's own browser download is never used.
 CHROMIUM := /usr/bin/chromium
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-$(VENV)/.dev: requirements-dev.txt requirements.txt $(VENV)/.runtime | $(CHROMIUM)
+$(VENV)/.dev: requirements-dev.txt requirements.txt $(VENV)/.runtime | $(CHROMIUM) $(INTEROP_STAMP)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
@@ -43,4 +53,4 @@ bench: $(VENV)/.dev
 	$(PY) bench/token_endpoint.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(INTEROP)/node_modules
