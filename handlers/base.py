@@ -11,6 +11,8 @@ from urllib.parse import parse_qsl
 
 import tornado.web
 
+from services.authorization import signin_time
+
 log = logging.getLogger("gateway.http")
 
 MAX_FORM_BODY = 64 * 1024
@@ -139,9 +141,9 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def set_signin_cookie(self, sub: str, email: str, name: str) -> None:
         now = int(time.time())
-        # auth_time to the millisecond: prompt=login compares it with the request's time.
+        # auth_time on the clock prompt=login compares with (services.authorization).
         value = json.dumps(
-            {"sub": sub, "email": email, "name": name, "auth_time": round(time.time(), 3),
+            {"sub": sub, "email": email, "name": name, "auth_time": signin_time(),
              "exp": now + self.config.signin_ttl}
         )
         self.set_signed_cookie(

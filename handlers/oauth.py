@@ -5,30 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import secrets
-import time
-from urllib.parse import urlencode, urlsplit
 
 from handlers.base import BadRequest, BaseHandler
-from services.clients import (
-    ClientError,
-    is_loopback_redirect,
-    redirect_host,
-    redirect_uri_matches,
-    registration_response,
-)
-from services.identity import IdentityClaims, IdentityError, dev_subject
-from services.tokens import OAuthError, parse_scope
-from storage.base import Consent, Pending
+from services.authorization import Denied, Redirect, ShownError
+from services.clients import ClientError, registration_response
+from services.identity import SignInError
+from services.tokens import OAuthError
 
 log = logging.getLogger("gateway.oauth")
 
-PENDING_TTL = 600  # an /authorize or a sign-in may take ten minutes
-CHALLENGE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
-EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
 MAX_JSON_BODY = 64 * 1024
-PROMPTS = {"none", "login", "consent", "select_account"}
 
 
 def local_path(target: str | None, default: str = "/dashboard") -> str:
@@ -36,22 +22,6 @@ def local_path(target: str | None, default: str = "/dashboard") -> str:
     if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
         return default
     return target
-
-
-def signin_time() -> float:
-    """The clock of the sign-in cookie's auth_time (see BaseHandler.set_signin_cookie)."""
-    return round(time.time(), 3)
-
-
-def signed_in_after(user: dict, payload: dict) -> bool:
-    return float(user.get("auth_time", 0)) >= float(payload.get("login_after", 0))
-
-
-def add_query(uri: str, params: dict[str, str]) -> str:
-    parts = urlsplit(uri)
-    query = urlencode({k: v for k, v in params.items() if v is not None})
-    joined = f"{parts.query}&{query}" if parts.query else query
-    return parts._replace(query=joined).geturl()
 
 
 class RegisterHandler(BaseHandler):
@@ -85,105 +55,22 @@ class RegisterHandler(BaseHandler):
 
 
 class AuthorizeHandler(BaseHandler):
-    """GET /authorize: validates the request, parks it, and sends the browser to sign-in
-    or straight to consent."""
+    """GET /authorize: the request is validated and parked; the browser goes on to sign-in,
+    to consent, or back to the client with an error."""
 
     is_page = True
 
     async def get(self) -> None:
         try:
             params = self.query_params()
+            outcome = await self.services.authorizations.start(params, self.current_user)
         except BadRequest as exc:
             self.error_page(400, "Invalid authorization request", str(exc))
             return
-        # Errors about the client or the redirect URI are shown, never redirected.
-        try:
-            client = await self.services.clients.get(params.get("client_id", ""))
-        except ClientError as exc:
-            self.error_page(400, "Unknown application", exc.description)
+        except ShownError as exc:
+            self.error_page(exc.status, exc.title, exc.message)
             return
-        redirect_uri = params.get("redirect_uri")
-        if redirect_uri is None:
-            if len(client.redirect_uris) != 1:
-                self.error_page(400, "Invalid authorization request", "redirect_uri is required")
-                return
-            redirect_uri = client.redirect_uris[0]
-        if not redirect_uri_matches(client.redirect_uris, redirect_uri):
-            self.error_page(
-                400,
-                "Invalid redirect URI",
-                "The redirect URI is not registered for this application.",
-            )
-            return
-
-        state = params.get("state")
-        try:
-            request = await self._validate(params)
-        except OAuthError as exc:
-            self.redirect(self._error_redirect(redirect_uri, state, exc.error, exc.description))
-            return
-        await self.services.clients.touch(client)
-        key = secrets.token_urlsafe(24)
-        await self.services.storage.put_pending(
-            Pending(
-                kind="authorize",
-                key=key,
-                payload={
-                    **request,
-                    "client_id": client.client_id,
-                    "redirect_uri": redirect_uri,
-                    "state": state,
-                    # prompt=login: only a sign-in completed after this request counts.
-                    "login_after": signin_time() if request["prompt"] == "login" else 0,
-                },
-                expires_at=time.time() + PENDING_TTL,
-            )
-        )
-        consent_url = "/authorize/consent?" + urlencode({"req": key})
-        user = self.current_user
-        if request["prompt"] == "none" and user is None:
-            self.redirect(self._error_redirect(redirect_uri, state, "login_required", "sign-in needed"))
-            return
-        if user is None or request["prompt"] == "login":
-            force = "1" if request["prompt"] == "login" else ""
-            self.redirect("/login?" + urlencode({"next": consent_url, "force": force}))
-            return
-        self.redirect(consent_url)
-
-    async def _validate(self, params: dict[str, str]) -> dict:
-        if params.get("response_type") != "code":
-            raise OAuthError("unsupported_response_type", "response_type must be code")
-        challenge = params.get("code_challenge")
-        if not challenge:
-            raise OAuthError("invalid_request", "PKCE is required: send code_challenge (S256)")
-        if params.get("code_challenge_method") != "S256":
-            raise OAuthError("invalid_request", "code_challenge_method must be S256")
-        if not CHALLENGE_RE.match(challenge):
-            raise OAuthError("invalid_request", "code_challenge is not a base64url SHA-256 digest")
-        prompt = params.get("prompt", "")
-        if prompt and not set(prompt.split()) <= PROMPTS:
-            raise OAuthError("invalid_request", "unsupported prompt value")
-        if "none" in prompt.split() and len(prompt.split()) > 1:
-            raise OAuthError("invalid_request", "prompt=none cannot be combined")
-        scope = parse_scope(params.get("scope"))
-        audience = await self.services.tokens.resolve_audience(params.get("resource"))
-        for name in ("state", "nonce"):
-            if len(params.get(name) or "") > 2000:
-                raise OAuthError("invalid_request", f"{name} is too long")
-        words = prompt.split()
-        return {
-            "code_challenge": challenge,
-            "scope": scope,
-            "audience": audience.value,
-            "server_id": audience.server_id,
-            "prompt": "login" if "login" in words else "consent" if "consent" in words else prompt,
-        }
-
-    def _error_redirect(self, redirect_uri: str, state, error: str, description: str) -> str:
-        return add_query(
-            redirect_uri,
-            {"error": error, "error_description": description, "state": state, "iss": self.config.issuer},
-        )
+        self.redirect(outcome.url)
 
 
 class ConsentHandler(BaseHandler):
@@ -191,130 +78,41 @@ class ConsentHandler(BaseHandler):
 
     is_page = True
 
-    async def _pending(self, key: str | None, take: bool):
-        storage = self.services.storage
-        if not key:
-            return None
-        if take:
-            return await storage.take_pending("authorize", key, time.time())
-        return await storage.get_pending("authorize", key, time.time())
-
-    def _gone(self) -> None:
-        self.error_page(
-            400,
-            "This sign-in request has expired",
-            "Go back to your application and connect again.",
-        )
-
-    def _finish_redirect(self, payload: dict, params: dict) -> None:
-        self.redirect(
-            add_query(payload["redirect_uri"], {**params, "state": payload.get("state"), "iss": self.config.issuer})
-        )
-
     async def get(self) -> None:
-        key = self.get_query_argument("req", None)
-        pending = await self._pending(key, take=False)
-        if pending is None:
-            self._gone()
+        try:
+            outcome = await self.services.authorizations.review(
+                self.get_query_argument("req", None), self.current_user, self.request.uri
+            )
+        except ShownError as exc:
+            self.error_page(exc.status, exc.title, exc.message)
             return
-        user = self.current_user
-        payload = pending.payload
-        if user is None or not signed_in_after(user, payload):
-            force = "1" if user is not None else ""
-            self.redirect("/login?" + urlencode({"next": self.request.uri, "force": force}))
-            return
-        decision = await self._decide_access(user, payload)
-        if decision is not None:
-            await self._pending(key, take=True)
+        if isinstance(outcome, Redirect):
+            self.redirect(outcome.url)
+        elif isinstance(outcome, Denied):
+            self.page("denied.html", status=403, reason=outcome.reason, back_url=outcome.back_url)
+        else:
             self.page(
-                "denied.html",
-                status=403,
-                reason=decision,
-                back_url=add_query(
-                    payload["redirect_uri"],
-                    {
-                        "error": "access_denied",
-                        "error_description": decision,
-                        "state": payload.get("state"),
-                        "iss": self.config.issuer,
-                    },
-                ),
+                "consent.html",
+                req=outcome.key,
+                client=outcome.client,
+                redirect_host=outcome.redirect_host,
+                loopback=outcome.loopback,
+                custom_scheme=outcome.custom_scheme,
+                server=outcome.server,
+                scopes=outcome.scopes,
             )
-            return
-        if payload["prompt"] != "consent":
-            consent = await self.services.storage.get_consent(
-                user["sub"], payload["client_id"], payload["audience"]
-            )
-            if consent and set(payload["scope"].split()) <= set(consent.scope.split()):
-                if await self._pending(key, take=True) is None:
-                    self._gone()
-                    return
-                await self._issue(user, payload)
-                return
-        if payload["prompt"] == "none":
-            await self._pending(key, take=True)
-            self._finish_redirect(payload, {"error": "consent_required"})
-            return
-        client = await self.services.clients.get(payload["client_id"])
-        server = None
-        if payload["server_id"]:
-            server = await self.services.access.server(payload["server_id"])
-        self.page(
-            "consent.html",
-            req=key,
-            client=client,
-            redirect_host=redirect_host(payload["redirect_uri"]),
-            loopback=is_loopback_redirect(payload["redirect_uri"]),
-            custom_scheme=urlsplit(payload["redirect_uri"]).scheme not in ("http", "https"),
-            server=server,
-            scopes=payload["scope"].split(),
-        )
 
     async def post(self) -> None:
-        user = self.current_user
-        pending = await self._pending(self.get_body_argument("req", None), take=True)
-        if pending is None:
-            self._gone()
-            return
-        payload = pending.payload
-        if user is None or not signed_in_after(user, payload):
-            self.error_page(401, "Not signed in", "Sign in again from your application.")
-            return
-        if self.get_body_argument("decision", "") != "approve":
-            self._finish_redirect(payload, {"error": "access_denied", "error_description": "the user declined"})
-            return
-        reason = await self._decide_access(user, payload)
-        if reason is not None:
-            self._finish_redirect(payload, {"error": "access_denied", "error_description": reason})
-            return
-        await self.services.storage.put_consent(
-            Consent(user["sub"], payload["client_id"], payload["audience"], payload["scope"], time.time())
-        )
-        await self._issue(user, payload)
-
-    async def _decide_access(self, user: dict, payload: dict) -> str | None:
-        """None when the user may use the requested server; else why not."""
-        record = await self.services.storage.get_user(user["sub"])
-        if record is None:
-            return "your account is unknown here; sign in again"
         try:
-            await self.services.tokens.check_access(
-                record, self.services.tokens.audience_for(payload["audience"])
+            outcome = await self.services.authorizations.decide(
+                self.get_body_argument("req", None),
+                self.current_user,
+                approve=self.get_body_argument("decision", "") == "approve",
             )
-        except OAuthError as exc:
-            return exc.description
-        return None
-
-    async def _issue(self, user: dict, payload: dict) -> None:
-        code = await self.services.tokens.issue_code(
-            client_id=payload["client_id"],
-            redirect_uri=payload["redirect_uri"],
-            code_challenge=payload["code_challenge"],
-            user_sub=user["sub"],
-            scope=payload["scope"],
-            audience=payload["audience"],
-        )
-        self._finish_redirect(payload, {"code": code})
+        except ShownError as exc:
+            self.error_page(exc.status, exc.title, exc.message)
+            return
+        self.redirect(outcome.url)
 
 
 class LoginHandler(BaseHandler):
@@ -325,41 +123,28 @@ class LoginHandler(BaseHandler):
 
     async def get(self) -> None:
         target = local_path(self.get_query_argument("next", None))
-        force = self.get_query_argument("force", "") == "1"
         if self.config.dev_login:
             self.page("login_dev.html", next=target, error=None, email="")
             return
-        identity = self.services.identity
         try:
-            start = await identity.start_login(force_login=force)
-        except IdentityError as exc:
-            self.error_page(502, "Sign-in is unavailable", str(exc))
+            url = await self.services.accounts.begin(target, self.get_query_argument("force", "") == "1")
+        except SignInError as exc:
+            self.error_page(exc.status, exc.title, exc.message)
             return
-        # The IdP state is single-use and server-side, created right before the redirect.
-        await self.services.storage.put_pending(
-            Pending(
-                kind="login",
-                key=start.state,
-                payload={"nonce": start.nonce, "verifier": start.code_verifier, "next": target},
-                expires_at=time.time() + PENDING_TTL,
-            )
-        )
-        self.redirect(start.url)
+        self.redirect(url)
 
     async def post(self) -> None:
         if not self.config.dev_login:
             self.error_page(404, "Not found", "There is no local sign-in on this gateway.")
             return
-        email = self.get_body_argument("email", "").strip().lower()
+        email = self.get_body_argument("email", "")
         target = local_path(self.get_body_argument("next", None))
-        if not EMAIL_RE.match(email):
-            self.page("login_dev.html", status=400, next=target, error="Enter a valid e-mail address.", email=email)
+        try:
+            user = await self.services.accounts.dev_sign_in(email)
+        except SignInError as exc:
+            self.page("login_dev.html", status=exc.status, next=target, error=exc.message, email=email.strip())
             return
-        claims = IdentityClaims(
-            sub=dev_subject(email), email=email, email_verified=True, hd="", name=email.split("@")[0], picture=""
-        )
-        await self.services.accounts.sign_in(claims)
-        self.set_signin_cookie(claims.sub, claims.email, claims.name)
+        self.set_signin_cookie(user.sub, user.email, user.name)
         self.redirect(target)
 
 
@@ -369,29 +154,17 @@ class CallbackHandler(BaseHandler):
     is_page = True
 
     async def get(self) -> None:
-        state = self.get_query_argument("state", "")
-        pending = await self.services.storage.take_pending("login", state, time.time()) if state else None
-        error = self.get_query_argument("error", None)
-        if error:  # some IdPs send no state with an error: nothing to look up then
-            self.error_page(403, "Sign-in was cancelled", f"The identity provider answered: {error[:100]}")
-            return
-        if pending is None:
-            self.error_page(400, "This sign-in has expired", "Start again from your application or the dashboard.")
-            return
-        code = self.get_query_argument("code", "")
-        if not code:
-            self.error_page(400, "Sign-in failed", "The identity provider sent no code.")
-            return
         try:
-            claims = await self.services.identity.finish_login(
-                code, pending.payload["verifier"], pending.payload["nonce"]
+            user, target = await self.services.accounts.finish(
+                self.get_query_argument("state", ""),
+                self.get_query_argument("code", ""),
+                self.get_query_argument("error", None),
             )
-        except IdentityError as exc:
-            self.error_page(502, "Sign-in failed", str(exc))
+        except SignInError as exc:
+            self.error_page(exc.status, exc.title, exc.message)
             return
-        await self.services.accounts.sign_in(claims)
-        self.set_signin_cookie(claims.sub, claims.email, claims.name)
-        self.redirect(local_path(pending.payload.get("next")))
+        self.set_signin_cookie(user.sub, user.email, user.name)
+        self.redirect(local_path(target))
 
 
 class LogoutHandler(BaseHandler):

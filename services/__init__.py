@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from config import Config
 from services.access import AccessPolicy
+from services.authorization import AuthorizationRequests
 from services.clients import ClientRegistry
 from services.dashboard import Dashboard
 from services.identity import Accounts, OidcIdentityProvider
@@ -40,6 +41,7 @@ class Services:
     keyring: KeyRing
     access: AccessPolicy
     tokens: TokenService
+    authorizations: AuthorizationRequests
     clients: ClientRegistry
     accounts: Accounts
     limits: RateLimiter
@@ -147,7 +149,8 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
         access=access,
         tokens=tokens,
         clients=clients,
-        accounts=Accounts(storage),
+        authorizations=AuthorizationRequests(storage, clients, tokens, access, config),
+        accounts=Accounts(storage, identity),
         limits=RateLimiter(),
         servers=servers,
         metrics=metrics,

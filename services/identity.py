@@ -21,7 +21,8 @@ from urllib.parse import quote, urlencode
 from google.oauth2 import id_token as google_id_token
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from storage.base import User
+from services.servers import InvalidInput, check_email
+from storage.base import Pending, User
 
 log = logging.getLogger("gateway.identity")
 
@@ -218,14 +219,70 @@ def dev_subject(email: str) -> str:
     return "dev-" + hashlib.sha256(email.lower().encode()).hexdigest()[:24]
 
 
+class SignInError(Exception):
+    """A sign-in that cannot go on: shown to the person as a page (status, title, message)."""
+
+    def __init__(self, status: int, title: str, message: str):
+        super().__init__(message)
+        self.status, self.title, self.message = status, title, message
+
+
+LOGIN_TTL = 600  # a person may take ten minutes at the identity provider
+
+
 class Accounts:
-    """What a successful sign-in changes: the user row (keyed by `sub`) and the binding
-    of servers registered for this e-mail before the person ever signed in."""
+    """Signing people in: the identity provider's leg (a single-use, server-side state
+    created right before the redirect), the local dev sign-in, and what a successful
+    sign-in changes (the user row keyed by `sub`; servers registered for this e-mail
+    before the person ever signed in get bound to them)."""
 
-    def __init__(self, storage):
+    def __init__(self, storage, identity: OidcIdentityProvider | None):
         self._storage = storage
+        self._identity = identity
 
-    async def sign_in(self, claims: IdentityClaims):
+    async def begin(self, next_path: str, force_login: bool) -> str:
+        """The identity provider URL to send the browser to."""
+        try:
+            start = await self._identity.start_login(force_login=force_login)
+        except IdentityError as exc:
+            raise SignInError(502, "Sign-in is unavailable", str(exc)) from None
+        await self._storage.put_pending(
+            Pending(
+                kind="login",
+                key=start.state,
+                payload={"nonce": start.nonce, "verifier": start.code_verifier, "next": next_path},
+                expires_at=time.time() + LOGIN_TTL,
+            )
+        )
+        return start.url
+
+    async def finish(self, state: str, code: str, error: str | None) -> tuple[User, str]:
+        """The return from the identity provider: the signed-in user and where to go next."""
+        pending = await self._storage.take_pending("login", state, time.time()) if state else None
+        if error:  # some IdPs send no state with an error: nothing to look up then
+            raise SignInError(403, "Sign-in was cancelled", f"The identity provider answered: {error[:100]}")
+        if pending is None:
+            raise SignInError(400, "This sign-in has expired", "Start again from your application or the dashboard.")
+        if not code:
+            raise SignInError(400, "Sign-in failed", "The identity provider sent no code.")
+        try:
+            claims = await self._identity.finish_login(code, pending.payload["verifier"], pending.payload["nonce"])
+        except IdentityError as exc:
+            raise SignInError(502, "Sign-in failed", str(exc)) from None
+        return await self.sign_in(claims), pending.payload.get("next", "")
+
+    async def dev_sign_in(self, email: str) -> User:
+        """The local sign-in (MCPGW_DEV_LOGIN, loopback only): the address is trusted as typed."""
+        try:
+            email = check_email(email)
+        except InvalidInput:
+            raise SignInError(400, "Sign in", "Enter a valid e-mail address.") from None
+        return await self.sign_in(
+            IdentityClaims(sub=dev_subject(email), email=email, email_verified=True, hd="",
+                           name=email.split("@")[0], picture="")
+        )
+
+    async def sign_in(self, claims: IdentityClaims) -> User:
         now = time.time()
         previous = await self._storage.get_user(claims.sub)
         user = await self._storage.upsert_user(

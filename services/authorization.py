@@ -1,0 +1,253 @@
+"""AuthorizationRequests: the rules of /authorize and its consent step — validating a
+request, parking it while the user signs in, deciding whether consent is needed, and
+issuing the code — so that the handlers only parse the request and render the outcome.
+
+Outcomes are values: `Redirect` (to the client, to sign-in or to consent), `ConsentPage`
+(what the page shows), `Denied` (the friendly refusal). Errors about the client or its
+redirect URI are `ShownError`: shown to the person, never redirected (RFC 6749 §4.1.2.1).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from urllib.parse import urlencode, urlsplit
+
+from config import Config
+from services.access import AccessPolicy
+from services.clients import (
+    ClientError,
+    ClientRegistry,
+    is_loopback_redirect,
+    redirect_host,
+    redirect_uri_matches,
+)
+from services.tokens import OAuthError, TokenService, parse_scope
+from storage.base import Client, Consent, Pending, Server, Storage
+
+PENDING_TTL = 600  # an /authorize and its sign-in may take ten minutes
+CHALLENGE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
+PROMPTS = {"none", "login", "consent", "select_account"}
+
+
+class ShownError(Exception):
+    """An error shown on a page (status, title, message), never redirected to the client."""
+
+    def __init__(self, status: int, title: str, message: str):
+        super().__init__(message)
+        self.status, self.title, self.message = status, title, message
+
+
+GONE = ShownError(400, "This sign-in request has expired", "Go back to your application and connect again.")
+
+
+@dataclass(frozen=True)
+class Redirect:
+    url: str
+
+
+@dataclass(frozen=True)
+class ConsentPage:
+    key: str
+    client: Client
+    server: Server | None
+    redirect_host: str
+    loopback: bool
+    custom_scheme: bool
+    scopes: list[str]
+
+
+@dataclass(frozen=True)
+class Denied:
+    reason: str
+    back_url: str  # hands access_denied back to the client
+
+
+def add_query(uri: str, params: dict[str, str | None]) -> str:
+    parts = urlsplit(uri)
+    query = urlencode({k: v for k, v in params.items() if v is not None})
+    joined = f"{parts.query}&{query}" if parts.query else query
+    return parts._replace(query=joined).geturl()
+
+
+def signin_time() -> float:
+    """The clock of the sign-in cookie's auth_time (see BaseHandler.set_signin_cookie)."""
+    return round(time.time(), 3)
+
+
+def signed_in_after(user: dict, payload: dict) -> bool:
+    """prompt=login: only a sign-in completed after the request counts."""
+    return float(user.get("auth_time", 0)) >= float(payload.get("login_after", 0))
+
+
+class AuthorizationRequests:
+    def __init__(self, storage: Storage, clients: ClientRegistry, tokens: TokenService,
+                 access: AccessPolicy, config: Config):
+        self._storage = storage
+        self._clients = clients
+        self._tokens = tokens
+        self._access = access
+        self._issuer = config.issuer
+
+    # ------------------------------------------------------------------ /authorize
+
+    async def start(self, params: dict[str, str], user: dict | None) -> Redirect:
+        """Validate and park a request; where the browser goes next."""
+        try:
+            client = await self._clients.get(params.get("client_id", ""))
+        except ClientError as exc:
+            raise ShownError(400, "Unknown application", exc.description) from None
+        redirect_uri = params.get("redirect_uri")
+        if redirect_uri is None:
+            if len(client.redirect_uris) != 1:
+                raise ShownError(400, "Invalid authorization request", "redirect_uri is required")
+            redirect_uri = client.redirect_uris[0]
+        if not redirect_uri_matches(client.redirect_uris, redirect_uri):
+            raise ShownError(400, "Invalid redirect URI",
+                             "The redirect URI is not registered for this application.")
+
+        state = params.get("state")
+        try:
+            request = await self._validate(params)
+        except OAuthError as exc:
+            return self._to_client(redirect_uri, state, error=exc.error, error_description=exc.description)
+        await self._clients.touch(client)
+        key = secrets.token_urlsafe(24)
+        await self._storage.put_pending(
+            Pending(
+                kind="authorize",
+                key=key,
+                payload={
+                    **request,
+                    "client_id": client.client_id,
+                    "redirect_uri": redirect_uri,
+                    "state": state,
+                    "login_after": signin_time() if request["prompt"] == "login" else 0,
+                },
+                expires_at=time.time() + PENDING_TTL,
+            )
+        )
+        consent_url = "/authorize/consent?" + urlencode({"req": key})
+        if request["prompt"] == "none" and user is None:
+            return self._to_client(redirect_uri, state, error="login_required", error_description="sign-in needed")
+        if user is None or request["prompt"] == "login":
+            force = "1" if request["prompt"] == "login" else ""
+            return Redirect("/login?" + urlencode({"next": consent_url, "force": force}))
+        return Redirect(consent_url)
+
+    async def _validate(self, params: dict[str, str]) -> dict:
+        if params.get("response_type") != "code":
+            raise OAuthError("unsupported_response_type", "response_type must be code")
+        challenge = params.get("code_challenge")
+        if not challenge:
+            raise OAuthError("invalid_request", "PKCE is required: send code_challenge (S256)")
+        if params.get("code_challenge_method") != "S256":
+            raise OAuthError("invalid_request", "code_challenge_method must be S256")
+        if not CHALLENGE_RE.match(challenge):
+            raise OAuthError("invalid_request", "code_challenge is not a base64url SHA-256 digest")
+        words = params.get("prompt", "").split()
+        if not set(words) <= PROMPTS:
+            raise OAuthError("invalid_request", "unsupported prompt value")
+        if "none" in words and len(words) > 1:
+            raise OAuthError("invalid_request", "prompt=none cannot be combined")
+        scope = parse_scope(params.get("scope"))
+        audience = await self._tokens.resolve_audience(params.get("resource"))
+        for name in ("state", "nonce"):
+            if len(params.get(name) or "") > 2000:
+                raise OAuthError("invalid_request", f"{name} is too long")
+        return {
+            "code_challenge": challenge,
+            "scope": scope,
+            "audience": audience.value,
+            "server_id": audience.server_id,
+            "prompt": "login" if "login" in words else "consent" if "consent" in words else " ".join(words),
+        }
+
+    # ------------------------------------------------------------------- consent
+
+    async def review(self, key: str | None, user: dict | None, uri: str) -> Redirect | ConsentPage | Denied:
+        """What the consent step shows (or skips) for the signed-in `user`."""
+        pending = await self._pending(key, take=False)
+        payload = pending.payload
+        if user is None or not signed_in_after(user, payload):
+            force = "1" if user is not None else ""
+            return Redirect("/login?" + urlencode({"next": uri, "force": force}))
+        reason = await self._refusal(user, payload)
+        if reason is not None:
+            await self._pending(key, take=True)
+            return Denied(reason, self._to_client_url(payload, error="access_denied", error_description=reason))
+        if payload["prompt"] != "consent":
+            consent = await self._storage.get_consent(user["sub"], payload["client_id"], payload["audience"])
+            if consent and set(payload["scope"].split()) <= set(consent.scope.split()):
+                await self._pending(key, take=True)  # single use, even when remembered
+                return await self._issue(user, payload)
+        if payload["prompt"] == "none":
+            await self._pending(key, take=True)
+            return Redirect(self._to_client_url(payload, error="consent_required"))
+        server = await self._access.server(payload["server_id"]) if payload["server_id"] else None
+        return ConsentPage(
+            key=key,
+            client=await self._clients.get(payload["client_id"]),
+            server=server,
+            redirect_host=redirect_host(payload["redirect_uri"]),
+            loopback=is_loopback_redirect(payload["redirect_uri"]),
+            custom_scheme=urlsplit(payload["redirect_uri"]).scheme not in ("http", "https"),
+            scopes=payload["scope"].split(),
+        )
+
+    async def decide(self, key: str | None, user: dict | None, approve: bool) -> Redirect:
+        """The consent form's answer; the request is used up either way."""
+        payload = (await self._pending(key, take=True)).payload
+        if user is None or not signed_in_after(user, payload):
+            raise ShownError(401, "Not signed in", "Sign in again from your application.")
+        if not approve:
+            return Redirect(self._to_client_url(payload, error="access_denied",
+                                                error_description="the user declined"))
+        reason = await self._refusal(user, payload)
+        if reason is not None:
+            return Redirect(self._to_client_url(payload, error="access_denied", error_description=reason))
+        await self._storage.put_consent(
+            Consent(user["sub"], payload["client_id"], payload["audience"], payload["scope"], time.time())
+        )
+        return await self._issue(user, payload)
+
+    async def _pending(self, key: str | None, take: bool) -> Pending:
+        pending = None
+        if key:
+            lookup = self._storage.take_pending if take else self._storage.get_pending
+            pending = await lookup("authorize", key, time.time())
+        if pending is None:
+            raise GONE
+        return pending
+
+    async def _refusal(self, user: dict, payload: dict) -> str | None:
+        """None when the user may use the requested server; else why not."""
+        record = await self._storage.get_user(user["sub"])
+        if record is None:
+            return "your account is unknown here; sign in again"
+        try:
+            await self._tokens.check_access(record, self._tokens.audience_for(payload["audience"]))
+        except OAuthError as exc:
+            return exc.description
+        return None
+
+    async def _issue(self, user: dict, payload: dict) -> Redirect:
+        code = await self._tokens.issue_code(
+            client_id=payload["client_id"],
+            redirect_uri=payload["redirect_uri"],
+            code_challenge=payload["code_challenge"],
+            user_sub=user["sub"],
+            scope=payload["scope"],
+            audience=payload["audience"],
+        )
+        return Redirect(self._to_client_url(payload, code=code))
+
+    # ------------------------------------------------------------ back to the client
+
+    def _to_client(self, redirect_uri: str, state: str | None, **params: str) -> Redirect:
+        return Redirect(add_query(redirect_uri, {**params, "state": state, "iss": self._issuer}))
+
+    def _to_client_url(self, payload: dict, **params: str) -> str:
+        return self._to_client(payload["redirect_uri"], payload.get("state"), **params).url
