@@ -3,6 +3,10 @@ MCPGW_STORAGE and returns an unopened `Storage` (call `await storage.open()`).""
 
 from __future__ import annotations
 
+import os
+import re
+from urllib.parse import parse_qsl, urlsplit
+
 from .base import (
     AuthCode,
     Client,
@@ -22,6 +26,7 @@ from .base import (
     UsageEvent,
     User,
 )
+from .dynamodb import DynamoDBStorage
 from .sqlite import SqliteStorage
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "Client",
     "Conflict",
     "Consent",
+    "DynamoDBStorage",
     "Grant",
     "McpSession",
     "Pending",
@@ -63,7 +69,7 @@ def open_storage(url: str) -> Storage:
     if scheme == "sqlite":
         return SqliteStorage(_sqlite_path(url))
     if scheme == "dynamodb":
-        raise ValueError("MCPGW_STORAGE: the DynamoDB backend is not available yet")
+        return _dynamodb(url)
     raise ValueError(f"MCPGW_STORAGE: unsupported storage URL {url!r}; {EXPECTED}")
 
 
@@ -84,3 +90,43 @@ def _sqlite_path(url: str) -> str:
     if path.endswith("/"):
         raise ValueError(f"MCPGW_STORAGE: SQLite URL {url!r} names a directory, not a file")
     return path
+
+
+# DynamoDB's own rule for table names.
+TABLE_NAME = re.compile(r"[A-Za-z0-9_.-]{3,255}")
+
+
+def _dynamodb(url: str) -> DynamoDBStorage:
+    """dynamodb://TABLE?region=R&endpoint=URL; the region may come from AWS_REGION."""
+    parts = urlsplit(url)
+    if not url.lower().startswith("dynamodb://") or parts.path not in ("", "/") or parts.fragment:
+        raise ValueError(f"MCPGW_STORAGE: bad DynamoDB URL {url!r}; {EXPECTED}")
+    table = parts.netloc
+    if not TABLE_NAME.fullmatch(table):
+        raise ValueError(
+            f"MCPGW_STORAGE: bad DynamoDB table name {table!r} in {url!r} "
+            "(3-255 characters of A-Z a-z 0-9 _ . -)"
+        )
+    try:
+        query = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query)))
+    except ValueError:
+        raise ValueError(f"MCPGW_STORAGE: bad query in DynamoDB URL {url!r}; {EXPECTED}") from None
+    unknown = sorted(set(query) - {"region", "endpoint"})
+    if unknown:
+        raise ValueError(
+            f"MCPGW_STORAGE: unknown DynamoDB URL parameter(s) {', '.join(unknown)}; {EXPECTED}"
+        )
+    region = query.get("region") or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION", "")
+    if not re.fullmatch(r"[a-z0-9-]+", region):
+        raise ValueError(
+            f"MCPGW_STORAGE: DynamoDB URL {url!r} names no valid region "
+            "(add ?region=R or set AWS_REGION)"
+        )
+    endpoint = query.get("endpoint", "")
+    if endpoint:
+        target = urlsplit(endpoint)
+        if target.scheme not in ("http", "https") or not target.hostname:
+            raise ValueError(
+                f"MCPGW_STORAGE: DynamoDB endpoint {endpoint!r} is not an http(s) URL"
+            )
+    return DynamoDBStorage(table, region, endpoint)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from storage import (
     Client,
     Conflict,
     Consent,
+    DynamoDBStorage,
     Grant,
     McpSession,
     Pending,
@@ -44,12 +47,71 @@ from storage import (
 from storage.base import LATENCY_BUCKETS, latency_bucket, latency_bucket_bounds
 from storage.sqlite import MIGRATIONS
 
-BACKENDS = ["sqlite"]
+BACKENDS = ["sqlite", "dynamodb"]
 T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z: a fixed clock for everything but reaping
 DAY = 86_400.0
 ROOT = Path(__file__).resolve().parent.parent
 
 StorageFactory = Callable[[], Storage]
+
+
+# moto's own server (moto.server.main, what .venv/bin/moto_server runs) with one lock
+# around each request. moto applies requests from several threads without isolation: its
+# TransactWriteItems snapshots whole tables and restores them when a transaction is
+# cancelled, undoing other clients' committed writes meanwhile. DynamoDB serializes
+# conflicting writes; one request at a time is the faithful model of that here.
+SERIAL_MOTO_SERVER = """
+import sys, threading
+from moto import server
+run_simple, lock = server.run_simple, threading.Lock()
+
+def serial(app):
+    def handle(environ, start_response):
+        with lock:
+            return list(app(environ, start_response))
+    return handle
+
+server.run_simple = lambda host, port, app, **kw: run_simple(host, port, serial(app), **kw)
+server.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope="session")
+def dynamodb_endpoint() -> Any:
+    """A real DynamoDB-compatible server (moto in server mode) on a loopback port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERIAL_MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.fixture
+def dynamodb_table(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """(endpoint, a fresh table name), with dummy credentials for this test only."""
+    endpoint = request.getfixturevalue("dynamodb_endpoint")
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")):
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    return endpoint, f"gw-{uuid.uuid4().hex[:16]}"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -58,6 +120,9 @@ def storage_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StorageFa
     if request.param == "sqlite":
         path = str(tmp_path / "state" / "gateway.db")
         return lambda: SqliteStorage(path)
+    if request.param == "dynamodb":
+        endpoint, table = request.getfixturevalue("dynamodb_table")
+        return lambda: DynamoDBStorage(table, "us-east-1", endpoint)
     raise AssertionError(f"unknown backend {request.param}")
 
 
@@ -1087,9 +1152,72 @@ def test_open_storage_rejects_bad_urls_naming_the_variable(url: str) -> None:
     assert "\n" not in str(caught.value)
 
 
-def test_open_storage_dynamodb_is_not_available_yet() -> None:
-    with pytest.raises(ValueError, match="DynamoDB backend is not available yet"):
-        open_storage("dynamodb://gateway?region=eu-west-1&endpoint=http://127.0.0.1:8000")
+def test_open_storage_dynamodb_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    store = open_storage("dynamodb://gateway?region=eu-west-1&endpoint=http://127.0.0.1:8000")
+    assert isinstance(store, DynamoDBStorage)
+    assert (store.table, store.region, store.endpoint) == ("gateway", "eu-west-1", "http://127.0.0.1:8000")
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    store = open_storage("dynamodb://my-table.v2")
+    assert (store.table, store.region, store.endpoint) == ("my-table.v2", "us-west-2", "")
+    assert open_storage("dynamodb://gateway?region=eu-north-1").region == "eu-north-1"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "dynamodb://",
+        "dynamodb://gw?region=eu-west-1",  # too short a table name
+        "dynamodb://bad/table?region=eu-west-1",
+        "dynamodb://bad*name?region=eu-west-1",
+        "dynamodb:gateway?region=eu-west-1",
+        "dynamodb://gateway",  # no region anywhere
+        "dynamodb://gateway?region=",
+        "dynamodb://gateway?region=eu-west-1&colour=blue",
+        "dynamodb://gateway?region=eu-west-1&endpoint=ftp://127.0.0.1:8000",
+        "dynamodb://gateway?region=eu-west-1&endpoint=127.0.0.1:8000",
+    ],
+)
+def test_open_storage_rejects_bad_dynamodb_urls(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    with pytest.raises(ValueError, match="^MCPGW_STORAGE") as caught:
+        open_storage(url)
+    assert "\n" not in str(caught.value)
+
+
+def test_dynamodb_instances_race_on_one_shot_operations_and_on_creating_the_table(
+    dynamodb_table: tuple[str, str],
+) -> None:
+    endpoint, table = dynamodb_table
+    a, b = DynamoDBStorage(table, "us-east-1", endpoint), DynamoDBStorage(table, "us-east-1", endpoint)
+
+    async def scenario() -> None:
+        await asyncio.gather(a.open(), b.open())  # both find the table missing
+        try:
+            for i in range(10):
+                await a.put_code(code(f"c{i}"))
+                await a.put_pending(Pending("authorize", f"p{i}", {}, T0 + 60))
+                await a.create_family(family(f"f{i}"), refresh(f"rt{i}", f"f{i}"))
+                redeemed = await asyncio.gather(a.redeem_code(f"c{i}"), b.redeem_code(f"c{i}"))
+                assert sorted(first for _, first in redeemed) == [False, True]
+                taken = await asyncio.gather(
+                    a.take_pending("authorize", f"p{i}", T0), b.take_pending("authorize", f"p{i}", T0)
+                )
+                assert sum(t is not None for t in taken) == 1
+                rotated = await asyncio.gather(
+                    a.rotate_refresh_token(f"rt{i}", refresh(f"rt{i}-a", f"f{i}"), "ct", T0 + 1),
+                    b.rotate_refresh_token(f"rt{i}", refresh(f"rt{i}-b", f"f{i}"), "ct", T0 + 1),
+                )
+                assert sorted(rotated) == [False, True]
+                winner = "a" if rotated[0] else "b"
+                assert (await b.get_refresh_token(f"rt{i}")).replaced_by == f"rt{i}-{winner}"
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(scenario())
 
 
 def test_open_storage_does_not_touch_the_filesystem(tmp_path: Path) -> None:
