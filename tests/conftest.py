@@ -82,3 +82,12 @@ def stateless_upstream():
     process = UpstreamProcess("--stateless").wait_ready()
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def dynamodb_endpoint():
+    """A real DynamoDB-compatible server (moto in server mode) on a loopback port."""
+    from tests.support.dynamodb import moto_server
+
+    with moto_server() as endpoint:
+        yield endpoint
