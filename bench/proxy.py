@@ -34,6 +34,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import minimal_upstream  # noqa: E402
 from tests.support.gateway import GatewayProcess  # noqa: E402
 
 TOOLS_CALL = json.dumps(
@@ -41,64 +42,6 @@ TOOLS_CALL = json.dumps(
      "params": {"name": "search", "arguments": {"query": "quarterly revenue by region", "limit": 10}}}
 ).encode()
 REDIRECT = "http://127.0.0.1:9/cb"
-
-
-# ------------------------------------------------------------------------ the upstream
-
-
-def serve(port_file: str) -> None:
-    """Raw asyncio HTTP/1.1 upstream: JSON to POST, an SSE stream to GET (silent until
-    /__push writes one event into the newest open stream), counters at /__stats."""
-    answer = json.dumps({"jsonrpc": "2.0", "id": 7,
-                         "result": {"content": [{"type": "text", "text": "x" * 200}], "isError": False}}).encode()
-    json_response = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                     % len(answer) + answer)
-    sse_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-    streams: list = []
-    stats = {"accepted": 0}
-
-    def chunk(data: bytes) -> bytes:
-        return b"%x\r\n%s\r\n" % (len(data), data)
-
-    class Upstream(asyncio.Protocol):
-        def connection_made(self, transport):
-            self.transport, self.buffer = transport, bytearray()
-            stats["accepted"] += 1
-
-        def connection_lost(self, exc):
-            if self.transport in streams:
-                streams.remove(self.transport)
-
-        def data_received(self, data: bytes) -> None:
-            self.buffer += data
-            while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-                head = bytes(self.buffer[:end]).lower()
-                match = re.search(rb"\r\ncontent-length:\s*(\d+)", head)
-                length = int(match.group(1)) if match else 0
-                if len(self.buffer) < end + 4 + length:
-                    return
-                del self.buffer[: end + 4 + length]
-                method, path = head.split(b" ", 2)[:2]
-                if path == b"/__stats":
-                    body = json.dumps({**stats, "streams": len(streams)}).encode()
-                    self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-                elif path.startswith(b"/__push"):
-                    if streams:
-                        event = b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\"}\n\n"
-                        streams[-1].write(chunk(event))
-                    self.transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-                elif method == b"get":
-                    self.transport.write(sse_head + chunk(b": open\n\n"))
-                    streams.append(self.transport)
-                else:
-                    self.transport.write(json_response)
-
-    async def main() -> None:
-        server = await asyncio.get_running_loop().create_server(Upstream, "127.0.0.1", 0, backlog=4096)
-        Path(port_file).write_text(str(server.sockets[0].getsockname()[1]))
-        await asyncio.sleep(3600)
-
-    asyncio.run(main())
 
 
 # ------------------------------------------------------------------ a minimal client
@@ -177,7 +120,7 @@ async def open_stream(port: int, path: str, token: str | None):
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
     writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n{auth}\r\n".encode())
     await reader.readuntil(b"\r\n\r\n")
-    await reader.readuntil(b"\n\n")  # the ": open" comment: the stream is up end to end
+    await reader.readuntil(b"\n\n")  # the upstream's first event: the stream is up end to end
     return reader, writer
 
 
@@ -282,19 +225,11 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=5000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        serve(args.serve)
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        port_file = Path(tmp) / "port"
-        upstream = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file)])
+        upstream, upstream_port = minimal_upstream.start(Path(tmp) / "port")
         gateway = None
         try:
-            while not port_file.exists() or not port_file.read_text():
-                time.sleep(0.05)
-            upstream_port = int(port_file.read_text())
             os.sched_setaffinity(upstream.pid, {1})
             os.sched_setaffinity(0, {1})
             gateway = GatewayProcess(Path(tmp) / "gw").start()

@@ -31,13 +31,14 @@ import json
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import minimal_upstream  # noqa: E402
 
 BODY = json.dumps(
     {
@@ -58,82 +59,12 @@ STREAMS = 50
 # --------------------------------------------------------------------------- upstream
 
 
-def serve(port_file: str) -> None:
-    """The upstream: raw asyncio HTTP/1.1, so that the client side is what is measured."""
-    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:
-        os.sched_setaffinity(0, {os.cpu_count() - 1})
-    answer = json.dumps(
-        {
-            "jsonrpc": "2.0",
-            "id": 7,
-            "result": {"content": [{"type": "text", "text": "x" * 200}], "isError": False},
-        }
-    ).encode()
-    json_response = (
-        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(answer)
-        + answer
-    )
-    sse_head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-    event = b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/progress"}\n\n'
-    sse_first = sse_head + b"%x\r\n" % len(event) + event + b"\r\n"
-    stats = {"accepted": 0, "open": 0}
-
-    class Upstream(asyncio.Protocol):
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            self.transport = transport
-            self.buffer = bytearray()
-            stats["accepted"] += 1
-            stats["open"] += 1
-
-        def connection_lost(self, exc: BaseException | None) -> None:
-            stats["open"] -= 1
-
-        def data_received(self, data: bytes) -> None:
-            self.buffer += data
-            while True:
-                end = self.buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    return
-                head = bytes(self.buffer[:end]).lower()
-                length = 0
-                at = head.find(b"\r\ncontent-length:")
-                if at >= 0:
-                    stop = head.find(b"\r\n", at + 2)
-                    length = int(head[at + 17 : stop if stop >= 0 else len(head)])
-                if len(self.buffer) < end + 4 + length:
-                    return
-                del self.buffer[: end + 4 + length]
-                path = head.split(b" ", 2)[1]
-                if path == b"/__stats":
-                    body = json.dumps(stats).encode()
-                    self.transport.write(  # type: ignore[attr-defined]
-                        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
-                        + body
-                    )
-                    self.transport.close()
-                    return
-                if path == b"/sse":
-                    self.transport.write(sse_first)  # type: ignore[attr-defined]
-                    continue  # the stream stays open and silent until the client leaves
-                self.transport.write(json_response)  # type: ignore[attr-defined]
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(Upstream, "127.0.0.1", 0, backlog=1024)
-        Path(port_file).write_text(str(server.sockets[0].getsockname()[1]))
-        await asyncio.sleep(3600)  # the parent kills us; bounded anyway
-
-    asyncio.run(main())
-
-
 async def upstream_stats(port: int) -> dict[str, int]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /__stats HTTP/1.1\r\nHost: x\r\n\r\n")
     data = await reader.read()
     writer.close()
-    stats = json.loads(data.split(b"\r\n\r\n", 1)[1])
-    stats["open"] -= 1  # this very connection
-    return stats
+    return json.loads(data.split(b"\r\n\r\n", 1)[1])  # "open" excludes this very connection
 
 
 # --------------------------------------------------------------------------- clients
@@ -533,20 +464,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--serve", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve:
-        serve(args.serve)
-        return
-    port_file = Path(f"/tmp/upstream-bench-{os.getpid()}.port")
-    port_file.unlink(missing_ok=True)
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file)])
+    server, port = minimal_upstream.start(Path(f"/tmp/upstream-bench-{os.getpid()}.port"))
     try:
-        for _ in range(100):
-            if port_file.exists() and port_file.read_text():
-                break
-            time.sleep(0.05)
-        port = int(port_file.read_text())
         if hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, {0})
         with socket.create_connection(("127.0.0.1", port), timeout=2):
@@ -555,7 +475,6 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=10)
-        port_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
