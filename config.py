@@ -55,6 +55,7 @@ class Config:
     sse_keepalive: int = 15  # idle SSE streams get a comment so intermediaries keep them open
     slow_reader_timeout: int = 30  # a client that cannot drain one write in this long is cut off
     upstream_timeout: int = 60  # seconds an upstream may take to send its response headers
+    usage_retention_days: int = 90  # per-call usage history kept; daily aggregates stay
 
     def check_can_serve(self) -> None:
         """What serving needs beyond what the admin commands need."""
@@ -144,6 +145,9 @@ class Config:
         values["sse_keepalive"] = _int(env, "MCPGW_SSE_KEEPALIVE", cls.sse_keepalive, 1, 3600)
         values["slow_reader_timeout"] = _int(env, "MCPGW_SLOW_READER_TIMEOUT", cls.slow_reader_timeout, 1, 3600)
         values["upstream_timeout"] = _int(env, "MCPGW_UPSTREAM_TIMEOUT", cls.upstream_timeout, 1, 3600)
+        values["usage_retention_days"] = _int(
+            env, "MCPGW_USAGE_RETENTION_DAYS", cls.usage_retention_days, 1, 3650
+        )
 
         values.update(overrides)
         if not values.get("secret_key"):

@@ -31,6 +31,7 @@ log = logging.getLogger("gateway.services")
 
 HOUSEKEEPING_INTERVAL = 300.0
 IDENTITY_TTL = 300  # lifetime of the identity assertion sent to upstreams
+USAGE_PURGE_BATCH, USAGE_PURGE_ROUNDS = 5000, 20  # at most 100,000 old events per round
 
 
 @dataclass
@@ -76,8 +77,22 @@ class Services:
         await self.storage.close()
 
     async def _housekeeping(self) -> None:
-        await self.storage.purge_expired(time.time())
+        now = time.time()
+        await self.storage.purge_expired(now)
         await self.clients.reap_idle()
+        await self.purge_old_usage(now)
+
+    async def purge_old_usage(self, now: float) -> int:
+        """Usage history past MCPGW_USAGE_RETENTION_DAYS, in bounded batches so that no
+        single write holds the store for long; what is left waits for the next round."""
+        before = now - self.config.usage_retention_days * 86400
+        purged = 0
+        for _ in range(USAGE_PURGE_ROUNDS):
+            batch = await self.storage.purge_usage_events(before, USAGE_PURGE_BATCH)
+            purged += batch
+            if batch < USAGE_PURGE_BATCH:
+                break
+        return purged
 
     def identity_headers(self, server, claims: dict) -> list[tuple[str, str]]:
         """Opt-in identity forwarding: who the user is, plus a short-lived gateway-signed

@@ -476,5 +476,11 @@ class Storage(abc.ABC):
 
     # housekeeping
     @abc.abstractmethod
+    async def purge_usage_events(self, before: float, limit: int) -> int:
+        """Delete up to `limit` usage events older than `before`, oldest first; returns how
+        many. The daily aggregates and the who-used-what rows stay: retention only thins
+        out the per-call history."""
+
+    @abc.abstractmethod
     async def purge_expired(self, now: float) -> int:
         """Drop expired pending states, codes, sessions, revocations and dead tokens."""

@@ -31,6 +31,7 @@ a time as a fixed-width sortable string.
   daily agg.     DAILY#server / day#target#user          counters and buckets h0..h31 by ADD
   hourly agg.    HOURLY#server / hour#target#user        EXP (hour); TTL a few days
   usage user     USAGEUSERS#server / U#user
+  usage servers  USAGESERVERS / server                   (servers with event partitions, for retention)
   EXP entries    EXPPK = EXP#type#shard (8 shards per type, by a hash of PK), EXPSK = ts(expiry)
 
 Expiry: pending states, codes, sessions, revocations, refresh tokens and hourly rows carry
@@ -1201,6 +1202,9 @@ class DynamoDBStorage(Storage):
             sort = f"{_ts(event.at)}#{batch}{next(_sequence) % 10**8:08d}"
             item = {**_key(f"EVENTS#{_esc(event.server_id)}", sort), **USAGE_EVENTS.encode(event)}
             puts.append({"PutRequest": {"Item": item}})
+        # Which servers have event partitions: what purge_usage_events walks (no Scan).
+        for server_id in {event.server_id for event in events}:
+            puts.append({"PutRequest": {"Item": _key("USAGESERVERS", _esc(server_id))}})
         self._batch_write(puts)
         for key, totals in daily.items():
             self._add_aggregate("DAILY", "day", key, totals)
@@ -1328,6 +1332,27 @@ class DynamoDBStorage(Storage):
         return [USAGE_EVENTS.decode(i) for i in page.get("Items", [])]
 
     # -------------------------------------------------------------- housekeeping
+
+    async def purge_usage_events(self, before: float, limit: int) -> int:
+        return await self._run(self._purge_usage_events, before, limit)
+
+    def _purge_usage_events(self, before: float, limit: int) -> int:
+        # One Query per server's event partition (oldest first, keys below ts(before)),
+        # found through the USAGESERVERS list, then batch deletes: never a Scan.
+        purged = 0
+        for server in self._query_partition("USAGESERVERS", ProjectionExpression="SK"):
+            if purged >= limit:
+                break
+            expr = _Expr()
+            condition = (
+                f"{expr.n('PK')} = {expr.v({'S': 'EVENTS#' + server['SK']['S']})} "
+                f"AND {expr.n('SK')} < {expr.v({'S': _ts(before)})}"
+            )
+            old = self._query(limit - purged, ProjectionExpression="PK, SK",
+                              **expr.params(KeyConditionExpression=condition))
+            self._batch_write([{"DeleteRequest": {"Key": {"PK": i["PK"], "SK": i["SK"]}}} for i in old])
+            purged += len(old)
+        return purged
 
     async def purge_expired(self, now: float) -> int:
         return await self._run(self._purge_expired, now)

@@ -990,6 +990,18 @@ class SqliteStorage(Storage):
 
     # -------------------------------------------------------------- housekeeping
 
+    async def purge_usage_events(self, before: float, limit: int) -> int:
+        # Oldest ids first: events are appended in time order, so the old ones are found
+        # at the start of the table without an index on `at` alone (which every insert
+        # would pay for).
+        return await self._run(
+            self._change,
+            "DELETE FROM usage_events WHERE id IN "
+            "(SELECT id FROM usage_events WHERE at < ? ORDER BY id LIMIT ?)",
+            before,
+            limit,
+        )
+
     async def purge_expired(self, now: float) -> int:
         return await self._run(self._purge_expired, now)
 

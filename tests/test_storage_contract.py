@@ -785,6 +785,27 @@ def test_recent_usage_pages_newest_first(storage: Storage) -> None:
     run(scenario, storage)
 
 
+def test_purge_usage_events_drops_old_history_oldest_first_and_keeps_aggregates(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        old = [event(T0 - 100 + i, target=f"old{i}") for i in range(5)]
+        other = event(T0 - 50, server_id="srv_other", target="old-other")
+        new = [event(T0 + i, target=f"new{i}") for i in range(3)]
+        await s.record_usage([*old, other])
+        await s.record_usage(new)
+
+        assert await s.purge_usage_events(T0, 4) == 4  # bounded batches
+        assert await s.purge_usage_events(T0, 100) == 2  # the rest of the old, across servers
+        assert await s.purge_usage_events(T0, 100) == 0
+        assert await s.recent_usage("srv_a", float("inf"), 10) == list(reversed(new))
+        assert await s.recent_usage("srv_other", float("inf"), 10) == []
+        # The aggregates still count every call.
+        whole = {r.target: r.calls for r in await s.usage_rollup("srv_a", "2000-01-01")}
+        assert whole["old0"] == 1 and whole["new2"] == 1
+        assert [u.user_sub for u in await s.server_users("srv_other")] == ["u1"]
+
+    run(scenario, storage)
+
+
 def test_usage_aggregates_carry_a_latency_histogram_that_adds_up(storage: Storage) -> None:
     async def scenario(s: Storage) -> None:
         await s.record_usage([event(T0, latency_ms=0.05), event(T0 + 1, latency_ms=10)])
