@@ -239,7 +239,8 @@ class McpProxyHandler(BaseHandler):
                 user_sub=claims["sub"],
                 server_id=server_id,
                 upstream_session_id=upstream_session,
-                protocol_version=self.request.headers.get("MCP-Protocol-Version", ""),
+                # initialize names its version in the body; the header only follows it.
+                protocol_version=str((message.params or {}).get("protocolVersion", ""))[:40],
             )
         if session is not None:
             self.set_header("Mcp-Session-Id", session.session_id)

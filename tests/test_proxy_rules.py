@@ -463,7 +463,8 @@ def test_connect_only_token_lists_but_tool_calls_need_invoke(rig):
 def session_row(rig: Rig, session_id: str):
     with sqlite3.connect(f"file:{rig.db}?mode=ro", uri=True) as conn:
         return conn.execute(
-            "SELECT upstream_session_id, user_sub, server_id FROM sessions WHERE session_id = ?", (session_id,)
+            "SELECT upstream_session_id, user_sub, server_id, protocol_version FROM sessions WHERE session_id = ?",
+            (session_id,),
         ).fetchone()
 
 
@@ -471,7 +472,8 @@ def test_sessions_are_the_gateways_own_and_bound_to_user_and_server(rig):
     alice, bob = rig.tokens["alice_base"], rig.tokens["bob_a"]
     session = open_session(rig.http, SRV_A, alice)
     assert session.startswith("mcpgw-") and len(session) > 30
-    upstream_id, user_sub, server_id = session_row(rig, session)
+    upstream_id, user_sub, server_id, version = session_row(rig, session)
+    assert version == LEGACY  # from the initialize body (the header only follows it)
     assert upstream_id and upstream_id != session and upstream_id not in session
     assert (user_sub, server_id) == (ALICE["sub"], SRV_A)
     assert list_tools(rig.http, SRV_A, alice, session).status_code == 200
