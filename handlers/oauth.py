@@ -91,16 +91,7 @@ class ConsentHandler(BaseHandler):
         elif isinstance(outcome, Denied):
             self.page("denied.html", status=403, reason=outcome.reason, back_url=outcome.back_url)
         else:
-            self.page(
-                "consent.html",
-                req=outcome.key,
-                client=outcome.client,
-                redirect_host=outcome.redirect_host,
-                loopback=outcome.loopback,
-                custom_scheme=outcome.custom_scheme,
-                server=outcome.server,
-                scopes=outcome.scopes,
-            )
+            self.page("consent.html", **vars(outcome))
 
     async def post(self) -> None:
         try:

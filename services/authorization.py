@@ -50,7 +50,9 @@ class Redirect:
 
 @dataclass(frozen=True)
 class ConsentPage:
-    key: str
+    """The consent template's context, field for field."""
+
+    req: str
     client: Client
     server: Server | None
     redirect_host: str
@@ -188,7 +190,7 @@ class AuthorizationRequests:
             return Redirect(self._to_client_url(payload, error="consent_required"))
         server = await self._access.server(payload["server_id"]) if payload["server_id"] else None
         return ConsentPage(
-            key=key,
+            req=key,
             client=await self._clients.get(payload["client_id"]),
             server=server,
             redirect_host=redirect_host(payload["redirect_uri"]),

@@ -20,6 +20,7 @@ from urllib.parse import unquote_plus, urlsplit
 
 from config import is_loopback_host
 from services.keys import token_hash
+from services.tokens import OAuthError
 from storage.base import Client, Conflict, Storage
 
 DANGEROUS_SCHEMES = {"javascript", "data", "file", "vbscript", "about", "blob", "filesystem"}
@@ -34,14 +35,9 @@ DCR_IDLE_REAP = 30 * 86400  # unused DCR registrations are deleted after this lo
 CIMD_IDLE_REAP = 7 * 86400
 
 
-class ClientError(Exception):
-    """An RFC 6749 / 7591 error: `error` code, human description, HTTP status."""
-
-    def __init__(self, error: str, description: str, status: int = 400):
-        super().__init__(description)
-        self.error = error
-        self.description = description
-        self.status = status
+class ClientError(OAuthError):
+    """An RFC 6749 / 7591 error about the client or its metadata (callers that show these
+    on a page instead of redirecting catch it before OAuthError)."""
 
 
 def is_cimd_client_id(client_id: str) -> bool:

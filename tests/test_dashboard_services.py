@@ -232,18 +232,7 @@ def test_non_owner_can_neither_read_edit_share_test_nor_delete(tmp_path, upstrea
             server_id = await ana_server(s, upstream.url)
             bob = await actor(s, BOB)
             d = s.dashboard
-            for attempt in (
-                d.server(bob, server_id),
-                d.manage(bob, server_id),
-                d.edit(bob, server_id, {"name": "mine now"}),
-                d.delete(bob, server_id),
-                d.test_connection(bob, server_id),
-                d.sharing(bob, server_id),
-                d.add_grant(bob, server_id, "email", "bob@example.com"),
-                d.remove_grant(bob, server_id, "email", "ana@example.com"),
-                d.usage(bob, server_id, 7),
-                d.usage_csv(bob, server_id, 7),
-            ):
+            for attempt in (d.server(bob, server_id), *owner_only_calls(d, bob, server_id)):
                 with pytest.raises(NotFound):
                     await attempt
             assert (await s.servers.get(server_id)).name == "Ana's tools"
@@ -251,6 +240,22 @@ def test_non_owner_can_neither_read_edit_share_test_nor_delete(tmp_path, upstrea
             overview = await d.overview(bob)
             assert overview == {"mine": [], "shared": [], "all": []}
     main()
+
+
+def owner_only_calls(d, person, server_id: str, existing_grant=("email", "ana@example.com")) -> list:
+    """Every dashboard operation reserved to the owner (and admins), as `person` would try it;
+    the removal aims at `existing_grant`."""
+    return [
+        d.manage(person, server_id),
+        d.edit(person, server_id, {"name": "mine now"}),
+        d.delete(person, server_id),
+        d.test_connection(person, server_id),
+        d.sharing(person, server_id),
+        d.add_grant(person, server_id, "email", "eve@example.com"),
+        d.remove_grant(person, server_id, *existing_grant),
+        d.usage(person, server_id, 7),
+        d.usage_csv(person, server_id, 7),
+    ]
 
 
 def test_people_it_is_shared_with_see_the_install_panel_only(tmp_path, upstream):
@@ -268,17 +273,7 @@ def test_people_it_is_shared_with_see_the_install_panel_only(tmp_path, upstream)
                 assert view.install["mcp_url"].endswith("/mcp/" + server_id)
                 assert "upstream_url" not in view.as_dict() and view.header_names == []
                 assert [v.server.server_id for v in (await d.overview(person))["shared"]] == [server_id]
-                for attempt in (
-                    d.manage(person, server_id),
-                    d.edit(person, server_id, {"name": "x"}),
-                    d.delete(person, server_id),
-                    d.test_connection(person, server_id),
-                    d.sharing(person, server_id),
-                    d.add_grant(person, server_id, "email", "eve@example.com"),
-                    d.remove_grant(person, server_id, "domain", "corp.example"),
-                    d.usage(person, server_id, 30),
-                    d.usage_csv(person, server_id, 30),
-                ):
+                for attempt in owner_only_calls(d, person, server_id, ("domain", "corp.example")):
                     with pytest.raises(Forbidden):
                         await attempt
     main()

@@ -26,6 +26,7 @@ from tests.support.browser import ScriptedBrowser
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayProcess
 from tests.support.idp import free_port
+from tests.support.jsonrpc import rpc
 from tests.support.tokens import access_token, register_public_client
 
 ALICE = {"sub": "alice-rules", "email": "alice@example.com", "email_verified": True, "name": "Alice"}
@@ -186,13 +187,6 @@ def rig(idp, upstream, tmp_path_factory):
 # ---------------------------------------------------------------------- MCP helpers
 
 
-def rpc(method: str, request_id: int | str | None = 1, **params) -> dict:
-    message = {"jsonrpc": "2.0", "method": method}
-    if request_id is not None:
-        message["id"] = request_id
-    if params:
-        message["params"] = params
-    return message
 
 
 INITIALIZE = rpc("initialize", 1, protocolVersion=LEGACY, capabilities={},

@@ -24,6 +24,7 @@ import tornado.web
 from tests.support.browser import ScriptedBrowser
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayProcess
+from tests.support.jsonrpc import rpc
 from tests.support.tokens import access_token, register_public_client
 
 KEEPALIVE_S, SLOW_READER_S, UPSTREAM_TIMEOUT_S = 1, 2, 2
@@ -266,13 +267,6 @@ def rig(idp, tmp_path_factory):
 # ---------------------------------------------------------------------- helpers
 
 
-def rpc(method: str, request_id: int | None = 1, **params) -> dict:
-    message = {"jsonrpc": "2.0", "method": method}
-    if request_id is not None:
-        message["id"] = request_id
-    if params:
-        message["params"] = params
-    return message
 
 
 INITIALIZE = rpc("initialize", 1, protocolVersion=LEGACY, capabilities={},
