@@ -68,10 +68,13 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_status(204)
 
     def client_ip(self) -> str:
+        """The address rate limits key on. Behind a trusted reverse proxy, the right-most
+        X-Forwarded-For entry: the address that proxy saw. Entries to its left (and
+        X-Real-Ip, which Tornado's xheaders would prefer) are whatever the client wrote."""
         if self.config.trust_forwarded:
             forwarded = self.request.headers.get("X-Forwarded-For", "")
             if forwarded:
-                return forwarded.split(",")[0].strip()
+                return forwarded.rsplit(",", 1)[-1].strip()
         return self.request.remote_ip or ""
 
     # ------------------------------------------------------------------ output

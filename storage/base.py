@@ -21,6 +21,15 @@ class StorageError(Exception):
     """A backend failure that is not the caller's fault."""
 
 
+class StorageUnavailable(StorageError):
+    """The store cannot take this operation right now (locked, read-only, full, throttled):
+    the caller answers 503 with Retry-After and nothing is half-written."""
+
+    def __init__(self, message: str = "storage is unavailable", retry_after: int = 2):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Conflict(StorageError):
     """A conditional write lost: the key exists already or the condition no longer holds."""
 

@@ -1,0 +1,1 @@
+"""Negative and fault suites: attacks and failures, each asserting the exact refusal."""
