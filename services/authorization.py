@@ -40,7 +40,15 @@ class ShownError(Exception):
         self.status, self.title, self.message = status, title, message
 
 
-GONE = ShownError(400, "This sign-in request has expired", "Go back to your application and connect again.")
+class RequestGone(ShownError):
+    """The parked request is unknown, used up or expired.
+
+    A class, not a shared instance: raising one exception object again and again chains
+    each raise's traceback onto it, and with it every frame (handler, request) it passed
+    through, so memory grew with every unauthenticated `/authorize/consent?req=x`."""
+
+    def __init__(self) -> None:
+        super().__init__(400, "This sign-in request has expired", "Go back to your application and connect again.")
 
 
 @dataclass(frozen=True)
@@ -221,7 +229,7 @@ class AuthorizationRequests:
             lookup = self._storage.take_pending if take else self._storage.get_pending
             pending = await lookup("authorize", key, time.time())
         if pending is None:
-            raise GONE
+            raise RequestGone()
         return pending
 
     async def _refusal(self, user: dict, payload: dict) -> str | None:

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class GatewayProcess:
     def __init__(self, state_dir: Path, *, idp=None, idp_client=None, port: int | None = None,
-                 extra_env: dict[str, str] | None = None, share_storage_with: GatewayProcess | None = None):
+                 extra_env: dict[str, str] | None = None, share_storage_with: GatewayProcess | None = None,
+                 nofile: int | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.state_dir = Path(state_dir)
@@ -46,8 +47,14 @@ class GatewayProcess:
         else:
             self.env["MCPGW_DEV_LOGIN"] = "1"
         self.env.update(extra_env or {})
+        self.nofile = nofile  # RLIMIT_NOFILE (soft and hard) of the serving process, for exhaustion tests
         self._process: subprocess.Popen | None = None
         self._log = None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None, "not started"
+        return self._process.pid
 
     @property
     def listen_url(self) -> str:
@@ -59,6 +66,7 @@ class GatewayProcess:
         self._process = subprocess.Popen(
             [sys.executable, str(ROOT / "gateway.py"), "serve"],
             cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            preexec_fn=self._limit_nofile if self.nofile else None,
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -71,6 +79,11 @@ class GatewayProcess:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"gateway did not start:\n{self.log_text()}")
+
+    def _limit_nofile(self) -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
     def stop(self) -> None:
         if self._process is not None:
