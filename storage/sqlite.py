@@ -1,18 +1,21 @@
 """The embedded default backend: `Storage` on one SQLite file (stdlib sqlite3, WAL).
 
-All blocking work runs on one thread owned by the instance, with one connection used
-only from that thread, so the event loop never waits on disk or on a lock. Several
-processes may share the file: every one-shot operation is a single conditional write
-inside a `BEGIN IMMEDIATE` transaction.
+Blocking work runs off the event loop on threads owned by the instance, each with its own
+connection: one writer, one reader (WAL lets it read while a writer, ours or another
+process's, holds the write lock) and one readiness prober. Writes have a bounded budget
+(queue wait plus busy wait); a store that is locked, read-only, full or failing I/O
+raises `StorageUnavailable` (mapped in one place, `_call`), never a bare sqlite3 error.
+Several processes may share the file: every one-shot operation is a single conditional
+write inside a `BEGIN IMMEDIATE` transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +41,7 @@ from .base import (
     SigningKey,
     Storage,
     StorageError,
+    StorageUnavailable,
     UsageAggregate,
     UsageEvent,
     UsagePeriod,
@@ -50,7 +54,27 @@ from .base import (
 __all__ = ["MIGRATIONS", "SqliteStorage"]
 
 MEMORY = ":memory:"
-BUSY_TIMEOUT_MS = 5000
+BUSY_TIMEOUT_MS = 5000  # opening and migrating, when another process may be doing the same
+# A write waits at most this long in all (queued behind other writes plus waiting for
+# another process's write lock): a request gets a fast 503 rather than a stall.
+WRITE_BUDGET = 2.0
+READ_BUSY_TIMEOUT_MS = 2000  # WAL readers wait only on rare recovery or checkpoint moments
+PROBE_BUDGET = 0.5  # the readiness write probe; /readyz must answer at once
+PROBE_EVERY = 1.0  # at most one probe write per second, however often /readyz is asked
+RETRY_AFTER = 2  # seconds, sent to clients with the 503 of an unavailable store
+# Primary result codes that mean the store, not the request, is at fault right now.
+_UNAVAILABLE = {
+    sqlite3.SQLITE_BUSY: "the database is locked by another writer",
+    sqlite3.SQLITE_LOCKED: "the database is locked by another writer",
+    sqlite3.SQLITE_READONLY: "the database is read-only",
+    sqlite3.SQLITE_FULL: "the disk is full",
+    sqlite3.SQLITE_IOERR: "a disk I/O error",
+    sqlite3.SQLITE_CANTOPEN: "the database file cannot be opened",
+}
+# Faults a connection can keep after they end (one opened read-only stays read-only), so
+# every connection is reopened. All at once: the process's connections to one file
+# share its -shm state, and one kept open would hand its read-only view to the new ones.
+_RECONNECT_ON = {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR}
 # RETURNING (take_pending) and `ON CONFLICT ... DO UPDATE` with RETURNING need 3.35.
 MIN_SQLITE_VERSION = (3, 35, 0)
 SIGNING_KEY_STATUSES = ("active", "retiring", "retired")
@@ -394,30 +418,103 @@ def usage_day(at: float) -> str:
 # ------------------------------------------------------------------------- backend
 
 
+class _Slot:
+    """One connection and the one thread that uses it; `lock` is held while it is in use,
+    so that a reconnect can close every connection of the instance at one moment."""
+
+    def __init__(self, name: str, busy_timeout_ms: int) -> None:
+        self.name = name
+        self.busy_timeout_ms = busy_timeout_ms
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sqlite-{name}")
+        self.lock = threading.Lock()
+        self.conn: sqlite3.Connection | None = None
+
+    def close_connection(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass  # a broken connection is being dropped anyway
+
+
 class SqliteStorage(Storage):
     """`Storage` on one SQLite file; `":memory:"` gives a private in-memory database."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._writer: _Slot | None = None
+        self._reader: _Slot | None = None  # None for ":memory:": one connection is the database
+        self._prober: _Slot | None = None
+        self._local = threading.local()  # the connection of the call running on this thread
+        self._probe: asyncio.Future | None = None
+        self._probed: tuple[float, StorageUnavailable | None] | None = None
 
     # ------------------------------------------------------------------ plumbing
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None or self._conn is None:
+        """A write (or a read that must see this instance's own latest write)."""
+        return await self._submit(self._writer, time.monotonic() + WRITE_BUDGET, fn, args)
+
+    async def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await self._submit(self._reader or self._writer, None, fn, args)
+
+    async def _submit(self, slot: _Slot | None, deadline: float | None, fn: Callable[..., T],
+                      args: tuple) -> T:
+        if slot is None:
             raise StorageError("sqlite storage is not open")
         loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(slot.executor, self._call, slot, deadline, fn, args)
+
+    def _call(self, slot: _Slot, deadline: float | None, fn: Callable[..., T], args: tuple) -> T:
+        """Runs on the slot's thread: the one place sqlite3 errors become storage errors."""
         try:
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args))
+            with slot.lock:
+                if deadline is not None:
+                    # The budget counts the time spent queued behind other writes too.
+                    remaining_ms = int((deadline - time.monotonic()) * 1000)
+                    if remaining_ms <= 0:
+                        raise StorageUnavailable(
+                            "sqlite: the database is busy (writes are queued)", RETRY_AFTER
+                        )
+                conn = slot.conn
+                if conn is None:
+                    conn = slot.conn = self._connect(slot.busy_timeout_ms)
+                if deadline is not None:
+                    conn.execute(f"PRAGMA busy_timeout = {remaining_ms}")
+                self._local.conn = conn
+                try:
+                    return fn(*args)
+                finally:
+                    self._local.conn = None
         except sqlite3.Error as exc:
+            primary = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+            if primary in _RECONNECT_ON and self.path != MEMORY:
+                self._reconnect_all()
+            if primary in _UNAVAILABLE:
+                raise StorageUnavailable(f"sqlite: {_UNAVAILABLE[primary]} ({exc})", RETRY_AFTER) from exc
             raise StorageError(f"sqlite: {exc}") from exc
+
+    def _reconnect_all(self) -> None:
+        """Close every connection at one moment (they reopen on their next use), after a
+        fault a connection keeps. Locks are taken in one fixed order, and only by a thread
+        that holds none, so this cannot deadlock."""
+        slots = [slot for slot in (self._writer, self._reader, self._prober) if slot is not None]
+        for slot in slots:
+            slot.lock.acquire()
+        try:
+            for slot in slots:
+                slot.close_connection()
+        finally:
+            for slot in reversed(slots):
+                slot.lock.release()
 
     @property
     def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
             raise StorageError("sqlite storage is not open")
-        return self._conn
+        return conn
 
     def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         return _transaction(self._db)
@@ -448,77 +545,133 @@ class SqliteStorage(Storage):
     # ----------------------------------------------------------------- lifecycle
 
     async def open(self) -> None:
-        if self._conn is not None:
+        if self._writer is not None:
             return
         if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
             wanted = ".".join(map(str, MIN_SQLITE_VERSION))
             raise StorageError(
                 f"SQLite {sqlite3.sqlite_version} is too old; the gateway needs {wanted}+"
             )
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        writer = _Slot("writer", BUSY_TIMEOUT_MS)
         loop = asyncio.get_running_loop()
         try:
-            self._conn = await loop.run_in_executor(self._executor, self._connect)
+            writer.conn = await loop.run_in_executor(writer.executor, self._open_writer)
         except BaseException as exc:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+            writer.executor.shutdown(wait=False)
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(f"sqlite: cannot open {self.path}: {exc}") from exc
             raise
+        self._writer = writer
+        if self.path != MEMORY:
+            self._reader = _Slot("reader", READ_BUSY_TIMEOUT_MS)
+            self._prober = _Slot("prober", int(PROBE_BUDGET * 1000))
 
-    def _connect(self) -> sqlite3.Connection:
+    def _open_writer(self) -> sqlite3.Connection:
         if self.path != MEMORY:
             _create_private_file(self.path)
-        conn = sqlite3.connect(
-            self.path,
-            timeout=BUSY_TIMEOUT_MS / 1000,
-            # Transactions are explicit (BEGIN IMMEDIATE); sqlite3's implicit ones would
-            # start deferred and could fail to upgrade under contention.
-            isolation_level=None,
-            check_same_thread=False,  # created here, then used only by this executor
-        )
+        conn = self._connect(BUSY_TIMEOUT_MS)
         try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            if self.path != MEMORY:
-                _enable_wal(conn)
-            # FULL rather than NORMAL: a crash must never forget that a code was
-            # redeemed or a refresh token rotated; write volume here is small.
-            conn.execute("PRAGMA synchronous = FULL")
             self._migrate(conn)
         except BaseException:
             conn.close()
             raise
         return conn
 
+    def _connect(self, busy_timeout_ms: int) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path,
+            timeout=busy_timeout_ms / 1000,
+            # Transactions are explicit (BEGIN IMMEDIATE); sqlite3's implicit ones would
+            # start deferred and could fail to upgrade under contention.
+            isolation_level=None,
+            check_same_thread=False,  # used by one thread at a time, under its slot's lock
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            if self.path != MEMORY:
+                _enable_wal(conn)
+            # FULL rather than NORMAL: a crash must never forget that a code was
+            # redeemed or a refresh token rotated; write volume here is small.
+            conn.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
     def _migrate(self, conn: sqlite3.Connection) -> None:
+        # Read first: a database already at the latest version needs no write lock, so a
+        # gateway can start (and serve reads) on a store it cannot write just now.
+        if self._schema_version(conn) == len(MIGRATIONS):
+            return
         # Under IMMEDIATE, a second process opening a fresh file waits here and then
         # finds the schema already at the latest version.
         with _transaction(conn):
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(MIGRATIONS):
-                raise StorageError(
-                    f"{self.path} has schema version {version}, newer than this gateway "
-                    f"knows ({len(MIGRATIONS)}); upgrade the gateway"
-                )
+            version = self._schema_version(conn)
             for script in MIGRATIONS[version:]:
                 for statement in script:
                     conn.execute(statement)
             # PRAGMA takes no bound parameters; the value is our own integer.
             conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
 
+    def _schema_version(self, conn: sqlite3.Connection) -> int:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StorageError(
+                f"{self.path} has schema version {version}, newer than this gateway "
+                f"knows ({len(MIGRATIONS)}); upgrade the gateway"
+            )
+        return version
+
     async def close(self) -> None:
-        executor, conn = self._executor, self._conn
-        if executor is None:
+        slots = [slot for slot in (self._writer, self._reader, self._prober) if slot is not None]
+        if not slots:
             return
-        self._executor = self._conn = None
-        try:
-            if conn is not None:
-                await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-        finally:
-            executor.shutdown(wait=False)
+        self._writer = self._reader = self._prober = None
+        loop = asyncio.get_running_loop()
+        for slot in slots:
+            try:
+                # On the slot's own thread, after the work already queued there.
+                await loop.run_in_executor(slot.executor, slot.close_connection)
+            finally:
+                slot.executor.shutdown(wait=False)
 
     async def ping(self) -> None:
-        await self._run(lambda: self._db.execute("SELECT 1").fetchone())
+        """Readiness: can this store take a write right now? A real write (a probe row in
+        `pending`, purged like any other) on the prober's own connection with a short
+        budget, so it answers at once while writers wait; at most one probe per
+        PROBE_EVERY seconds, shared by concurrent callers."""
+        if self._writer is None:
+            raise StorageError("sqlite storage is not open")
+        now = time.monotonic()
+        if self._probed is not None and now - self._probed[0] < PROBE_EVERY:
+            if self._probed[1] is not None:
+                raise self._probed[1]
+            return
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(self._probe_once())
+        probe = self._probe
+        failure = await asyncio.shield(probe)
+        if failure is not None:
+            raise failure
+
+    async def _probe_once(self) -> StorageUnavailable | None:
+        failure: StorageUnavailable | None = None
+        try:
+            await self._submit(self._prober or self._writer, time.monotonic() + PROBE_BUDGET,
+                               self._probe_write, ())
+        except StorageUnavailable as exc:
+            failure = exc
+        except StorageError as exc:
+            failure = StorageUnavailable(str(exc), RETRY_AFTER)
+        finally:
+            self._probe = None
+        self._probed = (time.monotonic(), failure)
+        return failure
+
+    def _probe_write(self) -> None:
+        probe = Pending("readyz", "probe", {}, time.time() + 60)
+        with self._write() as conn:
+            conn.execute(PENDING.upsert, PENDING.encode(probe))
 
     # --------------------------------------------------------------------- users
 
@@ -538,7 +691,7 @@ class SqliteStorage(Storage):
         return USERS.decode(row)
 
     async def get_user(self, sub: str) -> User | None:
-        return await self._run(self._one, USERS, "sub = ?", sub)
+        return await self._read(self._one, USERS, "sub = ?", sub)
 
     # ------------------------------------------------------------------- clients
 
@@ -549,7 +702,7 @@ class SqliteStorage(Storage):
         await self._run(self._upsert, CLIENTS, client)
 
     async def get_client(self, client_id: str) -> Client | None:
-        return await self._run(self._one, CLIENTS, "client_id = ?", client_id)
+        return await self._read(self._one, CLIENTS, "client_id = ?", client_id)
 
     async def touch_client(self, client_id: str, at: float) -> None:
         # max(): a late, out-of-order touch must not make a client look idler.
@@ -602,13 +755,13 @@ class SqliteStorage(Storage):
             raise KeyError(server.server_id)
 
     async def get_server(self, server_id: str) -> Server | None:
-        return await self._run(self._one, SERVERS, "server_id = ?", server_id)
+        return await self._read(self._one, SERVERS, "server_id = ?", server_id)
 
     async def list_servers(self) -> list[Server]:
-        return await self._run(self._all, SERVERS, "1 ORDER BY created_at, server_id")
+        return await self._read(self._all, SERVERS, "1 ORDER BY created_at, server_id")
 
     async def servers_owned_by(self, sub: str) -> list[Server]:
-        return await self._run(
+        return await self._read(
             self._all, SERVERS, "owner_sub = ? ORDER BY created_at, server_id", sub
         )
 
@@ -646,10 +799,10 @@ class SqliteStorage(Storage):
         return changed > 0
 
     async def grants_for(self, server_id: str) -> list[Grant]:
-        return await self._run(self._all, GRANTS, "server_id = ? ORDER BY kind, value", server_id)
+        return await self._read(self._all, GRANTS, "server_id = ? ORDER BY kind, value", server_id)
 
     async def grants_matching(self, kind: str, value: str) -> list[Grant]:
-        return await self._run(
+        return await self._read(
             self._all, GRANTS, "kind = ? AND value = ? ORDER BY server_id", kind, value
         )
 
@@ -660,7 +813,7 @@ class SqliteStorage(Storage):
             where = "hd = ? ORDER BY last_login_at DESC, sub"
         else:
             raise ValueError(f"unknown grant kind {kind!r}")
-        return await self._run(self._all, USERS, where, value)
+        return await self._read(self._all, USERS, where, value)
 
     # ------------------------------------------------------------------- pending
 
@@ -668,7 +821,7 @@ class SqliteStorage(Storage):
         await self._run(self._upsert, PENDING, pending)
 
     async def get_pending(self, kind: str, key: str, now: float) -> Pending | None:
-        return await self._run(
+        return await self._read(
             self._one, PENDING, '"kind" = ? AND "key" = ? AND expires_at > ?', kind, key, now
         )
 
@@ -720,15 +873,15 @@ class SqliteStorage(Storage):
             raise Conflict(f"refresh family: {exc}") from exc
 
     async def get_family(self, family_id: str) -> RefreshFamily | None:
-        return await self._run(self._one, FAMILIES, "family_id = ?", family_id)
+        return await self._read(self._one, FAMILIES, "family_id = ?", family_id)
 
     async def families_of_user(self, user_sub: str) -> list[RefreshFamily]:
-        return await self._run(
+        return await self._read(
             self._all, FAMILIES, "user_sub = ? ORDER BY created_at DESC, family_id", user_sub
         )
 
     async def get_refresh_token(self, token_hash: str) -> RefreshToken | None:
-        return await self._run(self._one, REFRESH_TOKENS, "token_hash = ?", token_hash)
+        return await self._read(self._one, REFRESH_TOKENS, "token_hash = ?", token_hash)
 
     async def rotate_refresh_token(
         self, old_hash: str, successor: RefreshToken, successor_enc: str, now: float
@@ -774,7 +927,7 @@ class SqliteStorage(Storage):
     # ------------------------------------------------------------------- consent
 
     async def get_consent(self, user_sub: str, client_id: str, audience: str) -> Consent | None:
-        return await self._run(
+        return await self._read(
             self._one,
             CONSENTS,
             "user_sub = ? AND client_id = ? AND audience = ?",
@@ -797,7 +950,7 @@ class SqliteStorage(Storage):
     # -------------------------------------------------------------- signing keys
 
     async def list_signing_keys(self) -> list[SigningKey]:
-        return await self._run(self._all, SIGNING_KEYS, "1 ORDER BY created_at, kid")
+        return await self._read(self._all, SIGNING_KEYS, "1 ORDER BY created_at, kid")
 
     async def add_signing_key(self, key: SigningKey, only_if_none_active: bool = False) -> bool:
         return await self._run(self._add_signing_key, key, only_if_none_active)
@@ -845,7 +998,7 @@ class SqliteStorage(Storage):
         )
 
     async def revoked_access_tokens(self, now: float) -> list[RevokedAccessToken]:
-        return await self._run(self._all, REVOKED, "expires_at > ? ORDER BY expires_at", now)
+        return await self._read(self._all, REVOKED, "expires_at > ? ORDER BY expires_at", now)
 
     # -------------------------------------------------------------- MCP sessions
 
@@ -853,7 +1006,7 @@ class SqliteStorage(Storage):
         await self._run(self._upsert, SESSIONS, session)
 
     async def get_session(self, session_id: str, now: float) -> McpSession | None:
-        return await self._run(
+        return await self._read(
             self._one, SESSIONS, "session_id = ? AND expires_at > ?", session_id, now
         )
 
@@ -872,7 +1025,7 @@ class SqliteStorage(Storage):
         return changed > 0
 
     async def count_sessions(self, server_id: str, now: float) -> int:
-        rows = await self._run(
+        rows = await self._read(
             self._select,
             "SELECT count(*) FROM sessions WHERE server_id = ? AND expires_at > ?",
             server_id,
@@ -928,7 +1081,7 @@ class SqliteStorage(Storage):
         return self._db.execute(sql, args).fetchall()
 
     async def usage_aggregates(self, server_id: str, since_day: str) -> list[UsageAggregate]:
-        rows = await self._run(
+        rows = await self._read(
             self._select,
             "SELECT day, server_id, target, user_sub, calls, errors, latency_ms_sum, latency_ms_max, "
             f"{', '.join(HIST_COLUMNS)} FROM usage_daily WHERE server_id = ? AND day >= ? "
@@ -953,7 +1106,7 @@ class SqliteStorage(Storage):
     async def _rollup(self, table: str, period: str, server_id: str, since: str) -> list[UsageRollup]:
         """Per (tool, user) totals of daily or hourly aggregates; histograms add up."""
         sums = ", ".join(f"sum({h})" for h in HIST_COLUMNS)
-        rows = await self._run(
+        rows = await self._read(
             self._select,
             "SELECT target, user_sub, sum(calls), sum(errors), sum(latency_ms_sum), max(latency_ms_max), "
             f"{sums} FROM {table} WHERE server_id = ? AND {period} >= ? "
@@ -964,7 +1117,7 @@ class SqliteStorage(Storage):
         return [UsageRollup(*row[:6], tuple(row[6:])) for row in rows]
 
     async def _periods(self, table: str, period: str, server_id: str, since: str) -> list[UsagePeriod]:
-        rows = await self._run(
+        rows = await self._read(
             self._select,
             f"SELECT {period}, sum(calls), sum(errors) FROM {table} WHERE server_id = ? AND {period} >= ? "
             f"GROUP BY {period} ORDER BY {period}",
@@ -974,12 +1127,12 @@ class SqliteStorage(Storage):
         return [UsagePeriod(*row) for row in rows]
 
     async def server_users(self, server_id: str) -> list[ServerUser]:
-        return await self._run(
+        return await self._read(
             self._all, SERVER_USERS, "server_id = ? ORDER BY last_used_at DESC, user_sub", server_id
         )
 
     async def recent_usage(self, server_id: str, before: float, limit: int) -> list[UsageEvent]:
-        return await self._run(
+        return await self._read(
             self._all,
             USAGE_EVENTS,
             "server_id = ? AND at < ? ORDER BY at DESC, id DESC LIMIT ?",
@@ -1030,12 +1183,18 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        # Inside the try: a COMMIT that fails (disk full, I/O error, a deferred
+        # constraint) must roll back too, or the open transaction would be committed
+        # half-written by whatever runs next on this connection.
+        conn.execute("COMMIT")
     except BaseException:
         # SQLite may have rolled back by itself already (e.g. disk full).
         if conn.in_transaction:
-            conn.execute("ROLLBACK")
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the original error is the one to report; the connection is reset
         raise
-    conn.execute("COMMIT")
 
 
 def _create_private_file(path: str) -> None:
