@@ -274,7 +274,10 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Raise StorageError when the store cannot serve requests (readiness)."""
+        """Readiness: raise StorageError (StorageUnavailable for a passing fault) when the
+        store cannot serve requests, writes included where the backend can tell cheaply
+        (SQLite: a real write probe on its own connection, at most once a second). Answers
+        within about a second, even while other writes wait on a lock."""
 
     # users
     @abc.abstractmethod

@@ -88,6 +88,7 @@ from .base import (
     SigningKey,
     Storage,
     StorageError,
+    StorageUnavailable,
     UsageAggregate,
     UsageEvent,
     UsagePeriod,
@@ -446,7 +447,7 @@ class DynamoDBStorage(Storage):
             raise
         except Exception as exc:
             if _is_boto_error(exc):
-                raise StorageError(f"dynamodb: {exc}") from exc
+                raise _storage_error(exc) from exc
             raise
 
     @property
@@ -537,7 +538,7 @@ class DynamoDBStorage(Storage):
             except self._db.exceptions.TransactionConflictException:
                 pass
             time.sleep(random.uniform(0, 0.02 * 2**attempt))
-        raise StorageError("dynamodb: transaction kept conflicting with concurrent writes")
+        raise StorageUnavailable("dynamodb: transaction kept conflicting with concurrent writes", RETRY_AFTER)
 
     def _batch_write(self, requests: list[dict]) -> None:
         for start in range(0, len(requests), BATCH_WRITE_SIZE):
@@ -549,7 +550,7 @@ class DynamoDBStorage(Storage):
                 pending = unprocessed
                 time.sleep(random.uniform(0, 0.05 * 2**attempt))
             else:
-                raise StorageError("dynamodb: batch write kept being throttled")
+                raise StorageUnavailable("dynamodb: batch write kept being throttled", RETRY_AFTER)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -1443,3 +1444,26 @@ def _periods(items: list[dict], period_name: str) -> list[UsagePeriod]:
 def _is_boto_error(exc: BaseException) -> bool:
     module = type(exc).__module__ or ""
     return module.startswith(("botocore", "boto3"))
+
+
+# Error codes of a table that cannot take the request just now (throttled, or the service
+# is having trouble): the caller answers 503 with Retry-After. boto3's standard retry mode
+# has already retried these before they reach us.
+_UNAVAILABLE_CODES = frozenset({
+    "ProvisionedThroughputExceededException", "ThrottlingException", "RequestLimitExceeded",
+    "LimitExceededException", "InternalServerError", "ServiceUnavailable",
+    "TransactionInProgressException",
+})
+RETRY_AFTER = 2  # seconds
+
+
+def _storage_error(exc: Exception) -> StorageError:
+    """The one mapping of a boto error to the storage contract's errors."""
+    import botocore.exceptions as boto
+
+    # No answer at all (connection refused or reset, a timeout) is unavailability too.
+    transport = (boto.EndpointConnectionError, boto.ConnectionClosedError, boto.ConnectTimeoutError,
+                 boto.ReadTimeoutError)
+    if isinstance(exc, transport) or _error_code(exc) in _UNAVAILABLE_CODES:
+        return StorageUnavailable(f"dynamodb: {exc}", RETRY_AFTER)
+    return StorageError(f"dynamodb: {exc}")
