@@ -56,6 +56,7 @@ class Config:
     slow_reader_timeout: int = 30  # a client that cannot drain one write in this long is cut off
     upstream_timeout: int = 60  # seconds an upstream may take to send its response headers
     usage_retention_days: int = 90  # per-call usage history kept; daily aggregates stay
+    max_connections: int = 0  # client connections at once; 0: derived from the descriptor limit
 
     def check_can_serve(self) -> None:
         """What serving needs beyond what the admin commands need."""
@@ -148,6 +149,7 @@ class Config:
         values["usage_retention_days"] = _int(
             env, "MCPGW_USAGE_RETENTION_DAYS", cls.usage_retention_days, 1, 3650
         )
+        values["max_connections"] = _int(env, "MCPGW_MAX_CONNECTIONS", cls.max_connections, 0, 10**7)
 
         values.update(overrides)
         if not values.get("secret_key"):

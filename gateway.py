@@ -136,6 +136,8 @@ async def run_admin(args, services: Services) -> None:
                 server_id=args.server_id,
                 headers=args.header,
                 forward_identity=args.forward_identity,
+                # The CLI is the operator's: allow-listed internal upstreams are theirs to use.
+                internal_allowed=True,
             )
             view = server_view(services, server)
             emit(args, [f"added {server.name}: {view['mcp_url']}", server.server_id], view)
@@ -152,7 +154,7 @@ async def run_admin(args, services: Services) -> None:
             headers = [] if args.clear_headers else args.header
             server = await registry.update(
                 args.server_id, name=args.name, upstream_url=args.upstream, headers=headers,
-                forward_identity=args.forward_identity,
+                forward_identity=args.forward_identity, internal_allowed=True,
             )
             view = server_view(services, server)
             emit(args, [f"updated {server.server_id}"], view)
@@ -223,19 +225,33 @@ async def run_admin(args, services: Services) -> None:
 
 
 async def serve(services: Services) -> None:
+    from tornado.netutil import bind_sockets
+
     from handlers import make_app
+    from handlers.admission import AdmissionHTTPServer, connection_cap, descriptor_limit
 
     config = services.config
+    # Before anything opens descriptors of its own: the cap on client connections follows
+    # from the limit (handlers/admission.py), so running out of descriptors answers 503.
+    limit = descriptor_limit()
+    cap = connection_cap(limit)
+    if config.max_connections > cap:
+        log.warning("MCPGW_MAX_CONNECTIONS=%d exceeds what %d file descriptors allow; using %d",
+                    config.max_connections, limit, cap)
+    max_connections = min(config.max_connections or cap, cap)
     await services.start()
     app = make_app(services)
-    server = app.listen(
-        config.listen_port,
-        address=config.listen_host,
+    server = AdmissionHTTPServer(
+        app,
+        max_connections=max_connections,
+        metrics=services.metrics,
         xheaders=config.trust_forwarded,
         max_body_size=4 * 1024 * 1024,
         idle_connection_timeout=75,
     )
+    server.add_sockets(bind_sockets(config.listen_port, address=config.listen_host))
     print(f"MCP Auth Gateway listening on http://{config.listen_host}:{config.listen_port}", flush=True)
+    print(f"  connections:         at most {max_connections} at once (file descriptor limit {limit})", flush=True)
     print(f"  issuer / public URL: {config.public_url}", flush=True)
     print(f"  dashboard:           {config.public_url}/dashboard", flush=True)
     print(f"  MCP servers at:      {config.public_url}/mcp/<server id>", flush=True)

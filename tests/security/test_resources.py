@@ -4,11 +4,22 @@ running out of file descriptors answers 503 instead of spinning the accept loop.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import http.client
+import logging
 import os
+import selectors
+import socket
 import time
 from pathlib import Path
 
+import httpx
+import pytest
+import tornado.web
+from tornado.netutil import bind_sockets
+
+from handlers.admission import AdmissionHTTPServer
 from tests.support.gateway import GatewayProcess
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -62,3 +73,151 @@ def test_unknown_consent_requests_keep_memory_flat(tmp_path):
         assert "Traceback" not in gateway.log_text()
     finally:
         gateway.stop()
+
+
+# -------------------------------------------------- finding 8: out of file descriptors
+
+NOFILE = 128  # the gateway's descriptor limit (soft and hard) in this test
+HELD = 200  # client connections opened and held: well past what 128 descriptors allow
+
+
+def answers(socks: list[socket.socket], within: float) -> dict[socket.socket, int | None]:
+    """The first response status of each socket that answered (or closed) within `within` s."""
+    found: dict[socket.socket, int | None] = {}
+    buffers = {sock: b"" for sock in socks}
+    with selectors.DefaultSelector() as selector:
+        for sock in socks:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + within
+        while buffers.keys() - found.keys() and time.monotonic() < deadline:
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                sock = key.fileobj
+                try:
+                    chunk = sock.recv(4096)
+                except ConnectionResetError:
+                    chunk = b""
+                buffers[sock] += chunk
+                if b"\r\n" in buffers[sock]:
+                    found[sock] = int(buffers[sock].split(b" ", 2)[1])
+                elif not chunk:
+                    found[sock] = None
+                else:
+                    continue
+                selector.unregister(sock)
+    return found
+
+
+def test_descriptor_exhaustion_answers_503_and_does_not_spin(tmp_path):
+    """Past the descriptor limit the gateway once answered nothing, spun its accept loop at
+    84 % of a core and logged a traceback per attempt. Now: a connection cap below the
+    limit, 503 + Retry-After beyond it, one log line per interval, and service resumes."""
+    gateway = GatewayProcess(tmp_path / "gw", nofile=NOFILE).start()
+    held: list[socket.socket] = []
+    try:
+        request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\n\r\n".encode()
+        for _ in range(HELD):
+            sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
+            sock.sendall(request)
+            held.append(sock)
+        statuses = answers(held, within=10)
+        served = sum(1 for s in statuses.values() if s == 200)
+        refused = sum(1 for s in statuses.values() if s == 503)
+        # Every connection got an answer: served (and held open: keep-alive) or refused.
+        assert (served, refused) != (0, 0) and served + refused == HELD, (
+            f"{served} served, {refused} refused, {HELD - len(statuses)} unanswered, "
+            f"{sum(1 for s in statuses.values() if s is None)} closed without an answer"
+        )
+        assert 0 < served < NOFILE // 2
+
+        # Exhausted, the gateway idles: no accept loop spinning on the listening socket.
+        window = 3.0
+        cpu = cpu_seconds(gateway.pid)
+        time.sleep(window)
+        cpu = cpu_seconds(gateway.pid) - cpu
+        assert cpu < 0.3 * window, f"the gateway used {cpu / window:.0%} of a core while at capacity"
+
+        log = gateway.log_text()
+        assert "Traceback" not in log and "Too many open files" not in log
+        reports = [line for line in log.splitlines() if "capacity" in line]
+        assert 1 <= len(reports) <= 3, reports
+
+        for sock in held:
+            sock.close()
+        held.clear()
+        # The freed slots serve again.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert httpx.get(gateway.url + "/healthz", timeout=2).status_code == 200
+                break
+            except (httpx.HTTPError, AssertionError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        for sock in held:
+            sock.close()
+        gateway.stop()
+
+
+class OutOfDescriptors:
+    """A listening socket whose accept() fails with EMFILE until `failing` is cleared: the
+    process out of descriptors for a reason other than client connections (the cap keeps
+    those below the limit), which the accept loop must wait out without spinning."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.failing = True
+        self.calls = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self):
+        self.calls += 1
+        if self.failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Hello(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.finish("hello")
+
+
+@pytest.mark.gen_test(timeout=20)
+async def test_accept_backs_off_while_out_of_descriptors(caplog):
+    """EMFILE on accept pauses accepting with a growing back-off (a handful of attempts in
+    two seconds, not one per loop iteration), is logged once, and accepting resumes."""
+    caplog.set_level(logging.INFO, logger="gateway.admission")
+    server = AdmissionHTTPServer(tornado.web.Application([("/", Hello)]), max_connections=10)
+    [sock] = bind_sockets(0, "127.0.0.1", family=socket.AF_INET)
+    listening = OutOfDescriptors(sock)
+    server.add_sockets([listening])
+    client = socket.create_connection(sock.getsockname(), timeout=5)  # waits in the backlog
+    try:
+        client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await asyncio.sleep(2)
+        assert 2 <= listening.calls <= 8, f"{listening.calls} accept attempts in 2 s"
+        messages = [r.getMessage() for r in caplog.records if r.name == "gateway.admission"]
+        assert len(messages) == 1 and "out of file descriptors" in messages[0], messages
+
+        listening.failing = False  # descriptors freed: the waiting connection is served
+        client.setblocking(False)
+        data = b""
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            try:
+                data += client.recv(4096)
+            except BlockingIOError:
+                continue
+            if data.endswith(b"hello"):
+                break
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"hello"), data
+    finally:
+        client.close()
+        server.stop()

@@ -1,0 +1,242 @@
+"""Connection admission: the gateway's HTTP server, holding its client connections below the
+process's file-descriptor limit and answering the ones beyond with a 503.
+
+Why (issue 7, finding 8): every client connection is a descriptor, and every proxied call
+or SSE stream holds a second one to its upstream; storage, the log and the IdP and
+metadata fetches need a few more. Out of descriptors, Tornado's accept handler raised
+EMFILE on every readiness of the listening socket, which stays readable while connections
+wait in its backlog, so the loop spun at a full core logging a traceback per attempt
+(193,203 of them, 129 MB, in 13 s) and the connections beyond got no answer at all.
+
+- **Cap.** `connection_cap(limit)` derives how many client connections may be open at
+  once from ``RLIMIT_NOFILE``: a reserve for storage, logs and outbound fetches off the
+  top, the rest halved because each connection may hold an upstream one.
+  ``MCPGW_MAX_CONNECTIONS`` may set it lower. A connection beyond the cap is still
+  accepted (the reserve guarantees a descriptor for it), answered ``503`` with
+  ``Retry-After`` and ``Connection: close`` in one non-blocking send, and closed at once:
+  the client gets an answer and no descriptor stays taken.
+- **Back-off.** Should ``accept`` still fail for want of descriptors (EMFILE, ENFILE, or
+  the kernel out of memory for sockets), the listening socket is taken off the loop for a
+  back-off (0.1 s doubling to 2 s) and put back by a timer: waiting connections stay in
+  the kernel's backlog, and the loop idles instead of spinning.
+- **Reporting.** Both conditions are logged at once, then at most once per
+  `REPORT_INTERVAL` as one line with counts, plus a line when a quiet interval follows;
+  the counters ``connections_refused_total`` and ``accept_paused_total`` go to /metrics.
+
+Cost: one ``len()`` of the server's connection set per accepted connection; nothing per
+request.
+
+It lives in ``handlers`` because it is the HTTP front of the gateway, Tornado-specific
+like the handlers it feeds, and holds no state the services share.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import resource
+import socket
+from collections.abc import Iterable
+
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+
+log = logging.getLogger("gateway.admission")
+
+# Descriptors kept back from client and upstream connections: stdio, the event loop's own
+# (epoll, io_uring, wake-up pipes), the listening sockets, SQLite's database, WAL and
+# shared-memory files, DynamoDB's and the IdP's HTTPS connections, metadata fetches, DNS.
+# An idle gateway uses 16; the proportional part leaves room for pooled idle upstream
+# connections on large limits.
+RESERVE_FIXED = 32
+RESERVE_SHARE = 16  # plus one descriptor in 16
+REPORT_INTERVAL = 10.0  # seconds between two log lines about one condition
+RETRY_AFTER = 5  # seconds, in the 503's Retry-After
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0  # accepting paused this long after EMFILE
+ACCEPT_BATCH = 128  # accepts per readiness, as Tornado's own handler (fairness to other work)
+
+# accept() failures that mean "no descriptor or socket memory now", not "this connection".
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+_BODY = json.dumps({
+    "error": "temporarily_unavailable",
+    "error_description": "the gateway is at its connection limit; retry shortly",
+}).encode()
+REFUSAL = (
+    "HTTP/1.1 503 Service Unavailable\r\n"
+    "Content-Type: application/json\r\n"
+    f"Content-Length: {len(_BODY)}\r\n"
+    f"Retry-After: {RETRY_AFTER}\r\n"
+    "Cache-Control: no-store\r\n"
+    "Connection: close\r\n\r\n"
+).encode() + _BODY
+
+
+def descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one and return it.
+
+    The soft limit (often 1024, kept low for programs that still use select()) would cap
+    the gateway at a few hundred streams; the event loop uses epoll, so up to the hard
+    limit the administrator granted is safe to take, as Go's runtime and nginx's
+    worker_rlimit_nofile do."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # e.g. a sandbox that forbids it
+            log.warning("could not raise the descriptor limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+def connection_cap(limit: int) -> int:
+    """Client connections allowed at once under a descriptor limit of `limit`."""
+    usable = limit - RESERVE_FIXED - limit // RESERVE_SHARE
+    return max(1, usable // 2)  # each client connection may hold one upstream connection
+
+
+class AdmissionHTTPServer(HTTPServer):
+    """`HTTPServer` with a cap on open client connections and an accept loop that backs off
+    when the process is out of descriptors. Constructed like `HTTPServer`, plus
+    ``max_connections`` and an optional ``metrics`` (`services.metrics.Metrics`)."""
+
+    def initialize(self, *args, max_connections: int, metrics=None, **kwargs) -> None:
+        super().initialize(*args, **kwargs)
+        self.max_connections = max_connections
+        self._metrics = metrics
+        # Counts since the last report, and the report timer (None: no condition pending).
+        self._refused = 0
+        self._pauses = 0
+        self._report_timer: object | None = None
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        # As TCPServer.add_sockets, with our accept loop: TCPServer.stop() calls the
+        # stored remover and closes the socket.
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = _Acceptor(self, sock).close
+
+    def stop(self) -> None:
+        super().stop()
+        if self._report_timer is not None:
+            IOLoop.current().remove_timeout(self._report_timer)
+            self._report_timer = None
+
+    # -------------------------------------------------------------- per connection
+
+    def admit(self, connection: socket.socket, address) -> None:
+        """One accepted connection: serve it, or refuse it when at the cap."""
+        if len(self._connections) < self.max_connections:
+            self._handle_connection(connection, address)
+            return
+        _refuse(connection)
+        self._refused += 1
+        if self._metrics is not None:
+            self._metrics.inc("connections_refused_total")
+        if self._report_timer is None:
+            log.warning("at capacity: %d connections (the cap); answering new ones 503 until some close",
+                        len(self._connections))
+            self._arm_report()
+
+    def paused(self, delay: float) -> None:
+        """The accept loop hit EMFILE/ENFILE and paused for `delay` seconds."""
+        self._pauses += 1
+        if self._metrics is not None:
+            self._metrics.inc("accept_paused_total")
+        if self._report_timer is None:
+            log.warning("out of file descriptors with %d client connections open; accepting paused, "
+                        "retrying with back-off", len(self._connections))
+            self._arm_report()
+
+    # ------------------------------------------------------------------ reporting
+
+    def _arm_report(self) -> None:
+        self._refused = self._pauses = 0
+        self._report_timer = IOLoop.current().call_later(REPORT_INTERVAL, self._report)
+
+    def _report(self) -> None:
+        if not self._refused and not self._pauses:
+            self._report_timer = None  # quiet: the next occurrence logs at once again
+            log.info("accepting normally again: %d connections", len(self._connections))
+            return
+        if self._refused:
+            log.warning("at capacity: %d connections, refused %d in the last %.0f s",
+                        len(self._connections), self._refused, REPORT_INTERVAL)
+        if self._pauses:
+            log.warning("out of file descriptors: accepting paused %d times in the last %.0f s (%d connections)",
+                        self._pauses, REPORT_INTERVAL, len(self._connections))
+        self._arm_report()
+
+
+def _refuse(connection: socket.socket) -> None:
+    """Answer 503 and close, without waiting: the response fits any socket send buffer.
+
+    The request already received is read off first: closing a socket with unread input
+    makes the kernel send a reset, which can destroy the 503 before the client reads it."""
+    try:
+        connection.setblocking(False)
+        try:
+            for _ in range(4):
+                if not connection.recv(65536):
+                    break
+        except (BlockingIOError, InterruptedError):
+            pass
+        connection.send(REFUSAL)
+    except OSError:
+        pass  # the client went away already; nothing to answer
+    finally:
+        connection.close()
+
+
+class _Acceptor:
+    """The accept loop of one listening socket (Tornado's netutil.add_accept_handler, plus a
+    back-off when out of descriptors instead of an exception per readiness)."""
+
+    def __init__(self, server: AdmissionHTTPServer, sock: socket.socket):
+        self._server = server
+        self._sock = sock
+        self._loop = IOLoop.current()
+        self._backoff = BACKOFF_MIN
+        self._resume: object | None = None  # the timer while paused
+        self._closed = False
+        self._loop.add_handler(sock, self._on_readable, IOLoop.READ)
+
+    def _on_readable(self, fd, events) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self._closed:
+                return
+            try:
+                connection, address = self._sock.accept()
+            except BlockingIOError:
+                return  # the backlog is empty
+            except ConnectionAbortedError:
+                continue  # reset while in the backlog
+            except OSError as exc:
+                if exc.errno not in OUT_OF_DESCRIPTORS:
+                    raise
+                self._pause()
+                return
+            self._backoff = BACKOFF_MIN
+            self._server.admit(connection, address)
+
+    def _pause(self) -> None:
+        # Off the loop: the socket stays readable while connections wait in its backlog.
+        self._loop.remove_handler(self._sock)
+        delay = self._backoff
+        self._backoff = min(delay * 2, BACKOFF_MAX)
+        self._resume = self._loop.call_later(delay, self._resume_accepting)
+        self._server.paused(delay)
+
+    def _resume_accepting(self) -> None:
+        self._resume = None
+        if not self._closed:
+            self._loop.add_handler(self._sock, self._on_readable, IOLoop.READ)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._resume is not None:
+            self._loop.remove_timeout(self._resume)
+            self._resume = None
+        else:
+            self._loop.remove_handler(self._sock)
