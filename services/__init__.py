@@ -154,7 +154,7 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
     metrics = Metrics()
     tokens = TokenService(storage, keyring, box, access, config)
     clients = ClientRegistry(storage, fetch_document)
-    servers = ServerRegistry(storage, box, access)
+    servers = ServerRegistry(storage, box, access, policy)
     upstream = UpstreamClient(policy, header_timeout=config.upstream_timeout)
     return Services(
         config=config,

@@ -19,11 +19,12 @@ from services.servers import (
     ServerRegistry,
     check_domain,
     check_email,
+    check_name,
     check_upstream_url,
     parse_header,
 )
 from services.tokens import TokenService
-from services.upstream import UpstreamError, UpstreamRefused, UpstreamTimeout, parse_upstream_url
+from services.upstream import UpstreamError, UpstreamRefused, UpstreamTimeout
 from storage.base import Grant, Server, Storage, User
 
 
@@ -158,7 +159,7 @@ def header_lines(value) -> list[str]:
     if value is None:
         return []
     if isinstance(value, list):
-        return [str(v) for v in value if str(v).strip()]
+        return [v if isinstance(v, str) else str(v) for v in value if str(v).strip()]
     return [line for line in str(value).splitlines() if line.strip()]
 
 
@@ -244,43 +245,51 @@ class Dashboard:
     async def register(self, actor: Actor, form: dict) -> ServerView:
         if not actor.email:
             raise Forbidden("a verified e-mail address is needed to own a server")
-        name, url, headers = await self._check_form(form, require_all=True)
+        name, url, headers = await self._check_form(actor, form, require_all=True)
         try:
             server = await self._servers.add(
                 name=name, upstream_url=url, owner_email=actor.email, owner_sub=actor.sub,
                 headers=headers, forward_identity=form_bool(form.get("forward_identity")),
+                internal_allowed=actor.is_admin,
             )
         except InvalidInput as exc:
-            raise FieldErrors({"name": str(exc)}) from None
+            raise FieldErrors({exc.field or "name": sentence(str(exc))}) from None
         return self._view(server, "owner")
 
     async def edit(self, actor: Actor, server_id: str, form: dict) -> ServerView:
         server = await self._managed(actor, server_id)
         clear = form_bool(form.get("clear_headers"))
         name, url, headers = await self._check_form(
-            form, require_all=False, existing_headers=self._servers.upstream_headers(server),
+            actor, form, require_all=False, existing_headers=self._servers.upstream_headers(server),
             current_url=server.upstream_url,
         )
         new_headers = [] if clear and not headers else (headers or None)
-        updated = await self._servers.update(
-            server_id,
-            name=name,
-            upstream_url=url,
-            headers=new_headers,
-            forward_identity=form_bool(form["forward_identity"]) if "forward_identity" in form else None,
-        )
+        try:
+            updated = await self._servers.update(
+                server_id,
+                name=name,
+                upstream_url=url,
+                headers=new_headers,
+                forward_identity=form_bool(form["forward_identity"]) if "forward_identity" in form else None,
+                internal_allowed=actor.is_admin,
+            )
+        except InvalidInput as exc:
+            raise FieldErrors({exc.field or "name": sentence(str(exc))}) from None
         return self._view(updated, self.role(actor, updated) or "admin")
 
-    async def _check_form(self, form: dict, *, require_all: bool, existing_headers: dict | None = None,
-                          current_url: str | None = None):
-        """(name, upstream URL, header lines) checked field by field; None for a field not
-        given on an edit. The URL must pass the address guard and answer HTTP."""
+    async def _check_form(self, actor: Actor, form: dict, *, require_all: bool,
+                          existing_headers: dict | None = None, current_url: str | None = None):
+        """(name, upstream URL, header lines) checked field by field, with the registry's
+        own checks (so a page and the API refuse what the CLI refuses); None for a field
+        not given on an edit. A new URL must pass the address guard for this actor before
+        anything connects to it, then answer HTTP."""
         errors: dict[str, str] = {}
         name = form.get("name")
         if name is not None or require_all:
-            name = str(name or "").strip()
-            if not 0 < len(name) <= 100:
-                errors["name"] = "Enter a name of 1 to 100 characters."
+            try:
+                name = check_name(name if name is not None else "")
+            except InvalidInput as exc:
+                errors["name"] = sentence(str(exc))
         headers = header_lines(form.get("headers"))
         parsed: dict[str, str] = {}
         for line in headers:
@@ -292,14 +301,12 @@ class Dashboard:
                 break
         url = form.get("upstream_url")
         if url is not None or require_all:
-            url = str(url or "").strip()
             try:
-                url = check_upstream_url(url)
-                parse_upstream_url(url)
+                url = check_upstream_url(url if url is not None else "")
+                if url != current_url:
+                    await self._servers.check_upstream_address(url, internal_allowed=actor.is_admin)
             except InvalidInput as exc:
                 errors["upstream_url"] = sentence(str(exc))
-            except UpstreamRefused as exc:
-                errors["upstream_url"] = str(exc)
             if "upstream_url" not in errors and url != current_url:
                 probe_headers = parsed or existing_headers or {}
                 try:
@@ -346,7 +353,7 @@ class Dashboard:
         if kind not in ("email", "domain"):
             raise FieldErrors({"kind": "Choose an e-mail address or a Workspace domain."})
         try:
-            value = check_email(value) if kind == "email" else check_domain(value)
+            value = check_email(value, "value") if kind == "email" else check_domain(value, "value")
             return await self._servers.add_grant(server_id, kind, value)
         except InvalidInput as exc:
             raise FieldErrors({"value": sentence(str(exc))}) from None

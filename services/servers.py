@@ -3,6 +3,7 @@ with the validation both the CLI and the dashboard rely on."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
@@ -14,60 +15,77 @@ from urllib.parse import urlsplit
 
 from services.access import AccessPolicy
 from services.keys import SecretBox
+from services.upstream import AddressPolicy, UpstreamRefused, UpstreamUnreachable, parse_upstream_url
+from services.validation import InvalidInput, check_text
 from storage.base import Conflict, Grant, Server, Storage
+
+__all__ = ["InvalidInput", "ServerRegistry", "check_domain", "check_email", "check_name", "check_upstream_url",
+           "parse_header"]
 
 SERVER_ID_RE = re.compile(r"^[A-Za-z0-9_-]{3,64}$")
 EMAIL_RE = re.compile(r"^[^@\s]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
 DOMAIN_RE = re.compile(r"^(?=.{3,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 HEADER_NAME_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")
 FORBIDDEN_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "mcp-session-id"}
+RESOLVE_TIMEOUT = 5.0  # seconds a registration waits for DNS
+# The public internet and nothing else: what an upstream of someone who is not an
+# administrator may resolve to.
+PUBLIC_ONLY = AddressPolicy(())
 
 
-class InvalidInput(ValueError):
-    """A value a person typed that cannot be used; the message says which and why."""
+def check_name(value: object, field: str = "name") -> str:
+    name = check_text(value, field, limit=1000, label="the name").strip()
+    if not 0 < len(name) <= 100:
+        raise InvalidInput("the name must be 1 to 100 characters", field)
+    return name
 
 
-def check_email(value: str) -> str:
-    value = value.strip().lower()
+def check_email(value: object, field: str = "email") -> str:
+    value = check_text(value, field, limit=400, label="the e-mail address").strip().lower()
     if not EMAIL_RE.match(value):
-        raise InvalidInput(f"{value!r} is not an e-mail address")
+        raise InvalidInput(f"{value!r} is not an e-mail address", field)
     return value
 
 
-def check_domain(value: str) -> str:
-    value = value.strip().lower().lstrip("@")
+def check_domain(value: object, field: str = "domain") -> str:
+    value = check_text(value, field, limit=400, label="the domain").strip().lower().lstrip("@")
     if not DOMAIN_RE.match(value):
-        raise InvalidInput(f"{value!r} is not a domain name")
+        raise InvalidInput(f"{value!r} is not a domain name", field)
     return value
 
 
-def check_upstream_url(value: str) -> str:
-    value = value.strip()
-    parts = urlsplit(value)
+def check_upstream_url(value: object, field: str = "upstream_url") -> str:
+    value = check_text(value, field, limit=2000, label="the upstream URL").strip()
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError:
+        raise InvalidInput("the upstream URL is malformed (host or port)", field) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput("the upstream URL must be an http(s) URL")
+        raise InvalidInput("the upstream URL must be an http(s) URL", field)
     if parts.username or parts.password or parts.fragment:
-        raise InvalidInput("the upstream URL must not carry user information or a fragment")
-    if len(value) > 2000:
-        raise InvalidInput("the upstream URL is too long")
+        raise InvalidInput("the upstream URL must not carry user information or a fragment", field)
     return value
 
 
-def parse_header(line: str) -> tuple[str, str]:
+def parse_header(line: object, field: str = "headers") -> tuple[str, str]:
+    line = check_text(line, field, limit=8000, label="an upstream header")
     name, sep, value = line.partition(":")
     name, value = name.strip(), value.strip()
-    if not sep or not HEADER_NAME_RE.match(name) or not value or any(c in value for c in "\r\n\0"):
-        raise InvalidInput(f"{line!r} is not a 'Name: value' header")
+    # Values go on the wire to the upstream as they are: visible ASCII and spaces only.
+    if not sep or not HEADER_NAME_RE.match(name) or not value or not (value.isascii() and value.isprintable()):
+        raise InvalidInput(f"{line!r} is not a 'Name: value' header (printable ASCII)", field)
     if name.lower() in FORBIDDEN_HEADERS:
-        raise InvalidInput(f"the {name} header is managed by the gateway")
+        raise InvalidInput(f"the {name} header is managed by the gateway", field)
     return name, value
 
 
 class ServerRegistry:
-    def __init__(self, storage: Storage, box: SecretBox, access: AccessPolicy):
+    def __init__(self, storage: Storage, box: SecretBox, access: AccessPolicy, policy: AddressPolicy):
         self._storage = storage
         self._box = box
         self._access = access
+        self._policy = policy  # MCPGW_UPSTREAM_ALLOW, the same guard the proxy connects through
         # Decrypted upstream headers by ciphertext: the proxy needs them on every call, and
         # an edit makes a new ciphertext, so entries never go stale.
         self._headers_cache: dict[str, Mapping[str, str]] = {}
@@ -82,21 +100,26 @@ class ServerRegistry:
         headers: list[str] | None = None,
         forward_identity: bool = False,
         owner_sub: str = "",
+        internal_allowed: bool = False,
     ) -> Server:
-        name = name.strip()
-        if not 0 < len(name) <= 100:
-            raise InvalidInput("the name must be 1 to 100 characters")
+        """Register a server. `internal_allowed`: the caller is the operator (CLI) or an
+        administrator, who may point it at allow-listed internal addresses; anyone else
+        gets public addresses only (see check_upstream_address)."""
+        name = check_name(name)
         if server_id is None:
             server_id = "srv_" + secrets.token_urlsafe(9).replace("-", "x").replace("_", "y")
-        elif not SERVER_ID_RE.match(server_id):
-            raise InvalidInput("the id must be 3 to 64 letters, digits, '-' or '_'")
+        elif not isinstance(server_id, str) or not SERVER_ID_RE.match(server_id):
+            raise InvalidInput("the id must be 3 to 64 letters, digits, '-' or '_'", "server_id")
         parsed = dict(parse_header(h) for h in headers or [])
+        upstream_url = check_upstream_url(upstream_url)
+        owner_email = check_email(owner_email, "owner_email")
+        await self.check_upstream_address(upstream_url, internal_allowed=internal_allowed)
         server = Server(
             server_id=server_id,
             name=name,
-            upstream_url=check_upstream_url(upstream_url),
+            upstream_url=upstream_url,
             owner_sub=owner_sub,
-            owner_email=check_email(owner_email),
+            owner_email=owner_email,
             upstream_headers_enc=self.seal_headers(server_id, parsed) if parsed else "",
             forward_identity=forward_identity,
             created_at=time.time(),
@@ -104,7 +127,7 @@ class ServerRegistry:
         try:
             await self._storage.create_server(server)
         except Conflict:
-            raise InvalidInput(f"a server with id {server_id} exists already") from None
+            raise InvalidInput(f"a server with id {server_id} exists already", "server_id") from None
         return server
 
     async def update(
@@ -115,17 +138,20 @@ class ServerRegistry:
         upstream_url: str | None = None,
         headers: list[str] | None = None,
         forward_identity: bool | None = None,
+        internal_allowed: bool = False,
     ) -> Server:
-        """Change what is given; `headers` (when not None) replaces every upstream header."""
+        """Change what is given; `headers` (when not None) replaces every upstream header.
+        A new upstream URL passes the same address check as `add`; an unchanged one is
+        not checked again (an owner may rename a server the operator pointed inward)."""
         server = await self.get(server_id)
         changes: dict = {}
         if name is not None:
-            name = name.strip()
-            if not 0 < len(name) <= 100:
-                raise InvalidInput("the name must be 1 to 100 characters")
-            changes["name"] = name
+            changes["name"] = check_name(name)
         if upstream_url is not None:
-            changes["upstream_url"] = check_upstream_url(upstream_url)
+            upstream_url = check_upstream_url(upstream_url)
+            if upstream_url != server.upstream_url:
+                await self.check_upstream_address(upstream_url, internal_allowed=internal_allowed)
+            changes["upstream_url"] = upstream_url
         if headers is not None:
             parsed = dict(parse_header(h) for h in headers)
             changes["upstream_headers_enc"] = self.seal_headers(server_id, parsed) if parsed else ""
@@ -138,6 +164,45 @@ class ServerRegistry:
             raise InvalidInput(f"there is no server {server_id}") from None
         self._access.forget(server_id)
         return updated
+
+    async def check_upstream_address(self, url: str, *, internal_allowed: bool, field: str = "upstream_url") -> None:
+        """Where `url` leads must pass the address guard (MCPGW_UPSTREAM_ALLOW) the proxy
+        connects through, checked here so that the CLI, the API and the dashboard refuse the
+        same URLs at the same moment. Internal destinations (allow-listed but not public:
+        loopback, private ranges, names allow-listed as such) are for `internal_allowed`
+        callers only: the operator's CLI and administrators; anyone else could otherwise
+        read internal services through the proxy.
+
+        Host names are resolved now, without blocking the loop; the proxy resolves and
+        checks again at every connection (a name that later points inward is refused there
+        unless the allow-list covers it). A name that does not resolve is accepted from
+        the operator (the proxy decides once it does) and refused from anyone else (it
+        cannot be shown to be public).
+        """
+        try:
+            target = parse_upstream_url(url)
+        except UpstreamRefused as exc:
+            raise InvalidInput(str(exc), field) from None
+        try:
+            addresses = await asyncio.wait_for(self._policy.resolve(target.host, target.port), RESOLVE_TIMEOUT)
+        except UpstreamRefused as exc:
+            raise InvalidInput(f"Refused by the gateway's address guard (SSRF protection): {exc}", field) from None
+        except (UpstreamUnreachable, TimeoutError):
+            if internal_allowed:
+                return
+            raise InvalidInput(
+                f"the upstream host {target.host} could not be resolved, so it cannot be checked "
+                "to be a public address", field
+            ) from None
+        if internal_allowed:
+            return
+        internal = [address for address in addresses if PUBLIC_ONLY.refusal(address) is not None]
+        if internal or self._policy.allows_host(target.host):
+            where = ", ".join(internal) or target.host
+            raise InvalidInput(
+                f"only administrators may register an upstream on an internal address ({where}); "
+                "use a public address or ask an administrator", field
+            )
 
     def seal_headers(self, server_id: str, headers: dict[str, str]) -> str:
         return self._box.seal(json.dumps(headers).encode(), "upstream-headers:" + server_id)
@@ -171,14 +236,15 @@ class ServerRegistry:
 
     async def add_grant(self, server_id: str, kind: str, value: str) -> Grant:
         await self.get(server_id)
-        value = check_email(value) if kind == "email" else check_domain(value)
+        value = check_email(value, "value") if kind == "email" else check_domain(value, "value")
         grant = Grant(server_id, kind, value, time.time())
         await self._storage.add_grant(grant)
         self._access.forget(server_id)
         return grant
 
     async def remove_grant(self, server_id: str, kind: str, value: str) -> None:
-        value = value.strip().lower().lstrip("@") if kind == "domain" else value.strip().lower()
+        value = check_text(value, "value", limit=400, label="the grant").strip().lower()
+        value = value.lstrip("@") if kind == "domain" else value
         if not await self._storage.remove_grant(server_id, kind, value):
             raise InvalidInput(f"{server_id} has no {kind} grant for {value}")
         self._access.forget(server_id)

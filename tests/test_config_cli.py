@@ -8,11 +8,13 @@ import hashlib
 import json
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
 from config import Config, ConfigError
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import ROOT, GatewayProcess
 
 SECRET = "k" * 40
 
@@ -196,6 +198,48 @@ def test_json_flag_works_after_the_subcommand_too(gw):
 ])
 def test_failures_exit_non_zero_with_one_line_on_stderr(gw, args):
     assert fails(gw.cli(*args, check=False)).startswith(("error:", "gateway.py"))
+
+
+@pytest.mark.parametrize("upstream", [
+    "http://169.254.169.254/latest/meta-data/",  # cloud metadata
+    "http://10.0.0.1/mcp",  # private
+    "http://[::1]:8000/mcp",  # IPv6 loopback: 127.0.0.0/8 covers IPv4 only
+    "http://0xa9fea9fe/mcp",  # 169.254.169.254 spelled as one hex number
+    "http://[::ffff:169.254.169.254]/mcp",  # the same inside IPv6
+])
+def test_servers_add_and_edit_refuse_upstreams_the_address_guard_refuses(gw, upstream):
+    """The allow-list here is 127.0.0.0/8: the CLI refuses what the dashboard and the proxy
+    refuse, before anything is stored (finding 19)."""
+    before = gw.cli_json("servers", "list")
+    line = fails(gw.cli("servers", "add", "--name", "Inside", "--upstream", upstream, "--owner", "o@example.com",
+                        check=False), code=1)
+    assert "address guard" in line and "refused" in line, line
+    assert gw.cli_json("servers", "list") == before  # nothing stored
+    server_id = gw.add_server("http://127.0.0.1:9/mcp", "o@example.com", "Loopback is allow-listed")
+    line = fails(gw.cli("servers", "edit", server_id, "--upstream", upstream, check=False), code=1)
+    assert "address guard" in line, line
+    assert gw.cli_json("servers", "show", server_id)["upstream_url"] == "http://127.0.0.1:9/mcp"
+    gw.cli("servers", "remove", server_id)
+
+
+@pytest.mark.parametrize("args, field", [
+    (("--name", "x\udc80y"), "name"),  # argv bytes that are not UTF-8 arrive as lone surrogates
+    (("--owner", "o\udc80@example.com"), "e-mail"),
+    (("--header", "X-Key: \udc80"), "header"),
+])
+def test_servers_add_refuses_text_that_is_not_unicode(gw, args, field):
+    base = {"--name": "Text", "--upstream": "http://127.0.0.1:9/mcp", "--owner": "o@example.com"}
+    base.update({args[0]: args[1]})
+    argv = [item for pair in base.items() for item in pair]
+    env = {**gw.env, "PYTHONUTF8": "1"}
+    before = gw.cli_json("servers", "list")
+    # Passed as bytes: the child decodes argv with surrogateescape, as a shell would give it.
+    result = subprocess.run([sys.executable, str(ROOT / "gateway.py"), "servers", "add",
+                             *[a.encode("utf-8", "surrogateescape") for a in argv]],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    line = fails(result, code=1)
+    assert field in line, line
+    assert gw.cli_json("servers", "list") == before
 
 
 def test_duplicate_server_id_is_refused(gw):

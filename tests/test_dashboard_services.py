@@ -46,8 +46,9 @@ UNVERIFIED = User("sub-unv", "ana@example.com", False, "", "Fake Ana", last_logi
 
 
 def make_config(tmp_path, **env) -> Config:
+    # Ana registers the loopback test upstream, which only administrators may: she is one.
     return base_config(tmp_path, **{"MCPGW_UPSTREAM_ALLOW": "127.0.0.0/8",
-                                    "MCPGW_ADMIN_EMAILS": "root@example.com", **env})
+                                    "MCPGW_ADMIN_EMAILS": "root@example.com,ana@example.com", **env})
 
 
 @asynccontextmanager
@@ -88,7 +89,7 @@ async def test_actor_needs_a_known_signed_in_user_and_admins_need_a_verified_lis
         with pytest.raises(NotSignedIn):
             await s.dashboard.actor({"sub": "nobody"})
         assert (await actor(s, ADMIN)).is_admin
-        assert not (await actor(s, ANA)).is_admin
+        assert not (await actor(s, BOB)).is_admin
         await s.storage.upsert_user(User("sub-fake-root", "root@example.com", False, "", "x"))
         fake = await s.dashboard.actor({"sub": "sub-fake-root"})
         assert not fake.is_admin and fake.email == ""
@@ -120,6 +121,23 @@ async def test_register_refused_by_the_ssrf_guard_says_so(tmp_path):
             errors = await field_errors(s.dashboard.register(ana, {"name": "x", "upstream_url": url}))
             assert "address guard" in errors["upstream_url"], errors
             assert "refused" in errors["upstream_url"]
+
+
+@run
+async def test_internal_upstreams_are_for_administrators(tmp_path):
+    """Finding 20 at the service: Bob (no role) gets public addresses only, by literal or by
+    name; what he is refused is never probed or stored."""
+    async with instance(tmp_path, MCPGW_UPSTREAM_ALLOW="127.0.0.0/8,10.9.0.0/16") as s:
+        bob = await actor(s, BOB)
+        for url in ("http://127.0.0.1:9/mcp", "http://localhost:9/mcp", "http://10.9.8.7/mcp", "http://[::ffff:127.0.0.1]:9/"):
+            errors = await field_errors(s.dashboard.register(bob, {"name": "x", "upstream_url": url}))
+            assert errors["upstream_url"].startswith("Only administrators"), (url, errors)
+        errors = await field_errors(s.dashboard.register(bob, {"name": "x", "upstream_url": "http://no-such-host.invalid/"}))
+        assert "could not be resolved" in errors["upstream_url"]
+        assert await s.storage.list_servers() == []
+        # An administrator passes the guard (and then meets the reachability probe).
+        errors = await field_errors(s.dashboard.register(await actor(s, ADMIN), {"name": "x", "upstream_url": "http://127.0.0.1:9/mcp"}))
+        assert errors["upstream_url"].startswith("Unreachable")
 
 
 @run
@@ -156,7 +174,7 @@ def test_test_connection_reports_the_exact_error(tmp_path, upstream):
             ana = await actor(s, ANA)
             server_id = await ana_server(s, upstream.url)
             # The upstream goes away after registration: the probe names the failure.
-            await s.servers.update(server_id, upstream_url="http://127.0.0.1:9/mcp")
+            await s.servers.update(server_id, upstream_url="http://127.0.0.1:9/mcp", internal_allowed=True)
             result = await s.dashboard.test_connection(ana, server_id)
             assert not result.ok and "127.0.0.1:9" in result.error
     main()

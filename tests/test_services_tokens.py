@@ -38,7 +38,7 @@ BOB = User(sub="u-bob", email="bob@example.com", email_verified=True, name="Bob"
 
 @asynccontextmanager
 async def instance(tmp_path):
-    services = build_services(make_config(tmp_path))
+    services = build_services(make_config(tmp_path, MCPGW_UPSTREAM_ALLOW="127.0.0.0/8"))
     await services.start(background=False)
     try:
         yield services
@@ -53,7 +53,7 @@ async def world(tmp_path):
         for user in (ALICE, BOB):
             await s.storage.upsert_user(user)
         await s.servers.add(name="T", upstream_url="http://127.0.0.1:9/mcp", owner_email=ALICE.email,
-                            server_id="srv_t", owner_sub=ALICE.sub)
+                            server_id="srv_t", owner_sub=ALICE.sub, internal_allowed=True)
         s.client, _ = await s.clients.register({"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"})
         yield s
 
@@ -281,7 +281,7 @@ async def test_refresh_rechecks_sharing_rules(tmp_path):
 async def test_refresh_with_a_resource_may_name_the_same_audience_only(tmp_path):
     async with world(tmp_path) as s:
         await s.servers.add(name="U", upstream_url="http://127.0.0.1:9/mcp", owner_email=ALICE.email,
-                            server_id="srv_u", owner_sub=ALICE.sub)
+                            server_id="srv_u", owner_sub=ALICE.sub, internal_allowed=True)
         rt = (await tokens(s))["refresh_token"]
         other = s.config.server_resource("srv_u")
         assert await oauth_error(s.tokens.refresh(s.client, rt, None, other)) == "invalid_target"

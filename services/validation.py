@@ -1,0 +1,63 @@
+"""Text checks shared by every edge that takes strings from outside (the JSON API, the
+dashboard's forms, OAuth registration, client metadata documents, the CLI): a string is
+used only when it is valid Unicode text of a sane length, and a refusal names its field.
+
+Why one helper: JSON's `\\ud800` escape and the CLI's surrogate-escaped argv both produce
+Python strings that hold lone surrogates. They pass every regex and length check and then
+fail deep in storage (UTF-8 encoding) as a 500; control characters reach logs and pages.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# C0 controls, DEL and C1 controls; the multi-line variant keeps tab, LF and CR.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_CONTROL_MULTILINE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+class InvalidInput(ValueError):
+    """A value from outside that cannot be used; the message says which and why, `field`
+    names the input it came from (a form field, a JSON member) when the caller knows it."""
+
+    def __init__(self, message: str, field: str = ""):
+        super().__init__(message)
+        self.field = field
+
+
+def text_problem(value: str, *, multiline: bool = False) -> str | None:
+    """What is wrong with `value` as text (no field name), or None when it is fine."""
+    if value.isascii() and value.isprintable():
+        return None  # the common case, two C loops
+    if _SURROGATE.search(value):
+        return "is not valid Unicode text (it holds a lone surrogate)"
+    if (_CONTROL_MULTILINE if multiline else _CONTROL).search(value):
+        return "must not contain control characters"
+    return None
+
+
+def check_text(value: object, field: str, *, limit: int, multiline: bool = False, label: str = "") -> str:
+    """`value` when it is a string of valid Unicode text, without control characters (tab
+    and line breaks allowed when `multiline`), at most `limit` characters; else raise
+    InvalidInput naming `field` (`label`, e.g. "the name", is how the message says it)."""
+    label = label or field
+    if not isinstance(value, str):
+        raise InvalidInput(f"{label} must be a string", field)
+    problem = text_problem(value, multiline=multiline)
+    if problem is not None:
+        raise InvalidInput(f"{label} {problem}", field)
+    if len(value) > limit:
+        raise InvalidInput(f"{label} must be at most {limit} characters", field)
+    return value
+
+
+def scrub_text(value: str, limit: int) -> str:
+    """`value` made safe to store as is: lone surrogates and control characters replaced
+    by U+FFFD, cut to `limit` characters. For values that are recorded rather than
+    refused (usage events: a client's bad tool name must not cost anyone their history)."""
+    if len(value) > limit:
+        value = value[:limit]
+    if text_problem(value) is None:
+        return value
+    return _CONTROL.sub("\ufffd", _SURROGATE.sub("\ufffd", value))
