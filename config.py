@@ -52,6 +52,7 @@ class Config:
     refresh_absolute_ttl: int = 180 * 86400
     signin_ttl: int = 12 * 3600
     trust_forwarded: bool = False  # honour X-Forwarded-For from a reverse proxy for rate limits
+    metrics_token: str = field(default="", repr=False)  # bearer secret for /metrics beyond loopback
     sse_keepalive: int = 15  # idle SSE streams get a comment so intermediaries keep them open
     slow_reader_timeout: int = 30  # a client that cannot drain one write in this long is cut off
     upstream_timeout: int = 60  # seconds an upstream may take to send its response headers
@@ -143,6 +144,7 @@ class Config:
         )
         values["signin_ttl"] = _int(env, "MCPGW_SIGNIN_TTL", cls.signin_ttl, 60, 30 * 86400)
         values["trust_forwarded"] = _bool(env, "MCPGW_TRUST_FORWARDED", False)
+        values["metrics_token"] = _secret(env, "MCPGW_METRICS_TOKEN")
         values["sse_keepalive"] = _int(env, "MCPGW_SSE_KEEPALIVE", cls.sse_keepalive, 1, 3600)
         values["slow_reader_timeout"] = _int(env, "MCPGW_SLOW_READER_TIMEOUT", cls.slow_reader_timeout, 1, 3600)
         values["upstream_timeout"] = _int(env, "MCPGW_UPSTREAM_TIMEOUT", cls.upstream_timeout, 1, 3600)

@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 import tornado.web
 
 from services.authorization import signin_time
+from storage.base import StorageUnavailable
 
 log = logging.getLogger("gateway.http")
 
@@ -105,10 +106,19 @@ class BaseHandler(tornado.web.RequestHandler):
         self.page("error.html", status=status, title=title, message=message)
 
     def write_error(self, status_code: int, **kwargs) -> None:
-        reason = HTTPStatus(status_code).phrase if status_code in HTTPStatus._value2member_map_ else "Error"
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        retry_after = None
+        if isinstance(exc, StorageUnavailable):
+            # A passing storage fault (locked, read-only, full): the client may retry,
+            # so 503 + Retry-After in this handler's own error shape, never a 500.
+            status_code, retry_after = 503, exc.retry_after
+            self.set_status(503)
+            self.set_header("Retry-After", str(retry_after))
+        reason = HTTPStatus(status_code).phrase if status_code in HTTPStatus._value2member_map_ else "Error"
         message = exc.log_message if isinstance(exc, tornado.web.HTTPError) and exc.log_message else reason
-        if status_code >= 500:
+        if retry_after is not None:
+            message = f"Storage is temporarily unavailable; try again in {retry_after} seconds."
+        elif status_code >= 500:
             message = "Something went wrong on our side. It has been logged."
         if self.is_page:
             self.clear_header("Content-Type")
@@ -119,7 +129,16 @@ class BaseHandler(tornado.web.RequestHandler):
                 log.exception("error page failed")
         self.set_header("Content-Type", "application/json")
         code = "server_error" if status_code >= 500 else "invalid_request"
+        if retry_after is not None:
+            code = "temporarily_unavailable"  # RFC 6749 §4.1.2.1's name for it
         self.finish(json.dumps({"error": code, "error_description": message}))
+
+    def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, StorageUnavailable):
+            # Expected while the fault lasts: one line, no traceback.
+            log.warning("%s %s: 503, %s", self.request.method, self.request.path, value)
+            return
+        super().log_exception(typ, value, tb)
 
     # ------------------------------------------------------------- sign-in cookie
 

@@ -1,19 +1,32 @@
 """AccessPolicy: who may use which server (owner, e-mail grant, Workspace domain grant),
-answered from an in-process cache whose staleness is bounded by CACHE_TTL.
+answered from an in-process cache so that the warm proxy path never waits on storage.
 
 Domain membership is the ID token's `hd` claim, never the e-mail suffix; e-mail grants
 need a verified e-mail.
+
+Cache rules: an entry is fresh for CACHE_TTL seconds. After that it is still served for
+at most STALE_FOR more seconds while one background refresh (single flight per server)
+reads storage; a refresh that fails leaves the stale entry in place and the next call
+tries again. Beyond TTL + STALE_FOR the caller waits for the refresh and, if storage
+cannot answer, gets its error: an access decision is never older than that bound.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from storage.base import Grant, Server, Storage
 
-CACHE_TTL = 3.0  # a removed grant is refused within this many seconds on every instance
+log = logging.getLogger("gateway.access")
+
+CACHE_TTL = 3.0  # a removed grant is refused within this many seconds on every instance…
+STALE_FOR = 30.0  # …or within this many more while storage is slow or failing
 CACHE_SIZE = 10000
+RETRY_EVERY = 1.0  # seconds between background refreshes of a server after one failed
 
 
 @dataclass(frozen=True)
@@ -31,35 +44,88 @@ class Decision:
     reason: str  # owner | email | domain, or why not
 
 
+@dataclass(frozen=True)
+class _Entry:
+    fresh_until: float
+    server: Server | None
+    grants: tuple[Grant, ...]
+
+
 class AccessPolicy:
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, *, clock: Callable[[], float] = time.monotonic,
+                 ttl: float = CACHE_TTL, stale_for: float = STALE_FOR):
         self._storage = storage
-        self._cache: dict[str, tuple[float, Server | None, tuple[Grant, ...]]] = {}
+        self._clock = clock
+        self._ttl = ttl
+        self._stale_for = stale_for
+        self._cache: dict[str, _Entry] = {}
+        # One storage read per server at a time, shared by every caller that needs it.
+        self._refreshing: dict[str, asyncio.Task[_Entry]] = {}
+        self._retry_at: dict[str, float] = {}
 
     async def server(self, server_id: str) -> Server | None:
-        return (await self._entry(server_id))[1]
-
-    async def _entry(self, server_id: str):
-        now = time.monotonic()
-        entry = self._cache.get(server_id)
-        if entry is None or entry[0] < now:
-            server = await self._storage.get_server(server_id)
-            grants = tuple(await self._storage.grants_for(server_id)) if server else ()
-            if len(self._cache) >= CACHE_SIZE:
-                self._cache.clear()  # crude but bounded; entries refill in one lookup each
-            entry = (now + CACHE_TTL, server, grants)
-            self._cache[server_id] = entry
-        return entry
-
-    def forget(self, server_id: str) -> None:
-        """Drop the cached rules after a local change, so this instance sees it at once."""
-        self._cache.pop(server_id, None)
+        return (await self._entry(server_id)).server
 
     async def decide(self, principal: Principal, server_id: str) -> Decision:
-        _, server, grants = await self._entry(server_id)
-        if server is None:
+        entry = await self._entry(server_id)
+        if entry.server is None:
             return Decision(False, "this server does not exist")
-        return decide_for(principal, server, grants)
+        return decide_for(principal, entry.server, entry.grants)
+
+    def forget(self, server_id: str) -> None:
+        """Drop the cached rules after a local change, so this instance sees it at once.
+        A refresh already reading is disowned: what it read may predate the change."""
+        self._cache.pop(server_id, None)
+        self._refreshing.pop(server_id, None)
+        self._retry_at.pop(server_id, None)
+
+    async def _entry(self, server_id: str) -> _Entry:
+        now = self._clock()
+        entry = self._cache.get(server_id)
+        if entry is not None and now < entry.fresh_until:
+            return entry
+        usable = entry is not None and now < entry.fresh_until + self._stale_for
+        refresh = self._refreshing.get(server_id)
+        if refresh is None and not (usable and now < self._retry_at.get(server_id, 0.0)):
+            refresh = self._refreshing[server_id] = asyncio.create_task(self._refresh(server_id))
+            refresh.add_done_callback(_retrieve)
+        if usable:
+            return entry  # stale within the bound: the refresh runs in the background
+        # Cold, or stale beyond the bound: wait for storage and fail closed on its error.
+        # shield(): a caller that goes away must not cancel the read others wait for.
+        return await asyncio.shield(refresh)
+
+    async def _refresh(self, server_id: str) -> _Entry:
+        me = asyncio.current_task()
+        try:
+            server = await self._storage.get_server(server_id)
+            grants = tuple(await self._storage.grants_for(server_id)) if server else ()
+        except Exception as exc:
+            # Background refreshes after a failure wait a moment: under an outage the
+            # storage is not asked (and the log not written) on every request.
+            self._retry_at[server_id] = self._clock() + RETRY_EVERY
+            if server_id in self._cache:
+                log.warning("sharing rules of %s not refreshed, serving the cached ones: %s",
+                            server_id, exc)
+            raise
+        else:
+            entry = _Entry(self._clock() + self._ttl, server, grants)
+            if self._refreshing.get(server_id) is me:  # not disowned by forget() meanwhile
+                if len(self._cache) >= CACHE_SIZE:
+                    self._cache.clear()  # crude but bounded; entries refill in one lookup each
+                self._cache[server_id] = entry
+                self._retry_at.pop(server_id, None)
+            return entry
+        finally:
+            if self._refreshing.get(server_id) is me:
+                del self._refreshing[server_id]
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    # A background refresh's failure is logged in _refresh; retrieving it here keeps
+    # asyncio from reporting "exception was never retrieved" when nobody awaited it.
+    if not task.cancelled():
+        task.exception()
 
 
 def decide_for(principal: Principal, server: Server, grants: tuple[Grant, ...]) -> Decision:
