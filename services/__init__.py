@@ -25,7 +25,7 @@ from services.tokens import REVOCATION_REFRESH, TokenService
 from services.upstream import AddressPolicy, UpstreamClient, fetch_small
 from services.usage import UsageRecorder
 from storage import open_storage
-from storage.base import Storage
+from storage.base import Storage, StorageUnavailable
 
 log = logging.getLogger("gateway.services")
 
@@ -128,6 +128,8 @@ class Services:
             await asyncio.sleep(interval)
             try:
                 await job()
+            except StorageUnavailable as exc:  # a passing storage fault: the next round retries
+                log.warning("background job %s skipped: %s", getattr(job, "__name__", job), exc)
             except Exception:  # a failed round must not stop the next one
                 log.exception("background job %s failed", getattr(job, "__name__", job))
 
