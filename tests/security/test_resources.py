@@ -5,6 +5,7 @@ running out of file descriptors answers 503 instead of spinning the accept loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import http.client
 import logging
@@ -20,7 +21,10 @@ import tornado.web
 from tornado.netutil import bind_sockets
 
 from handlers.admission import AdmissionHTTPServer
+from tests.support.browser import ScriptedBrowser
+from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayProcess
+from tests.support.tokens import access_token, register_public_client
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -81,9 +85,10 @@ NOFILE = 128  # the gateway's descriptor limit (soft and hard) in this test
 HELD = 200  # client connections opened and held: well past what 128 descriptors allow
 
 
-def answers(socks: list[socket.socket], within: float) -> dict[socket.socket, int | None]:
-    """The first response status of each socket that answered (or closed) within `within` s."""
-    found: dict[socket.socket, int | None] = {}
+def answers(socks: list[socket.socket], within: float) -> dict[socket.socket, bytes]:
+    """What each socket received up to its first line break, if it answered (or closed:
+    then possibly b"") within `within` seconds."""
+    found: dict[socket.socket, bytes] = {}
     buffers = {sock: b"" for sock in socks}
     with selectors.DefaultSelector() as selector:
         for sock in socks:
@@ -98,37 +103,38 @@ def answers(socks: list[socket.socket], within: float) -> dict[socket.socket, in
                 except ConnectionResetError:
                     chunk = b""
                 buffers[sock] += chunk
-                if b"\r\n" in buffers[sock]:
-                    found[sock] = int(buffers[sock].split(b" ", 2)[1])
-                elif not chunk:
-                    found[sock] = None
-                else:
+                if chunk and b"\r\n\r\n" not in buffers[sock]:
                     continue
+                found[sock] = buffers[sock]
                 selector.unregister(sock)
     return found
 
 
-def test_descriptor_exhaustion_answers_503_and_does_not_spin(tmp_path):
-    """Past the descriptor limit the gateway once answered nothing, spun its accept loop at
-    84 % of a core and logged a traceback per attempt. Now: a connection cap below the
-    limit, 503 + Retry-After beyond it, one log line per interval, and service resumes."""
-    gateway = GatewayProcess(tmp_path / "gw", nofile=NOFILE).start()
+def status(head: bytes) -> int | None:
+    return int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else None
+
+
+def exhaust(gateway: GatewayProcess, request: bytes) -> None:
+    """Hold HELD connections sending `request`, then check the gateway under exhaustion:
+    each one answered (served, or refused with a 503 it can act on), the process idle, a
+    line or two of log, and service back once they are closed."""
     held: list[socket.socket] = []
     try:
-        request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\n\r\n".encode()
         for _ in range(HELD):
             sock = socket.create_connection(("127.0.0.1", gateway.port), timeout=5)
             sock.sendall(request)
             held.append(sock)
-        statuses = answers(held, within=10)
-        served = sum(1 for s in statuses.values() if s == 200)
-        refused = sum(1 for s in statuses.values() if s == 503)
-        # Every connection got an answer: served (and held open: keep-alive) or refused.
-        assert (served, refused) != (0, 0) and served + refused == HELD, (
-            f"{served} served, {refused} refused, {HELD - len(statuses)} unanswered, "
-            f"{sum(1 for s in statuses.values() if s is None)} closed without an answer"
+        heads = answers(held, within=10)
+        codes = [status(head) for head in heads.values()]
+        served, refused = codes.count(200), codes.count(503)
+        # Every connection got an answer: served (and held open) or refused.
+        assert served + refused == HELD, (
+            f"{served} served, {refused} refused, {HELD - len(heads)} unanswered, "
+            f"{codes.count(None)} closed without an answer, other: {set(codes) - {200, 503, None}}"
         )
-        assert 0 < served < NOFILE // 2
+        assert 0 < served < NOFILE // 2 and refused > 0
+        refusal = next(head for head in heads.values() if status(head) == 503).lower()
+        assert b"retry-after: " in refusal and b"connection: close" in refusal, refusal
 
         # Exhausted, the gateway idles: no accept loop spinning on the listening socket.
         window = 3.0
@@ -139,7 +145,7 @@ def test_descriptor_exhaustion_answers_503_and_does_not_spin(tmp_path):
 
         log = gateway.log_text()
         assert "Traceback" not in log and "Too many open files" not in log
-        reports = [line for line in log.splitlines() if "capacity" in line]
+        reports = [line for line in log.splitlines() if "capacity" in line or "descriptors" in line]
         assert 1 <= len(reports) <= 3, reports
 
         for sock in held:
@@ -158,7 +164,68 @@ def test_descriptor_exhaustion_answers_503_and_does_not_spin(tmp_path):
     finally:
         for sock in held:
             sock.close()
+
+
+def test_descriptor_exhaustion_answers_503_and_does_not_spin(tmp_path):
+    """Past the descriptor limit the gateway once answered nothing, spun its accept loop at
+    a full core and logged a traceback per attempt. Now: a connection cap below the limit,
+    503 + Retry-After beyond it, one log line per interval, and service resumes."""
+    gateway = GatewayProcess(tmp_path / "gw", nofile=NOFILE).start()
+    try:
+        exhaust(gateway, f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\n\r\n".encode())
+    finally:
         gateway.stop()
+
+
+class HoldingUpstream(tornado.web.RequestHandler):
+    """An upstream MCP server whose GET stream sends one comment and stays open."""
+
+    def initialize(self, upstream: FakeUpstream) -> None:
+        self.gone: asyncio.Future | None = None
+
+    async def get(self, kind: str) -> None:
+        self.gone = asyncio.get_running_loop().create_future()
+        self.set_header("Content-Type", "text/event-stream")
+        self.write(b": open\n\n")
+        await self.flush()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.gone, 60)
+
+    def on_connection_close(self) -> None:
+        if self.gone is not None and not self.gone.done():
+            self.gone.set_result(None)
+
+
+def test_proxied_streams_stay_within_the_descriptor_limit(idp, tmp_path):
+    """The finding as seen: SSE streams past the limit. Each one holds an upstream
+    connection too, and the cap leaves room for both: the admitted streams all reach
+    their upstream (no 502 for want of a descriptor), the rest are answered 503."""
+    fake = FakeUpstream(HoldingUpstream, "fake-upstream-holding").start()
+    gateway = GatewayProcess(tmp_path / "gw", idp=idp, nofile=NOFILE)
+    client = idp.register_client([gateway.url + "/oauth/callback"])
+    gateway.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+    gateway.start()
+    try:
+        server_id = gateway.add_server(f"{fake.url}/hold", STREAMER["email"], "Holding")
+        token = asyncio.run(_access_token(gateway))
+        exhaust(gateway, (
+            f"GET /mcp/{server_id} HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\n"
+            f"Authorization: Bearer {token}\r\nAccept: text/event-stream\r\n"
+            "MCP-Protocol-Version: 2025-11-25\r\n\r\n"
+        ).encode())
+    finally:
+        gateway.stop()
+        fake.stop()
+
+
+STREAMER = {"sub": "streamer-resources", "email": "streamer@example.com", "email_verified": True, "name": "S"}
+
+
+async def _access_token(gateway: GatewayProcess) -> str:
+    async with httpx.AsyncClient(base_url=gateway.url, trust_env=False, timeout=20) as http:
+        client_id = await register_public_client(http, "Resources")
+        async with ScriptedBrowser() as browser:
+            return await access_token(gateway.url, http, browser, client_id, STREAMER)
 
 
 class OutOfDescriptors:
