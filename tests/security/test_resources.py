@@ -177,6 +177,26 @@ def test_descriptor_exhaustion_answers_503_and_does_not_spin(tmp_path):
         gateway.stop()
 
 
+def test_max_connections_setting_lowers_the_cap(tmp_path):
+    """MCPGW_MAX_CONNECTIONS below the derived cap is the cap; the connections beyond are
+    answered 503 at once, and the start-up banner says what applies."""
+    gateway = GatewayProcess(tmp_path / "gw", extra_env={"MCPGW_MAX_CONNECTIONS": "5"}).start()
+    held: list[socket.socket] = []
+    try:
+        request = f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\n\r\n".encode()
+        time.sleep(0.5)  # start()'s own /healthz connection counts until the gateway sees it closed
+        for _ in range(8):
+            held.append(socket.create_connection(("127.0.0.1", gateway.port), timeout=5))
+            held[-1].sendall(request)
+        codes = sorted(status(head) for head in answers(held, within=10).values())
+        assert codes == [200] * 5 + [503] * 3, codes
+        assert "at most 5 at once" in gateway.log_text()
+    finally:
+        for sock in held:
+            sock.close()
+        gateway.stop()
+
+
 class HoldingUpstream(tornado.web.RequestHandler):
     """An upstream MCP server whose GET stream sends one comment and stays open."""
 
