@@ -492,6 +492,7 @@ class SqliteStorage(Storage):
             if primary in _RECONNECT_ON and self.path != MEMORY:
                 self._reconnect_all()
             if primary in _UNAVAILABLE:
+                self._probed = None  # news for readiness: the next /readyz probes afresh
                 raise StorageUnavailable(f"sqlite: {_UNAVAILABLE[primary]} ({exc})", RETRY_AFTER) from exc
             raise StorageError(f"sqlite: {exc}") from exc
 
