@@ -484,9 +484,12 @@ class SqliteStorage(Storage):
                     conn.execute(f"PRAGMA busy_timeout = {remaining_ms}")
                 self._local.conn = conn
                 try:
-                    return fn(*args)
+                    result = fn(*args)
                 finally:
                     self._local.conn = None
+                if deadline is not None and self._probed is not None and self._probed[1] is not None:
+                    self._probed = None  # a write went through: the kept failure is old news
+                return result
         except sqlite3.Error as exc:
             primary = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
             if primary in _RECONNECT_ON and self.path != MEMORY:

@@ -1196,3 +1196,69 @@ def test_open_storage_does_not_touch_the_filesystem(tmp_path: Path) -> None:
     open_storage(f"sqlite:///{tmp_path}/not/yet/gateway.db")
     assert list(tmp_path.iterdir()) == []
     assert os.path.isabs(open_storage(f"sqlite:///{tmp_path}/x.db").path)
+
+
+# ----------------------------------------------------------- SQLite storage faults
+
+
+def test_sqlite_transaction_that_fails_at_commit_leaves_nothing_half_written(tmp_path: Path) -> None:
+    """A COMMIT can fail (here a deferred constraint; in life a full disk): the helper
+    rolls back, so the connection is clean and no later COMMIT can publish the half."""
+    from storage.sqlite import _transaction
+
+    conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    conn.execute("CREATE TABLE child (id INTEGER PRIMARY KEY, parent INTEGER "
+                 "REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED)")
+    conn.execute("CREATE TABLE log (line TEXT)")
+    with pytest.raises(sqlite3.IntegrityError):
+        with _transaction(conn):
+            conn.execute("INSERT INTO log VALUES ('half')")
+            conn.execute("INSERT INTO child VALUES (1, 42)")  # only checked at COMMIT
+    assert not conn.in_transaction
+    with _transaction(conn):  # the connection takes the next transaction as usual
+        conn.execute("INSERT INTO log VALUES ('whole')")
+    other = sqlite3.connect(tmp_path / "t.db")
+    assert other.execute("SELECT line FROM log").fetchall() == [("whole",)]
+    assert other.execute("SELECT count(*) FROM child").fetchone() == (0,)
+
+
+def test_sqlite_write_lock_held_elsewhere(tmp_path: Path) -> None:
+    """Another process's write lock: reads go on at once, writes (however many are
+    queued) fail within one budget with StorageUnavailable, the readiness probe says so
+    at once, and everything works again when the lock goes."""
+    from storage.base import StorageUnavailable
+    from storage.sqlite import PROBE_BUDGET, WRITE_BUDGET
+
+    path = tmp_path / "gateway.db"
+
+    async def scenario() -> None:
+        store = SqliteStorage(str(path))
+        await store.open()
+        await store.create_server(server())
+        await store.ping()
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            started = time.monotonic()
+            assert await store.get_server("srv_a") == server()
+            assert time.monotonic() - started < WRITE_BUDGET / 2  # did not queue behind writes
+            writes = [store.create_server(server(f"srv_{i}")) for i in range(5)]
+            started = time.monotonic()
+            failures = await asyncio.gather(*writes, store.get_server("srv_a"), return_exceptions=True)
+            assert all(isinstance(f, StorageUnavailable) and f.retry_after > 0 for f in failures[:5])
+            assert failures[5] == server()
+            assert time.monotonic() - started < WRITE_BUDGET + 1  # one budget, not five
+            started = time.monotonic()
+            with pytest.raises(StorageUnavailable, match="locked"):
+                await store.ping()
+            assert time.monotonic() - started < PROBE_BUDGET + 0.5
+        finally:
+            other.execute("ROLLBACK")
+        await store.create_server(server("srv_after"))
+        assert await store.get_server("srv_after") == server("srv_after")
+        await store.ping()  # a write went through: no failure is kept
+        await store.close()
+
+    asyncio.run(scenario())
