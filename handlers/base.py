@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 import tornado.web
 
 from services.authorization import signin_time
+from services.identity import LOGIN_TTL
 from storage.base import StorageUnavailable
 
 log = logging.getLogger("gateway.http")
@@ -147,7 +148,29 @@ class BaseHandler(tornado.web.RequestHandler):
         # __Host- binds the cookie to this exact origin (Secure, Path=/, no Domain).
         return "__Host-mcpgw_signin" if self.config.secure_cookies else "mcpgw_signin"
 
+    @property
+    def login_cookie_name(self) -> str:
+        """The short-lived cookie binding an IdP sign-in in flight to this browser."""
+        return "__Host-mcpgw_login" if self.config.secure_cookies else "mcpgw_login"
+
+    async def prepare(self) -> None:
+        # The cookie alone is not a sign-in: its server-side session must still stand
+        # (logout, "sign out everywhere" and user removal end it). Checked here, where
+        # awaiting is possible, so that handlers read `current_user` as before. Requests
+        # without the cookie (every MCP call) cost nothing.
+        data = self.signin_cookie_data()
+        if data is not None and not await self.services.accounts.session_is_live(data.get("sid"), data.get("sub")):
+            data = None
+        self.current_user = data
+
     def get_current_user(self):
+        # Reached only when a handler's own prepare() replaced the one above: the session
+        # was not checked, so nobody counts as signed in.
+        return None
+
+    def signin_cookie_data(self) -> dict | None:
+        """The signed cookie's content ({"sid", "sub", "email", "name", "exp", "auth_time"}),
+        unexpired; whether its session still stands is prepare()'s question."""
         raw = self.get_signed_cookie(
             self.signin_cookie_name, max_age_days=self.config.signin_ttl / 86400 + 1
         )
@@ -157,16 +180,16 @@ class BaseHandler(tornado.web.RequestHandler):
             data = json.loads(raw)
         except ValueError:
             return None
-        if not isinstance(data, dict) or data.get("exp", 0) < time.time():
+        if not isinstance(data, dict) or not isinstance(data.get("exp"), int | float) or data["exp"] < time.time():
             return None
-        return data  # {"sub", "email", "name", "exp", "auth_time"}
+        return data
 
-    def set_signin_cookie(self, sub: str, email: str, name: str) -> None:
-        now = int(time.time())
+    async def set_signin_cookie(self, sub: str, email: str, name: str) -> None:
+        session = await self.services.accounts.start_session(sub)
         # auth_time on the clock prompt=login compares with (services.authorization).
         value = json.dumps(
-            {"sub": sub, "email": email, "name": name, "auth_time": signin_time(),
-             "exp": now + self.config.signin_ttl}
+            {"sid": session.sid, "sub": sub, "email": email, "name": name, "auth_time": signin_time(),
+             "exp": int(session.expires_at)}
         )
         self.set_signed_cookie(
             self.signin_cookie_name,
@@ -180,6 +203,18 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def clear_signin_cookie(self) -> None:
         self.clear_cookie(self.signin_cookie_name, path="/", secure=self.config.secure_cookies)
+
+    def set_login_binding(self, browser_key: str) -> None:
+        # Binds an IdP sign-in to this browser (RFC 6749 §10.12). SameSite=Lax: the IdP
+        # sends the browser back with a top-level GET, which carries it.
+        self.set_signed_cookie(
+            self.login_cookie_name, browser_key, expires_days=LOGIN_TTL / 86400,
+            httponly=True, secure=self.config.secure_cookies, samesite="Lax", path="/",
+        )
+
+    def login_binding(self) -> str | None:
+        value = self.get_signed_cookie(self.login_cookie_name, max_age_days=LOGIN_TTL / 86400)
+        return value.decode("ascii", "replace") if value else None
 
     # --------------------------------------------------------------- body parsing
 

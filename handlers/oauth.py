@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from urllib.parse import urlsplit
 
 from handlers.base import BadRequest, BaseHandler
 from services.authorization import Denied, Redirect, ShownError
@@ -18,8 +19,18 @@ MAX_JSON_BODY = 64 * 1024
 
 
 def local_path(target: str | None, default: str = "/dashboard") -> str:
-    """Only same-origin paths may be a post-sign-in destination (no open redirect)."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """Only same-origin paths may be a post-sign-in destination (no open redirect).
+
+    Parsed, not pattern-matched: printable ASCII only (browsers drop tabs and newlines
+    from URLs, so "/\t/evil.example" is "//evil.example" to them, and CR/LF cannot go
+    into a Location header), no backslash (read as "/"), and nothing urlsplit reads as a
+    scheme or a host. Anything else gets the default."""
+    if not target or not target.startswith("/") or target.startswith("//"):
+        return default
+    if any(not 0x21 <= ord(char) <= 0x7E for char in target) or "\\" in target:
+        return default
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
         return default
     return target
 
@@ -118,11 +129,14 @@ class LoginHandler(BaseHandler):
             self.page("login_dev.html", next=target, error=None, email="")
             return
         try:
-            url = await self.services.accounts.begin(target, self.get_query_argument("force", "") == "1")
+            start = await self.services.accounts.begin(
+                target, self.get_query_argument("force", "") == "1", self.login_binding()
+            )
         except SignInError as exc:
             self.error_page(exc.status, exc.title, exc.message)
             return
-        self.redirect(url)
+        self.set_login_binding(start.browser_key)
+        self.redirect(start.url)
 
     async def post(self) -> None:
         if not self.config.dev_login:
@@ -135,12 +149,13 @@ class LoginHandler(BaseHandler):
         except SignInError as exc:
             self.page("login_dev.html", status=exc.status, next=target, error=exc.message, email=email.strip())
             return
-        self.set_signin_cookie(user.sub, user.email, user.name)
+        await self.set_signin_cookie(user.sub, user.email, user.name)
         self.redirect(target)
 
 
 class CallbackHandler(BaseHandler):
-    """GET /oauth/callback: the identity provider sends the browser back here."""
+    """GET /oauth/callback: the identity provider sends the browser back here; only the
+    browser holding the login cookie set at /login may finish (services.identity)."""
 
     is_page = True
 
@@ -150,20 +165,46 @@ class CallbackHandler(BaseHandler):
                 self.get_query_argument("state", ""),
                 self.get_query_argument("code", ""),
                 self.get_query_argument("error", None),
+                self.login_binding(),
             )
         except SignInError as exc:
             self.error_page(exc.status, exc.title, exc.message)
             return
-        self.set_signin_cookie(user.sub, user.email, user.name)
+        await self.set_signin_cookie(user.sub, user.email, user.name)
         self.redirect(local_path(target))
 
 
 class LogoutHandler(BaseHandler):
+    """POST /logout ends this browser's session server-side, or with everywhere=1 every
+    session of the signed-in person (a copy of the cookie stops working too)."""
+
     is_page = True
 
-    def post(self) -> None:
+    async def post(self) -> None:
+        accounts = self.services.accounts
+        data = self.signin_cookie_data()
+        if data is not None:
+            if self.get_body_argument("everywhere", "") == "1" and self.current_user is not None:
+                await accounts.end_all_sessions(self.current_user["sub"])
+            await accounts.end_session(data.get("sid"))
         self.clear_signin_cookie()
         self.redirect("/")
+
+
+def over_client_limit(handler: BaseHandler, form: dict) -> bool:
+    """The /token and /revoke rate limit, checked before the client is looked up: a URL
+    client_id makes authentication fetch its metadata document, and that must cost the
+    caller, not the gateway (or the document's host). Keyed by the client_id as sent and
+    the address: one client_id may serve many users (a CIMD client such as VS Code's, a
+    pre-registered one), so never by client alone. Answers the 429 itself."""
+    claimed = handler.services.clients.claimed_client_id(
+        form.get("client_id"), handler.request.headers.get("Authorization")
+    )
+    if handler.services.limits.allow("token", f"{claimed}|{handler.client_ip()}"):
+        return False
+    handler.set_header("Retry-After", "10")
+    handler.oauth_error("slow_down", "too many requests for this client", 429)
+    return True
 
 
 class TokenHandler(BaseHandler):
@@ -174,15 +215,11 @@ class TokenHandler(BaseHandler):
         self.set_header("Pragma", "no-cache")
         try:
             form = self.form_body()
+            if over_client_limit(self, form):
+                return
             client = await self.services.clients.authenticate(
                 form.get("client_id"), form.get("client_secret"), self.request.headers.get("Authorization")
             )
-            # Keyed by client and address: one client_id may serve many users (a CIMD
-            # client such as VS Code's, a pre-registered one), so never by client alone.
-            if not self.services.limits.allow("token", f"{client.client_id}|{self.client_ip()}"):
-                self.set_header("Retry-After", "10")
-                self.oauth_error("slow_down", "too many token requests for this client", 429)
-                return
             grant_type = form.get("grant_type")
             tokens = self.services.tokens
             if grant_type == "authorization_code":
@@ -221,6 +258,8 @@ class RevokeHandler(BaseHandler):
         self.set_header("Cache-Control", "no-store")
         try:
             form = self.form_body()
+            if over_client_limit(self, form):
+                return
             client = await self.services.clients.authenticate(
                 form.get("client_id"), form.get("client_secret"), self.request.headers.get("Authorization")
             )

@@ -10,12 +10,9 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-import google.auth.transport
-import google.oauth2.id_token
 import httpx
 import jwt
 import pytest
@@ -34,6 +31,7 @@ from mcp.server.auth.settings import AuthSettings, ClientRegistrationOptions
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
+from services.identity import OidcIdentityProvider
 from tests.support.browser import BrowserError, ScriptedBrowser, parse_forms
 from tests.support.idp import IdpClient, IdpProcess, free_port
 from tests.support.mcp_oauth import (
@@ -112,40 +110,16 @@ async def _exchange(
 def _verify_id_token(
     idp: IdpProcess, client: IdpClient, id_token: str
 ) -> dict[str, Any]:
-    keys = jwt.PyJWKSet.from_dict(idp.jwks())
-    kid = jwt.get_unverified_header(id_token)["kid"]
+    # The stock provider signs with its one key and names no `kid` (OIDC Core §10.1).
+    (key,) = jwt.PyJWKSet.from_dict(idp.jwks()).keys
+    assert "kid" not in jwt.get_unverified_header(id_token)
     return jwt.decode(
         id_token,
-        keys[kid].key,
+        key.key,
         algorithms=["RS256"],
         audience=client.client_id,
         issuer=idp.issuer,
     )
-
-
-class _HttpxGoogleRequest(google.auth.transport.Request):
-    """google-auth's transport interface over httpx (requests/urllib3 are not installed)."""
-
-    def __call__(
-        self,
-        url: str,
-        method: str = "GET",
-        body: Any = None,
-        headers: Any = None,
-        timeout: Any = None,
-        **kwargs: Any,
-    ) -> Any:
-        response = httpx.request(
-            method,
-            url,
-            content=body,
-            headers=headers,
-            timeout=timeout or 10,
-            trust_env=False,
-        )
-        return SimpleNamespace(
-            status=response.status_code, headers=response.headers, data=response.content
-        )
 
 
 async def _sign_in_at_idp(
@@ -163,14 +137,10 @@ async def _sign_in_at_idp(
     assert result["state"] == state
     tokens = await _exchange(idp, client, result["code"], verifier)
     claims = _verify_id_token(idp, client, tokens["id_token"])
-    # The verifier the gateway uses must accept it too (it needs the `kid` idp_app.py adds).
-    google_claims = google.oauth2.id_token.verify_token(
-        tokens["id_token"],
-        _HttpxGoogleRequest(),
-        audience=client.client_id,
-        certs_url=idp.jwks_uri,
-    )
-    assert google_claims == claims
+    # The gateway's own verifier accepts the stock provider's token as it is.
+    verifier = OidcIdentityProvider(idp.issuer, client.client_id, client.client_secret, REDIRECT_URI)
+    verified = await verifier.verify_id_token(tokens["id_token"], nonce)
+    assert (verified.sub, verified.email) == (claims["sub"], claims.get("email", "").lower())
     return result, claims, nonce
 
 

@@ -4,10 +4,12 @@ The gateway's identity broker talks to it over loopback exactly as it talks to G
 
 What the provider (oidc-provider-mock 0.3.4, Flask + Authlib, served by uvicorn) does:
 
-- Started here as ``python tests/support/idp_app.py --host H --port P [-r] [-n] [-f]
-  [-e SECS] [--user-claims JSON]...`` (the mock's own CLI, ``python -m oidc_provider_mock``,
-  patched to put ``kid`` in ID-token headers: see idp_app.py); ``-r`` requires registered clients, ``-n`` requires a
-  ``nonce``, ``-f`` stops issuing refresh tokens, ``-e`` sets the access/ID-token lifetime.
+- Started here as ``python -m oidc_provider_mock --host H --port P [-r] [-n] [-f]
+  [-e SECS] [--user-claims JSON]...`` (the mock's own CLI, unpatched); ``-r`` requires
+  registered clients, ``-n`` requires a ``nonce``, ``-f`` stops issuing refresh tokens,
+  ``-e`` sets the access/ID-token lifetime. ``IdpProcess(id_token_kid=True)`` runs the one
+  varied provider instead (tests/support/idp_app.py: the same CLI, ``kid`` in ID-token
+  headers, as Google sends it).
 - ``issuer`` is ``request.host_url`` without the trailing slash, so it follows the Host
   header: always address it as ``http://127.0.0.1:PORT`` (``localhost`` is another issuer).
 - Endpoints: discovery ``/.well-known/openid-configuration``, ``/oauth2/authorize`` (GET
@@ -29,8 +31,8 @@ What the provider (oidc-provider-mock 0.3.4, Flask + Authlib, served by uvicorn)
   typed into the form that was never PUT becomes a user with claims ``{"email": sub}``
   (no ``email_verified``). So ``hd`` needs no patch.
 - ID tokens: RS256, ``aud`` is a one-element *list* ``[client_id]``, ``iss``, ``iat``, ``exp``,
-  ``auth_time``, ``at_hash``, ``nonce`` (when sent), plus the user's claims. Unpatched, the
-  header has no ``kid``, which google-auth's JWKS verification rejects.
+  ``auth_time``, ``at_hash``, ``nonce`` (when sent), plus the user's claims. The JWS header
+  has no ``kid`` (the JWKS lists the key with one); OIDC Core §10.1 allows that.
 - The authorization page (GET ``/oauth2/authorize?...``) has several ``<form method="post">``
   without ``action`` (so they post back to the same URL, query string included):
   1. ``<input type="text" name="sub" required>`` + an unnamed ``Authorize`` submit button;
@@ -59,8 +61,8 @@ import httpx
 
 __all__ = ["IdpClient", "IdpError", "IdpProcess", "free_port"]
 
-# The mock's own CLI plus a `kid` in ID-token headers (see idp_app.py for why).
-_ENTRY_POINT = Path(__file__).with_name("idp_app.py")
+# The varied provider: the mock's own CLI plus a `kid` in ID-token headers (see idp_app.py).
+_KID_VARIANT = Path(__file__).with_name("idp_app.py")
 
 
 class IdpError(RuntimeError):
@@ -108,6 +110,7 @@ class IdpProcess:
         token_max_age: int = 3600,
         users: Sequence[Mapping[str, Any]] = (),
         startup_timeout: float = 20.0,
+        id_token_kid: bool = False,
     ) -> None:
         self.host = host
         self.require_registration = require_registration
@@ -116,6 +119,7 @@ class IdpProcess:
         self.token_max_age = token_max_age
         self.users = [dict(user) for user in users]
         self.startup_timeout = startup_timeout
+        self.id_token_kid = id_token_kid
         self.port: int | None = None
         self.last_log = ""
         self._process: subprocess.Popen[bytes] | None = None
@@ -177,9 +181,10 @@ class IdpProcess:
         return self._log_file.read().decode("utf-8", "replace")
 
     def _spawn(self, port: int) -> None:
+        entry = [str(_KID_VARIANT)] if self.id_token_kid else ["-m", "oidc_provider_mock"]
         args = [
             sys.executable,
-            str(_ENTRY_POINT),
+            *entry,
             "--host",
             self.host,
             "--port",

@@ -1,13 +1,10 @@
-"""Entry point of the test IdP: oidc-provider-mock's own CLI, with ``kid`` in ID-token headers.
+"""A *varied* test IdP: oidc-provider-mock's own CLI with ``kid`` added to ID-token headers.
 
-Why the patch: oidc-provider-mock 0.3.4 signs ID tokens with its single key but puts no
-``kid`` in the JWS header, while its JWKS lists the key with a ``kid``. Real providers
-(Google included) always send ``kid``, and google-auth's ``id_token.verify_token`` with a
-JWK set only accepts a token whose ``kid`` names a key ("Unable to find a signing key that
-matches"). Adding the header makes the mock behave like the IdPs the gateway meets.
-
-Claims need no patch: every non-standard user claim (``hd``) reaches the ID token as is,
-and ``email_verified`` does with scope ``email``.
+The default test IdP runs the mock stock (``python -m oidc_provider_mock``, see idp.py):
+oidc-provider-mock 0.3.4 signs ID tokens with its single key and puts no ``kid`` in the
+JWS header, which OpenID Connect Core §10.1 allows when the key set holds one key. Real
+providers such as Google do send ``kid``; this variant lets a test cover that behaviour
+too (``IdpProcess(id_token_kid=True)``). Nothing else differs.
 
 Run as a script (``python path/to/idp_app.py --port P ...``): it takes the same options as
 ``python -m oidc_provider_mock``.
