@@ -249,12 +249,13 @@ class NotFoundHandler(BaseHandler):
     def is_page(self) -> bool:  # type: ignore[override]
         return not self.request.path.startswith("/api/")
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         if self.request.method == "OPTIONS":
             self.set_status(404)
             self.finish()
             return
         if self.is_page:
+            await super().prepare()  # the page's header shows who is signed in
             self.error_page(404, "Not found", "There is nothing at this address.")
         else:
             self.write_json({"error": "not_found", "error_description": "no such API endpoint"}, 404)

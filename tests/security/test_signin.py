@@ -632,3 +632,61 @@ def test_an_unreachable_provider_is_named_unreachable(tmp_path):
     error = asyncio.run(main())
     assert str(error) == "the identity provider is unreachable (discovery: Connection refused)"
     assert error.status == 502
+
+
+# --------------------------------------- 3. the login cookie in a real browser, cross-site
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_the_login_cookie_comes_back_on_the_cross_site_return_in_chromium(idp, tmp_path):
+    """SameSite=Lax is what a real browser sends on the IdP's top-level redirect back. The
+    IdP is addressed as `localhost`, the gateway as `127.0.0.1`: two sites to Chromium,
+    so the return is a cross-site navigation, as from Google. Were the cookie withheld,
+    the callback would answer 403."""
+    playwright_api = pytest.importorskip("playwright.async_api")
+    if not __import__("os").path.exists(CHROMIUM):
+        pytest.skip("no Chromium at " + CHROMIUM)
+    cross_site_issuer = f"http://localhost:{idp.port}"
+    gateway = GatewayProcess(tmp_path / "chromium")
+    client = idp.register_client([gateway.url + "/oauth/callback"])
+    gateway.env.pop("MCPGW_DEV_LOGIN")
+    gateway.env.update(MCPGW_OIDC_ISSUER=cross_site_issuer, MCPGW_OIDC_CLIENT_ID=client.client_id,
+                       MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+    gateway.start()
+    idp.set_user("chromium-1", email="chromium@example.com", email_verified=True, name="Chrome")
+
+    async def main():
+        async with playwright_api.async_playwright() as playwright:
+            browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                context = await browser.new_context()
+                context.set_default_timeout(15_000)
+
+                async def offline(route):  # the IdP's page links a CDN stylesheet; the network is closed
+                    await route.fulfill(status=204, body="")
+
+                await context.route(lambda url: not url.startswith((gateway.url, cross_site_issuer)), offline)
+                page = await context.new_page()
+                callbacks = []
+                page.on("response", lambda r: callbacks.append(r.status) if "/oauth/callback" in r.url else None)
+                await page.goto(gateway.url + "/login?next=/dashboard")
+                assert page.url.startswith(cross_site_issuer + "/oauth2/authorize")
+                form = page.locator("form", has=page.locator("input[name=sub]"))
+                await form.locator("input[name=sub]").fill("chromium-1")
+                async with page.expect_navigation(url=lambda url: url.startswith(gateway.url)):
+                    await form.locator("button, input[type=submit]").first.click()
+                signed_in = await page.locator("#nav-user").all_inner_texts()
+                return callbacks, page.url, signed_in
+            finally:
+                await browser.close()
+
+    try:
+        callbacks, landed, who = asyncio.run(main())
+    finally:
+        gateway.stop()
+    assert callbacks == [302]
+    assert (landed, who) == (gateway.url + "/dashboard", ["chromium@example.com"])
