@@ -8,9 +8,11 @@ javascript:, data:, file: and the like refused; exact string match otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
+import logging
 import re
 import secrets
 import time
@@ -21,7 +23,10 @@ from urllib.parse import unquote_plus, urlsplit
 from config import is_loopback_host
 from services.keys import token_hash
 from services.tokens import OAuthError
+from services.validation import InvalidInput, check_text
 from storage.base import Client, Conflict, Storage
+
+log = logging.getLogger("gateway.clients")
 
 DANGEROUS_SCHEMES = {"javascript", "data", "file", "vbscript", "about", "blob", "filesystem"}
 SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.\-]*$")
@@ -31,6 +36,14 @@ MAX_URI_LENGTH = 2000
 CIMD_MAX_BYTES = 5120
 CIMD_MIN_TTL, CIMD_MAX_TTL, CIMD_DEFAULT_TTL = 60, 86400, 300
 CIMD_CACHE_SIZE = 1000
+# A document that could not be fetched or was refused is not fetched again for this long:
+# each /authorize, /token or /revoke naming it would otherwise make the gateway fetch it
+# again (amplification, and a way to hammer the document's host through the gateway).
+CIMD_FAILURE_TTL = 60.0
+CIMD_FAILURE_CACHE_SIZE = 1000
+# The only thing a caller learns about a document that failed: whether the URL was closed,
+# spoke TLS or answered 404 would map ports behind the gateway. The detail is logged.
+CIMD_FAILED = "the client metadata document could not be fetched or is invalid"
 DCR_IDLE_REAP = 30 * 86400  # unused DCR registrations are deleted after this long
 CIMD_IDLE_REAP = 7 * 86400
 
@@ -44,10 +57,19 @@ def is_cimd_client_id(client_id: str) -> bool:
     return client_id.startswith("https://")
 
 
+def _text(value: object, name: str, limit: int, error: str = "invalid_client_metadata") -> str:
+    """The shared text check (services.validation) as an RFC 7591 error naming the member."""
+    try:
+        return check_text(value, name, limit=limit)
+    except InvalidInput as exc:
+        raise ClientError(error, str(exc)) from None
+
+
 def check_redirect_uri(uri: object) -> str:
     """Return the URI when the policy allows it; raise ClientError(invalid_redirect_uri)."""
     if not isinstance(uri, str) or not uri or len(uri) > MAX_URI_LENGTH:
         raise ClientError("invalid_redirect_uri", "each redirect URI must be a non-empty string")
+    _text(uri, "redirect_uri", MAX_URI_LENGTH, "invalid_redirect_uri")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in uri):
         raise ClientError("invalid_redirect_uri", f"{uri!r}: contains spaces or control characters")
     parts = _split(uri)
@@ -120,7 +142,7 @@ def _optional_string(metadata: dict, name: str, limit: int = 1000) -> str:
         return ""
     if not isinstance(value, str) or len(value) > limit:
         raise ClientError("invalid_client_metadata", f"{name} must be a string of at most {limit} characters")
-    return value
+    return _text(value, name, limit)
 
 
 def _optional_url(metadata: dict, name: str) -> str:
@@ -175,6 +197,7 @@ def validate_metadata(metadata: object, *, for_cimd: bool = False) -> dict:
     contacts = metadata.get("contacts", [])
     if not isinstance(contacts, list) or not all(isinstance(c, str) for c in contacts):
         raise ClientError("invalid_client_metadata", "contacts must be an array of strings")
+    contacts = [_text(c, "contacts", 320) for c in contacts[:10]]
 
     name = _optional_string(metadata, "client_name", 200).strip()
     if for_cimd and not name:
@@ -192,7 +215,7 @@ def validate_metadata(metadata: object, *, for_cimd: bool = False) -> dict:
         }
     )
     if contacts:
-        extra["contacts"] = contacts[:10]
+        extra["contacts"] = contacts
     return {
         "client_name": name or "Unnamed client",
         "redirect_uris": redirect_uris,
@@ -235,6 +258,10 @@ class ClientRegistry:
         # fetch_document(url) -> (status, headers, body): the SSRF-guarded small fetcher.
         self._fetch_document = fetch_document
         self._cimd_cache: OrderedDict[str, tuple[Client, float]] = OrderedDict()
+        # URL -> until when a failed document is not fetched again (monotonic).
+        self._cimd_failures: OrderedDict[str, float] = OrderedDict()
+        # URL -> the fetch in progress: concurrent requests naming one document share it.
+        self._cimd_fetching: dict[str, asyncio.Future[Client]] = {}
 
     async def register(self, metadata: object, kind: str = "dcr") -> tuple[Client, str | None]:
         fields = validate_metadata(metadata)
@@ -268,18 +295,22 @@ class ClientRegistry:
             )
         return client
 
+    @staticmethod
+    def claimed_client_id(form_client_id: str | None, authorization: str | None) -> str:
+        """The client_id a /token or /revoke request names, as sent (Basic credentials
+        first), before anything is looked up or fetched: the rate-limit key. Empty when
+        there is none or the Basic credentials are malformed (authenticate says so)."""
+        try:
+            basic = _basic_credentials(authorization)
+        except ClientError:
+            return ""
+        return (basic[0] if basic is not None else form_client_id) or ""
+
     async def authenticate(
         self, form_client_id: str | None, form_secret: str | None, authorization: str | None
     ) -> Client:
         """Client authentication at /token and /revoke (RFC 6749 §2.3)."""
-        basic_id = basic_secret = None
-        if authorization and authorization[:6].lower() == "basic ":
-            try:
-                decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
-                raw_id, _, raw_secret = decoded.partition(":")
-                basic_id, basic_secret = unquote_plus(raw_id), unquote_plus(raw_secret)
-            except (ValueError, UnicodeDecodeError):
-                raise ClientError("invalid_client", "malformed Basic credentials", 401) from None
+        basic_id, basic_secret = _basic_credentials(authorization) or (None, None)
         if basic_id is not None and form_client_id and form_client_id != basic_id:
             raise ClientError("invalid_request", "client_id differs from the Basic credentials")
         client_id = basic_id or form_client_id
@@ -317,35 +348,65 @@ class ClientRegistry:
     # ------------------------------------------------------------ metadata documents
 
     async def _metadata_document_client(self, url: str) -> Client:
+        now = time.monotonic()
         cached = self._cimd_cache.get(url)
-        if cached and cached[1] > time.monotonic():
+        if cached and cached[1] > now:
             self._cimd_cache.move_to_end(url)
             return cached[0]
         check_metadata_document_url(url)
         if self._fetch_document is None:
             raise ClientError("invalid_client", "client ID metadata documents are not enabled", 401)
+        failed_until = self._cimd_failures.get(url)
+        if failed_until is not None:
+            if failed_until > now:
+                raise ClientError("invalid_client", CIMD_FAILED, 401)
+            del self._cimd_failures[url]
+        pending = self._cimd_fetching.get(url)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        pending = self._cimd_fetching[url] = asyncio.get_running_loop().create_future()
+        try:
+            client = await self._load_metadata_document(url)
+        except _DocumentRefused as exc:
+            log.warning("client metadata document %r refused: %s", url, exc)
+            self._cimd_failures[url] = time.monotonic() + CIMD_FAILURE_TTL
+            while len(self._cimd_failures) > CIMD_FAILURE_CACHE_SIZE:
+                self._cimd_failures.popitem(last=False)
+            error = ClientError("invalid_client", CIMD_FAILED, 401)
+            pending.set_exception(error)
+            pending.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise error from None
+        except BaseException as exc:  # storage trouble, cancellation: not the document's fault
+            if isinstance(exc, asyncio.CancelledError):
+                pending.cancel()
+            else:
+                pending.set_exception(exc)
+                pending.exception()
+            raise
+        finally:
+            del self._cimd_fetching[url]
+        pending.set_result(client)
+        return client
+
+    async def _load_metadata_document(self, url: str) -> Client:
+        """Fetch, check and store one document; _DocumentRefused (for the log) when it
+        cannot be used."""
         try:
             status, headers, body = await self._fetch_document(url)
-        except Exception as exc:  # every fetch failure is the client's problem, shown as such
-            raise ClientError(
-                "invalid_client", f"the client ID metadata document could not be fetched: {exc}", 401
-            ) from None
+        except Exception as exc:  # every fetch failure is the client's problem
+            raise _DocumentRefused(f"fetch failed: {type(exc).__name__}: {exc}") from None
         if status != 200:
-            raise ClientError(
-                "invalid_client", f"the client ID metadata document answered HTTP {status}", 401
-            )
+            raise _DocumentRefused(f"answered HTTP {status}")
         try:
             document = json.loads(body)
-        except ValueError:
-            raise ClientError("invalid_client", "the client ID metadata document is not JSON", 401) from None
+        except (ValueError, RecursionError):
+            raise _DocumentRefused("not JSON") from None
         if not isinstance(document, dict) or document.get("client_id") != url:
-            raise ClientError(
-                "invalid_client", "the metadata document's client_id is not its own URL", 401
-            )
+            raise _DocumentRefused("its client_id is not its own URL")
         try:
             fields = validate_metadata(document, for_cimd=True)
         except ClientError as exc:
-            raise ClientError("invalid_client", f"metadata document: {exc.description}", 401) from None
+            raise _DocumentRefused(f"{exc.error}: {exc.description}") from None
         now = time.time()
         existing = await self._storage.get_client(url)
         client = Client(
@@ -361,6 +422,23 @@ class ClientRegistry:
         while len(self._cimd_cache) > CIMD_CACHE_SIZE:
             self._cimd_cache.popitem(last=False)
         return client
+
+
+class _DocumentRefused(Exception):
+    """Why a client metadata document cannot be used: for the log, never for the caller."""
+
+
+def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """(client_id, secret) of an HTTP Basic Authorization header (RFC 6749 §2.3.1: each
+    form-urlencoded), None without one; ClientError when it is malformed."""
+    if not authorization or authorization[:6].lower() != "basic ":
+        return None
+    try:
+        decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ClientError("invalid_client", "malformed Basic credentials", 401) from None
+    raw_id, _, raw_secret = decoded.partition(":")
+    return unquote_plus(raw_id), unquote_plus(raw_secret)
 
 
 def check_metadata_document_url(url: str) -> None:

@@ -1,11 +1,14 @@
 """Client ID metadata documents end to end: the MCP SDK client presents an https client_id
 URL, the real gateway fetches the document from a real HTTPS server on loopback (trusted
 through SSL_CERT_FILE), validates it, caches it, and the flow ends in tokens. Bad
-documents are refused on a readable page and never cached; the SSRF guard applies."""
+documents are refused with one generic message (the reason goes to the log: the page must
+not map ports behind the gateway), the failure is remembered briefly and /token limits
+before it fetches (no amplification); the SSRF guard applies."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime
 import ipaddress
 import json
@@ -24,10 +27,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.support.browser import ScriptedBrowser
+from tests.support.idp import free_port
 from tests.support.mcp_oauth import DEFAULT_REDIRECT_URI, make_oauth_rig
 from tests.support.tokens import pkce
 
 ALICE = {"sub": "alice-cimd", "email": "alice@example.com", "email_verified": True, "name": "Alice"}
+GENERIC = "the client metadata document could not be fetched or is invalid"
+TOKEN_BURST = 300  # services.ratelimit DEFAULT_RULES["token"]
 
 
 def self_signed_certificate(directory) -> tuple[str, str]:
@@ -118,6 +124,11 @@ def authorize_page(gateway, client_id: str) -> httpx.Response:
     return httpx.get(f"{gateway.url}/authorize?{urlencode(query)}", timeout=20)
 
 
+def token_request(http: httpx.Client, client_id: str) -> httpx.Response:
+    return http.post("/token", data={"grant_type": "authorization_code", "client_id": client_id, "code": "c",
+                                     "code_verifier": "v" * 43, "redirect_uri": DEFAULT_REDIRECT_URI})
+
+
 def test_sdk_client_signs_in_with_a_metadata_document_client_id(gateway_factory, documents, tls):
     gateway = gateway_factory(extra_env={"SSL_CERT_FILE": tls[0]})
     server_id = gateway.add_server("http://127.0.0.1:9/mcp", ALICE["email"])
@@ -168,14 +179,16 @@ def test_bad_metadata_documents_are_refused_on_a_page_and_never_cached(
 
     refused = authorize_page(gateway, url)
     assert refused.status_code == 400 and "location" not in refused.headers  # shown, never redirected
-    assert why in refused.text, refused.text
+    assert GENERIC in refused.text and why not in refused.text, refused.text
+    assert why in gateway.log_text()  # the reason is for the operator
     assert documents.hits[path] == 1
 
-    # The error was not cached: once the document is fixed, the next attempt fetches it again.
+    # The failure is remembered (for a minute): fixing the document does not make the
+    # gateway fetch it again at once, and nothing about the failure was cached as a client.
     documents.publish(path, client_document(url))
-    fixed = authorize_page(gateway, url)
-    assert fixed.status_code in (302, 303), fixed.text
-    assert documents.hits[path] == 2
+    again = authorize_page(gateway, url)
+    assert again.status_code == 400 and GENERIC in again.text
+    assert documents.hits[path] == 1
 
 
 def test_metadata_document_urls_are_fetched_through_the_ssrf_guard(gateway_factory, documents, tls):
@@ -185,5 +198,90 @@ def test_metadata_document_urls_are_fetched_through_the_ssrf_guard(gateway_facto
     documents.publish("/guarded.json", client_document(url))
     refused = authorize_page(gateway, url)
     assert refused.status_code == 400 and "location" not in refused.headers
-    assert "refused" in refused.text.lower()
+    assert GENERIC in refused.text and "refused" in gateway.log_text()
     assert documents.hits.get("/guarded.json", 0) == 0
+
+
+def test_token_limits_before_fetching_and_remembers_failed_documents(gateway_factory, documents, tls):
+    """Finding 11: /token names a client_id URL whose document is missing. The gateway
+    fetches it once for many rapid and concurrent requests (the failure is remembered), and
+    past the rate limit it answers 429 without looking the client up at all."""
+    gateway = gateway_factory(extra_env={"SSL_CERT_FILE": tls[0]})
+    with httpx.Client(base_url=gateway.url, trust_env=False, timeout=30) as http:
+        sequential = documents.base + "/missing/sequential.json"
+        answers = [token_request(http, sequential) for _ in range(50)]
+        assert {(a.status_code, a.json()["error"]) for a in answers} == {(401, "invalid_client")}
+        assert documents.hits["/missing/sequential.json"] == 1
+
+        revoked = [http.post("/revoke", data={"client_id": sequential, "token": "t"}) for _ in range(10)]
+        assert {r.status_code for r in revoked} == {401}
+        assert documents.hits["/missing/sequential.json"] == 1  # /revoke shares the memory
+
+        together = documents.base + "/missing/concurrent.json"
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            statuses = list(pool.map(lambda _: token_request(http, together).status_code, range(40)))
+        assert set(statuses) == {401}
+        assert documents.hits["/missing/concurrent.json"] == 1  # one fetch in flight, shared
+
+        # Faster than the bucket refills (20 a second): past the burst, 429s.
+        limited = documents.base + "/missing/limited.json"
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: token_request(http, limited), range(TOKEN_BURST + 100)))
+    statuses = [a.status_code for a in answers]
+    assert set(statuses) == {401, 429} and statuses.count(429) >= 10, statuses.count(429)
+    assert TOKEN_BURST <= statuses.count(401) < TOKEN_BURST + 90
+    slowed = next(a for a in answers if a.status_code == 429)
+    assert slowed.json()["error"] == "slow_down" and slowed.headers["Retry-After"] == "10"
+    assert documents.hits["/missing/limited.json"] == 1
+
+
+class PlainHttpServer:
+    """A loopback port that answers plain HTTP (no TLS): a TLS handshake to it fails."""
+
+    def __init__(self):
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+
+
+def test_metadata_document_failures_look_the_same_to_the_caller(gateway_factory, documents, tls, tmp_path):
+    """Finding 21: a closed port, a port that does not speak TLS, a TLS port whose
+    certificate is not trusted and a 404 give byte-identical answers at /token and at
+    /authorize; the log tells them apart, one line each."""
+    gateway = gateway_factory(extra_env={"SSL_CERT_FILE": tls[0]})
+    plain = PlainHttpServer()
+    untrusted = DocumentServer(*self_signed_certificate(tmp_path))  # not the certificate SSL_CERT_FILE trusts
+    try:
+        urls = {
+            "closed": f"https://127.0.0.1:{free_port()}/c.json",
+            "not-tls": f"https://127.0.0.1:{plain.port}/c.json",
+            "untrusted": untrusted.publish("/c.json", {}),
+            "404": documents.base + "/absent/c.json",
+        }
+        with httpx.Client(base_url=gateway.url, trust_env=False, timeout=30) as http:
+            tokens = {kind: token_request(http, url) for kind, url in urls.items()}
+        pages = {kind: authorize_page(gateway, url) for kind, url in urls.items()}
+    finally:
+        plain.stop()
+        untrusted.stop()
+    assert {r.status_code for r in tokens.values()} == {401}
+    assert len({r.content for r in tokens.values()}) == 1, {k: r.text for k, r in tokens.items()}
+    assert tokens["closed"].json() == {"error": "invalid_client", "error_description": GENERIC}
+    assert {r.status_code for r in pages.values()} == {400}
+    assert len({r.content for r in pages.values()}) == 1, {k: r.text for k, r in pages.items()}
+    log = gateway.log_text()
+    for url in urls.values():
+        lines = [line for line in log.splitlines() if "client metadata document" in line and url in line]
+        assert len(lines) == 1, (url, lines)  # fetched once, logged once, detail included
+    assert "Traceback" not in log

@@ -221,7 +221,9 @@ async def proxy_status(gateway_url: str, server_id: str, token: str) -> int:
 # ---------------------------------------------------------------------------- the tests
 
 
-def test_owner_registers_shares_user_connects_usage_and_revocation(chromium, idp, gateway, upstream):
+def test_owner_registers_shares_user_connects_usage_and_revocation(chromium, idp, gateway_factory, upstream):
+    # The owner registers the loopback test upstream, which only administrators may.
+    gateway = gateway_factory(extra_env={"MCPGW_ADMIN_EMAILS": OWNER["email"]})
     asyncio.run(_owner_to_revocation(chromium, idp, gateway, upstream))
 
 

@@ -27,7 +27,9 @@ MCP_HEADERS = {"Accept": "application/json, text/event-stream", "Content-Type": 
 
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
-    gateway = GatewayProcess(tmp_path_factory.mktemp("dashboard"), extra_env={"MCPGW_ADMIN_EMAILS": ROOT})
+    # Ana registers the loopback test upstream through the dashboard: internal upstreams are
+    # for administrators, so she is one. Bob and Carol are not.
+    gateway = GatewayProcess(tmp_path_factory.mktemp("dashboard"), extra_env={"MCPGW_ADMIN_EMAILS": f"{ROOT},{ANA}"})
     gateway.start()
     yield gateway
     gateway.stop()
@@ -321,16 +323,46 @@ def test_delete_with_confirmation_stops_its_tokens(gw, upstream):
 
 
 def test_admin_sees_and_manages_all_servers(gw, upstream):
-    ana, root = sign_in(gw, ANA), sign_in(gw, ROOT)
-    server_id = register(ana, upstream.url, name="Watched")
+    # Bob is no administrator, so his loopback server comes from the operator's CLI.
+    bob, root = sign_in(gw, BOB), sign_in(gw, ROOT)
+    server_id = gw.add_server(upstream.url, BOB, "Watched")
     overview = root.get("/dashboard")
     assert 'data-testid="all-servers"' in overview.text and server_id in overview.text
-    assert 'data-testid="all-servers"' not in ana.get("/dashboard").text
+    assert 'data-testid="all-servers"' not in bob.get("/dashboard").text
     assert root.get(f"/dashboard/servers/{server_id}/usage").status_code == 200
     assert post(root, f"/dashboard/servers/{server_id}/edit", name="Renamed by admin",
                 upstream_url=upstream.url).status_code == 302
-    assert api(ana, "GET", f"/api/servers/{server_id}").json()["name"] == "Renamed by admin"
+    assert api(bob, "GET", f"/api/servers/{server_id}").json()["name"] == "Renamed by admin"
+    # The owner may still rename it (its internal URL unchanged), not point it elsewhere inside.
+    assert api(bob, "PATCH", f"/api/servers/{server_id}", {"name": "Bob's", "upstream_url": upstream.url}).status_code == 200
     assert api(root, "DELETE", f"/api/servers/{server_id}").status_code == 200
+
+
+def test_internal_upstreams_are_for_administrators(gw, upstream):
+    """Finding 20: a signed-in user with no role cannot point a server at an allow-listed
+    internal address (and read it through the proxy); an administrator can."""
+    bob, ana = sign_in(gw, BOB), sign_in(gw, ANA)
+    before = {s.server_id for s in run(with_services(gw, lambda s: s.storage.list_servers()))}
+    loopback_names = upstream.url.replace("127.0.0.1", "localhost")
+    for url in (upstream.url, loopback_names, "http://127.0.0.1:9/mcp"):
+        response = post(bob, "/dashboard/servers", name="Inside", upstream_url=url, headers="")
+        assert response.status_code == 400, url
+        assert "only administrators" in field_errors(response)["upstream_url"].lower(), url
+        response = api(bob, "POST", "/api/servers", {"name": "Inside", "upstream_url": url})
+        assert response.status_code == 400, url
+        assert "only administrators" in response.json()["fields"]["upstream_url"].lower(), url
+    assert {s.server_id for s in run(with_services(gw, lambda s: s.storage.list_servers()))} == before
+
+    # Bob's server on a public address (registered by the operator) cannot be turned inward.
+    server_id = gw.add_server("https://mcp.example/mcp", BOB, "Public")
+    response = api(bob, "PATCH", f"/api/servers/{server_id}", {"upstream_url": upstream.url})
+    assert response.status_code == 400 and "only administrators" in response.json()["fields"]["upstream_url"].lower()
+    response = post(bob, f"/dashboard/servers/{server_id}/edit", name="Public", upstream_url=upstream.url)
+    assert response.status_code == 400 and "only administrators" in field_errors(response)["upstream_url"].lower()
+    assert gw.cli_json("servers", "show", server_id)["upstream_url"] == "https://mcp.example/mcp"
+
+    assert api(ana, "POST", "/api/servers", {"name": "Inside", "upstream_url": upstream.url}).status_code == 201
+    assert register(ana, upstream.url, name="Inside by page")
 
 
 # ------------------------------------------------------------------------ usage
