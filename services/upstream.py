@@ -24,7 +24,7 @@ Three things live here, all async on Tornado's (asyncio) loop, none blocking it:
 
     client = UpstreamClient(policy, max_per_origin=64, connect_timeout=10, header_timeout=60)
     resp = await client.request(method, url, headers, body)  # returns once headers arrived
-    resp.status, resp.reason, resp.headers                  # tornado.httputil.HTTPHeaders
+    resp.status, resp.reason, resp.headers                  # ResponseHeaders (case-insensitive)
     async for chunk in resp.iter_chunks(): ...               # body bytes as they arrive
     chunk = await resp.read_chunk()                          # same, b"" at the end
     body = await resp.read_all(limit)                        # whole body, UpstreamTooLarge past limit
@@ -33,21 +33,28 @@ Three things live here, all async on Tornado's (asyncio) loop, none blocking it:
     client.stats.connections_opened / .requests / .reuses    # keep-alive is observable
     client.close()                                           # closes idle (and by default active) connections
 
-  HTTP/1.1 framed here on asyncio streams (the transports Tornado's own loop runs on;
-  status line and headers parsed and validated by ``tornado.httputil``), connections
-  kept for the next request when the response allows keep-alive. Chosen by measurement
-  against the same pooling on Tornado's ``IOStream`` and ``HTTP1Connection``, aiohttp,
-  curl_httpclient and simple_httpclient (bench/README.md, "Upstream HTTP client
-  choice"): the fastest of them here, and no dependency.
+  HTTP/1.1 on asyncio streams (the transports Tornado's own loop runs on), each
+  response, head and body, framed by llhttp through ``httptools`` (bench/head_parse.py:
+  about a tenth of the hand-written head parser it replaced, which also hung on bare-LF
+  heads and let status 099 and 600 through). Chosen by measurement against the same
+  pooling on Tornado's ``IOStream`` and ``HTTP1Connection``, aiohttp, curl_httpclient and
+  simple_httpclient (bench/README.md, "Upstream HTTP client choice").
 
   - Pool: idle keep-alive connections per (scheme, host, port, resolved ip), at most
     ``max_per_origin`` idle ones per origin (like nginx ``keepalive N``). Active
     connections are not capped: an SSE stream holds its connection for its whole life and
     one process must hold thousands of them; a cap would starve every other call to that
     upstream. Idle connections are dropped after ``idle_timeout`` (4 s, below the 5 s
-    keep-alive of uvicorn and Node, the usual MCP server stacks) and are checked for a
-    close by the peer before reuse.
-  - Body: handed over as it arrives (at most up to the end of the current chunk) when
+    keep-alive of uvicorn and Node, the usual MCP server stacks).
+  - Reuse: a pooled connection carries one user's request after another's, so a byte
+    left over from one response must never be read as the answer to the next. A
+    connection goes back to the pool only after a response whose end was certain (a
+    length or chunked framing read to its end, keep-alive, nothing after it), never after
+    ``Connection: close``, HTTP/1.0 without keep-alive, a body delimited by the close, a
+    HEAD response, a 204/304 announcing a length or a coding, a body the caller did not
+    read to its end, or bytes past the end. At checkout it must have nothing unread:
+    empty buffer, not at EOF, socket not readable.
+  - Body: handed over as it arrives (whatever one read of the socket completed) when
     the consumer asks, so an SSE event is relayed the moment it arrives; past 128 KiB
     unread, reading the socket pauses, so a slow downstream slows the upstream through
     TCP flow control instead of piling up in memory. Transfer coding (chunked) is
@@ -68,7 +75,8 @@ Errors: `UpstreamUnreachable` (DNS failure, refused connection, TLS failure, con
 closed before headers → the proxy answers 502), `UpstreamRefused(UpstreamUnreachable)`
 (SSRF guard, bad URL → 502), `UpstreamTimeout` (connect or header timeout → 504),
 `UpstreamStreamError` (connection lost after the headers, while the body streams),
-`UpstreamProtocolError(UpstreamUnreachable)` (not HTTP/1.x → 502), `UpstreamTooLarge`,
+`UpstreamProtocolError(UpstreamUnreachable)` (a head llhttp or the rules above refuse →
+502 at once), `UpstreamTooLarge`,
 `UpstreamRedirect` (fetch_small only).
 """
 
@@ -84,11 +92,13 @@ import ssl
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import NoReturn
 from urllib.parse import urlsplit
 
+import httptools
 from tornado import httputil
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -96,6 +106,7 @@ HeadersArg = Mapping[str, str] | Iterable[tuple[str, str]] | httputil.HTTPHeader
 
 __all__ = [
     "AddressPolicy",
+    "ResponseHeaders",
     "SmallResponse",
     "UpstreamClient",
     "UpstreamError",
@@ -109,6 +120,7 @@ __all__ = [
     "UpstreamTooLarge",
     "UpstreamUnreachable",
     "fetch_small",
+    "hop_by_hop_names",
     "parse_upstream_url",
 ]
 
@@ -464,12 +476,21 @@ _HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+
+
+def hop_by_hop_names(connection_values: Iterable[str]) -> frozenset[str]:
+    """Lower-case names of the fields that describe one hop only, given the values of a
+    message's Connection field(s): the fixed set plus every name the Connection field
+    lists (RFC 9110 §7.6.1). A proxy forwards none of them, in either direction."""
+    named = {token.strip().lower() for value in connection_values for token in value.split(",")}
+    named.discard("")
+    return _HOP_BY_HOP | named if named else _HOP_BY_HOP
+
+
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_HEADER_END = re.compile(rb"\r?\n\r?\n")
 _READ_SIZE = 65536
 _MAX_1XX = 10
-_MAX_CHUNK_LINE = 4096
 
 
 @dataclass(slots=True)
@@ -537,11 +558,7 @@ def _serialize_request(method: str, target: UpstreamTarget, headers: HeadersArg,
     names must be tokens and values must not contain CR, LF or NUL (no header injection).
     """
     items = _header_items(headers)
-    dropped = _HOP_BY_HOP
-    for name, value in items:
-        if name.lower() == "connection":
-            # Headers listed in Connection are hop-by-hop too (RFC 9110 §7.6.1).
-            dropped = dropped | {t.strip().lower() for t in value.split(",")}
+    dropped = hop_by_hop_names(value for name, value in items if name.lower() == "connection")
     lines = [f"{method} {target.path} HTTP/1.1", f"Host: {target.host_header}"]
     for name, value in items:
         if name.lower() in dropped:
@@ -755,7 +772,9 @@ class UpstreamClient:
     def _release(
         self, key: tuple[str, str, int, str], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        if self._closed or self.max_per_origin <= 0 or writer.is_closing():
+        if self._closed or self.max_per_origin <= 0 or writer.is_closing() or len(reader._buffer):
+            # (Bytes already buffered past the end of the response: never pooled. The
+            # checkout check catches what arrives later.)
             writer.transport.abort()
             return
         queue = self._idle.get(key)
@@ -780,8 +799,206 @@ class _EarlyClose(Exception):
         self.sent = sent
 
 
-# Body framing of a response (RFC 9112 §6.3).
-_NO_BODY, _FIXED, _CHUNKED, _UNTIL_CLOSE = range(4)
+class _Malformed(Exception):
+    """Internal: llhttp or a rule of ours refused the response; the message says why."""
+
+
+class _Stop(Exception):
+    """Internal: raised inside a parser callback to stop llhttp; the reason is on `_Parse`."""
+
+
+class ResponseHeaders(Mapping[str, str]):
+    """The header fields of an upstream response, read-only, names case-insensitive.
+
+    A field sent on several lines reads as its values joined with ", " (RFC 9110 §5.3);
+    `get_list` gives them apart and `get_all` the lines as received. llhttp has already
+    refused names that are not tokens and values with control characters, so nothing is
+    validated again here (that was most of the cost of a head in tornado.httputil).
+    """
+
+    __slots__ = ("_fields", "_index")
+
+    def __init__(self, fields: list[tuple[str, str]], index: dict[str, list[str]] | None = None) -> None:
+        """`fields` as received; `index` (lower-case name → values), when the caller built it already."""
+        self._fields = fields
+        if index is None:
+            index = {}
+            for name, value in fields:
+                index.setdefault(name.lower(), []).append(value)
+        self._index = index
+
+    def __getitem__(self, name: str) -> str:
+        values = self._index[name.lower()]
+        return values[0] if len(values) == 1 else ", ".join(values)
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        # Not Mapping.get: a missing field is the common case, and KeyError is costly.
+        values = self._index.get(name.lower())
+        if values is None:
+            return default
+        return values[0] if len(values) == 1 else ", ".join(values)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get_list(self, name: str) -> list[str]:
+        """Every value of field `name`, one per line it was sent on."""
+        return list(self._index.get(name.lower(), ()))
+
+    def get_all(self) -> Iterator[tuple[str, str]]:
+        """(name, value) per header line, in the order received."""
+        return iter(self._fields)
+
+    def __repr__(self) -> str:
+        return f"ResponseHeaders({self._fields!r})"
+
+
+class _Parse:
+    """What llhttp (via httptools) reports about one response, and what may follow it.
+
+    llhttp does the framing: line endings (CRLF only: a bare LF is refused at once rather
+    than waited on), the status line, field syntax (no obs-fold, no NUL or other control
+    characters, no space before the colon), Content-Length (digits only, one value, not
+    together with Transfer-Encoding), chunk sizes, and the end of the body. On top of it:
+    only HTTP/1.0 and 1.1, status 100-599, interim 1xx heads skipped (at most _MAX_1XX),
+    trailer fields dropped, and whether the connection may carry another request.
+    """
+
+    # Defaults on the class: one is made per upstream response, and most stay as they are.
+    head_size = 0
+    reason = b""
+    status = 0
+    version = ""
+    headers: ResponseHeaders | None = None
+    content_length: int | None = None
+    interim = 0
+    began = False  # a response (or garbage) started: an early close is not a clean one
+    head_done = False
+    complete = False
+    until_close = False  # no length and not chunked: the body ends when the connection does
+    reusable = False
+    extra = False  # bytes followed the end of the response
+    failure: str | None = None  # why the head is refused
+    broken: str | None = None  # why the body is, once the head was good
+
+    def __init__(self, method: str, max_head: int) -> None:
+        # The parser refers back to this object (its callbacks): UpstreamResponse breaks
+        # the cycle when the response ends, so nothing waits for the cyclic collector.
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
+        self.method = method
+        self.max_head = max_head
+        self.fields: list[tuple[str, str]] = []
+        self.index: dict[str, list[str]] = {}  # lower-case name → values, for ResponseHeaders
+        self.body: list[bytes] = []  # body bytes parsed and not yet handed to the consumer
+
+    def fail(self, reason: str) -> NoReturn:
+        self.failure = reason
+        raise _Stop
+
+    # ----------------------------------------------------------------- llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # Something after the end of the response: an answer nobody asked for (the next
+            # request's caller would get it) or garbage. Stop; the connection is closed.
+            self.extra = True
+            raise _Stop
+        self.began = True
+
+    def on_status(self, reason: bytes) -> None:
+        self.reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.head_done:
+            return  # trailer fields after a chunked body: dropped
+        self.head_size += len(name) + len(value) + 4
+        text = name.decode("latin-1")
+        value_text = value.decode("latin-1").rstrip(" \t")
+        self.fields.append((text, value_text))
+        key = text.lower()
+        values = self.index.get(key)
+        if values is None:
+            self.index[key] = [value_text]
+        else:
+            values.append(value_text)
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        assert parser is not None
+        status = parser.get_status_code()
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            self.fail(f"HTTP/{version} is not HTTP/1.x")
+        if self.head_size > self.max_head:
+            self.fail(f"response headers larger than {self.max_head} bytes")
+        if not 100 <= status <= 599:
+            self.fail(f"status code {status:03d} is outside 100-599")
+        if status < 200:
+            if status == 101:
+                self.fail("unexpected protocol switch (101)")
+            self.interim += 1
+            if self.interim > _MAX_1XX:
+                self.fail(f"more than {_MAX_1XX} interim 1xx responses")
+            self.fields, self.index, self.head_size, self.reason = [], {}, 0, b""
+            return  # llhttp ends this interim message and parses the next head
+        headers = ResponseHeaders(self.fields, self.index)
+        transfer_encoding = headers.get("Transfer-Encoding")
+        if transfer_encoding is not None and transfer_encoding.strip().lower() != "chunked":
+            # Another transfer coding (gzip, "gzip, chunked" …) would reach the client
+            # undecoded under a content type that does not say so.
+            self.fail(f"unsupported Transfer-Encoding {transfer_encoding!r}")
+        length = headers.get("Content-Length")
+        self.content_length = int(length) if length is not None else None  # llhttp checked the digits
+        self.status, self.version, self.headers, self.head_done = status, "HTTP/" + version, headers, True
+        no_body = self.method == "HEAD" or status in (204, 304)
+        self.until_close = not no_body and transfer_encoding is None and length is None
+        # Reuse only when the framing leaves no doubt where this response ends: never a
+        # body-less status or HEAD that still announces a length or a coding, never one
+        # delimited by the close, never Connection: close or HTTP/1.0 without keep-alive.
+        self.reusable = (
+            parser.should_keep_alive()
+            and not self.until_close
+            and not (no_body and (length is not None or transfer_encoding is not None))
+        )
+        if self.method == "HEAD":
+            # llhttp does not know the request method and would wait for the body the
+            # head describes; the response ends here, and its connection is not reused.
+            self.reusable = False
+            self.complete = True
+            raise _Stop
+
+    def on_body(self, data: bytes) -> None:
+        self.body.append(data)
+
+    def on_message_complete(self) -> None:
+        if self.head_done:  # an interim 1xx ends too, with the final head still to come
+            self.complete = True
+
+    def feed(self, data: bytes) -> None:
+        """Hand bytes to llhttp. A broken head raises `_Malformed`; a broken body sets
+        `broken` (the body parsed before the fault is still delivered first)."""
+        parser = self.parser
+        if parser is None or self.broken is not None:
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise _Malformed("unexpected protocol switch") from None
+        except httptools.HttpParserError as exc:
+            if self.failure is not None:
+                raise _Malformed(self.failure) from None
+            if self.complete:
+                self.extra = True  # garbage after the end: the response stands, the connection goes
+            elif self.head_done:
+                self.broken = str(exc) or type(exc).__name__
+            else:
+                raise _Malformed(str(exc) or type(exc).__name__) from None
 
 
 class UpstreamResponse:
@@ -796,7 +1013,7 @@ class UpstreamResponse:
     status: int
     reason: str
     version: str
-    headers: httputil.HTTPHeaders  # set, with the three above, before request() returns
+    headers: ResponseHeaders  # set, with the three above, before request() returns
 
     def __init__(
         self,
@@ -810,11 +1027,8 @@ class UpstreamResponse:
         self._reader = reader
         self._writer: asyncio.StreamWriter | None = writer
         self._key = key
-        self._method = method
-        self._framing = _NO_BODY
-        self._remaining = 0  # bytes left: of the body (fixed) or of the current chunk (chunked)
-        self._chunk_crlf_due = False
-        self._keep_alive = False
+        self._parse = _Parse(method, client.max_header_size)
+        self._lead: bytes | None = b""  # the first bytes, until they show "HTTP/"
         self._done = False
         self._aborted = False
         self._timed_out = False
@@ -832,38 +1046,36 @@ class UpstreamResponse:
         Raises `UpstreamStreamError` when the upstream connection breaks mid-body (or sends
         a malformed chunked body). After `close()` it returns b"".
         """
-        if self._writer is None or self._done or self._aborted:
-            return b""  # complete, closed by the caller, or already failed
-        reader = self._reader
-        try:
-            if self._framing == _FIXED:
-                data = await reader.read(min(self._remaining, _READ_SIZE))
-                if not data:
-                    raise asyncio.IncompleteReadError(b"", self._remaining)
-                self._remaining -= len(data)
-                if self._remaining == 0:
+        parse = self._parse
+        while True:
+            if self._aborted:
+                return b""
+            if parse.body:
+                pieces = parse.body
+                parse.body = []
+                return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            if parse.broken is not None:
+                return self._broken(f"sent a malformed body: {parse.broken}")
+            if parse.complete:
+                # Only now, with every byte handed over, may the connection serve another
+                # request: a body the consumer gives up on closes it (close()).
+                if not self._done:
                     self._finish()
-                return data
-            if self._framing == _CHUNKED:
-                return await self._read_chunked(reader)
-            if self._framing == _UNTIL_CLOSE:
-                data = await reader.read(_READ_SIZE)
-                if not data and not self._aborted:
+                return b""
+            if self._writer is None:
+                return b""  # already failed
+            try:
+                data = await self._reader.read(_READ_SIZE)
+            except ConnectionError as exc:
+                return self._broken(f"broke off the body: {exc}")
+            if not data:
+                if self._aborted:
+                    return b""
+                if parse.until_close:
                     self._finish()  # the close is the end of this body
-                return data
-            self._finish()
-            return b""
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            if self._aborted:
-                return b""
-            self._abort_connection()
-            detail = "connection closed" if isinstance(exc, asyncio.IncompleteReadError) else str(exc)
-            raise UpstreamStreamError(f"upstream {self._key[1]} broke off the body: {detail}") from None
-        except (asyncio.LimitOverrunError, ValueError):
-            if self._aborted:
-                return b""
-            self._abort_connection()
-            raise UpstreamStreamError(f"upstream {self._key[1]} sent a malformed chunked body") from None
+                    return b""
+                return self._broken("broke off the body: connection closed")
+            parse.feed(data)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Yield body bytes as they arrive; raises `UpstreamStreamError` if the upstream dies."""
@@ -875,11 +1087,10 @@ class UpstreamResponse:
 
     async def read_all(self, limit: int) -> bytes:
         """The whole body; `UpstreamTooLarge` (and the connection closed) past `limit` bytes."""
-        if self._framing == _FIXED and self._remaining > limit:
+        length = self._parse.content_length
+        if length is not None and length > limit and not self._done:
             self.close()
-            raise UpstreamTooLarge(
-                f"upstream body of {self._remaining} bytes exceeds the limit of {limit} bytes"
-            )
+            raise UpstreamTooLarge(f"upstream body of {length} bytes exceeds the limit of {limit} bytes")
         parts: list[bytes] = []
         size = 0
         while True:
@@ -925,7 +1136,7 @@ class UpstreamResponse:
 
     async def _exchange(self, payload: bytes, timeout: float) -> None:
         """Send the request and read the response head; raises _EarlyClose if the connection
-        closed before a response head arrived (the request's retry decision needs that)."""
+        closed before a response began (the request's retry decision needs that)."""
         writer = self._writer
         assert writer is not None
         client = self._client
@@ -937,33 +1148,33 @@ class UpstreamResponse:
         loop = asyncio.get_running_loop()
         timer = loop.call_later(timeout, self._on_header_timeout) if timeout > 0 else None
         reader = self._reader
+        parse = self._parse
+        host = self._key[1]
+        received = 0
         try:
-            for _ in range(_MAX_1XX + 1):
-                head = await reader.readuntil(b"\r\n\r\n")
-                if len(head) > client.max_header_size:
-                    raise asyncio.LimitOverrunError("header block too large", len(head))
-                if self._parse_head(head):
-                    return
-            raise UpstreamProtocolError(f"upstream {self._key[1]} sent too many 1xx responses")
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            while not parse.head_done:
+                data = await reader.read(_READ_SIZE)
+                if not data:
+                    raise ConnectionResetError("closed")
+                received += len(data)
+                self._check_lead(data)
+                parse.feed(data)
+                if not parse.head_done and received > client.max_header_size:
+                    raise _Malformed(f"response headers larger than {client.max_header_size} bytes")
+        except _Malformed as exc:
+            self._abort_connection()
+            raise UpstreamProtocolError(f"upstream {host} sent a malformed response: {exc}") from None
+        except ConnectionError as exc:
             self._abort_connection()
             if self._timed_out:
                 raise UpstreamTimeout(
-                    f"upstream {self._key[1]} sent no response headers within {timeout:g}s"
+                    f"upstream {host} sent no response headers within {timeout:g}s"
                 ) from None
-            if isinstance(exc, asyncio.IncompleteReadError) and exc.partial.strip():
+            if parse.began:
                 raise UpstreamProtocolError(
-                    f"upstream {self._key[1]} closed the connection in the middle of the response headers"
+                    f"upstream {host} closed the connection in the middle of the response headers"
                 ) from None
             raise _EarlyClose(sent=True) from exc
-        except asyncio.LimitOverrunError:
-            self._abort_connection()
-            raise UpstreamProtocolError(
-                f"upstream {self._key[1]} sent response headers larger than {client.max_header_size} bytes"
-            ) from None
-        except httputil.HTTPInputError as exc:
-            self._abort_connection()
-            raise UpstreamProtocolError(f"upstream {self._key[1]} sent a malformed response: {exc}") from None
         except BaseException:
             # Cancellation included: the downstream went away while we waited.
             self._abort_connection()
@@ -971,103 +1182,50 @@ class UpstreamResponse:
         finally:
             if timer is not None:
                 timer.cancel()
+        self.status = parse.status
+        self.reason = parse.reason.decode("latin-1")
+        self.version = parse.version
+        assert parse.headers is not None
+        self.headers = parse.headers
+        if parse.complete and not parse.body:
+            self._finish()  # no body at all (204, 304, HEAD, Content-Length: 0)
 
-    def _parse_head(self, head: bytes) -> bool:
-        """Parse a response head; False for an interim 1xx response (another head follows)."""
-        lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")
-        start_line = httputil.parse_response_start_line(lines[0])
-        headers = httputil.HTTPHeaders()
-        add = headers.add  # validates names and values (RFC 9110 field syntax)
-        for line in lines[1:]:
-            if not line:
-                continue
-            if line[0] in " \t":
-                raise httputil.HTTPInputError("obsolete header line folding")
-            name, colon, value = line.partition(":")
-            if not colon:
-                raise httputil.HTTPInputError("header line without a colon")
-            add(name, value.strip(" \t"))
-        code = start_line.code
-        if 100 <= code < 200:
-            if code == 101:
-                raise httputil.HTTPInputError("unexpected protocol switch")
-            return False
-        self.status = code
-        self.reason = start_line.reason
-        self.version = start_line.version
-        self.headers = headers
-        connection = headers.get("Connection", "").lower()
-        if start_line.version == "HTTP/1.1":
-            keep_alive = "close" not in connection
+    def _check_lead(self, data: bytes) -> None:
+        # llhttp also takes RTSP/ and ICE/ status lines; an upstream must speak HTTP.
+        if self._lead is None:
+            return
+        lead = (self._lead + data).lstrip(b"\r\n")
+        if len(lead) < 5:
+            self._lead = lead
+        elif lead.startswith(b"HTTP/"):
+            self._lead = None
         else:
-            keep_alive = "keep-alive" in connection and "close" not in connection
-        transfer_encoding = headers.get("Transfer-Encoding")
-        if self._method == "HEAD" or code in (204, 304):
-            self._framing = _NO_BODY
-        elif transfer_encoding is not None:
-            codings = [c.strip().lower() for c in transfer_encoding.split(",")]
-            self._framing = _CHUNKED if codings[-1] == "chunked" else _UNTIL_CLOSE
-            if "Content-Length" in headers:
-                # Both framings at once is a smuggling pattern: honour chunked, never reuse.
-                keep_alive = False
-        elif "Content-Length" in headers:
-            values = {v.strip() for v in headers["Content-Length"].split(",")}
-            value = values.pop() if len(values) == 1 else ""
-            if not value.isdigit() or not value.isascii():
-                raise httputil.HTTPInputError(f"bad Content-Length {headers['Content-Length']!r}")
-            self._remaining = int(value)
-            self._framing = _FIXED if self._remaining else _NO_BODY
-        else:
-            self._framing = _UNTIL_CLOSE
-        self._keep_alive = keep_alive and self._framing != _UNTIL_CLOSE
-        if self._framing == _NO_BODY:
-            self._finish()
-        return True
+            raise _Malformed("not an HTTP/1.x response")
 
-    async def _read_chunked(self, reader: asyncio.StreamReader) -> bytes:
-        while True:
-            if self._remaining:
-                data = await reader.read(min(self._remaining, _READ_SIZE))
-                if not data:
-                    raise asyncio.IncompleteReadError(b"", self._remaining)
-                self._remaining -= len(data)
-                # The CRLF after the chunk is read on the next call: the data is delivered
-                # now, even if that CRLF is still in flight.
-                self._chunk_crlf_due = self._remaining == 0
-                return data
-            if self._chunk_crlf_due:
-                if await reader.readexactly(2) != b"\r\n":
-                    raise ValueError("chunk not followed by CRLF")
-                self._chunk_crlf_due = False
-            line = await reader.readuntil(b"\r\n")
-            if len(line) > _MAX_CHUNK_LINE:
-                raise ValueError("chunk-size line too long")
-            size_text = line[:-2].split(b";", 1)[0].strip()
-            if not size_text or len(size_text) > 16 or size_text.strip(b"0123456789abcdefABCDEF"):
-                raise ValueError("bad chunk size")
-            size = int(size_text, 16)
-            if size == 0:
-                # Trailer fields end with an empty line; they are dropped.
-                while await reader.readuntil(b"\r\n") != b"\r\n":
-                    pass
-                self._finish()
-                return b""
-            self._remaining = size
+    def _broken(self, detail: str) -> bytes:
+        """The body broke off: close the connection and raise, unless the caller closed it."""
+        if self._aborted:
+            return b""
+        self._abort_connection()
+        raise UpstreamStreamError(f"upstream {self._key[1]} {detail}")
 
     def _finish(self) -> None:
         """The body is complete: pool the connection if it may be reused, else close it."""
         self._done = True
+        parse = self._parse
+        parse.parser = None
         writer = self._writer
         self._writer = None
         self._client._active.discard(self)
         if writer is None:
             return
-        if self._keep_alive:
+        if parse.reusable and not parse.extra:
             self._client._release(self._key, self._reader, writer)
         else:
             writer.transport.abort()
 
     def _abort_connection(self) -> None:
+        self._parse.parser = None
         writer = self._writer
         self._writer = None
         self._client._active.discard(self)
@@ -1080,6 +1238,7 @@ class UpstreamResponse:
             self._writer.transport.abort()
 
 
+
 # --------------------------------------------------------------------------- small documents
 
 
@@ -1088,7 +1247,7 @@ class SmallResponse:
     """A fully read small upstream document."""
 
     status: int
-    headers: httputil.HTTPHeaders
+    headers: ResponseHeaders
     body: bytes
 
 

@@ -40,8 +40,10 @@ from services.upstream import (
     UpstreamTooLarge,
     UpstreamUnreachable,
     fetch_small,
+    hop_by_hop_names,
     parse_upstream_url,
 )
+from tests.support.fake_upstream import RawExchange, RawUpstream
 
 LOOPBACK = AddressPolicy.from_setting("127.0.0.0/8,::1")
 
@@ -513,17 +515,20 @@ async def test_request_and_response_framing() -> None:
         # An empty POST still says Content-Length: 0 (never chunked).
         response = await client.request("POST", f"http://127.0.0.1:{port}/json")
         assert b'"length": 0' in await response.read_all(1000)
-        # No body statuses and HEAD keep the connection reusable.
+        # A body-less status keeps the connection reusable.
         response = await client.request("POST", f"http://127.0.0.1:{port}/accepted", body=b"{}")
         assert response.status == 202 and response.finished
-        response = await client.request("HEAD", f"http://127.0.0.1:{port}/json")
-        assert response.headers["Content-Length"] == "11" and response.finished
-        assert await response.read_chunk() == b""
         # A chunked body is reassembled.
         response = await client.request("GET", f"http://127.0.0.1:{port}/big-chunked")
         assert response.headers.get("Transfer-Encoding") == "chunked"
         assert await response.read_all(100_000) == b"y" * 10_000
         assert state.accepted == 1
+        # A HEAD response ends at its head although it announces a length; its connection
+        # is not reused (the length describes a body that is not there).
+        response = await client.request("HEAD", f"http://127.0.0.1:{port}/json")
+        assert response.headers["Content-Length"] == "11" and response.finished
+        assert await response.read_chunk() == b""
+        assert client.idle_connections() == 0
         # Header injection is refused before anything is sent.
         with pytest.raises(ValueError):
             await client.request("GET", f"http://127.0.0.1:{port}/json", {"X-Evil": "a\r\nInjected: yes"})
@@ -581,7 +586,7 @@ async def test_body_delimited_by_close_and_malformed_responses() -> None:
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot hex\r\n"
     ) as port:
         response = await client.request("GET", f"http://127.0.0.1:{port}/")
-        with pytest.raises(UpstreamStreamError, match="malformed chunked"):
+        with pytest.raises(UpstreamStreamError, match="malformed body: Invalid character in chunk size"):
             await response.read_all(100)
     async with raw_upstream(b"") as port:  # closes without a word
         with pytest.raises(UpstreamUnreachable, match="closed the connection before answering"):
@@ -827,3 +832,206 @@ def test_ipaddress_sanity() -> None:
     # The guard leans on the stdlib's tables; pin the facts it relies on.
     assert not ipaddress.ip_address("100.64.0.1").is_global
     assert ipaddress.ip_address("::ffff:10.0.0.1").ipv4_mapped == ipaddress.ip_address("10.0.0.1")
+
+
+# --------------------------------------------------------------------------- response framing (issue 7)
+
+HEAD_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+OVERSIZE_FIELD = b"X-Big: " + b"v" * 70_000 + b"\r\n"
+
+# (id, the upstream's exact bytes, expected): ("answer", status, reason, body) when it is
+# a usable response; ("head", match) when the request fails with UpstreamProtocolError (the
+# proxy's 502, at once); ("body", match) when the head is good and reading the body raises
+# UpstreamStreamError.
+FRAMING_TABLE = [
+    ("well-formed", HEAD_OK, ("answer", 200, "OK", b"ok")),
+    ("bare LF line endings", b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok", ("head", "Missing expected CR")),
+    ("bare LF inside the fields", b"HTTP/1.1 200 OK\r\nX-A: 1\nContent-Length: 2\r\n\r\nok", ("head", "malformed")),
+    ("CR without LF", b"HTTP/1.1 200 OK\rContent-Length: 2\r\n\r\nok", ("head", "Expected LF after CR")),
+    ("no reason phrase", b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok", ("answer", 200, "", b"ok")),
+    ("empty reason phrase", b"HTTP/1.1 200 \r\nContent-Length: 2\r\n\r\nok", ("answer", 200, "", b"ok")),
+    ("leading CRLFs", b"\r\n\r\n" + HEAD_OK, ("answer", 200, "OK", b"ok")),
+    ("status 099", b"HTTP/1.1 099 Low\r\nContent-Length: 2\r\n\r\nok", ("head", "status code 099 is outside 100-599")),
+    ("status 600", b"HTTP/1.1 600 High\r\nContent-Length: 2\r\n\r\nok", ("head", "status code 600 is outside 100-599")),
+    ("status of four digits", b"HTTP/1.1 2000 OK\r\nContent-Length: 2\r\n\r\nok", ("head", "Invalid")),
+    ("100 Continue, then the answer", b"HTTP/1.1 100 Continue\r\n\r\n" + HEAD_OK, ("answer", 200, "OK", b"ok")),
+    ("103 Early Hints, then the answer",
+     b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+     ("answer", 201, "Created", b"ok")),
+    ("eleven interim responses", b"HTTP/1.1 100 Continue\r\n\r\n" * 11 + HEAD_OK,
+     ("head", "more than 10 interim 1xx responses")),
+    ("101 protocol switch", b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+     ("head", "unexpected protocol switch")),
+    ("obs-fold", b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok", ("head", "malformed")),
+    ("duplicate Content-Length, same value", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+     ("head", "Duplicate Content-Length")),
+    ("duplicate Content-Length, two values", b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\nok",
+     ("head", "Duplicate Content-Length")),
+    ("Content-Length list", b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok", ("head", "Content-Length")),
+    ("negative Content-Length", b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\nok", ("head", "Content-Length")),
+    ("Content-Length overflow", b"HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\nok",
+     ("head", "Content-Length overflow")),
+    ("Content-Length and Transfer-Encoding",
+     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+     ("head", "Transfer-Encoding can't be present with Content-Length")),
+    ("Transfer-Encoding gzip", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nok",
+     ("head", "unsupported Transfer-Encoding 'gzip'")),
+    ("chunked", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;ext=1\r\nok\r\n1\r\n!\r\n0\r\n\r\n",
+     ("answer", 200, "OK", b"ok!")),
+    ("trailer fields are dropped",
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Trailer: t\r\n\r\n",
+     ("answer", 200, "OK", b"ok")),
+    ("invalid chunk size", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n0\r\n\r\n",
+     ("body", "malformed body: Invalid character in chunk size")),
+    ("negative chunk size", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-2\r\nok\r\n0\r\n\r\n",
+     ("body", "malformed body: Invalid character in chunk size")),
+    ("chunk size overflow",
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nok\r\n0\r\n\r\n",
+     ("body", "malformed body: Chunk size overflow")),
+    ("chunk without its CRLF", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nokX0\r\n\r\n",
+     ("body", "malformed body")),
+    ("chunked body cut short", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n9\r\nok",
+     ("body", "broke off the body: connection closed")),
+    ("Content-Length body cut short", b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nok",
+     ("body", "broke off the body: connection closed")),
+    ("oversize head", b"HTTP/1.1 200 OK\r\n" + OVERSIZE_FIELD + b"Content-Length: 2\r\n\r\nok",
+     ("head", "response headers larger than 65536 bytes")),
+    ("oversize head that never ends", b"HTTP/1.1 200 OK\r\n" + OVERSIZE_FIELD,
+     ("head", "response headers larger than 65536 bytes")),
+    ("NUL in a field value", b"HTTP/1.1 200 OK\r\nX-A: a\x00b\r\nContent-Length: 2\r\n\r\nok",
+     ("head", "Invalid header value char")),
+    ("NUL in a field name", b"HTTP/1.1 200 OK\r\nX\x00A: b\r\nContent-Length: 2\r\n\r\nok",
+     ("head", "Invalid header token")),
+    ("control character in a value", b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 2\r\n\r\nok",
+     ("head", "Invalid header value char")),
+    ("space before the colon", b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok", ("head", "Invalid header")),
+    ("field without a colon", b"HTTP/1.1 200 OK\r\nGarbage\r\nContent-Length: 2\r\n\r\nok", ("head", "Invalid header")),
+    ("HTTP/2.0 status line", b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok", ("head", "HTTP/2.0 is not HTTP/1.x")),
+    ("HTTP/1.2 status line", b"HTTP/1.2 200 OK\r\nContent-Length: 2\r\n\r\nok", ("head", "Invalid HTTP version")),
+    ("RTSP status line", b"RTSP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", ("head", "not an HTTP/1.x response")),
+    ("not HTTP at all", b"SSH-2.0-OpenSSH_9.6\r\n\r\n", ("head", "not an HTTP/1.x response")),
+    ("closed inside the head", b"HTTP/1.1 200 OK\r\nContent-Le", ("head", "in the middle of the response headers")),
+    ("HTTP/1.0, body until the close", b"HTTP/1.0 200 OK\r\n\r\nuntil the end", ("answer", 200, "OK", b"until the end")),
+]
+
+
+@pytest.mark.parametrize("answer, expected", [row[1:] for row in FRAMING_TABLE], ids=[row[0] for row in FRAMING_TABLE])
+@pytest.mark.gen_test
+async def test_response_framing_table(answer: bytes, expected: tuple) -> None:
+    """Issue 7, finding 13: every head is decided from its bytes, at once (never by the
+    header timeout: 30 s here, past the test's own 5 s limit)."""
+    async with raw_upstream(answer) as port:
+        client = UpstreamClient(LOOPBACK, header_timeout=30)
+        url = f"http://127.0.0.1:{port}/"
+        if expected[0] == "head":
+            with pytest.raises(UpstreamProtocolError, match=expected[1]) as info:
+                await client.request("GET", url)
+            assert not isinstance(info.value, UpstreamTimeout)
+        else:
+            response = await client.request("GET", url)
+            if expected[0] == "body":
+                with pytest.raises(UpstreamStreamError, match=expected[1]):
+                    await response.read_all(1000)
+            else:
+                assert (response.status, response.reason) == expected[1:3]
+                assert await response.read_all(1000) == expected[3]
+                assert "X-Trailer" not in response.headers and "Link" not in response.headers
+        client.close()
+
+
+# --------------------------------------------------------------------------- pool safety (issue 7)
+
+LEAK = b'{"jsonrpc":"2.0","id":1,"result":{"leak":"LEAK-MEANT-FOR-A"}}'
+EXTRA_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+    len(LEAK), LEAK)
+
+
+def answer(body: bytes, *extra_fields: bytes) -> bytes:
+    fields = b"".join(field + b"\r\n" for field in extra_fields)
+    return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n%s" % (
+        fields, len(body), body)
+
+
+# (id, the first answer on a connection, bytes the upstream writes when the next request
+# arrives on it, before that request's own answer): after each, the next request must get
+# its own answer on a new connection.
+UNSAFE_TO_REUSE = [
+    ("extra response right after the real one", answer(b'{"a":1}') + EXTRA_RESPONSE, b""),
+    ("extra response sent with the next request", b"HTTP/1.1 204 No Content\r\nContent-Length: %d\r\n\r\n"
+     % len(EXTRA_RESPONSE), EXTRA_RESPONSE),
+    ("204 with a body", b"HTTP/1.1 204 No Content\r\nContent-Length: %d\r\n\r\n" % len(EXTRA_RESPONSE)
+     + EXTRA_RESPONSE, b""),
+    ("304 announcing chunked", b"HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n", EXTRA_RESPONSE),
+    ("garbage after the body", answer(b'{"a":1}') + b"\x00garbage", b""),
+    ("Connection: close", answer(b'{"a":1}', b"Connection: close"), EXTRA_RESPONSE),
+    ("HTTP/1.0 without keep-alive", b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}", EXTRA_RESPONSE),
+]
+
+
+@pytest.mark.parametrize("first, before_next", [row[1:] for row in UNSAFE_TO_REUSE],
+                         ids=[row[0] for row in UNSAFE_TO_REUSE])
+@pytest.mark.gen_test
+async def test_a_connection_is_reused_only_when_nothing_is_left_on_it(first: bytes, before_next: bytes) -> None:
+    """Issue 7, finding 12: a pooled connection carries the next user's request; bytes left
+    over from (or announced by) the previous response must never become its answer."""
+    extra_written = asyncio.Event()
+
+    async def script(exchange: RawExchange) -> None:
+        if exchange.connection.number == 1 and exchange.number == 1:
+            exchange.write(first)
+            exchange.connection.before_next = before_next
+            await exchange.drain()
+            extra_written.set()
+        else:
+            exchange.write(answer(b'{"jsonrpc":"2.0","id":2,"result":{"for":"B"}}'))
+
+    async with RawUpstream(script) as raw:
+        client = UpstreamClient(LOOPBACK)
+        response = await client.request("POST", f"{raw.url}/mcp", body=b"{}")
+        await response.read_all(10_000)
+        await extra_written.wait()
+        response = await client.request("POST", f"{raw.url}/mcp", body=b"{}")
+        body = await response.read_all(10_000)
+        assert body == b'{"jsonrpc":"2.0","id":2,"result":{"for":"B"}}'
+        assert b"LEAK" not in body
+        assert client.stats.connections_opened == 2 and client.stats.reuses == 0
+        assert raw.connections == 2
+        assert [(e.connection.number, e.number) for e in raw.exchanges] == [(1, 1), (2, 1)]
+        client.close()
+
+
+@pytest.mark.gen_test
+async def test_a_body_not_read_to_its_end_is_not_reused() -> None:
+    async def script(exchange: RawExchange) -> None:
+        exchange.write(answer(b"x" * 200_000 if exchange.number == 1 and exchange.connection.number == 1
+                              else b'{"for":"B"}'))
+
+    async with RawUpstream(script) as raw:
+        client = UpstreamClient(LOOPBACK)
+        response = await client.request("GET", f"{raw.url}/mcp")
+        assert await response.read_chunk()
+        response.close()  # the consumer gave up half way
+        response = await client.request("GET", f"{raw.url}/mcp")
+        assert await response.read_all(1000) == b'{"for":"B"}'
+        assert client.stats.connections_opened == 2 and raw.connections == 2
+        client.close()
+
+
+@pytest.mark.gen_test
+async def test_a_clean_keep_alive_connection_is_still_reused() -> None:
+    async def script(exchange: RawExchange) -> None:
+        exchange.write(answer(b'{"n":%d}' % exchange.number))
+
+    async with RawUpstream(script) as raw:
+        client = UpstreamClient(LOOPBACK)
+        for number in (1, 2, 3):
+            response = await client.request("POST", f"{raw.url}/mcp", body=b"{}")
+            assert await response.read_all(100) == b'{"n":%d}' % number
+        assert raw.connections == 1 and client.stats.reuses == 2
+        client.close()
+
+
+def test_hop_by_hop_names_include_what_connection_lists() -> None:
+    names = hop_by_hop_names(["keep-alive, X-Secret", " Mcp-Private ,", ""])
+    assert {"x-secret", "mcp-private", "keep-alive", "connection", "te", "upgrade"} <= names
+    assert "" not in names and "content-type" not in names
