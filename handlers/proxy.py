@@ -1,5 +1,11 @@
 """/mcp/{serverId}: the MCP Streamable HTTP proxy. Authentication and the sharing rules
-are checked on every request before anything reaches the upstream."""
+are checked on every request before anything reaches the upstream.
+
+Every failure is a JSON-RPC error with the right HTTP status while no byte of the answer
+has gone out (an upstream that breaks off a held-back body: 502; storage that cannot be
+read or written: 503 with Retry-After); once bytes have gone out, the connection is
+closed so a cut-off answer never looks complete. Hop-by-hop headers, including those a
+Connection header names, are dropped in both directions."""
 
 from __future__ import annotations
 
@@ -13,8 +19,8 @@ from tornado.iostream import StreamClosedError
 from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
 from services import protocol
 from services.tokens import MCP_SCOPES, SCOPE_INVOKE, InvalidToken, principal_from_claims
-from services.upstream import UpstreamError, UpstreamStreamError, UpstreamTimeout
-from storage.base import UsageEvent
+from services.upstream import UpstreamError, UpstreamStreamError, UpstreamTimeout, hop_by_hop_names
+from storage.base import StorageError, StorageUnavailable, UsageEvent
 
 log = logging.getLogger("gateway.proxy")
 
@@ -26,6 +32,8 @@ BODY_FLUSH_AT = 256 * 1024  # a non-SSE body past this streams to the client wit
 # upstream's own credentials); Authorization, cookies and hop-by-hop headers never pass.
 FORWARDED_REQUEST_HEADERS = ("Accept", "Content-Type", "Last-Event-ID", "User-Agent", "Accept-Language")
 FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Content-Encoding", "MCP-Protocol-Version", "Retry-After")
+STORAGE_RETRY_AFTER = 2  # seconds, when a storage failure does not say (StorageUnavailable does)
+END_SESSION_TIMEOUT = 5.0  # the best-effort DELETE of an upstream session the gateway could not record
 
 
 class McpProxyHandler(BaseHandler):
@@ -36,6 +44,8 @@ class McpProxyHandler(BaseHandler):
         self._upstream_request: asyncio.Future | None = None
         self._client_gone = False
         self._bytes_out = 0
+        self._flushed = False  # once True, the client has bytes of the answer: no error answer any more
+        self._message = None  # the parsed JSON-RPC body of a POST, for the id of error answers
         self._answered_at: float | None = None  # when the response to the request went by
 
     def set_default_headers(self) -> None:
@@ -115,16 +125,43 @@ class McpProxyHandler(BaseHandler):
     # ------------------------------------------------------------------- relaying
 
     async def get(self, server_id: str) -> None:
-        claims = await self.authenticate(server_id)
-        if claims is not None:
-            await self.relay(server_id, claims, None)
+        await self.guarded(self.forward(server_id))
 
-    async def delete(self, server_id: str) -> None:
-        claims = await self.authenticate(server_id)
-        if claims is not None:
-            await self.relay(server_id, claims, None)
+    delete = get
 
     async def post(self, server_id: str) -> None:
+        await self.guarded(self.forward_post(server_id))
+
+    async def guarded(self, work) -> None:
+        """Run one request; a storage failure anywhere in it is a 503 with Retry-After."""
+        try:
+            await work
+        except StorageError as exc:
+            self.storage_failed(exc)
+
+    def storage_failed(self, exc: StorageError) -> None:
+        """503 + Retry-After with a JSON-RPC error (the request's id when known); one log
+        line, no traceback: a locked, read-only or full store is an operating condition."""
+        log.warning("storage failure on %s %s: %s", self.request.method, self.request.path, exc)
+        self.services.metrics.inc("storage_errors_total", where="proxy")
+        if self._finished:
+            return
+        if self._flushed:
+            self.request.connection.close()  # an answer is under way: cut it, never fake its end
+            return
+        self.clear()
+        retry_after = exc.retry_after if isinstance(exc, StorageUnavailable) else STORAGE_RETRY_AFTER
+        self.set_header("Retry-After", str(retry_after))
+        message = self._message
+        self.jsonrpc_error(503, -32603, "the gateway's storage is unavailable; retry later",
+                           message.id if message is not None else None)
+
+    async def forward(self, server_id: str) -> None:
+        claims = await self.authenticate(server_id)
+        if claims is not None:
+            await self.relay(server_id, claims, None)
+
+    async def forward_post(self, server_id: str) -> None:
         claims = await self.authenticate(server_id)
         if claims is None:
             return
@@ -137,6 +174,7 @@ class McpProxyHandler(BaseHandler):
         except protocol.ProtocolError as exc:
             self.jsonrpc_error(400, exc.code, exc.message, getattr(exc, "id", None))
             return
+        self._message = message
         if message.needs_invoke and not self.require_invoke(server_id, claims):
             return
         await self.relay(server_id, claims, message)
@@ -151,10 +189,13 @@ class McpProxyHandler(BaseHandler):
             self._upstream_response.close()
 
     def upstream_headers(self, server, claims: dict, session) -> list[tuple[str, str]]:
-        headers = [(n, v) for n in FORWARDED_REQUEST_HEADERS if (v := self.request.headers.get(n))]
-        for name, value in self.request.headers.get_all():
+        incoming = self.request.headers
+        # Fields the client's Connection header names are for the gateway alone (RFC 9110 §7.6.1).
+        hop = hop_by_hop_names(incoming.get_list("Connection"))
+        headers = [(n, v) for n in FORWARDED_REQUEST_HEADERS if (v := incoming.get(n)) and n.lower() not in hop]
+        for name, value in incoming.get_all():
             lower = name.lower()
-            if lower.startswith("mcp-") and lower != "mcp-session-id":
+            if lower.startswith("mcp-") and lower != "mcp-session-id" and lower not in hop:
                 headers.append((name, value))
         if session is not None:
             headers.append(("Mcp-Session-Id", session.upstream_session_id))
@@ -209,13 +250,14 @@ class McpProxyHandler(BaseHandler):
             return
         self._upstream_response = response
         try:
-            await self.relay_response(response, server_id, claims, message, session, started)
+            await self.relay_response(response, server, claims, message, session, started)
         finally:
             response.close()
             self._upstream_response = None
 
-    async def relay_response(self, response, server_id, claims, message, session, started) -> None:
+    async def relay_response(self, response, server, claims, message, session, started) -> None:
         services = self.services
+        server_id = server.server_id
         status = response.status
         if status == 404 and session is not None:
             # The upstream forgot the session: so do we, and the client re-initializes.
@@ -230,18 +272,27 @@ class McpProxyHandler(BaseHandler):
         if self.request.method == "DELETE" and session is not None and status < 300:
             await services.sessions.drop(session.session_id)
         self.set_status(status, response.reason or None)
+        upstream_headers = response.headers
+        # What the upstream's Connection header names is for this hop only.
+        hop = hop_by_hop_names(upstream_headers.get_list("Connection"))
         for name in FORWARDED_RESPONSE_HEADERS:
-            if name in response.headers:
-                self.set_header(name, response.headers[name])
-        upstream_session = response.headers.get("Mcp-Session-Id")
+            if name in upstream_headers and name.lower() not in hop:
+                self.set_header(name, upstream_headers[name])
+        upstream_session = upstream_headers.get("Mcp-Session-Id")
         if upstream_session and session is None and message is not None and message.method == "initialize":
-            session = await services.sessions.create(
-                user_sub=claims["sub"],
-                server_id=server_id,
-                upstream_session_id=upstream_session,
-                # initialize names its version in the body; the header only follows it.
-                protocol_version=str((message.params or {}).get("protocolVersion", ""))[:40],
-            )
+            try:
+                session = await services.sessions.create(
+                    user_sub=claims["sub"],
+                    server_id=server_id,
+                    upstream_session_id=upstream_session,
+                    # initialize names its version in the body; the header only follows it.
+                    protocol_version=str((message.params or {}).get("protocolVersion", ""))[:40],
+                )
+            except StorageError:
+                # Nobody could ever reach or end the session the upstream just opened.
+                response.close()
+                await self.end_upstream_session(server, claims, upstream_session)
+                raise
         if session is not None:
             self.set_header("Mcp-Session-Id", session.session_id)
         content_type = response.headers.get("Content-Type", "")
@@ -250,6 +301,18 @@ class McpProxyHandler(BaseHandler):
         else:
             outcome = await self.relay_body(response, message, status)
         self.record(claims, server_id, message, outcome, started)
+
+    async def end_upstream_session(self, server, claims: dict, upstream_session: str) -> None:
+        """Best effort: DELETE a session at the upstream (MCP's way to end one)."""
+        headers = [*self.upstream_headers(server, claims, None), ("Mcp-Session-Id", upstream_session)]
+        try:
+            response = await self.services.upstream.request(
+                "DELETE", server.upstream_url, headers, None, header_timeout=END_SESSION_TIMEOUT
+            )
+        except UpstreamError as exc:
+            log.warning("could not end the session at upstream %s: %s", server.server_id, exc)
+            return
+        response.close()
 
     async def relay_body(self, response, message, status: int) -> str:
         scanned = bytearray()
@@ -265,11 +328,19 @@ class McpProxyHandler(BaseHandler):
                     # Small bodies keep their Content-Length; a large one is never held whole
                     # here, and a client that does not drain it is cut off like an SSE reader.
                     unflushed = 0
+                    self._flushed = True
                     await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)
-        except UpstreamStreamError:
+        except UpstreamStreamError as exc:
+            self.services.metrics.inc("upstream_errors_total", kind="broken_body")
+            log.warning("upstream answer broke off: %s", exc)
+            if not self._flushed:
+                # Nothing went out yet: the client gets a whole answer, an error.
+                self.clear()
+                self.jsonrpc_error(502, -32603, "the upstream MCP server broke off its answer",
+                                   message and message.id)
+                return "502"
             # Finishing would make a cut-off body look complete (its Content-Length would
             # match): closing the connection tells the client the answer broke off.
-            self.services.metrics.inc("upstream_errors_total", kind="broken_body")
             self.request.connection.close()
             return "502"
         except StreamClosedError:
@@ -299,6 +370,7 @@ class McpProxyHandler(BaseHandler):
         next_chunk = None
         metrics.gauge_add("sse_streams_open", 1)
         try:
+            self._flushed = True
             self.flush()
             next_chunk = asyncio.ensure_future(response.read_chunk())
             while True:
@@ -318,11 +390,12 @@ class McpProxyHandler(BaseHandler):
                 for event in events:
                     self.write(event.raw)
                     self._bytes_out += len(event.raw)
-                    if message is not None and message.id is not None and outcome == "stream":
+                    if message is not None and message.id is not None and outcome in ("stream", "unknown"):
                         found = protocol.outcome_of(event.data.encode(), message.id)
                         if found:
                             outcome = found
-                            self._answered_at = time.monotonic()
+                            if found != "unknown":  # too deep to read: maybe not the answer, keep looking
+                                self._answered_at = time.monotonic()
                 next_chunk = asyncio.ensure_future(response.read_chunk())
                 if events:
                     await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)

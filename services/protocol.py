@@ -35,7 +35,9 @@ rule here is unit-tested on its own.
 - `SseParser`: incremental SSE framing. ``feed(bytes)`` returns the complete events, each
   with its exact raw bytes (to forward unchanged) and its parsed fields.
 - `response_outcome(data, request_id)`: finds the JSON-RPC response to a request in a
-  JSON body or an SSE event's data, for usage records: "ok", "tool_error" or the code.
+  JSON body or an SSE event's data, for usage records: "ok", "tool_error" or the code;
+  "unknown" (`UNKNOWN`) for an answer nested too deeply to parse. No input makes it
+  raise: it runs on upstream bytes in the middle of a relay.
 - `jsonrpc_error(code, message, id=None) -> bytes`: a JSON-RPC error body.
 """
 
@@ -66,6 +68,7 @@ __all__ = [
     "RpcMessage",
     "SseEvent",
     "SseParser",
+    "UNKNOWN",
     "check_modern_headers",
     "decode_header_value",
     "detect_era",
@@ -548,13 +551,21 @@ class Outcome:
     code: int | None = None  # the JSON-RPC error code when not ok
     tool_error: bool = False  # a result with isError: true (the tool ran and failed)
     result_type: str | None = None  # 2026: "complete", "input_required", "task" …
+    known: bool = True  # False: it looked like an answer but could not be read (see UNKNOWN)
 
     @property
     def label(self) -> str:
-        """ "ok", "tool_error" or the error code as text."""
+        """ "ok", "tool_error", the error code as text, or "unknown"."""
+        if not self.known:
+            return "unknown"
         if not self.ok:
             return str(self.code)
         return "tool_error" if self.tool_error else "ok"
+
+
+# An answer nested deeper than the interpreter's recursion limit (json.loads raises
+# RecursionError): it is relayed as it is, and its outcome is recorded as unknown.
+UNKNOWN = Outcome(ok=False, known=False)
 
 
 def _outcome_of(message: Any, request_id: str | int) -> Outcome | None:
@@ -603,6 +614,8 @@ def response_outcome(data: str | bytes | None, request_id: str | int) -> Outcome
         parsed = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         return None
+    except RecursionError:  # upstream data: "[[[[…" 100,000 deep must not cut the relay
+        return UNKNOWN
     if isinstance(parsed, list):
         for item in parsed:
             outcome = _outcome_of(item, request_id)

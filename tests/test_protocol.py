@@ -363,6 +363,31 @@ def test_outcomes() -> None:
     assert pending is not None and pending.result_type == "input_required" and pending.label == "ok"
 
 
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("data", [
+    b'{"jsonrpc":"2.0","id":1,"result":' + DEEP + b"}",
+    ('{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x","data":' + DEEP.decode() + "}}"),
+    b"[" + b'{"jsonrpc":"2.0","id":1,"result":' + DEEP + b"}]",
+])
+def test_an_answer_nested_too_deeply_is_unknown_not_an_exception(data) -> None:
+    """Issue 7, finding 15: upstream bytes 100,000 levels deep (RecursionError in json)."""
+    outcome = response_outcome(data, 1)
+    assert outcome is not None and (outcome.known, outcome.label) == (False, "unknown")
+    assert outcome_of(data, 1) == "unknown"
+    assert outcome_of(DEEP, 1) is None  # nothing that looks like an answer: not even parsed
+
+
+def test_a_request_nested_too_deeply_is_a_parse_error() -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_message(DEEP)
+    assert (info.value.code, info.value.message, info.value.http_status) == (
+        PARSE_ERROR, "parse error: nested too deeply", 400)
+    with pytest.raises(ProtocolError, match="nested too deeply"):
+        parse_body(b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":' + DEEP + b"}")
+
+
 # --------------------------------------------------------------------------- SSE
 
 STREAM = (

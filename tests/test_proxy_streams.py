@@ -40,7 +40,7 @@ LEGACY = "2025-11-25"
 
 # Upstream behaviours (the path of the in-test upstream), one gateway server each.
 KINDS = ("idle", "quiet", "flood", "bigjson", "json2m", "hang-head", "s401", "s403", "die", "die-mid", "json", "sess",
-         "resume", "json-cut")
+         "resume", "json-cut", "json-cut-big")
 SRV = {kind: "srv_streams_" + kind.replace("-", "_") for kind in KINDS}
 
 EV_A = b'id: a-1\nevent: message\ndata: {"jsonrpc":"2.0","method":"notifications/message","params":{"n":1}}\n\n'
@@ -177,6 +177,12 @@ class _UpstreamHandler(tornado.web.RequestHandler):
                 self.set_header("Content-Type", "application/json")
                 self.set_header("Content-Length", "1000")
                 await self.send(b'{"jsonrpc"')
+                await asyncio.sleep(0.2)
+                self.drop_connection()
+            elif kind == "json-cut-big":  # promises 2 MiB, dies past the gateway's flush size
+                self.set_header("Content-Type", "application/json")
+                self.set_header("Content-Length", str(len(BIG_RESULT)))
+                await self.send(BIG_RESULT[: len(BIG_RESULT) // 2].encode())
                 await asyncio.sleep(0.2)
                 self.drop_connection()
             elif kind == "sess":
@@ -479,13 +485,23 @@ def test_upstream_dying_mid_stream_ends_the_client_stream_cleanly(rig, kind):
     assert rig.gw._process.poll() is None
 
 
-def test_upstream_dying_inside_a_json_answer_never_looks_complete(rig):
-    """A cut-off JSON body must not arrive as a complete response of the shorter length."""
-    with pytest.raises(httpx.HTTPError):
-        response = post(rig, "json-cut", rpc("tools/list", 8))
-        # Reaching here would mean a complete-looking (and so wrong) answer.
-        raise AssertionError(f"got a complete response: {response.status_code} {response.content!r}")
+def test_upstream_dying_inside_a_held_back_json_answer_is_a_502(rig):
+    """Issue 7, finding 14: nothing of a small JSON body had gone out, so the client gets a
+    whole answer, a JSON-RPC error, never a closed connection."""
+    body = jsonrpc_error(post(rig, "json-cut", rpc("tools/list", 8)), 502)
+    assert body == {"jsonrpc": "2.0", "id": 8,
+                    "error": {"code": -32603, "message": "the upstream MCP server broke off its answer"}}
     assert post(rig, "json", rpc("tools/list", 9)).status_code == 200
+
+
+def test_upstream_dying_inside_a_streamed_json_answer_never_looks_complete(rig):
+    """Past the flush size bytes went out: a cut-off body must not arrive as a complete
+    response of the shorter length, so the connection is closed."""
+    with pytest.raises(httpx.HTTPError):
+        response = post(rig, "json-cut-big", rpc("tools/list", 10))
+        # Reaching here would mean a complete-looking (and so wrong) answer.
+        raise AssertionError(f"got a complete response: {response.status_code} {response.content[:200]!r}")
+    assert post(rig, "json", rpc("tools/list", 11)).status_code == 200
 
 
 # --------------------------------------------------------- 7. upstream forgets a session
