@@ -4,11 +4,12 @@ answered from an in-process cache so that the warm proxy path never waits on sto
 Domain membership is the ID token's `hd` claim, never the e-mail suffix; e-mail grants
 need a verified e-mail.
 
-Cache rules: an entry is fresh for CACHE_TTL seconds. After that it is still served for
-at most STALE_FOR more seconds while one background refresh (single flight per server)
-reads storage; a refresh that fails leaves the stale entry in place and the next call
-tries again. Beyond TTL + STALE_FOR the caller waits for the refresh and, if storage
-cannot answer, gets its error: an access decision is never older than that bound.
+Cache rules: an entry is fresh for CACHE_TTL seconds, and a server in use is re-read in
+the background (single flight) once half of that has passed, so its callers never wait
+and a change is seen within CACHE_TTL. A caller that finds the entry expired waits for
+the re-read for at most STALE_WAIT; if storage is slow or failing it gets the last good
+rules instead, for at most STALE_FOR seconds past their TTL. Beyond that bound it waits
+and, if storage cannot answer, gets its error: a decision is never older than the bound.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ CACHE_TTL = 3.0  # a removed grant is refused within this many seconds on every 
 STALE_FOR = 30.0  # …or within this many more while storage is slow or failing
 CACHE_SIZE = 10000
 RETRY_EVERY = 1.0  # seconds between background refreshes of a server after one failed
+STALE_WAIT = 0.2  # how long a caller with expired rules waits for storage before using them
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,12 @@ class _Entry:
 
 class AccessPolicy:
     def __init__(self, storage: Storage, *, clock: Callable[[], float] = time.monotonic,
-                 ttl: float = CACHE_TTL, stale_for: float = STALE_FOR):
+                 ttl: float = CACHE_TTL, stale_for: float = STALE_FOR, stale_wait: float = STALE_WAIT):
         self._storage = storage
         self._clock = clock
         self._ttl = ttl
         self._stale_for = stale_for
+        self._stale_wait = stale_wait
         self._cache: dict[str, _Entry] = {}
         # One storage read per server at a time, shared by every caller that needs it.
         self._refreshing: dict[str, asyncio.Task[_Entry]] = {}
@@ -82,18 +85,24 @@ class AccessPolicy:
     async def _entry(self, server_id: str) -> _Entry:
         now = self._clock()
         entry = self._cache.get(server_id)
-        if entry is not None and now < entry.fresh_until:
+        if entry is not None and now < entry.fresh_until - self._ttl / 2:
             return entry
         usable = entry is not None and now < entry.fresh_until + self._stale_for
         refresh = self._refreshing.get(server_id)
         if refresh is None and not (usable and now < self._retry_at.get(server_id, 0.0)):
             refresh = self._refreshing[server_id] = asyncio.create_task(self._refresh(server_id))
             refresh.add_done_callback(_retrieve)
-        if usable:
-            return entry  # stale within the bound: the refresh runs in the background
-        # Cold, or stale beyond the bound: wait for storage and fail closed on its error.
+        if entry is not None and now < entry.fresh_until:
+            return entry  # fresh: the read-ahead runs in the background
         # shield(): a caller that goes away must not cancel the read others wait for.
-        return await asyncio.shield(refresh)
+        if not usable:  # cold, or stale beyond the bound: wait, and fail closed on an error
+            return await asyncio.shield(refresh)
+        if refresh is not None:
+            try:
+                return await asyncio.wait_for(asyncio.shield(refresh), self._stale_wait)
+            except Exception:  # slow or failing storage (logged in _refresh): the bound holds
+                pass
+        return entry
 
     async def _refresh(self, server_id: str) -> _Entry:
         me = asyncio.current_task()

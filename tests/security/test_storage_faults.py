@@ -386,7 +386,7 @@ def test_access_cache_serves_stale_rules_within_the_bound_and_refreshes_once(tmp
         assert storage.reads == 1 and not any(task.done() for task in cold)
         storage.gate.set()
         assert all(decision.allowed for decision in await asyncio.gather(*cold))
-        # Past the TTL with storage slow: answered at once from the cache, one refresh.
+        # Past the TTL with storage slow: answered from the cache after a short wait, one refresh.
         await storage.remove_grant("srv_cache", "email", BOB.email)
         clock.now += 10
         storage.gate.clear()
