@@ -84,6 +84,8 @@ class McpProbe:
             result.error = f"timed out: {exc}"
         except (UpstreamError, ProbeFailed) as exc:
             result.error = str(exc)
+        except RecursionError:  # a value nested so deeply that reading it out failed
+            result.error = "the upstream's answer is nested too deeply to read"
         return result
 
     async def _probe(self, url: str, headers: dict[str, str], result: ProbeResult) -> None:
@@ -224,6 +226,8 @@ def _discover_params() -> dict:
 
 
 def _find_response(body: bytes, content_type: str) -> dict | None:
+    """The JSON-RPC response to request 1 in a JSON or SSE body; None when there is none or
+    the body cannot be read (not JSON, not UTF-8, nested too deeply to parse)."""
     candidates: list = []
     if content_type == "text/event-stream":
         parser = SseParser()
@@ -231,12 +235,12 @@ def _find_response(body: bytes, content_type: str) -> dict | None:
             if event.data:
                 try:
                     candidates.append(json.loads(event.data))
-                except ValueError:
+                except (ValueError, RecursionError):  # RecursionError: nested too deeply
                     continue
     else:
         try:
             candidates.append(json.loads(body))
-        except (UnicodeDecodeError, ValueError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested too deeply
             return None
     for item in candidates:
         for message in item if isinstance(item, list) else [item]:

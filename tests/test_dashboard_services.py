@@ -32,6 +32,7 @@ from storage.base import (
     User,
     latency_bucket,
 )
+from tests.support.fake_upstream import RawUpstream
 from tests.support.idp import free_port
 from tests.support.inprocess import make_config as base_config
 from tests.support.inprocess import run
@@ -238,6 +239,29 @@ async def test_test_connection_falls_back_to_the_initialize_handshake(tmp_path):
             assert LegacyMcp.deleted == ["legacy-session-1"]  # the probe's session is ended
     finally:
         server.stop()
+
+
+@run
+async def test_test_connection_reports_a_too_deep_answer_as_unreadable(tmp_path):
+    """An upstream answering JSON nested 100,000 deep (plain JSON, then an SSE event) is an
+    unreadable answer in the result, not a RecursionError out of the probe."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+
+    def answer(content_type: bytes, body: bytes) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\nContent-Type: " + content_type + b"\r\nContent-Length: "
+                + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    for content_type, body in ((b"application/json", deep), (b"text/event-stream", b"data: " + deep + b"\n\n")):
+        async def script(exchange, content_type=content_type, body=body):
+            exchange.write(answer(content_type, body))
+
+        async with RawUpstream(script) as raw, instance(tmp_path) as s:
+            ana = await actor(s, ANA)
+            server_id = await ana_server(s, raw.url + "/mcp")
+            result = await s.dashboard.test_connection(ana, server_id)
+            assert not result.ok
+            assert "not a JSON-RPC response" in result.error, result.error
+            assert "Recursion" not in result.error
 
 
 # ------------------------------------------------------------------ who may do what
