@@ -14,6 +14,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
@@ -46,6 +47,11 @@ VERIFIED_CACHE_SIZE = 20000
 REVOCATION_REFRESH = 3.0  # revocations made on another instance apply within this bound
 VERIFIER_RE = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
 SCOPE_TOKEN_RE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
+ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")  # RFC 9068 §4, compared lower-cased
+# Claim types of an access token (the audience is one string: the gateway mints no lists).
+REQUIRED_STRING_CLAIMS = ("iss", "sub", "aud", "jti")
+OPTIONAL_STRING_CLAIMS = ("scope", "client_id", "fid", "email", "hd")
+NUMERIC_CLAIMS = ("exp", "iat", "nbf")  # exp and iat are required by the decoder
 
 
 class OAuthError(Exception):
@@ -371,6 +377,11 @@ class TokenService:
             raise InvalidToken("the access token is not a JWT") from None
         if header.get("alg") != "RS256" or not isinstance(header.get("kid"), str):
             raise InvalidToken("the access token is not signed by this gateway")
+        # RFC 9068 §4: the gateway signs other JWTs with the same key (identity assertions
+        # for upstreams, typ JWT); only typ at+jwt is an access token.
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
+            raise InvalidToken("the token is not an access token (typ must be at+jwt)")
         if not await self._keys.ensure_kid(header["kid"]):
             raise InvalidToken("the access token is signed with an unknown key")
         try:
@@ -390,8 +401,9 @@ class TokenService:
             raise InvalidToken("the access token has expired") from None
         except jwt.PyJWTError:
             raise InvalidToken("the access token did not verify") from None
-        if not isinstance(claims.get("aud"), str) or not isinstance(claims.get("sub"), str):
-            raise InvalidToken("the access token is malformed")
+        problem = claim_type_problem(claims)
+        if problem:
+            raise InvalidToken(f"the access token is malformed: {problem}")
         return claims
 
     async def refresh_revocations(self) -> None:
@@ -442,6 +454,27 @@ class TokenService:
         if user is None:
             raise OAuthError("invalid_grant", "the user of this grant no longer exists")
         return user
+
+
+def _is_number(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def claim_type_problem(claims: dict) -> str:
+    """Why a signature-checked claim set does not have the shape the gateway mints, or ""
+    when it does. Checked once per token (before the verified-token cache), so that no
+    later use of a claim meets a type it does not expect."""
+    for name in REQUIRED_STRING_CLAIMS:
+        value = claims.get(name)
+        if not isinstance(value, str) or not value:
+            return f"{name} must be a non-empty string"
+    for name in OPTIONAL_STRING_CLAIMS:
+        if name in claims and not isinstance(claims[name], str):
+            return f"{name} must be a string"
+    for name in NUMERIC_CLAIMS:
+        if name in claims and not _is_number(claims[name]):
+            return f"{name} must be a number"
+    return ""
 
 
 def principal_of(user: User) -> Principal:

@@ -348,6 +348,8 @@ async def test_verify_refuses_expired_foreign_and_malformed_tokens(tmp_path):
     async with world(tmp_path) as s:
         good = s.keyring.sign(base_claims(s))
         assert (await s.tokens.verify_access_token(good))["sub"] == ALICE.sub
+        for typ in ("AT+JWT", "application/at+jwt"):
+            await s.tokens.verify_access_token(s.keyring.sign(base_claims(s), typ=typ))
         now = int(time.time())
         refused = [
             s.keyring.sign(base_claims(s, iat=now - 700, exp=now - 100)),  # expired
@@ -355,6 +357,13 @@ async def test_verify_refuses_expired_foreign_and_malformed_tokens(tmp_path):
             s.keyring.sign(base_claims(s, jti=None)),
             s.keyring.sign(base_claims(s, sub=None)),
             s.keyring.sign(base_claims(s, aud=["a", "b"])),
+            s.keyring.sign(base_claims(s), typ="JWT"),  # an identity assertion, not an access token
+            s.keyring.sign(base_claims(s, exp=str(now + 600))),
+            s.keyring.sign(base_claims(s, iat=str(now))),
+            s.keyring.sign(base_claims(s, scope=["mcp:connect"])),
+            s.keyring.sign(base_claims(s, fid=5)),
+            s.keyring.sign(base_claims(s, email=["alice@example.com"])),
+            s.keyring.sign(base_claims(s, hd=5)),
             jwt.encode(base_claims(s), key=None, algorithm="none", headers={"kid": s.keyring.records()[0].kid}),
             jwt.encode(base_claims(s), "k" * 32, algorithm="HS256", headers={"kid": s.keyring.records()[0].kid}),
             "a.b.c",
