@@ -18,7 +18,14 @@ from tornado.iostream import StreamClosedError
 
 from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
 from services import protocol
-from services.tokens import MCP_SCOPES, SCOPE_INVOKE, InvalidToken, principal_from_claims
+from services.tokens import (
+    MCP_SCOPES,
+    SCOPE_CONNECT,
+    SCOPE_INVOKE,
+    InvalidToken,
+    principal_from_claims,
+    scope_allows,
+)
 from services.upstream import UpstreamError, UpstreamStreamError, UpstreamTimeout, hop_by_hop_names
 from storage.base import StorageError, StorageUnavailable, UsageEvent
 
@@ -110,11 +117,19 @@ class McpProxyHandler(BaseHandler):
         if not decision.allowed:
             self.jsonrpc_error(403, -32003, f"access denied: {decision.reason}")
             return None
+        # Every MCP request (POST, the GET stream, DELETE) needs mcp:connect; mcp:invoke
+        # implies it. The invoke methods also need mcp:invoke (require_invoke).
+        if not scope_allows(claims, SCOPE_CONNECT):
+            self.challenge(
+                server_id, "insufficient_scope", "this request needs the mcp:connect scope",
+                scope=" ".join(MCP_SCOPES), status=403,
+            )
+            return None
         return claims
 
     def require_invoke(self, server_id: str, claims: dict) -> bool:
         """Step-up: a call that needs mcp:invoke with a token that lacks it gets 403."""
-        if SCOPE_INVOKE in claims.get("scope", "").split():
+        if scope_allows(claims, SCOPE_INVOKE):
             return True
         self.challenge(
             server_id, "insufficient_scope", "this call needs the mcp:invoke scope",

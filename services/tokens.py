@@ -270,6 +270,9 @@ class TokenService:
         requested = scope.split() if scope else granted
         if not set(requested) <= set(granted):
             raise OAuthError("invalid_scope", "scope may only narrow on refresh")
+        if not any(s in requested for s in MCP_SCOPES):
+            # A token without mcp:connect or mcp:invoke could not reach any MCP server.
+            raise OAuthError("invalid_scope", "a refreshed scope must keep mcp:connect or mcp:invoke")
         token_scope = " ".join(s for s in SUPPORTED_SCOPES if s in requested)
         user, audience = await self._still_allowed(record.user_sub, family.audience, resource)
 
@@ -454,6 +457,15 @@ class TokenService:
         if user is None:
             raise OAuthError("invalid_grant", "the user of this grant no longer exists")
         return user
+
+
+def scope_allows(claims: dict, needed: str) -> bool:
+    """Whether an access token's scope covers `needed`. mcp:invoke implies mcp:connect: a
+    client allowed to call tools must be able to initialize and list them (DESIGN: connect
+    covers initialize, discovery, ping, notifications, */list, subscriptions). Scope words
+    are case-sensitive (RFC 6749 §3.3)."""
+    words = claims.get("scope", "").split()
+    return needed in words or (needed == SCOPE_CONNECT and SCOPE_INVOKE in words)
 
 
 def _is_number(value: object) -> bool:

@@ -265,6 +265,11 @@ async def test_refresh_scope_only_narrows(tmp_path):
         assert full["scope"] == "mcp:connect mcp:invoke"
         narrow_rt = (await tokens(s, scope="mcp:connect"))["refresh_token"]
         assert await oauth_error(s.tokens.refresh(s.client, narrow_rt, "mcp:connect mcp:invoke", None)) == "invalid_scope"
+        # Narrowing to no MCP scope at all would mint a token no MCP request accepts.
+        offline_rt = (await tokens(s, scope="mcp:connect offline_access"))["refresh_token"]
+        assert await oauth_error(s.tokens.refresh(s.client, offline_rt, "offline_access", None)) == "invalid_scope"
+        # The refused request did not use the token up.
+        assert (await s.tokens.refresh(s.client, offline_rt, None, None))["scope"] == "mcp:connect offline_access"
 
 
 @run

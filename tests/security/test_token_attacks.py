@@ -527,20 +527,32 @@ def test_connect_only_token_cannot_invoke_by_any_method(rig, message):
 
 
 @pytest.mark.parametrize("scope", [None, "", "offline_access", "mcp:connectx", "MCP:CONNECT MCP:INVOKE"])
-def test_a_token_without_an_mcp_scope_cannot_even_connect(rig, scope, request):
+def test_a_token_without_an_mcp_scope_cannot_even_connect(rig, scope):
     """DESIGN: initialize, ping and the */list methods need mcp:connect."""
-    request.applymarker(pytest.mark.xfail(strict=True, reason=_NO_CONNECT_CHECK))
     params = refused(rig, rig.sign(rig.claims(scope=scope)), rpc("tools/list", 2), status=403,
                      error="insufficient_scope")
     assert "mcp:connect" in params["scope"].split()
 
 
-_NO_CONNECT_CHECK = ("the proxy checks mcp:invoke for invoke methods but never checks mcp:connect: a token "
-                     "with no MCP scope at all can initialize and list")
+def test_the_stream_and_session_end_need_mcp_connect_too(rig):
+    token = rig.sign(rig.claims(scope="offline_access"))
+    for method in ("GET", "DELETE"):
+        calls = upstream_calls(rig)
+        response = rig.http.request(method, f"/mcp/{SRV}", headers={
+            "Accept": ACCEPT, "Authorization": f"Bearer {token}", "Mcp-Session-Id": "s-1"})
+        assert_refused(rig, response, calls, status=403, error="insufficient_scope")
 
 
-@pytest.mark.xfail(strict=True, reason=_NO_CONNECT_CHECK + "; reachable without the key: a refresh narrowed "
-                   "to scope=offline_access returns an access token whose scope claim is empty")
+@pytest.mark.parametrize("scope", ["mcp:connect", "mcp:invoke", "offline_access mcp:invoke"])
+def test_connect_or_invoke_is_enough_to_connect(rig, scope):
+    """mcp:invoke implies mcp:connect: a client that may call tools may list them."""
+    accepted(rig, rig.sign(rig.claims(scope=scope)), rpc("tools/list", 2))
+
+
+def test_an_invoke_only_token_can_call(rig):
+    accepted(rig, rig.sign(rig.claims(scope="mcp:invoke")))
+
+
 def test_refresh_narrowed_to_offline_access_gives_no_connect_access(rig):
     issued = rig.tokens["alice_offline"]
     assert "offline_access" in issued["scope"].split()
