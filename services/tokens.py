@@ -218,6 +218,12 @@ class TokenService:
             last_used_at=now,
         )
         await self._storage.create_family(family, self._refresh_record(refresh, family, now))
+        if await self._family_marked_revoked(family.family_id):
+            # A replay of this code came in while it was being redeemed: its revoke_family
+            # found no family row yet, but its marker (written first) is seen here, so the
+            # family is revoked all the same. The response still goes out (this request
+            # won; the replay revokes what it issued): its tokens are dead on arrival.
+            await self._storage.revoke_family(family.family_id, time.time())
         return self._token_response(user, client.client_id, record.scope, audience, family, refresh)
 
     async def _narrow_audience(self, audience: Audience, resource: str | None) -> Audience:
@@ -262,7 +268,8 @@ class TokenService:
         if record is None or record.client_id != client.client_id:
             raise OAuthError("invalid_grant", "unknown refresh token")
         family = await self._storage.get_family(record.family_id)
-        if family is None or family.revoked_at or family.expires_at < now:
+        if (family is None or family.revoked_at or family.expires_at < now
+                or _family_marker(family.family_id) in self._revoked):
             raise OAuthError("invalid_grant", "this authorization was revoked or has expired")
         if record.expires_at < now:
             raise OAuthError("invalid_grant", "refresh token expired (unused for too long)")
@@ -369,7 +376,7 @@ class TokenService:
         if claims["exp"] <= time.time():
             self._verified.pop(key, None)
             raise InvalidToken("the access token has expired")
-        if claims["jti"] in self._revoked or ("fid:" + claims.get("fid", "")) in self._revoked:
+        if claims["jti"] in self._revoked or _family_marker(claims.get("fid", "")) in self._revoked:
             raise InvalidToken("the access token has been revoked")
         return claims
 
@@ -417,13 +424,32 @@ class TokenService:
     # --------------------------------------------------------------- revocation
 
     async def revoke_family(self, family_id: str) -> None:
-        """Stops the refresh family and every access token minted from it."""
-        await self._storage.revoke_family(family_id, time.time())
-        marker = "fid:" + family_id
+        """Stops the refresh family and every access token minted from it.
+
+        The family id is fixed on the code when it is issued, so a replayed code may revoke
+        a family whose row its winning redemption has not written yet. Hence the order:
+        the `fid:` marker is stored first, then the row is revoked; exchange_code writes
+        the row first, then reads the markers (_family_marked_revoked). Whatever the
+        interleaving, one of the two sees the other's write and the family ends revoked
+        (both backends read their own and each other's writes: SQLite is one file,
+        DynamoDB reads are strongly consistent)."""
+        marker = _family_marker(family_id)
         await self._storage.revoke_access_token(
             RevokedAccessToken(marker, time.time() + self._config.access_token_ttl + 60)
         )
         self._revoked.add(marker)
+        await self._storage.revoke_family(family_id, time.time())
+
+    async def _family_marked_revoked(self, family_id: str) -> bool:
+        """Whether revoke_family ran for this id, on any instance. Reads the (small, bounded
+        by the access-token lifetime) revocation set from storage, once per code exchange,
+        and refreshes this instance's copy with it on the way."""
+        marker = _family_marker(family_id)
+        if marker in self._revoked:
+            return True
+        revoked = {r.jti for r in await self._storage.revoked_access_tokens(time.time())}
+        self._revoked |= revoked
+        return marker in revoked
 
     async def revoke(self, client: Client, token: str, hint: str | None) -> None:
         """RFC 7009: refresh tokens revoke their family, access tokens their jti. Tokens
@@ -457,6 +483,11 @@ class TokenService:
         if user is None:
             raise OAuthError("invalid_grant", "the user of this grant no longer exists")
         return user
+
+
+def _family_marker(family_id: str) -> str:
+    """The revocation entry (in the revoked access tokens) that stops a whole family."""
+    return "fid:" + family_id
 
 
 def scope_allows(claims: dict, needed: str) -> bool:

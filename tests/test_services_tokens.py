@@ -37,8 +37,8 @@ BOB = User(sub="u-bob", email="bob@example.com", email_verified=True, name="Bob"
 
 
 @asynccontextmanager
-async def instance(tmp_path):
-    services = build_services(make_config(tmp_path, MCPGW_UPSTREAM_ALLOW="127.0.0.0/8"))
+async def instance(tmp_path, **env):
+    services = build_services(make_config(tmp_path, MCPGW_UPSTREAM_ALLOW="127.0.0.0/8", **env))
     await services.start(background=False)
     try:
         yield services
@@ -47,9 +47,9 @@ async def instance(tmp_path):
 
 
 @asynccontextmanager
-async def world(tmp_path):
+async def world(tmp_path, **env):
     """One instance with Alice (owner of srv_t), Bob (no access) and a public client."""
-    async with instance(tmp_path) as s:
+    async with instance(tmp_path, **env) as s:
         for user in (ALICE, BOB):
             await s.storage.upsert_user(user)
         await s.servers.add(name="T", upstream_url="http://127.0.0.1:9/mcp", owner_email=ALICE.email,
@@ -173,6 +173,59 @@ async def test_replay_can_come_from_another_instance(tmp_path):
         body = await s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)
         assert await oauth_error(other.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)) == "invalid_grant"
         assert await oauth_error(s.tokens.refresh(s.client, body["refresh_token"], None, None)) == "invalid_grant"
+
+
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def backend(request, tmp_path, monkeypatch) -> dict:
+    """Config overrides for one store shared by the instances of a test, on each backend."""
+    if request.param == "sqlite":
+        return {}
+    endpoint = request.getfixturevalue("dynamodb_endpoint")
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")):
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    table = f"gw-{secrets.token_hex(8)}"
+    return {"MCPGW_STORAGE": f"dynamodb://{table}?region=us-east-1&endpoint={endpoint}"}
+
+
+@pytest.mark.parametrize("replay_on", ["same", "other"])
+@run
+async def test_a_replay_racing_the_first_redemption_still_revokes_what_it_issued(tmp_path, backend, replay_on):
+    """The replay lands after the winner marked the code used but before it wrote the
+    refresh family, so the replay's revoke_family finds no row: the family the winner
+    then writes is revoked all the same (one 200, dead on arrival), on every instance."""
+    async with world(tmp_path, **backend) as s, instance(tmp_path, **backend) as other:
+        replayer = s if replay_on == "same" else other
+        code, verifier = await issue(s)
+        create_family = s.storage.create_family
+        replays = []
+
+        async def create_after_a_replay(family, first):
+            assert await s.storage.get_family(family.family_id) is None
+            replays.append(await oauth_error(replayer.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)))
+            await create_family(family, first)
+
+        s.storage.create_family = create_after_a_replay
+        body = await s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)
+        assert replays == ["invalid_grant"]
+        (family,) = await s.storage.families_of_user(ALICE.sub)
+        assert family.revoked_at, "the family of a replayed code is live"
+        for each in (s, other):
+            assert await oauth_error(each.tokens.refresh(s.client, body["refresh_token"], None, None)) == "invalid_grant"
+            await each.tokens.refresh_revocations()
+            with pytest.raises(InvalidToken):
+                await each.tokens.verify_access_token(body["access_token"])
+
+
+@run
+async def test_a_replay_after_the_first_redemption_revokes_on_both_backends(tmp_path, backend):
+    async with world(tmp_path, **backend) as s, instance(tmp_path, **backend) as other:
+        code, verifier = await issue(s)
+        body = await s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)
+        assert await oauth_error(other.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)) == "invalid_grant"
+        assert await oauth_error(s.tokens.refresh(s.client, body["refresh_token"], None, None)) == "invalid_grant"
+        assert (await s.storage.families_of_user(ALICE.sub))[0].revoked_at
 
 
 # --------------------------------------------------------------------- refresh tokens

@@ -269,10 +269,6 @@ def test_no_verifier_at_all_issues_nothing_even_for_a_confidential_client(gw, ht
 # ------------------------------------------------------------------------ codes
 
 
-@pytest.mark.xfail(strict=True, reason="racing replays of one code: a replay that lands between the winner's "
-                   "redeem and its create_family revokes a family that does not exist yet, so the refresh token "
-                   "issued from the replayed code keeps working (RFC 6749 §4.1.2 / DESIGN: a replayed code "
-                   "revokes what it issued); seen in 3 to 8 of 8 bursts")
 def test_concurrent_replays_of_one_code_issue_once_and_revoke_it(gw, http, app):
     """Eight codes, each redeemed by two requests at once: each time exactly one wins, and
     the replays revoke what it got, whichever request won and whenever the replays came."""
