@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from http import HTTPStatus
 from urllib.parse import parse_qsl
@@ -87,7 +88,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(body, separators=(",", ":")))
 
     def oauth_error(self, error: str, description: str, status: int = 400) -> None:
-        self.write_json({"error": error, "error_description": description}, status)
+        self.write_json({"error": error, "error_description": error_description(description, error)}, status)
 
     def page(self, template: str, status: int = 200, **context) -> None:
         env = self.application.settings["jinja"]
@@ -132,7 +133,7 @@ class BaseHandler(tornado.web.RequestHandler):
         code = "server_error" if status_code >= 500 else "invalid_request"
         if retry_after is not None:
             code = "temporarily_unavailable"  # RFC 6749 §4.1.2.1's name for it
-        self.finish(json.dumps({"error": code, "error_description": message}))
+        self.finish(json.dumps({"error": code, "error_description": error_description(message, code)}))
 
     def log_exception(self, typ, value, tb) -> None:
         if isinstance(value, StorageUnavailable):
@@ -248,8 +249,28 @@ def unique_params(pairs) -> dict[str, str]:
     params: dict[str, str] = {}
     for name, value in pairs:
         if name in params:
-            raise BadRequest(f"the parameter {name} is repeated")
+            raise BadRequest(f"{_parameter(name)} is repeated")
         if "\x00" in value:
-            raise BadRequest(f"the parameter {name} contains a NUL character")
+            raise BadRequest(f"{_parameter(name)} contains a NUL character")
         params[name] = value
     return params
+
+
+def _parameter(name: str) -> str:
+    """How a message names a request parameter: by name when it is a plain one (every
+    OAuth parameter is), else without echoing it."""
+    return f"the parameter {name}" if _PLAIN_NAME.fullmatch(name) else "a parameter"
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# RFC 6749 §5.2 (and §4.1.2.1): error_description is %x20-21 / %x23-5B / %x5D-7E, i.e.
+# printable ASCII without '"' and '\'.
+_NOT_DESCRIPTION_CHAR = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')
+
+
+def error_description(description: str, error: str = "error") -> str:
+    """`description` as RFC 6749 allows it in error_description: each other character
+    (control, non-ASCII, '"', '\\') becomes '?'. Every OAuth error body goes through here
+    (oauth_error, write_error), whatever a message happens to quote."""
+    text = _NOT_DESCRIPTION_CHAR.sub("?", str(description)).strip()
+    return text or error.replace("_", " ")

@@ -465,8 +465,6 @@ def test_revoke_fuzz(target, pairs, raw_body, content_type, auth_kind, auth_raw,
         assert "www-authenticate" in response.headers
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7, new fuzz finding: error_description echoes request input "
-                                       "outside RFC 6749 section 5.2's charset (e.g. a \\x1f parameter name)")
 @settings(max_examples=60, **FUZZ)
 @given(endpoint=st.sampled_from(["/token", "/revoke", "/register"]), name=SHORT, value=TEXT)
 @example(endpoint="/revoke", name="\x1f", value="")
