@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import ipaddress
 import json
 import logging
 import re
@@ -18,7 +19,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import replace
-from urllib.parse import unquote_plus, urlsplit
+from urllib.parse import quote, unquote_plus, urlsplit
 
 from config import is_loopback_host
 from services.keys import token_hash
@@ -30,6 +31,11 @@ log = logging.getLogger("gateway.clients")
 
 DANGEROUS_SCHEMES = {"javascript", "data", "file", "vbscript", "about", "blob", "filesystem"}
 SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.\-]*$")
+# RFC 3986's characters: unreserved, reserved and "%" (of a %XX escape); nothing else.
+URI_CHARS_RE = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# An http(s) host: an ASCII DNS name (A-labels for IDNs; "_" is seen in practice) or IPv4.
+HOST_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_.\-]*[a-z0-9_])?\.?")
 AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post")
 MAX_REDIRECT_URIS = 20
 MAX_URI_LENGTH = 2000
@@ -66,32 +72,102 @@ def _text(value: object, name: str, limit: int, error: str = "invalid_client_met
 
 
 def check_redirect_uri(uri: object) -> str:
-    """Return the URI when the policy allows it; raise ClientError(invalid_redirect_uri)."""
+    """Return the URI when the policy allows it; raise ClientError(invalid_redirect_uri).
+
+    A redirect URI is an RFC 3986 URI: ASCII only (other characters percent-encoded), and
+    an http(s) host is an ASCII name (an internationalised one in its IDNA A-label, xn--,
+    form) or an IP literal. So the host the consent page names is the host the browser goes
+    to: no look-alike Unicode host (Cyrillic "а" for "a"), no bidi override in the path.
+    The messages describe the problem without echoing the URI (the caller names which one)."""
     if not isinstance(uri, str) or not uri or len(uri) > MAX_URI_LENGTH:
-        raise ClientError("invalid_redirect_uri", "each redirect URI must be a non-empty string")
-    _text(uri, "redirect_uri", MAX_URI_LENGTH, "invalid_redirect_uri")
+        raise ClientError(
+            "invalid_redirect_uri", f"a redirect URI must be a non-empty string of at most {MAX_URI_LENGTH} characters"
+        )
+    _text(uri, "a redirect URI", MAX_URI_LENGTH, "invalid_redirect_uri")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in uri):
-        raise ClientError("invalid_redirect_uri", f"{uri!r}: contains spaces or control characters")
+        raise ClientError("invalid_redirect_uri", "a redirect URI must not contain spaces or control characters")
+    if not uri.isascii():
+        raise ClientError("invalid_redirect_uri", _non_ascii_problem(uri))
+    if not URI_CHARS_RE.fullmatch(uri) or BAD_PERCENT_RE.search(uri):
+        raise ClientError(
+            "invalid_redirect_uri",
+            "a redirect URI must be an RFC 3986 URI: characters such as < > { } | ^ ` and the backslash "
+            "must be percent-encoded, and % must start a %XX escape",
+        )
     parts = _split(uri)
     if parts is None:
-        raise ClientError("invalid_redirect_uri", f"{uri!r}: malformed host or port")
+        raise ClientError("invalid_redirect_uri", "a redirect URI has a malformed host or port")
     scheme = parts.scheme.lower()
     if not scheme or not SCHEME_RE.match(scheme):
-        raise ClientError("invalid_redirect_uri", f"{uri!r}: not an absolute URI")
+        raise ClientError("invalid_redirect_uri", "a redirect URI must be an absolute URI (with a scheme)")
     if parts.fragment or "#" in uri:
-        raise ClientError("invalid_redirect_uri", f"{uri!r}: a redirect URI must not have a fragment")
+        raise ClientError("invalid_redirect_uri", "a redirect URI must not have a fragment")
     if scheme in DANGEROUS_SCHEMES:
-        raise ClientError("invalid_redirect_uri", f"{uri!r}: the {scheme}: scheme is not allowed")
+        raise ClientError("invalid_redirect_uri", f"the {scheme}: scheme is not allowed in a redirect URI")
     if scheme in ("http", "https"):
         if not parts.hostname:
-            raise ClientError("invalid_redirect_uri", f"{uri!r}: no host")
-        if parts.username or parts.password:
-            raise ClientError("invalid_redirect_uri", f"{uri!r}: user information is not allowed")
-        if scheme == "http" and not is_loopback_host(parts.hostname):
+            raise ClientError("invalid_redirect_uri", f"a redirect URI with {scheme}: must name a host")
+        if parts.username is not None or parts.password is not None:
+            raise ClientError("invalid_redirect_uri", "a redirect URI must not carry user information")
+        if not HOST_RE.fullmatch(parts.hostname) and not _is_ipv6_literal(parts):
             raise ClientError(
-                "invalid_redirect_uri", f"{uri!r}: http is only allowed for loopback hosts"
+                "invalid_redirect_uri",
+                "a redirect URI's host must be a DNS name of letters, digits, dots and hyphens (an "
+                "internationalised name in its IDNA A-label, xn--, form) or an IP address",
             )
+        if scheme == "http" and not is_loopback_host(parts.hostname):
+            raise ClientError("invalid_redirect_uri", "http redirect URIs are only allowed for loopback hosts")
     return uri
+
+
+def _non_ascii_problem(uri: str) -> str:
+    """Why a URI holding non-ASCII characters is refused, and how to write it instead."""
+    parts = _split(uri)
+    host = parts.hostname if parts is not None else None
+    if host and not host.isascii():
+        a_label = a_label_host(host)
+        return (
+            "a redirect URI's host must be written in its IDNA A-label (xn--) form"
+            + (f", here {a_label}" if a_label else "")
+            + ": a non-ASCII host can imitate another one"
+        )
+    return (
+        "a redirect URI must be ASCII (RFC 3986): write any other character as percent-encoded UTF-8 (%XX)"
+    )
+
+
+# Deviation characters: IDNA 2003 (Python's "idna" codec) maps them away (ß to ss), the
+# browsers' UTS 46 keeps them (xn--zca): for these the codec's A-label is not the browser's.
+_IDNA_DEVIATIONS = frozenset("\u00df\u03c2\u200c\u200d")
+
+
+def a_label_host(host: str) -> str | None:
+    """The ASCII (IDNA A-label) form of a host name, what a browser sends to DNS; None when
+    it has none that is certain (not a valid IDN, or a deviation character)."""
+    if host.isascii():
+        return host.lower()
+    if _IDNA_DEVIATIONS.intersection(host):
+        return None
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return None
+
+
+def _display_host(host: str) -> str:
+    """A host as the user should read it: its A-label, else percent-encoded (never Unicode
+    that could pass for another name)."""
+    return a_label_host(host) or quote(host, safe="")
+
+
+def _is_ipv6_literal(parts) -> bool:
+    if not parts.netloc.split("@")[-1].startswith("["):
+        return False
+    try:
+        ipaddress.IPv6Address(parts.hostname.split("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def _split(uri: str):
@@ -129,11 +205,16 @@ def redirect_uri_matches(registered: tuple[str, ...], requested: str) -> bool:
 
 
 def redirect_host(uri: str) -> str:
-    """What the consent page shows the user as the destination of the code."""
-    parts = urlsplit(uri)
+    """What the consent page shows the user as the destination of the code: the host in the
+    ASCII form the browser will go to (a client registered before non-ASCII URIs were
+    refused may still hold a Unicode host: it is shown as its xn-- A-label)."""
+    parts = _split(uri)
+    if parts is None:
+        return quote(uri, safe=":/")
     if parts.scheme in ("http", "https"):
-        return parts.hostname or uri
-    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else f"{parts.scheme}:"
+        return _display_host(parts.hostname) if parts.hostname else quote(uri, safe=":/")
+    netloc = quote(parts.netloc, safe=":@[]") if not parts.netloc.isascii() else parts.netloc
+    return f"{parts.scheme}://{netloc}" if parts.netloc else f"{parts.scheme}:"
 
 
 def _optional_string(metadata: dict, name: str, limit: int = 1000) -> str:
@@ -162,7 +243,13 @@ def validate_metadata(metadata: object, *, for_cimd: bool = False) -> dict:
         raise ClientError("invalid_redirect_uri", "redirect_uris must be a non-empty array")
     if len(uris) > MAX_REDIRECT_URIS:
         raise ClientError("invalid_redirect_uri", f"at most {MAX_REDIRECT_URIS} redirect URIs")
-    redirect_uris = tuple(dict.fromkeys(check_redirect_uri(u) for u in uris))
+    checked = []
+    for index, uri in enumerate(uris):
+        try:
+            checked.append(check_redirect_uri(uri))
+        except ClientError as exc:  # which one, by position: the URI itself is not echoed
+            raise ClientError(exc.error, f"redirect_uris[{index}]: {exc.description}", exc.status) from None
+    redirect_uris = tuple(dict.fromkeys(checked))
 
     default_method = "none" if for_cimd else "client_secret_basic"  # RFC 7591 §2 default
     method = metadata.get("token_endpoint_auth_method", default_method)
@@ -442,11 +529,15 @@ def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
 
 
 def check_metadata_document_url(url: str) -> None:
-    """CIMD §3: https, a path, no dot segments, no fragment, no user information."""
-    parts = _split(url)
+    """CIMD §3: https, a path, no dot segments, no fragment, no user information; and an
+    RFC 3986 URI (ASCII, an ASCII host): the consent page shows it next to the client's name."""
+    # An RFC 3986 URI (ASCII): the consent page shows it, so no look-alike Unicode host.
+    parts = _split(url) if url.isascii() and URI_CHARS_RE.fullmatch(url) else None
     segments = parts.path.split("/") if parts is not None else []
     if (
         parts is None
+        or BAD_PERCENT_RE.search(url)
+        or not (HOST_RE.fullmatch(parts.hostname or "") or _is_ipv6_literal(parts))
         or parts.scheme != "https"
         or not parts.hostname
         or parts.path in ("", "/")
@@ -459,8 +550,8 @@ def check_metadata_document_url(url: str) -> None:
     ):
         raise ClientError(
             "invalid_client",
-            "a URL client_id must be an https URL with a path, without dot segments, fragment "
-            "or user information",
+            "a URL client_id must be an https URL (RFC 3986, ASCII: the host in IDNA A-label form) "
+            "with a path, without dot segments, fragment or user information",
             401,
         )
 

@@ -166,6 +166,11 @@ def test_sdk_client_signs_in_with_a_metadata_document_client_id(gateway_factory,
         ("missing", lambda url: {}, 404, {}, "HTTP 404"),
         ("huge", lambda url: client_document(url, padding="x" * 6000), 200, {}, "larger than"),
         ("not-json", lambda url: b"<html>hello</html>", 200, {}, "not JSON"),
+        # Redirect URIs are RFC 3986 URIs: a look-alike (Cyrillic a) host, an RTL override.
+        ("idn-redirect", lambda url: client_document(url, redirect_uris=["https://\u0430pp.example/cb"]), 200, {},
+         "xn--pp-6kc.example"),
+        ("rtl-redirect", lambda url: client_document(url, redirect_uris=["https://app.example/\u202ecb"]), 200,
+         {}, "must be ASCII"),
     ],
 )
 def test_bad_metadata_documents_are_refused_on_a_page_and_never_cached(
@@ -200,6 +205,23 @@ def test_metadata_document_urls_are_fetched_through_the_ssrf_guard(gateway_facto
     assert refused.status_code == 400 and "location" not in refused.headers
     assert GENERIC in refused.text and "refused" in gateway.log_text()
     assert documents.hits.get("/guarded.json", 0) == 0
+
+
+@pytest.mark.parametrize("path", ["/\u202eclient.json", "/clients/\u0430pp.json", "/caf\u00e9.json", "/a b.json"])
+def test_metadata_document_urls_must_be_ascii_uris(gateway_factory, documents, tls, path):
+    """The client_id URL is shown on the consent page: a non-ASCII one (an RTL override, a
+    look-alike) is refused before anything is fetched, at /authorize and at /token."""
+    gateway = gateway_factory(extra_env={"SSL_CERT_FILE": tls[0]})
+    url = documents.publish(path, {})
+    documents.publish(path, client_document(url))
+    refused = authorize_page(gateway, url)
+    assert refused.status_code == 400 and "location" not in refused.headers
+    assert "ASCII" in refused.text
+    with httpx.Client(base_url=gateway.url, trust_env=False, timeout=30) as http:
+        answer = token_request(http, url)
+    assert answer.status_code == 401 and answer.json()["error"] == "invalid_client"
+    assert answer.text.isascii() and "\\u" not in answer.text
+    assert not documents.hits  # nothing was fetched, under any spelling of the path
 
 
 def test_token_limits_before_fetching_and_remembers_failed_documents(gateway_factory, documents, tls):

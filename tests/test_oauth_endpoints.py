@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import re
 import secrets
 import sqlite3
 import time
@@ -360,6 +361,59 @@ def test_register_accepts_https_loopback_http_and_private_use_schemes(http, uri)
     response = register(http, {"redirect_uris": [uri], "token_endpoint_auth_method": "none"})
     assert response.status_code == 201, response.text
     assert response.json()["redirect_uris"] == [uri]
+
+
+@pytest.mark.parametrize("uri, problem", [
+    ("https://\u0430pp.example/cb", "xn--pp-6kc.example"),  # Cyrillic a: the A-label to write instead
+    ("https://b\u00fccher.example/cb", "xn--bcher-kva.example"),
+    ("https://app.example/\u202ecb", "must be ASCII"),  # right-to-left override
+    ("https://app.example/caf\u00e9", "must be ASCII"),  # RFC 3986: percent-encode it (caf%C3%A9)
+    ("https://app.example/\u200bcb", "must be ASCII"),  # zero-width space
+    ("claude://\u0430pp/cb", "A-label"),
+    ("https://%D0%B0pp.example/cb", "host must be a DNS name"),  # a browser decodes it to the look-alike
+    ("https://app.example\\.evil.example/cb", "RFC 3986"),  # a browser reads \ as /
+    ("https://app.example/cb?x=%zz", "RFC 3986"),
+])
+def test_register_refuses_redirect_uris_that_are_not_ascii_rfc3986_uris(gw, http, uri, problem):
+    """A redirect URI is an RFC 3986 URI: ASCII, hosts as IDNA A-labels. The answer names
+    the problem and which URI, in RFC 6749's error_description charset, without echoing it."""
+    before = client_rows(gw)
+    response = register(http, {"redirect_uris": [REDIRECT, uri], "token_endpoint_auth_method": "none"})
+    assert error_of(response) == "invalid_redirect_uri"
+    description = response.json()["error_description"]
+    assert description.startswith("redirect_uris[1]: ") and problem in description, description
+    assert re.fullmatch(r"[\x20\x21\x23-\x5b\x5d-\x7e]+", description) and "pp.example/cb" not in description
+    assert client_rows(gw) == before
+
+
+def test_register_accepts_the_a_label_and_percent_encoded_form(http):
+    uris = ["https://xn--pp-6kc.example/cb", "https://app.example/caf%C3%A9?q=%E2%80%AE"]
+    response = register(http, {"redirect_uris": uris, "token_endpoint_auth_method": "none"})
+    assert response.status_code == 201, response.text
+    assert response.json()["redirect_uris"] == uris
+
+
+@pytest.mark.parametrize("path", ["/token", "/revoke"])
+@pytest.mark.parametrize("name, shown", [
+    ("\x1f", "a parameter is repeated"),
+    ('"\\\u00e9\u202e', "a parameter is repeated"),
+    ("client_id", "the parameter client_id is repeated"),
+])
+def test_repeated_parameter_errors_never_echo_unsafe_names(http, path, name, shown):
+    """RFC 6749 §5.2: error_description is printable ASCII without '"' and '\\'; a plain
+    parameter name is still named."""
+    response = http.post(path, content=urlencode([(name, "x"), (name, "x")]),
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert error_of(response) == "invalid_request"
+    assert response.json()["error_description"] == shown
+
+
+def test_error_description_rendering_replaces_what_rfc_6749_forbids():
+    from handlers.base import error_description
+
+    assert error_description('say "hi" \\ \x1f caf\u00e9 \u202e', "invalid_request") == "say ?hi? ? ? caf? ?"
+    assert error_description("plain text: ok!", "x") == "plain text: ok!"
+    assert error_description("", "invalid_request") == "invalid request"
 
 
 @pytest.mark.parametrize("content, content_type", [

@@ -26,7 +26,7 @@ import pytest
 
 from config import Config
 from services import build_services
-from storage.base import UsageEvent
+from storage.base import Client, UsageEvent
 from tests.support.browser import ScriptedBrowser
 from tests.support.gateway import GatewayProcess
 
@@ -439,14 +439,22 @@ def test_consent_names_the_real_redirect_host_whatever_the_client_calls_itself(g
     assert "com.example.app:" in page.text and "installed on your device" in page.text
 
 
-@pytest.mark.xfail(strict=True, reason="the consent page shows a look-alike (IDN) redirect host as Unicode "
-                   "('\u0430pp.example' with a Cyrillic a), so it reads as app.example; it should show what the "
-                   "browser will show (punycode xn--pp-8cd.example) or the registration should refuse it")
 def test_consent_shows_a_look_alike_redirect_host_as_punycode(gw):
+    """A look-alike (IDN) redirect host ('\u0430pp.example', a Cyrillic a) is refused at
+    registration, naming the A-label to use; a client that holds one from before that rule
+    gets a consent page showing what the browser will go to, xn--pp-6kc.example (the A-label
+    of '\u0430pp.example'), never the Unicode that reads as app.example."""
     uri = "https://\u0430pp.example/cb"
-    client_id = _register(gw, "Look-alike", [uri])
+    refused = httpx.post(gw.url + "/register", json={"client_name": "Look-alike", "redirect_uris": [uri],
+                                                     "token_endpoint_auth_method": "none"}, trust_env=False)
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_redirect_uri", refused.text
+    assert "xn--pp-6kc.example" in refused.json()["error_description"] and refused.text.isascii()
+    client_id = "mcp_legacy_" + secrets.token_hex(8)
+    run_services(gw, lambda s: s.storage.create_client(Client(client_id=client_id, client_name="Look-alike",
+                                                              redirect_uris=(uri,), created_at=time.time())))
     page = asyncio.run(_consent_page(gw, client_id, uri))
-    assert "\u0430pp.example" not in page.text and "xn--pp-8cd.example" in page.text
+    assert page.status == 200 and page.url.startswith(gw.url + "/authorize/consent"), page.text[:300]
+    assert "\u0430pp.example" not in page.text and "<strong>xn--pp-6kc.example</strong>" in page.text
 
 
 # ----------------------------------------------------------------- another owner's server
