@@ -7,13 +7,16 @@ and when a token names a kid this process has not seen yet (a rotation elsewhere
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
@@ -28,7 +31,10 @@ log = logging.getLogger("gateway.keys")
 
 KEY_BITS = 2048
 REFRESH_INTERVAL = 60.0  # how stale this process's view of the key set may get
-UNKNOWN_KID_RETRY = 5.0  # at most one storage read per this many seconds for unknown kids
+UNKNOWN_KID_RETRY = 5.0  # a kid storage did not know is not looked up again for this long
+UNKNOWN_KID_MEMORY = 1024  # how many such kids are remembered (oldest forgotten first)
+MISS_READ_GAP = 0.5  # reads of the key set for unknown kids: one at a time, this far apart
+KID_RE = re.compile(r"^[A-Za-z0-9_-]{16}$")  # secrets.token_urlsafe(12): the kids this gateway makes
 
 
 def derive_key(master: bytes, purpose: str, length: int = 32) -> bytes:
@@ -87,10 +93,14 @@ class KeyRing:
         self._keys: dict[str, _LoadedKey] = {}
         self._active: _LoadedKey | None = None
         self._loaded_at = 0.0
-        self._last_miss_reload = 0.0
+        self._fresh_since = float("-inf")  # start of the newest completed read of the key set
+        self._missed: OrderedDict[str, float] = OrderedDict()  # unknown kid -> when storage said so
+        self._miss_read: asyncio.Future | None = None
+        self._miss_read_at = float("-inf")
 
     async def load(self) -> None:
         """Read the key set; create the first key when there is none (race-safe)."""
+        started = time.monotonic()
         records = await self._storage.list_signing_keys()
         if not any(k.status == "active" for k in records):
             await self._storage.add_signing_key(self._new_key(), only_if_none_active=True)
@@ -103,6 +113,7 @@ class KeyRing:
             elif record.status != "retired":
                 live.append(record)
         self._install(live)
+        self._fresh_since = max(self._fresh_since, started)
 
     def _install(self, records: list[SigningKey]) -> None:
         keys: dict[str, _LoadedKey] = {}
@@ -158,15 +169,48 @@ class KeyRing:
             await self.load()
 
     async def ensure_kid(self, kid: str) -> bool:
-        """True when `kid` is known, reloading once in a while for kids minted elsewhere."""
+        """True when `kid` is known, reading the key set again for a kid minted elsewhere
+        (a rotation on another instance).
+
+        Only kids of the gateway's own format are looked up, and a miss is remembered per
+        kid (UNKNOWN_KID_RETRY, at most UNKNOWN_KID_MEMORY kids): one caller sending made-up
+        kids never delays the lookup of a real new one. The reads themselves are shared
+        and spaced (_read_after), so a flood of distinct made-up kids costs storage at
+        most one read per MISS_READ_GAP and slows down only the flood's own requests."""
         if kid in self._keys:
             return True
-        now = time.monotonic()
-        if now - self._last_miss_reload < UNKNOWN_KID_RETRY:
+        if not KID_RE.match(kid):
             return False
-        self._last_miss_reload = now
-        await self.load()
-        return kid in self._keys
+        asked = time.monotonic()
+        missed = self._missed.get(kid)
+        if missed is not None and asked - missed < UNKNOWN_KID_RETRY:
+            return False
+        await self._read_after(asked)
+        if kid in self._keys:
+            self._missed.pop(kid, None)
+            return True
+        self._missed[kid] = time.monotonic()
+        self._missed.move_to_end(kid)
+        while len(self._missed) > UNKNOWN_KID_MEMORY:
+            self._missed.popitem(last=False)
+        return False
+
+    async def _read_after(self, asked: float) -> None:
+        """Return once a read of the key set that started at or after `asked` completed
+        (its failure, a storage error, is raised to every waiter). Such reads run one at
+        a time, at least MISS_READ_GAP apart; the timer's and rotate's reads count too."""
+        while self._fresh_since < asked:
+            read = self._miss_read
+            if read is None or read.done():
+                wait = self._miss_read_at + MISS_READ_GAP - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+                self._miss_read_at = time.monotonic()
+                read = self._miss_read = asyncio.ensure_future(self.load())
+                # Retrieved even when every waiter went away (a client hung up).
+                read.add_done_callback(lambda done: done.cancelled() or done.exception())
+            await asyncio.shield(read)
 
     def jwks(self) -> dict:
         return {"keys": [k.record.public_jwk for k in self._keys.values()]}

@@ -476,6 +476,67 @@ async def test_a_retired_key_leaves_the_jwks_and_its_tokens_stop_verifying(tmp_p
             await s.tokens.verify_access_token(old_token)
 
 
+def counting_key_reads(services) -> list[float]:
+    """Every read of the signing-key set by this instance's storage, as it happens."""
+    reads: list[float] = []
+    original = services.storage.list_signing_keys
+
+    async def counted():
+        reads.append(time.monotonic())
+        return await original()
+
+    services.storage.list_signing_keys = counted
+    return reads
+
+
+def with_kid(s, kid: str) -> str:
+    """A token signed by the active key whose header names `kid`."""
+    return jwt.encode(base_claims(s), s.keyring._active.private_key, algorithm="RS256",
+                      headers={"kid": kid, "typ": "at+jwt"})
+
+
+@run
+async def test_made_up_kids_do_not_delay_a_rotation_made_elsewhere(tmp_path):
+    """Someone sends tokens with unknown kids of the gateway's own format all the time:
+    the instance still learns a kid rotated in on another instance on first sight."""
+    async with world(tmp_path) as s, instance(tmp_path) as other:
+        for _ in range(3):
+            with pytest.raises(InvalidToken):
+                await other.tokens.verify_access_token(with_kid(s, secrets.token_urlsafe(12)))
+        await s.keyring.rotate()
+        await other.tokens.verify_access_token(s.keyring.sign(base_claims(s)))
+
+
+@run
+async def test_kids_not_of_the_gateways_format_never_reach_storage(tmp_path):
+    async with world(tmp_path) as s:
+        reads = counting_key_reads(s)
+        for kid in ("unknown-kid", "", "../../etc/passwd", "k" * 4000, "a" * 15, "a" * 17, "a+b/c=d" * 2 + "xx"):
+            with pytest.raises(InvalidToken):
+                await s.tokens.verify_access_token(with_kid(s, kid))
+        assert reads == []
+
+
+@run
+async def test_an_unknown_kid_is_looked_up_once_and_a_flood_of_them_shares_spaced_reads(tmp_path):
+    async with world(tmp_path) as s:
+        reads = counting_key_reads(s)
+        repeated = with_kid(s, secrets.token_urlsafe(12))
+        for _ in range(5):
+            with pytest.raises(InvalidToken):
+                await s.tokens.verify_access_token(repeated)
+        assert len(reads) == 1  # the miss is remembered for this kid
+        reads.clear()
+        started = time.monotonic()
+        flood = [s.tokens.verify_access_token(with_kid(s, secrets.token_urlsafe(12))) for _ in range(50)]
+        results = await asyncio.gather(*flood, return_exceptions=True)
+        assert all(isinstance(r, InvalidToken) for r in results)
+        assert 1 <= len(reads) <= 3, reads  # shared: not one read per made-up kid
+        assert all(b - a >= 0.45 for a, b in zip(reads, reads[1:], strict=False)), reads
+        assert time.monotonic() - started < 3
+        assert (await s.tokens.verify_access_token(s.keyring.sign(base_claims(s))))["sub"] == ALICE.sub
+
+
 @run
 async def test_racing_first_starts_create_exactly_one_active_key(tmp_path):
     configs = [make_config(tmp_path) for _ in range(4)]

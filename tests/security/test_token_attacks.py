@@ -389,12 +389,8 @@ def test_a_retiring_keys_kid_on_a_token_signed_by_the_new_key_is_refused(rig):
     rig.gw.cli("keys", "rotate")
     new_kid, new_key = asyncio.run(_gateway_key(rig.gw))
     assert new_kid != old_kid
-    # The gateway looks an unknown kid up at most once per 5 s (the tests above sent
-    # unknown kids), so the new one may take that long to be found.
-    deadline = time.monotonic() + 8
-    while send(rig, rig.sign(key=new_key, kid=new_kid), rpc("ping")).status_code == 401:
-        assert time.monotonic() < deadline, "the gateway never found the new kid"
-        time.sleep(0.5)
+    # The gateway looks a new kid of its own format up on first sight, whatever unknown
+    # kids the tests above sent (misses are remembered per kid, not for everyone).
     accepted(rig, rig.sign(key=new_key, kid=new_kid))
     accepted(rig, rig.sign(key=old_key, kid=old_kid))  # the retiring one still verifies
     refused(rig, rig.sign(key=new_key, kid=old_kid))
