@@ -160,7 +160,9 @@ async def run_admin(args, services: Services) -> None:
             emit(args, [f"updated {server.server_id}"], view)
         elif args.action == "test":
             server = await registry.get(args.server_id)
-            result = await McpProbe(services.upstream).probe(server.upstream_url, registry.upstream_headers(server))
+            result = await McpProbe(services.upstream).probe(
+                server.upstream_url, registry.upstream_headers(server), public_only=not server.internal_upstream
+            )
             lines = ([f"ok: {result.server_name} {result.server_version} ({result.era})",
                       "tools: " + ", ".join(result.tools)] if result.ok else [f"failed: {result.error}"])
             emit(args, lines, result.as_dict())

@@ -26,7 +26,13 @@ from services.tokens import (
     principal_from_claims,
     scope_allows,
 )
-from services.upstream import UpstreamError, UpstreamStreamError, UpstreamTimeout, hop_by_hop_names
+from services.upstream import (
+    UpstreamError,
+    UpstreamRefused,
+    UpstreamStreamError,
+    UpstreamTimeout,
+    hop_by_hop_names,
+)
 from storage.base import StorageError, StorageUnavailable, UsageEvent
 
 log = logging.getLogger("gateway.proxy")
@@ -239,6 +245,9 @@ class McpProxyHandler(BaseHandler):
                 server.upstream_url,
                 self.upstream_headers(server, claims, session),
                 self.request.body if method == "POST" else None,
+                # Not approved for internal upstreams: public addresses only, at every
+                # connection (a name re-pointed inward after registration is refused).
+                public_only=not server.internal_upstream,
             )
         )
         try:
@@ -251,6 +260,15 @@ class McpProxyHandler(BaseHandler):
             services.metrics.inc("upstream_errors_total", kind="timeout")
             self.jsonrpc_error(504, -32603, "the upstream MCP server did not answer in time", message and message.id)
             self.record(claims, server_id, message, "504", started)
+            return
+        except UpstreamRefused as exc:
+            services.metrics.inc("upstream_errors_total", kind="refused")
+            log.warning("upstream %s refused by the address policy: %s", server_id, exc)
+            self.jsonrpc_error(
+                502, -32603, "the gateway's address policy refuses the upstream MCP server's address",
+                message and message.id,
+            )
+            self.record(claims, server_id, message, "502", started)
             return
         except UpstreamError as exc:
             services.metrics.inc("upstream_errors_total", kind="unreachable")
@@ -322,7 +340,8 @@ class McpProxyHandler(BaseHandler):
         headers = [*self.upstream_headers(server, claims, None), ("Mcp-Session-Id", upstream_session)]
         try:
             response = await self.services.upstream.request(
-                "DELETE", server.upstream_url, headers, None, header_timeout=END_SESSION_TIMEOUT
+                "DELETE", server.upstream_url, headers, None, header_timeout=END_SESSION_TIMEOUT,
+                public_only=not server.internal_upstream,
             )
         except UpstreamError as exc:
             log.warning("could not end the session at upstream %s: %s", server.server_id, exc)

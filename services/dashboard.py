@@ -100,6 +100,7 @@ class ServerView:
                 upstream_url=s.upstream_url,
                 upstream_headers=self.header_names,
                 forward_identity=s.forward_identity,
+                internal_upstream=s.internal_upstream,
                 owner_email=s.owner_email,
                 created_at=s.created_at,
             )
@@ -310,7 +311,9 @@ class Dashboard:
             if "upstream_url" not in errors and url != current_url:
                 probe_headers = parsed or existing_headers or {}
                 try:
-                    await self._probe.check_reachable(url, probe_headers)
+                    # As the proxy will connect for this server: public addresses only
+                    # unless an administrator chooses the URL.
+                    await self._probe.check_reachable(url, probe_headers, public_only=not actor.is_admin)
                 except UpstreamRefused as exc:
                     errors["upstream_url"] = f"Refused by the gateway's address guard (SSRF protection): {exc}"
                 except (UpstreamTimeout, TimeoutError):
@@ -332,7 +335,9 @@ class Dashboard:
 
     async def test_connection(self, actor: Actor, server_id: str) -> ProbeResult:
         server = await self._managed(actor, server_id)
-        return await self._probe.probe(server.upstream_url, self._servers.upstream_headers(server))
+        return await self._probe.probe(
+            server.upstream_url, self._servers.upstream_headers(server), public_only=not server.internal_upstream
+        )
 
     # -------------------------------------------------------------- sharing
 

@@ -55,13 +55,31 @@ class RpcError(ProbeFailed):
         self.status = status
 
 
-class McpProbe:
+class _PublicOnly:
+    """The shared upstream client for a server no administrator approved for internal
+    upstreams: every request reaches public addresses only (see UpstreamClient.request)."""
+
     def __init__(self, upstream: UpstreamClient):
         self._upstream = upstream
 
-    async def check_reachable(self, url: str, headers: dict[str, str]) -> None:
+    def request(self, *args, **kwargs):
+        kwargs["public_only"] = True
+        return self._upstream.request(*args, **kwargs)
+
+
+class McpProbe:
+    """`public_only` (check_reachable, probe): the server is not approved for internal
+    upstreams (`not Server.internal_upstream`, or a URL someone other than an administrator
+    is registering), so the probe connects as the proxy would for it."""
+
+    def __init__(self, upstream: UpstreamClient | _PublicOnly):
+        self._upstream = upstream
+
+    async def check_reachable(self, url: str, headers: dict[str, str], *, public_only: bool = False) -> None:
         """Raise UpstreamRefused (SSRF guard, bad URL) or UpstreamError (DNS, connection,
         timeout) unless something answers HTTP at `url`; any status counts as reachable."""
+        if public_only:
+            return await McpProbe(_PublicOnly(self._upstream)).check_reachable(url, headers)
         response = await asyncio.wait_for(
             self._upstream.request(
                 "POST", url, self._headers(headers, MODERN, "server/discover"),
@@ -71,7 +89,9 @@ class McpProbe:
         )
         response.close()
 
-    async def probe(self, url: str, headers: dict[str, str]) -> ProbeResult:
+    async def probe(self, url: str, headers: dict[str, str], *, public_only: bool = False) -> ProbeResult:
+        if public_only:
+            return await McpProbe(_PublicOnly(self._upstream)).probe(url, headers)
         result = ProbeResult(ok=False)
         try:
             await asyncio.wait_for(self._probe(url, headers, result), TOTAL_TIMEOUT)

@@ -104,7 +104,8 @@ class ServerRegistry:
     ) -> Server:
         """Register a server. `internal_allowed`: the caller is the operator (CLI) or an
         administrator, who may point it at allow-listed internal addresses; anyone else
-        gets public addresses only (see check_upstream_address)."""
+        gets public addresses only (see check_upstream_address), now and at every later
+        connection (recorded as `Server.internal_upstream`)."""
         name = check_name(name)
         if server_id is None:
             server_id = "srv_" + secrets.token_urlsafe(9).replace("-", "x").replace("_", "y")
@@ -123,6 +124,7 @@ class ServerRegistry:
             upstream_headers_enc=self.seal_headers(server_id, parsed) if parsed else "",
             forward_identity=forward_identity,
             created_at=time.time(),
+            internal_upstream=internal_allowed,
         )
         try:
             await self._storage.create_server(server)
@@ -142,7 +144,12 @@ class ServerRegistry:
     ) -> Server:
         """Change what is given; `headers` (when not None) replaces every upstream header.
         A new upstream URL passes the same address check as `add`; an unchanged one is
-        not checked again (an owner may rename a server the operator pointed inward)."""
+        not checked again (an owner may rename a server the operator pointed inward).
+
+        `internal_upstream` follows whoever last chose the URL: an `internal_allowed`
+        caller (administrator, CLI) giving the URL, changed or not, sets it (approves the
+        server for internal addresses); anyone else giving a different URL clears it (the
+        proxy then reaches public addresses only). Edits that keep the URL keep the flag."""
         server = await self.get(server_id)
         changes: dict = {}
         if name is not None:
@@ -151,6 +158,9 @@ class ServerRegistry:
             upstream_url = check_upstream_url(upstream_url)
             if upstream_url != server.upstream_url:
                 await self.check_upstream_address(upstream_url, internal_allowed=internal_allowed)
+                changes["internal_upstream"] = internal_allowed
+            elif internal_allowed:
+                changes["internal_upstream"] = True
             changes["upstream_url"] = upstream_url
         if headers is not None:
             parsed = dict(parse_header(h) for h in headers)
@@ -174,8 +184,9 @@ class ServerRegistry:
         read internal services through the proxy.
 
         Host names are resolved now, without blocking the loop; the proxy resolves and
-        checks again at every connection (a name that later points inward is refused there
-        unless the allow-list covers it). A name that does not resolve is accepted from
+        checks again at every connection, with the same rule (`Server.internal_upstream`):
+        a name of someone else's server that later points inward (DNS rebinding) is
+        refused there even when the allow-list covers the address. A name that does not resolve is accepted from
         the operator (the proxy decides once it does) and refused from anyone else (it
         cannot be shown to be public).
         """

@@ -24,6 +24,7 @@ Three things live here, all async on Tornado's (asyncio) loop, none blocking it:
 
     client = UpstreamClient(policy, max_per_origin=64, connect_timeout=10, header_timeout=60)
     resp = await client.request(method, url, headers, body)  # returns once headers arrived
+    resp = await client.request(..., public_only=True)       # public addresses only, allow-list or not
     resp.status, resp.reason, resp.headers                  # ResponseHeaders (case-insensitive)
     async for chunk in resp.iter_chunks(): ...               # body bytes as they arrive
     chunk = await resp.read_chunk()                          # same, b"" at the end
@@ -608,8 +609,9 @@ class UpstreamClient:
         # The StreamReader's limit caps a header block and a chunk-size line, and sets
         # its flow control: past twice this many unread bytes it stops reading the socket.
         self._stream_limit = max(max_header_size, _READ_SIZE)
-        self._dns: dict[str, tuple[float, tuple[str, ...]]] = {}
-        self._dns_inflight: dict[tuple[str, int], asyncio.Task[tuple[str, ...]]] = {}
+        # host -> (expiry, permitted addresses, the public ones among them)
+        self._dns: dict[str, tuple[float, tuple[str, ...], tuple[str, ...]]] = {}
+        self._dns_inflight: dict[tuple[str, int], asyncio.Task[tuple[tuple[str, ...], tuple[str, ...]]]] = {}
         # Weak: a response its consumer dropped must stay collectable (its __del__ closes it).
         self._active: weakref.WeakSet[UpstreamResponse] = weakref.WeakSet()
         self._closed = False
@@ -624,12 +626,18 @@ class UpstreamClient:
         body: bytes | None = None,
         *,
         header_timeout: float | None = None,
+        public_only: bool = False,
     ) -> UpstreamResponse:
         """Send one request and return once the response headers arrived.
 
         The caller must read the body to its end (b"" from `read_chunk`) or `close()` the
         response; ``async with`` does the latter. Hop-by-hop headers, ``Host`` and
         ``Content-Length`` in `headers` are replaced by the client's own.
+
+        `public_only`: connect to public unicast addresses only, whatever the allow-list
+        says (a server no administrator approved for internal upstreams): a name that now
+        resolves only inward raises `UpstreamRefused`; of a name resolving both ways only
+        the public addresses are used, pooled connections included.
         """
         if self._closed:
             raise UpstreamUnreachable("upstream client is closed")
@@ -639,7 +647,11 @@ class UpstreamClient:
             raise ValueError(f"invalid HTTP method {method!r}")
         payload = _serialize_request(method, target, headers, body)
         self.stats.requests += 1
-        addresses = await self._resolve(target.host, target.port)
+        addresses, public = await self._resolve(target.host, target.port)
+        if public_only and public is not addresses:
+            if not public:
+                raise UpstreamRefused(_public_only_refusal(target.host, addresses))
+            addresses = public
         timeout = self.header_timeout if header_timeout is None else header_timeout
         retried = False
         while True:
@@ -678,10 +690,12 @@ class UpstreamClient:
 
     # ----------------------------------------------------------------- DNS
 
-    async def _resolve(self, host: str, port: int) -> tuple[str, ...]:
+    async def _resolve(self, host: str, port: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(addresses the policy permits, the public ones among them: the same tuple
+        object when all are public, so the public-only check costs nothing then)."""
         cached = self._dns.get(host)
         if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
+            return cached[1], cached[2]
         key = (host, port)
         lookup = self._dns_inflight.get(key)
         if lookup is None:
@@ -692,12 +706,14 @@ class UpstreamClient:
             lookup.add_done_callback(functools.partial(self._lookup_done, key))
         return await asyncio.shield(lookup)
 
-    def _lookup_done(self, key: tuple[str, int], lookup: asyncio.Task[tuple[str, ...]]) -> None:
+    def _lookup_done(
+        self, key: tuple[str, int], lookup: asyncio.Task[tuple[tuple[str, ...], tuple[str, ...]]]
+    ) -> None:
         self._dns_inflight.pop(key, None)
         if not lookup.cancelled():
             lookup.exception()  # retrieved: the callers that still wait get it re-raised
 
-    async def _lookup(self, host: str, port: int) -> tuple[str, ...]:
+    async def _lookup(self, host: str, port: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 addresses = await self.policy.resolve(host, port)
@@ -706,8 +722,11 @@ class UpstreamClient:
                 f"DNS lookup of upstream host {host!r} timed out after {self.connect_timeout:g}s"
             ) from None
         is_literal = addresses == (host,)  # never changes: no expiry
-        self._dns[host] = (float("inf") if is_literal else time.monotonic() + self.dns_ttl, addresses)
-        return addresses
+        public = tuple(a for a in addresses if _refusal_reason(ipaddress.ip_address(a)) is None)
+        if len(public) == len(addresses):
+            public = addresses
+        self._dns[host] = (float("inf") if is_literal else time.monotonic() + self.dns_ttl, addresses, public)
+        return addresses, public
 
     # ----------------------------------------------------------------- pool
 
@@ -789,6 +808,16 @@ class UpstreamClient:
         # asyncio keeps reading idle sockets, so an upstream's FIN shows up as at_eof()
         # by the time the connection is checked out again.
         queue.append((reader, writer, now))
+
+
+def _public_only_refusal(host: str, addresses: tuple[str, ...]) -> str:
+    reasons = "; ".join(f"{a} is {_refusal_reason(ipaddress.ip_address(a))}" for a in addresses)
+    via = "" if addresses == (host,) else f" ({host} resolves there)"
+    return (
+        f"upstream address {reasons}{via}: refused by the address policy for this server, which may reach "
+        "public addresses only (internal upstreams allowed by MCPGW_UPSTREAM_ALLOW are for servers an "
+        "administrator or the CLI registered or last pointed there)"
+    )
 
 
 class _EarlyClose(Exception):

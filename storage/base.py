@@ -13,8 +13,10 @@ stored as hashes, private material as ciphertext made by `services.keys.SecretBo
 from __future__ import annotations
 
 import abc
+import ipaddress
 import math
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 
 class StorageError(Exception):
@@ -76,6 +78,42 @@ class Server:
     upstream_headers_enc: str = ""  # SecretBox ciphertext of a JSON object of headers
     forward_identity: bool = False
     created_at: float = 0.0
+    # An administrator or the operator's CLI chose this upstream URL: the proxy may reach
+    # it at an internal (allow-listed, non-public) address. False: public addresses only,
+    # checked at every connection, so a name re-pointed inward later (DNS rebinding) is
+    # refused. Set and cleared by ServerRegistry.add/update, never by the owner.
+    internal_upstream: bool = False
+
+
+# Host suffixes that no outside party's DNS answers for: loopback names, mDNS, and names
+# reserved for private networks (RFC 6761, RFC 6762, RFC 8375, ICANN's .internal) and
+# their common private-use cousins.
+_PRIVATE_NAME_SUFFIXES = (".localhost", ".local", ".internal", ".home.arpa", ".lan", ".localdomain",
+                          ".intranet", ".corp", ".private")
+
+
+def legacy_internal_upstream(url: str) -> bool:
+    """`Server.internal_upstream` for a record stored before the flag existed (the SQLite
+    migration and DynamoDB items without the attribute): True when the URL points at an
+    internal place without asking public DNS, i.e. a non-public IP literal, `localhost`,
+    a single-label name (a compose service, /etc/hosts) or a private-use suffix. Such a
+    server was accepted under the old rules and keeps working; nobody outside can re-point
+    those names. Any other name gets False (public addresses only), which cannot be
+    rebound inward; an operator re-approves one that must reach inward with
+    `servers edit ID --upstream URL`."""
+    try:
+        host = (urlsplit(url).hostname or "").rstrip(".").lower()
+    except ValueError:
+        return False
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return "." not in host or host.endswith(_PRIVATE_NAME_SUFFIXES)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_global or address.is_multicast
 
 
 @dataclass(frozen=True)

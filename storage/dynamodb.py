@@ -65,7 +65,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from itertools import count
@@ -95,6 +95,7 @@ from .base import (
     UsageRollup,
     User,
     latency_bucket,
+    legacy_internal_upstream,
 )
 
 __all__ = ["DynamoDBStorage"]
@@ -201,9 +202,20 @@ def _decode(attribute: dict, hint: Any) -> Any:
     return json.loads(attribute["S"])
 
 
+class _ServerCodec(_Codec):
+    """Servers written before `internal_upstream` existed have no such attribute: they get
+    what the SQLite migration gives old rows (storage.base.legacy_internal_upstream)."""
+
+    def decode(self, item: dict[str, dict]) -> Any:
+        server = super().decode(item)
+        if "internal_upstream" not in item and legacy_internal_upstream(server.upstream_url):
+            server = replace(server, internal_upstream=True)
+        return server
+
+
 USERS = _Codec(User)
 CLIENTS = _Codec(Client)
-SERVERS = _Codec(Server)
+SERVERS = _ServerCodec(Server)
 GRANTS = _Codec(Grant)
 PENDING = _Codec(Pending)
 CODES = _Codec(AuthCode)

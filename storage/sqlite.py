@@ -49,6 +49,7 @@ from .base import (
     User,
     latency_bucket,
     latency_bucket_bounds,
+    legacy_internal_upstream,
 )
 
 __all__ = ["MIGRATIONS", "SqliteStorage"]
@@ -320,6 +321,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             FROM (SELECT *, {_BUCKET_SQL} AS bucket FROM usage_events
                   WHERE at >= strftime('%s', 'now') - {HOURLY_KEPT_SECONDS})
             GROUP BY 1, 2, 3, 4""",
+    ),
+    # 4: who may reach internal upstreams is recorded per server (Server.internal_upstream).
+    # Servers from before keep working when their URL plainly points inward (the operator
+    # registered them under the old rules); see storage.base.legacy_internal_upstream.
+    (
+        "ALTER TABLE servers ADD COLUMN internal_upstream INTEGER NOT NULL DEFAULT 0",
+        "UPDATE servers SET internal_upstream = 1 WHERE legacy_internal_upstream(upstream_url)",
     ),
 )
 
@@ -609,6 +617,7 @@ class SqliteStorage(Storage):
             return
         # Under IMMEDIATE, a second process opening a fresh file waits here and then
         # finds the schema already at the latest version.
+        conn.create_function("legacy_internal_upstream", 1, legacy_internal_upstream, deterministic=True)
         with _transaction(conn):
             version = self._schema_version(conn)
             for script in MIGRATIONS[version:]:

@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +394,91 @@ def test_bind_owner_binds_only_unbound_servers_of_that_email(storage: Storage) -
         assert await s.bind_owner("o@x.org", "u-intruder") == 0
         owners = {x.server_id: x.owner_sub for x in await s.list_servers()}
         assert owners == {"srv_1": "u-o", "srv_2": "u-o", "srv_3": "someone-else", "srv_4": ""}
+
+    run(scenario, storage)
+
+
+def test_server_internal_upstream_flag_round_trips(storage: Storage) -> None:
+    """Server.internal_upstream (an administrator or the CLI approved internal targets) is
+    stored, read back by every lookup, changed by update_server and kept by bind_owner."""
+
+    async def scenario(s: Storage) -> None:
+        approved = replace(server("srv_in", owner_email="o@x.org"), internal_upstream=True)
+        await s.create_server(approved)
+        await s.create_server(server("srv_out", owner_email="o@x.org"))
+        assert (await s.get_server("srv_in")).internal_upstream is True
+        assert (await s.get_server("srv_out")).internal_upstream is False
+        assert {x.server_id: x.internal_upstream for x in await s.list_servers()} == {
+            "srv_in": True, "srv_out": False}
+        assert await s.bind_owner("o@x.org", "u-o") == 2
+        assert {x.server_id: x.internal_upstream for x in await s.servers_owned_by("u-o")} == {
+            "srv_in": True, "srv_out": False}
+        await s.update_server(replace(await s.get_server("srv_in"), internal_upstream=False))
+        await s.update_server(replace(await s.get_server("srv_out"), internal_upstream=True))
+        assert (await s.get_server("srv_in")).internal_upstream is False
+        assert (await s.get_server("srv_out")).internal_upstream is True
+
+    run(scenario, storage)
+
+
+# URL -> the flag a server stored before the flag existed gets (legacy_internal_upstream).
+LEGACY_URLS = {
+    "http://127.0.0.1:9000/mcp": True,
+    "http://localhost:9000/mcp": True,
+    "http://mcp:8000/mcp": True,  # a compose service
+    "https://tools.internal/mcp": True,
+    "http://10.1.2.3/mcp": True,
+    "http://[::1]:9000/mcp": True,
+    "http://[::ffff:10.0.0.1]/mcp": True,
+    "http://169.254.169.254/latest": True,  # non-public: the proxy's own guard still decides
+    "https://mcp.example.com/mcp": False,  # a public name: could be re-pointed inward
+    "https://8.8.8.8/mcp": False,
+    "https://[2606:4700::1111]/mcp": False,
+}
+
+
+def test_sqlite_migration_4_approves_old_servers_whose_url_points_inward(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    with sqlite3.connect(path) as conn:
+        for migration in MIGRATIONS[:3]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 3")
+        for number, url in enumerate(LEGACY_URLS):
+            conn.execute("INSERT INTO servers VALUES (?, 'old', ?, '', 'o@x.org', '', 0, ?)",
+                         (f"srv_{number}", url, T0 + number))
+
+    async def scenario(s: Storage) -> None:
+        found = {x.upstream_url: x.internal_upstream for x in await s.list_servers()}
+        assert found == LEGACY_URLS
+        await s.create_server(server("srv_new"))  # new rows: the default, False
+        assert (await s.get_server("srv_new")).internal_upstream is False
+
+    run(scenario, SqliteStorage(str(path)))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_dynamodb_server_items_from_before_the_flag_get_the_migration_default(dynamodb_table: Any) -> None:
+    import boto3
+
+    endpoint, table = dynamodb_table
+    storage = DynamoDBStorage(table, "us-east-1", endpoint)
+
+    async def scenario(s: Storage) -> None:
+        for number, url in enumerate(LEGACY_URLS):
+            await s.create_server(replace(server(f"srv_{number}"), upstream_url=url, created_at=T0 + number,
+                                          internal_upstream=not LEGACY_URLS[url]))
+        db = boto3.client("dynamodb", region_name="us-east-1", endpoint_url=endpoint)
+        for number in range(len(LEGACY_URLS)):
+            # As an item written before the attribute existed.
+            db.update_item(TableName=table, Key={"PK": {"S": f"SERVER#srv_{number}"}, "SK": {"S": "SERVER"}},
+                           UpdateExpression="REMOVE internal_upstream")
+        assert {x.upstream_url: x.internal_upstream for x in await s.list_servers()} == LEGACY_URLS
+        assert (await s.get_server("srv_0")).internal_upstream is True
+        # Once written again the stored value counts, whatever the URL.
+        await s.update_server(replace(await s.get_server("srv_0"), internal_upstream=False))
+        assert (await s.get_server("srv_0")).internal_upstream is False
 
     run(scenario, storage)
 
