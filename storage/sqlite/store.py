@@ -24,7 +24,7 @@ from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar, get_origin, get_type_hints
 
-from .base import (
+from ..base import (
     LATENCY_BUCKETS,
     AuthCode,
     Client,

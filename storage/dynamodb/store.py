@@ -71,7 +71,7 @@ from decimal import Decimal
 from itertools import count
 from typing import Any, TypeVar, get_origin, get_type_hints
 
-from .base import (
+from ..base import (
     LATENCY_BUCKETS,
     AuthCode,
     Client,

@@ -1,0 +1,5 @@
+"""`Storage` on one DynamoDB table, for several gateway instances."""
+
+from .store import DynamoDBStorage
+
+__all__ = ["DynamoDBStorage"]
