@@ -58,6 +58,7 @@ class Config:
     upstream_timeout: int = 60  # seconds an upstream may take to send its response headers
     usage_retention_days: int = 90  # per-call usage history kept; daily aggregates stay
     max_connections: int = 0  # client connections at once; 0: derived from the descriptor limit
+    drain_timeout: int = 30  # seconds in-flight requests get to finish after SIGTERM
 
     def check_can_serve(self) -> None:
         """What serving needs beyond what the admin commands need."""
@@ -152,6 +153,7 @@ class Config:
             env, "MCPGW_USAGE_RETENTION_DAYS", cls.usage_retention_days, 1, 3650
         )
         values["max_connections"] = _int(env, "MCPGW_MAX_CONNECTIONS", cls.max_connections, 0, 10**7)
+        values["drain_timeout"] = _int(env, "MCPGW_DRAIN_TIMEOUT", cls.drain_timeout, 0, 3600)
 
         values.update(overrides)
         if not values.get("secret_key"):

@@ -231,6 +231,7 @@ async def serve(services: Services) -> None:
 
     from handlers import make_app
     from handlers.admission import AdmissionHTTPServer, connection_cap, descriptor_limit
+    from services.systemd import Notifier
 
     config = services.config
     # Before anything opens descriptors of its own: the cap on client connections follows
@@ -261,13 +262,29 @@ async def serve(services: Services) -> None:
         print("  sign-in:             LOCAL DEV SIGN-IN (loopback only, never in production)", flush=True)
     else:
         print(f"  sign-in:             {config.oidc_issuer}", flush=True)
+    # systemd (Type=notify): ready once the listener is bound; a heartbeat from the loop.
+    notifier = Notifier.from_env()
+    notifier.notify("READY=1", f"STATUS=listening on {config.listen_host}:{config.listen_port}")
+    notifier.start_watchdog()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():  # a second signal: the operator wants out now
+            log.warning("%s during the drain: exiting at once", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
-    server.stop()
+    # Drain: /readyz says 503 and idle SSE streams end at once, the listener closes, the
+    # requests in flight get MCPGW_DRAIN_TIMEOUT seconds, then queued usage is written.
+    services.draining.set()
+    notifier.notify("STOPPING=1", "STATUS=draining")
+    await server.drain(config.drain_timeout)
     await services.stop()
+    notifier.close()
 
 
 async def main_async(args) -> int:

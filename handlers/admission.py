@@ -23,8 +23,14 @@ wait in its backlog, so the loop spun at a full core logging a traceback per att
   `REPORT_INTERVAL` as one line with counts, plus a line when a quiet interval follows;
   the counters ``connections_refused_total`` and ``accept_paused_total`` go to /metrics.
 
-Cost: one ``len()`` of the server's connection set per accepted connection; nothing per
-request.
+- **Drain.** `drain(timeout)` (on SIGTERM, gateway.py): the listening sockets close, so
+  new connections are refused (a load balancer or client retries elsewhere, nothing sent);
+  idle keep-alive connections are closed; each request in flight is told to close its
+  connection once its response is complete (``Connection: close`` when its headers are
+  still to go) and gets up to `timeout` seconds; what is still running then is cut.
+
+Cost: one ``len()`` of the server's connection set per accepted connection; per request,
+a small delegate wrapper and a done-callback that track which connections are busy.
 
 It lives in ``handlers`` because it is the HTTP front of the gateway, Tornado-specific
 like the handlers it feeds, and holds no state the services share.
@@ -32,13 +38,17 @@ like the handlers it feeds, and holds no state the services share.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
 import resource
 import socket
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
 
@@ -109,6 +119,12 @@ class AdmissionHTTPServer(HTTPServer):
         self._refused = 0
         self._pauses = 0
         self._report_timer: object | None = None
+        # Drain: the request each busy connection serves (from its headers to the end of
+        # its response), and counts while draining.
+        self._busy: dict[object, httputil.HTTPConnection] = {}
+        self.draining = False
+        self._drain_done = 0
+        self._all_closed: asyncio.Event | None = None
 
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         # As TCPServer.add_sockets, with our accept loop: TCPServer.stop() calls the
@@ -122,6 +138,66 @@ class AdmissionHTTPServer(HTTPServer):
         if self._report_timer is not None:
             IOLoop.current().remove_timeout(self._report_timer)
             self._report_timer = None
+
+    # ---------------------------------------------------------------------- drain
+
+    def start_request(self, server_conn, request_conn) -> httputil.HTTPMessageDelegate:
+        return _Tracked(self, server_conn, request_conn, super().start_request(server_conn, request_conn))
+
+    def _request_started(self, server_conn, request_conn) -> None:
+        self._busy[server_conn] = request_conn
+        if self.draining:
+            _close_after_response(request_conn)
+        # Resolved by Tornado once the response is written and flushed, or the connection closed.
+        request_conn._finish_future.add_done_callback(lambda _: self._request_ended(server_conn, request_conn))
+
+    def _request_ended(self, server_conn, request_conn) -> None:
+        if self._busy.get(server_conn) is request_conn:
+            del self._busy[server_conn]
+            if self.draining:
+                self._drain_done += 1
+
+    def on_close(self, server_conn) -> None:
+        super().on_close(server_conn)
+        request_conn = self._busy.get(server_conn)
+        if request_conn is not None:
+            self._request_ended(server_conn, request_conn)
+        if self._all_closed is not None and not self._connections:
+            self._all_closed.set()
+
+    async def drain(self, timeout: float) -> DrainResult:
+        """Stop accepting, close idle connections, let the requests in flight finish for up
+        to `timeout` seconds, then cut what is left. Logs one line at the start and one at
+        the end."""
+        started = time.monotonic()
+        self.stop()  # the listening sockets close: new connections are refused
+        self.draining = True
+        self._drain_done = 0
+        self._all_closed = asyncio.Event()
+        in_flight = len(self._busy)
+        idle = 0
+        for server_conn in list(self._connections):
+            request_conn = self._busy.get(server_conn)
+            if request_conn is not None:
+                _close_after_response(request_conn)
+            elif not _has_input(server_conn):  # a request partly received is not idle
+                idle += 1
+                server_conn.stream.close()
+        log.info("draining: %d request(s) in flight, %d idle connection(s) closed; "
+                 "waiting up to %g s (MCPGW_DRAIN_TIMEOUT)", in_flight, idle, timeout)
+        if self._connections:
+            try:
+                await asyncio.wait_for(self._all_closed.wait(), timeout)
+            except TimeoutError:
+                pass
+        cut = len(self._busy)
+        for server_conn in list(self._connections):
+            server_conn.stream.close()
+        await asyncio.sleep(0)  # the cut requests' handlers see their connections close
+        result = DrainResult(in_flight, self._drain_done, cut, time.monotonic() - started)
+        log.info("drained in %.1f s: %d request(s) completed, %d cut at the %g s limit",
+                 result.seconds, result.completed, result.cut, timeout)
+        return result
 
     # -------------------------------------------------------------- per connection
 
@@ -167,6 +243,52 @@ class AdmissionHTTPServer(HTTPServer):
             log.warning("out of file descriptors: accepting paused %d times in the last %.0f s (%d connections)",
                         self._pauses, REPORT_INTERVAL, len(self._connections))
         self._arm_report()
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    in_flight: int  # requests under way when the drain began
+    completed: int  # requests that finished during the drain (including ones begun in it)
+    cut: int  # requests still running at the timeout, their connections closed
+    seconds: float
+
+
+class _Tracked(httputil.HTTPMessageDelegate):
+    """The application's delegate for one request, noting when its headers arrive."""
+
+    __slots__ = ("_server", "_server_conn", "_request_conn", "_inner")
+
+    def __init__(self, server: AdmissionHTTPServer, server_conn, request_conn, inner) -> None:
+        self._server = server
+        self._server_conn = server_conn
+        self._request_conn = request_conn
+        self._inner = inner
+
+    def headers_received(self, start_line, headers):
+        self._server._request_started(self._server_conn, self._request_conn)
+        return self._inner.headers_received(start_line, headers)
+
+    def data_received(self, chunk):
+        return self._inner.data_received(chunk)
+
+    def finish(self) -> None:
+        self._inner.finish()
+
+    def on_connection_close(self) -> None:
+        self._inner.on_connection_close()
+
+
+def _close_after_response(request_conn) -> None:
+    # Tornado's own flag (set for "Connection: close" requests): the response carries
+    # "Connection: close" if its headers are still to go, and the connection is closed
+    # once it is complete, so no further request arrives on it.
+    request_conn._disconnect_on_finish = True
+
+
+def _has_input(server_conn) -> bool:
+    """Bytes of a next request already read from the connection (an idle one has none)."""
+    stream = server_conn.stream
+    return stream is not None and bool(getattr(stream, "_read_buffer_size", 0))
 
 
 def _refuse(connection: socket.socket) -> None:

@@ -1,6 +1,6 @@
 """Operations endpoints: /healthz (the process answers), /readyz (storage can take a write,
-answered within a second) and /metrics (Prometheus text format, for loopback callers or
-holders of MCPGW_METRICS_TOKEN)."""
+answered within a second; 503 from the moment a drain begins) and /metrics (Prometheus
+text format, for loopback callers or holders of MCPGW_METRICS_TOKEN)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ class ReadyHandler(BaseHandler):
     async def get(self) -> None:
         self.set_header("Content-Type", "text/plain")
         self.set_header("Cache-Control", "no-store")
+        if self.services.draining.is_set():
+            self._not_ready("draining (shutting down)")
+            return
         try:
             await asyncio.wait_for(self.services.storage.ping(), READY_TIMEOUT)
         except TimeoutError:

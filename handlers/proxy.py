@@ -395,21 +395,34 @@ class McpProxyHandler(BaseHandler):
 
     async def relay_stream(self, response, message, started: float) -> str:
         """Relay an SSE stream event by event, flushed at once, never buffered beyond one
-        event; keep-alive comments while idle; slow readers cut off."""
+        event; keep-alive comments while idle; slow readers cut off.
+
+        Drain (SIGTERM): a standalone GET stream, or a POST's stream once its answer went by,
+        ends at the next event boundary with a normal end of stream (the chunked terminator),
+        so the client reconnects (to another instance) instead of seeing a reset."""
         self.set_header("Cache-Control", "no-cache, no-transform")
         self.set_header("X-Accel-Buffering", "no")
         metrics = self.services.metrics
+        draining = self.services.draining
         parser = protocol.SseParser()
         outcome = "stream"
         next_chunk = None
+        drain_started = asyncio.ensure_future(draining.wait())
         metrics.gauge_add("sse_streams_open", 1)
         try:
             self._flushed = True
             self.flush()
             next_chunk = asyncio.ensure_future(response.read_chunk())
             while True:
-                done, _ = await asyncio.wait({next_chunk}, timeout=self.config.sse_keepalive)
-                if not done:
+                waiting = {next_chunk} if drain_started.done() else {next_chunk, drain_started}
+                done, _ = await asyncio.wait(waiting, timeout=self.config.sse_keepalive,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if next_chunk not in done:
+                    if draining.is_set() and self._may_end_for_drain(message, outcome, parser):
+                        metrics.inc("streams_closed_total", reason="drain")
+                        break
+                    if drain_started in done:
+                        continue
                     if not parser.pending:
                         self.write(b": keepalive\n\n")
                         await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)
@@ -430,6 +443,9 @@ class McpProxyHandler(BaseHandler):
                             outcome = found
                             if found != "unknown":  # too deep to read: maybe not the answer, keep looking
                                 self._answered_at = time.monotonic()
+                if draining.is_set() and self._may_end_for_drain(message, outcome, parser):
+                    metrics.inc("streams_closed_total", reason="drain")
+                    break  # finish() below flushes what was written
                 next_chunk = asyncio.ensure_future(response.read_chunk())
                 if events:
                     await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)
@@ -444,12 +460,22 @@ class McpProxyHandler(BaseHandler):
             metrics.gauge_add("sse_streams_open", -1)
             if next_chunk is not None and not next_chunk.done():
                 next_chunk.cancel()
+            drain_started.cancel()
         if not self._finished:
             try:
                 await self.finish()
             except StreamClosedError:
                 pass
         return outcome if outcome != "stream" else "ok"
+
+    @staticmethod
+    def _may_end_for_drain(message, outcome: str, parser) -> bool:
+        """While draining: may this stream end here without losing anything owed?"""
+        if parser.pending:
+            return False  # mid-event: end at its boundary
+        if message is None or message.id is None:
+            return True  # a standalone GET stream: the client reconnects
+        return outcome not in ("stream", "unknown")  # the POST's answer went by
 
     def record(self, claims: dict, server_id: str, message, outcome: str, started: float) -> None:
         if message is None or message.method is None or message.kind != "request":

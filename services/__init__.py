@@ -53,6 +53,9 @@ class Services:
     sessions: SessionMap
     usage: UsageRecorder
     dashboard: Dashboard
+    # Set when the process begins to drain (SIGTERM): /readyz answers 503, standalone SSE
+    # streams end cleanly.
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list = field(default_factory=list)
     _identity_cache: dict = field(default_factory=dict)
 
@@ -69,6 +72,7 @@ class Services:
             ]
 
     async def stop(self) -> None:
+        """Background jobs end; queued usage events are written before storage closes."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
