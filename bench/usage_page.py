@@ -79,7 +79,7 @@ async def fill(db: Path, n: int) -> float:
     rng = random.Random(7)
     started = time.perf_counter()
     for batch in events(n, now, rng):
-        await storage.record_usage(batch)
+        await storage.usage.record_usage(batch)
     elapsed = time.perf_counter() - started
     await storage.close()
     return elapsed

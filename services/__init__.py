@@ -92,7 +92,7 @@ class Services:
         before = now - self.config.usage_retention_days * 86400
         purged = 0
         for _ in range(USAGE_PURGE_ROUNDS):
-            batch = await self.storage.purge_usage_events(before, USAGE_PURGE_BATCH)
+            batch = await self.storage.usage.purge_usage_events(before, USAGE_PURGE_BATCH)
             purged += batch
             if batch < USAGE_PURGE_BATCH:
                 break
@@ -177,7 +177,7 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
         metrics=metrics,
         upstream=upstream,
         sessions=SessionMap(storage),
-        usage=UsageRecorder(storage, metrics),
+        usage=UsageRecorder(storage.usage, metrics),
         identity=identity,
         dashboard=Dashboard(
             storage, servers, access, tokens, clients, McpProbe(upstream), UsageReports(storage), config

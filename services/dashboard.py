@@ -343,7 +343,7 @@ class Dashboard:
 
     async def sharing(self, actor: Actor, server_id: str) -> list[GrantView]:
         await self._managed(actor, server_id)
-        used = {u.user_sub: u for u in await self._storage.server_users(server_id)}
+        used = {u.user_sub: u for u in await self._storage.usage.server_users(server_id)}
         views = []
         for grant in await self._storage.grants_for(server_id):
             reached = [

@@ -196,12 +196,13 @@ def recent_dict(event: UsageEvent) -> dict:
 class UsageReports:
     def __init__(self, storage: Storage):
         self._storage = storage
+        self._usage = storage.usage
 
     async def report(self, server_id: str, days: int, before: float | None = None,
                      now: float | None = None) -> UsageReport:
         now = time.time() if now is None else now
         rollups, periods, unit, slots = await self._read(server_id, days, now)
-        emails = {u.user_sub: u.user_email for u in await self._storage.server_users(server_id)}
+        emails = {u.user_sub: u.user_email for u in await self._usage.server_users(server_id)}
         table = [
             Row(r.target, r.user_sub, emails.get(r.user_sub, ""), r.calls, r.errors, r.latency_ms_sum,
                 r.latency_ms_max, list(r.latency_hist))
@@ -221,7 +222,7 @@ class UsageReports:
         top = sorted(tools.values(), key=lambda row: (-row.calls, row.target))[:TOP_TOOLS]
         calls = sum(row.calls for row in table)
         errors = sum(row.errors for row in table)
-        recent = await self._storage.recent_usage(server_id, before or math.inf, RECENT_PAGE + 1)
+        recent = await self._usage.recent_usage(server_id, before or math.inf, RECENT_PAGE + 1)
         next_before = recent[RECENT_PAGE - 1].at if len(recent) > RECENT_PAGE else None
         return UsageReport(
             server_id=server_id,
@@ -245,20 +246,20 @@ class UsageReports:
             # The hour 24 h ago counts whole: 24 to 25 hours, read from hourly aggregates.
             start = datetime.fromtimestamp(now - 86400, tz=UTC).replace(minute=0, second=0, microsecond=0)
             since_hour = start.strftime("%Y-%m-%dT%H")
-            rollups = await self._storage.usage_rollup_hours(server_id, since_hour)
-            periods = await self._storage.usage_per_hour(server_id, since_hour)
+            rollups = await self._usage.usage_rollup_hours(server_id, since_hour)
+            periods = await self._usage.usage_per_hour(server_id, since_hour)
             slots = [(start + timedelta(hours=h)).strftime("%Y-%m-%dT%H") for h in range(25)]
             return rollups, periods, "hour", slots
         first = datetime.fromtimestamp(now, tz=UTC).date() - timedelta(days=days - 1)
         since_day = first.isoformat()
-        rollups = await self._storage.usage_rollup(server_id, since_day)
-        periods = await self._storage.usage_per_day(server_id, since_day)
+        rollups = await self._usage.usage_rollup(server_id, since_day)
+        periods = await self._usage.usage_per_day(server_id, since_day)
         slots = [(first + timedelta(days=d)).isoformat() for d in range(days)]
         return rollups, periods, "day", slots
 
     async def csv(self, server_id: str, days: int, now: float | None = None) -> str:
         rollups, _, _, _ = await self._read(server_id, days, time.time() if now is None else now)
-        emails = {u.user_sub: u.user_email for u in await self._storage.server_users(server_id)}
+        emails = {u.user_sub: u.user_email for u in await self._usage.server_users(server_id)}
         label = range_label(days)
         rows = [
             Row(r.target, r.user_sub, emails.get(r.user_sub, ""), r.calls, r.errors,

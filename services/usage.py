@@ -17,7 +17,7 @@ from collections import deque
 
 from services.metrics import Metrics
 from services.validation import scrub_text
-from storage.base import Storage, StorageUnavailable, UsageEvent
+from storage.base import StorageUnavailable, UsageEvent, UsageStore
 
 log = logging.getLogger("gateway.usage")
 
@@ -48,8 +48,8 @@ def storable(event: UsageEvent) -> UsageEvent:
 
 
 class UsageRecorder:
-    def __init__(self, storage: Storage, metrics: Metrics):
-        self._storage = storage
+    def __init__(self, usage: UsageStore, metrics: Metrics):
+        self._usage = usage
         self._metrics = metrics
         self._queue: deque[UsageEvent] = deque()
         self._wakeup = asyncio.Event()
@@ -78,7 +78,7 @@ class UsageRecorder:
         while self._queue:
             batch = [self._queue.popleft() for _ in range(min(BATCH_SIZE, len(self._queue)))]
             try:
-                await self._storage.record_usage(batch)
+                await self._usage.record_usage(batch)
             except StorageUnavailable as exc:
                 self._requeue(batch, exc)
                 return
@@ -95,7 +95,7 @@ class UsageRecorder:
         became unavailable on the way (the rest is back in the queue)."""
         for index, event in enumerate(batch):
             try:
-                await self._storage.record_usage([event])
+                await self._usage.record_usage([event])
             except StorageUnavailable as exc:
                 self._requeue(batch[index:], exc)
                 return False

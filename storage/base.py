@@ -14,9 +14,21 @@ from __future__ import annotations
 
 import abc
 import ipaddress
-import math
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
+
+# The usage records live with their own interface; re-exported here, where the records are.
+from .usage import (  # noqa: F401
+    LATENCY_BUCKETS,
+    ServerUser,
+    UsageAggregate,
+    UsageEvent,
+    UsagePeriod,
+    UsageRollup,
+    UsageStore,
+    latency_bucket,
+    latency_bucket_bounds,
+)
 
 
 class StorageError(Exception):
@@ -197,6 +209,9 @@ class McpSession:
     expires_at: float  # idle expiry, pushed forward by touch_session
 
 
+SIGNING_KEY_STATUSES = ("active", "retiring", "retired")
+
+
 @dataclass(frozen=True)
 class SigningKey:
     kid: str
@@ -213,94 +228,17 @@ class RevokedAccessToken:
     expires_at: float  # kept until the token would have expired anyway
 
 
-@dataclass(frozen=True)
-class UsageEvent:
-    at: float
-    server_id: str
-    user_sub: str
-    user_email: str
-    client_id: str
-    method: str
-    target: str  # tool name, resource URI or prompt name
-    outcome: str  # "ok" or the JSON-RPC error code / HTTP status as text
-    latency_ms: float
-    bytes_in: int
-    bytes_out: int
-    era: str  # "2025" | "2026"
-
-
-@dataclass(frozen=True)
-class UsageAggregate:
-    day: str  # YYYY-MM-DD (UTC)
-    server_id: str
-    target: str
-    user_sub: str
-    calls: int
-    errors: int
-    latency_ms_sum: float
-    latency_ms_max: float
-    latency_hist: tuple[int, ...] = ()  # calls per latency bucket (see latency_bucket)
-
-
-@dataclass(frozen=True)
-class UsageRollup:
-    """Usage of one target by one user over a period, summed (the usage page's rows)."""
-
-    target: str
-    user_sub: str
-    calls: int
-    errors: int
-    latency_ms_sum: float
-    latency_ms_max: float
-    latency_hist: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class UsagePeriod:
-    """Calls in one day (YYYY-MM-DD) or one hour (YYYY-MM-DDTHH), for the chart."""
-
-    period: str
-    calls: int
-    errors: int
-
-
-@dataclass(frozen=True)
-class ServerUser:
-    """Someone who has used a server through the gateway, and when."""
-
-    server_id: str
-    user_sub: str
-    user_email: str
-    first_used_at: float
-    last_used_at: float
-
-
-# Latency histogram: fixed log-spaced buckets, five per decade. Bucket 0 holds calls of at
-# most 0.1 ms, bucket i (1..30) calls in (10**((i-1)/5 - 1), 10**(i/5 - 1)] ms (up to
-# 100 s), the last bucket everything slower. Fixed so that histograms of any days, users
-# and tools add up bucket by bucket.
-LATENCY_BUCKETS = 32
-
-
-def latency_bucket(latency_ms: float) -> int:
-    if latency_ms <= 0.1:
-        return 0
-    return min(LATENCY_BUCKETS - 1, max(1, math.ceil((math.log10(latency_ms) + 1) * 5 - 1e-9)))
-
-
-def latency_bucket_bounds(index: int) -> tuple[float, float]:
-    """(lower, upper] in ms of a bucket; the last one's upper bound is infinite."""
-    lower = 0.0 if index == 0 else 10 ** ((index - 1) / 5 - 1)
-    upper = math.inf if index >= LATENCY_BUCKETS - 1 else 10 ** (index / 5 - 1)
-    return lower, upper
-
-
 # ------------------------------------------------------------------------- interface
 
 
 class Storage(abc.ABC):
-    """Every persistent operation of the gateway. All methods are async and never block
-    the event loop; backends run their blocking drivers in an executor."""
+    """Every persistent operation of the gateway but usage analytics, which are `usage`.
+    All methods are async and never block the event loop; backends run their blocking
+    drivers in an executor."""
+
+    # Usage events and aggregates (storage.usage.UsageStore) on the same store, sharing
+    # this object's connections: set by each backend's constructor.
+    usage: UsageStore
 
     # lifecycle
     @abc.abstractmethod
@@ -490,47 +428,8 @@ class Storage(abc.ABC):
     async def count_sessions(self, server_id: str, now: float) -> int:
         """Unexpired MCP sessions of one server (the usage page's 'active sessions')."""
 
-    # usage
-    @abc.abstractmethod
-    async def record_usage(self, events: list[UsageEvent]) -> None:
-        """Append a batch of events and add them to the daily aggregates."""
-
-    @abc.abstractmethod
-    async def usage_aggregates(self, server_id: str, since_day: str) -> list[UsageAggregate]: ...
-
-    @abc.abstractmethod
-    async def usage_rollup(self, server_id: str, since_day: str) -> list[UsageRollup]:
-        """The daily aggregates from `since_day` on, summed per (target, user): calls,
-        errors, latency sum, max and histogram. Reads aggregates only, never events."""
-
-    @abc.abstractmethod
-    async def usage_per_day(self, server_id: str, since_day: str) -> list[UsagePeriod]:
-        """Calls and errors per UTC day from `since_day` on (days without calls absent)."""
-
-    @abc.abstractmethod
-    async def usage_rollup_hours(self, server_id: str, since_hour: str) -> list[UsageRollup]:
-        """Like usage_rollup, from the hourly aggregates of UTC hours 'YYYY-MM-DDTHH' at or
-        after `since_hour` (the last-24-hours view; hourly rows are kept a few days)."""
-
-    @abc.abstractmethod
-    async def usage_per_hour(self, server_id: str, since_hour: str) -> list[UsagePeriod]:
-        """Calls and errors per UTC hour (period 'YYYY-MM-DDTHH') from `since_hour` on."""
-
-    @abc.abstractmethod
-    async def server_users(self, server_id: str) -> list[ServerUser]:
-        """Everyone who has used the server, most recent first (kept by record_usage)."""
-
-    @abc.abstractmethod
-    async def recent_usage(self, server_id: str, before: float, limit: int) -> list[UsageEvent]:
-        """Newest first, strictly older than `before` (pagination cursor)."""
-
     # housekeeping
     @abc.abstractmethod
-    async def purge_usage_events(self, before: float, limit: int) -> int:
-        """Delete up to `limit` usage events older than `before`, oldest first; returns how
-        many. The daily aggregates and the who-used-what rows stay: retention only thins
-        out the per-call history."""
-
-    @abc.abstractmethod
     async def purge_expired(self, now: float) -> int:
-        """Drop expired pending states, codes, sessions, revocations and dead tokens."""
+        """Drop expired pending states, codes, sessions, revocations and dead tokens, and
+        hourly usage aggregates older than storage.usage.HOURLY_KEPT_SECONDS."""

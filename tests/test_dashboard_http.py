@@ -378,7 +378,7 @@ def test_usage_page_api_csv_and_cli(gw, upstream):
                              "ok", 120.0, 1, 1, "2025") for i in range(30)]
         events += [UsageEvent(now - 60 - i, server_id, "sub-y", "y@example.com", "c", "tools/call", "<b>echo</b>",
                               "-32603" if i < 5 else "ok", 15.0, 1, 1, "2026") for i in range(70)]
-        await s.storage.record_usage(events)
+        await s.storage.usage.record_usage(events)
 
     run(with_services(gw, record))
     page = ana.get(f"/dashboard/servers/{server_id}/usage?range=7d")

@@ -390,7 +390,7 @@ def test_sharing_list_shows_who_signed_in_and_when_they_last_used_it(tmp_path, u
             await s.dashboard.add_grant(ana, server_id, "domain", "corp.example")
             await s.dashboard.add_grant(ana, server_id, "email", "never@example.com")
             now = time.time()
-            await s.storage.record_usage([usage(server_id, CAROL, now - 60)])
+            await s.storage.usage.record_usage([usage(server_id, CAROL, now - 60)])
             grants = {(g.grant.kind, g.grant.value): g for g in await s.dashboard.sharing(ana, server_id)}
             bob = grants[("email", "bob@example.com")].reached
             assert [(r.email, r.last_used_at) for r in bob] == [("bob@example.com", 0.0)]
@@ -456,7 +456,7 @@ def test_usage_report_totals_chart_tables_recent_and_csv(tmp_path, upstream):
             events += [usage(server_id, CAROL, now - 600 + i, "echo", 20.0 + i) for i in range(20)]
             events += [usage(server_id, CAROL, now - 300, "=cmd()", 5.0, outcome="-32603")]
             events += [usage("srv_other", BOB, now - 10, "search")]
-            await s.storage.record_usage(events)
+            await s.storage.usage.record_usage(events)
             await s.sessions.create(user_sub=BOB.sub, server_id=server_id, upstream_session_id="x", protocol_version="")
 
             week = await s.dashboard.usage(ana, server_id, 7)
@@ -476,7 +476,7 @@ def test_usage_report_totals_chart_tables_recent_and_csv(tmp_path, upstream):
 
             # Recent calls, newest first, in pages of 50 with a cursor.
             assert [e.target for e in week.recent][:1] == ["=cmd()"] and week.next_before is None
-            await s.storage.record_usage([usage(server_id, BOB, now - 5000 + i, "bulk") for i in range(60)])
+            await s.storage.usage.record_usage([usage(server_id, BOB, now - 5000 + i, "bulk") for i in range(60)])
             first = await s.dashboard.usage(ana, server_id, 7)
             assert len(first.recent) == 50 and first.next_before is not None
             second = await s.dashboard.usage(ana, server_id, 7, first.next_before)

@@ -23,12 +23,12 @@ async def test_usage_history_older_than_the_retention_is_purged_and_aggregates_s
     await services.start(background=False)
     try:
         now = time.time()
-        await services.storage.record_usage([usage(now - 3 * 86400, "old"), usage(now - 86400, "recent"),
+        await services.storage.usage.record_usage([usage(now - 3 * 86400, "old"), usage(now - 86400, "recent"),
                                              usage(now, "now")])
         assert await services.purge_old_usage(now) == 1
-        kept = await services.storage.recent_usage("srv_h", float("inf"), 10)
+        kept = await services.storage.usage.recent_usage("srv_h", float("inf"), 10)
         assert [e.target for e in kept] == ["now", "recent"]
-        totals = {r.target: r.calls for r in await services.storage.usage_rollup("srv_h", "2000-01-01")}
+        totals = {r.target: r.calls for r in await services.storage.usage.usage_rollup("srv_h", "2000-01-01")}
         assert totals == {"old": 1, "recent": 1, "now": 1}
     finally:
         await services.stop()

@@ -41,6 +41,7 @@ from storage import (
     Storage,
     StorageError,
     UsageEvent,
+    UsageStore,
     User,
     open_storage,
 )
@@ -811,7 +812,16 @@ def test_sessions_put_get_touch_delete_and_expiry(storage: Storage) -> None:
     run(scenario, storage)
 
 
-# --------------------------------------------------------------------------- usage
+# ------------------------------------------- usage: the UsageStore contract (storage.usage)
+
+
+def test_usage_analytics_stand_behind_their_own_interface(storage: Storage) -> None:
+    """Every backend offers its usage analytics as `storage.usage`, a UsageStore; the
+    Storage interface itself holds none of them."""
+    assert isinstance(storage.usage, UsageStore)
+    usage_methods = set(UsageStore.__abstractmethods__)
+    assert "record_usage" in usage_methods and "purge_usage_events" in usage_methods
+    assert not usage_methods & set(Storage.__abstractmethods__)
 
 
 def test_usage_aggregates_sum_across_batches_and_split_by_utc_day(storage: Storage) -> None:
@@ -819,8 +829,8 @@ def test_usage_aggregates_sum_across_batches_and_split_by_utc_day(storage: Stora
     assert time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(midnight)) == "2027-01-16 00:00:00"
 
     async def scenario(s: Storage) -> None:
-        await s.record_usage([])
-        await s.record_usage(
+        await s.usage.record_usage([])
+        await s.usage.record_usage(
             [
                 event(midnight - 1, latency_ms=10),
                 event(midnight - 2, latency_ms=30, outcome="-32602"),
@@ -829,13 +839,13 @@ def test_usage_aggregates_sum_across_batches_and_split_by_utc_day(storage: Stora
                 event(midnight - 5, server_id="srv_other"),
             ]
         )
-        await s.record_usage(
+        await s.usage.record_usage(
             [
                 event(midnight - 6, latency_ms=50, outcome="500"),
                 event(midnight, latency_ms=7),  # the next UTC day
             ]
         )
-        aggregates = await s.usage_aggregates("srv_a", "2027-01-15")
+        aggregates = await s.usage.usage_aggregates("srv_a", "2027-01-15")
         summary = [
             (a.day, a.target, a.user_sub, a.calls, a.errors, a.latency_ms_sum, a.latency_ms_max)
             for a in aggregates
@@ -847,8 +857,8 @@ def test_usage_aggregates_sum_across_batches_and_split_by_utc_day(storage: Stora
             ("2027-01-16", "search", "u1", 1, 0, 7.0, 7.0),
         ]
         assert all(a.server_id == "srv_a" for a in aggregates)
-        assert [a.day for a in await s.usage_aggregates("srv_a", "2027-01-16")] == ["2027-01-16"]
-        assert len(await s.usage_aggregates("srv_other", "2000-01-01")) == 1
+        assert [a.day for a in await s.usage.usage_aggregates("srv_a", "2027-01-16")] == ["2027-01-16"]
+        assert len(await s.usage.usage_aggregates("srv_other", "2000-01-01")) == 1
 
     run(scenario, storage)
 
@@ -856,17 +866,17 @@ def test_usage_aggregates_sum_across_batches_and_split_by_utc_day(storage: Stora
 def test_recent_usage_pages_newest_first(storage: Storage) -> None:
     async def scenario(s: Storage) -> None:
         events = [event(T0 + i, target=f"t{i}") for i in range(7)]
-        await s.record_usage(events[:4])
-        await s.record_usage([*events[4:], event(T0 + 3.5, server_id="srv_other")])
+        await s.usage.record_usage(events[:4])
+        await s.usage.record_usage([*events[4:], event(T0 + 3.5, server_id="srv_other")])
 
-        page1 = await s.recent_usage("srv_a", float("inf"), 3)
+        page1 = await s.usage.recent_usage("srv_a", float("inf"), 3)
         assert page1 == [events[6], events[5], events[4]]
-        page2 = await s.recent_usage("srv_a", page1[-1].at, 3)
+        page2 = await s.usage.recent_usage("srv_a", page1[-1].at, 3)
         assert page2 == [events[3], events[2], events[1]]
-        page3 = await s.recent_usage("srv_a", page2[-1].at, 3)
+        page3 = await s.usage.recent_usage("srv_a", page2[-1].at, 3)
         assert page3 == [events[0]]
-        assert await s.recent_usage("srv_a", page3[-1].at, 3) == []
-        assert await s.recent_usage("srv_none", float("inf"), 3) == []
+        assert await s.usage.recent_usage("srv_a", page3[-1].at, 3) == []
+        assert await s.usage.recent_usage("srv_none", float("inf"), 3) == []
 
     run(scenario, storage)
 
@@ -876,27 +886,27 @@ def test_purge_usage_events_drops_old_history_oldest_first_and_keeps_aggregates(
         old = [event(T0 - 100 + i, target=f"old{i}") for i in range(5)]
         other = event(T0 - 50, server_id="srv_other", target="old-other")
         new = [event(T0 + i, target=f"new{i}") for i in range(3)]
-        await s.record_usage([*old, other])
-        await s.record_usage(new)
+        await s.usage.record_usage([*old, other])
+        await s.usage.record_usage(new)
 
-        assert await s.purge_usage_events(T0, 4) == 4  # bounded batches
-        assert await s.purge_usage_events(T0, 100) == 2  # the rest of the old, across servers
-        assert await s.purge_usage_events(T0, 100) == 0
-        assert await s.recent_usage("srv_a", float("inf"), 10) == list(reversed(new))
-        assert await s.recent_usage("srv_other", float("inf"), 10) == []
+        assert await s.usage.purge_usage_events(T0, 4) == 4  # bounded batches
+        assert await s.usage.purge_usage_events(T0, 100) == 2  # the rest of the old, across servers
+        assert await s.usage.purge_usage_events(T0, 100) == 0
+        assert await s.usage.recent_usage("srv_a", float("inf"), 10) == list(reversed(new))
+        assert await s.usage.recent_usage("srv_other", float("inf"), 10) == []
         # The aggregates still count every call.
-        whole = {r.target: r.calls for r in await s.usage_rollup("srv_a", "2000-01-01")}
+        whole = {r.target: r.calls for r in await s.usage.usage_rollup("srv_a", "2000-01-01")}
         assert whole["old0"] == 1 and whole["new2"] == 1
-        assert [u.user_sub for u in await s.server_users("srv_other")] == ["u1"]
+        assert [u.user_sub for u in await s.usage.server_users("srv_other")] == ["u1"]
 
     run(scenario, storage)
 
 
 def test_usage_aggregates_carry_a_latency_histogram_that_adds_up(storage: Storage) -> None:
     async def scenario(s: Storage) -> None:
-        await s.record_usage([event(T0, latency_ms=0.05), event(T0 + 1, latency_ms=10)])
-        await s.record_usage([event(T0 + 2, latency_ms=10), event(T0 + 3, latency_ms=5000)])
-        (aggregate,) = await s.usage_aggregates("srv_a", "2000-01-01")
+        await s.usage.record_usage([event(T0, latency_ms=0.05), event(T0 + 1, latency_ms=10)])
+        await s.usage.record_usage([event(T0 + 2, latency_ms=10), event(T0 + 3, latency_ms=5000)])
+        (aggregate,) = await s.usage.usage_aggregates("srv_a", "2000-01-01")
         assert len(aggregate.latency_hist) == LATENCY_BUCKETS
         assert sum(aggregate.latency_hist) == aggregate.calls == 4
         assert aggregate.latency_hist[latency_bucket(0.05)] == 1
@@ -918,48 +928,48 @@ def test_latency_buckets_are_fixed_and_log_spaced() -> None:
 
 def test_usage_rollup_per_day_and_per_hour(storage: Storage) -> None:
     async def scenario(s: Storage) -> None:
-        await s.record_usage([
+        await s.usage.record_usage([
             event(T0 - 2 * DAY, latency_ms=1),
             event(T0, latency_ms=10),
             event(T0 + 1, latency_ms=20, outcome="-32603"),
             event(T0 + 2, target="fetch", user_sub="u2", latency_ms=300),
             event(T0 + 3, server_id="srv_other"),
         ])
-        rollup = {(r.target, r.user_sub): r for r in await s.usage_rollup("srv_a", "2027-01-15")}
+        rollup = {(r.target, r.user_sub): r for r in await s.usage.usage_rollup("srv_a", "2027-01-15")}
         assert set(rollup) == {("search", "u1"), ("fetch", "u2")}
         search = rollup[("search", "u1")]
         assert (search.calls, search.errors, search.latency_ms_sum, search.latency_ms_max) == (2, 1, 30.0, 20.0)
         assert sum(search.latency_hist) == 2
-        whole = {(r.target, r.user_sub): r.calls for r in await s.usage_rollup("srv_a", "2000-01-01")}
+        whole = {(r.target, r.user_sub): r.calls for r in await s.usage.usage_rollup("srv_a", "2000-01-01")}
         assert whole[("search", "u1")] == 3
-        days = await s.usage_per_day("srv_a", "2000-01-01")
+        days = await s.usage.usage_per_day("srv_a", "2000-01-01")
         assert [(d.period, d.calls, d.errors) for d in days] == [("2027-01-13", 1, 0), ("2027-01-15", 3, 1)]
-        since = {(r.target, r.user_sub): r for r in await s.usage_rollup_hours("srv_a", "2027-01-15T08")}
+        since = {(r.target, r.user_sub): r for r in await s.usage.usage_rollup_hours("srv_a", "2027-01-15T08")}
         assert {k: (r.calls, r.errors) for k, r in since.items()} == {("search", "u1"): (2, 1), ("fetch", "u2"): (1, 0)}
         assert since[("fetch", "u2")].latency_hist[latency_bucket(300)] == 1
-        assert await s.usage_rollup_hours("srv_a", "2027-01-15T09") == []
-        hours = await s.usage_per_hour("srv_a", "2027-01-13T00")
+        assert await s.usage.usage_rollup_hours("srv_a", "2027-01-15T09") == []
+        hours = await s.usage.usage_per_hour("srv_a", "2027-01-13T00")
         assert [(h.period, h.calls, h.errors) for h in hours] == [("2027-01-13T08", 1, 0), ("2027-01-15T08", 3, 1)]
-        assert [h.period for h in await s.usage_per_hour("srv_a", "2027-01-14T00")] == ["2027-01-15T08"]
+        assert [h.period for h in await s.usage.usage_per_hour("srv_a", "2027-01-14T00")] == ["2027-01-15T08"]
         # Hourly rows serve the last day only: purging drops them after a few days, never
         # the daily ones.
         await s.purge_expired(T0 + 10 * DAY)
-        assert await s.usage_per_hour("srv_a", "2000-01-01T00") == []
-        assert len(await s.usage_per_day("srv_a", "2000-01-01")) == 2
+        assert await s.usage.usage_per_hour("srv_a", "2000-01-01T00") == []
+        assert len(await s.usage.usage_per_day("srv_a", "2000-01-01")) == 2
 
     run(scenario, storage)
 
 
 def test_server_users_remember_first_and_last_use(storage: Storage) -> None:
     async def scenario(s: Storage) -> None:
-        await s.record_usage([event(T0 + 5), event(T0 + 1), event(T0 + 2, user_sub="u2")])
-        await s.record_usage([event(T0 + 9, user_sub="u2"), event(T0, server_id="srv_other")])
-        users = await s.server_users("srv_a")
+        await s.usage.record_usage([event(T0 + 5), event(T0 + 1), event(T0 + 2, user_sub="u2")])
+        await s.usage.record_usage([event(T0 + 9, user_sub="u2"), event(T0, server_id="srv_other")])
+        users = await s.usage.server_users("srv_a")
         assert [(u.user_sub, u.user_email, u.first_used_at, u.last_used_at) for u in users] == [
             ("u2", "u2@x.org", T0 + 2, T0 + 9),
             ("u1", "u1@x.org", T0 + 1, T0 + 5),
         ]
-        assert await s.server_users("srv_none") == []
+        assert await s.usage.server_users("srv_none") == []
 
     run(scenario, storage)
 
@@ -1003,11 +1013,11 @@ def test_sqlite_migration_2_keeps_old_aggregates_and_backfills_server_users(tmp_
         conn.execute("INSERT INTO usage_daily VALUES ('2027-01-15', 'srv_a', 'search', 'u1', 1, 0, 10, 10)")
 
     async def scenario(s: Storage) -> None:
-        (old,) = await s.usage_aggregates("srv_a", "2000-01-01")
+        (old,) = await s.usage.usage_aggregates("srv_a", "2000-01-01")
         assert old.calls == 1 and sum(old.latency_hist) == 0  # history from before histograms
-        assert [(u.user_sub, u.last_used_at) for u in await s.server_users("srv_a")] == [("u1", T0)]
-        await s.record_usage([event(T0 + 1)])
-        (new,) = await s.usage_aggregates("srv_a", "2000-01-01")
+        assert [(u.user_sub, u.last_used_at) for u in await s.usage.server_users("srv_a")] == [("u1", T0)]
+        await s.usage.record_usage([event(T0 + 1)])
+        (new,) = await s.usage.usage_aggregates("srv_a", "2000-01-01")
         assert new.calls == 2 and sum(new.latency_hist) == 1
 
     run(scenario, SqliteStorage(str(path)))
@@ -1030,7 +1040,7 @@ def test_sqlite_migration_3_backfills_hourly_aggregates_of_recent_events(tmp_pat
             )
 
     async def scenario(s: Storage) -> None:
-        (rollup,) = await s.usage_rollup_hours("srv_a", "2000-01-01T00")
+        (rollup,) = await s.usage.usage_rollup_hours("srv_a", "2000-01-01T00")
         assert (rollup.calls, rollup.errors, rollup.latency_ms_max) == (2, 1, 300.0)  # the old event is not
         assert rollup.latency_hist[latency_bucket(12.0)] == 1 and rollup.latency_hist[latency_bucket(300.0)] == 1
 
@@ -1062,7 +1072,7 @@ def test_purge_expired(storage: Storage) -> None:
             family("f-exp", expires_at=now - 1),
             refresh("rt-exp", "f-exp", family_expires_at=now - 1),
         )
-        await s.record_usage([event(T0 - 400 * DAY)])
+        await s.usage.record_usage([event(T0 - 400 * DAY)])
 
         # pending, code, session, revocation: one each; tokens: rt-rev and rt-exp; the
         # 400-day-old event's hourly aggregate (its event and daily row stay)
@@ -1084,7 +1094,7 @@ def test_purge_expired(storage: Storage) -> None:
             "f-rev",
             "f-exp",
         }
-        assert len(await s.recent_usage("srv_a", float("inf"), 10)) == 1
+        assert len(await s.usage.recent_usage("srv_a", float("inf"), 10)) == 1
 
     run(scenario, storage)
 
@@ -1290,7 +1300,7 @@ def test_open_storage_does_not_touch_the_filesystem(tmp_path: Path) -> None:
 def test_sqlite_transaction_that_fails_at_commit_leaves_nothing_half_written(tmp_path: Path) -> None:
     """A COMMIT can fail (here a deferred constraint; in life a full disk): the helper
     rolls back, so the connection is clean and no later COMMIT can publish the half."""
-    from storage.sqlite import _transaction
+    from storage.sqlite.connection import _transaction
 
     conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
     conn.execute("PRAGMA foreign_keys = ON")
@@ -1315,7 +1325,7 @@ def test_sqlite_write_lock_held_elsewhere(tmp_path: Path) -> None:
     queued) fail within one budget with StorageUnavailable, the readiness probe says so
     at once, and everything works again when the lock goes."""
     from storage.base import StorageUnavailable
-    from storage.sqlite import PROBE_BUDGET, WRITE_BUDGET
+    from storage.sqlite.connection import PROBE_BUDGET, WRITE_BUDGET
 
     path = tmp_path / "gateway.db"
 

@@ -1,4 +1,4 @@
-"""`Storage` on one DynamoDB table, for several gateway instances."""
+"""`Storage` on one DynamoDB table, for several gateway instances (see docs/storage.md)."""
 
 from .store import DynamoDBStorage
 

@@ -1,5 +1,6 @@
-"""The embedded default backend: `Storage` on one SQLite file."""
+"""The embedded default backend: `Storage` on one SQLite file (see docs/storage.md)."""
 
-from .store import MIGRATIONS, PROBE_BUDGET, WRITE_BUDGET, SqliteStorage, _transaction
+from .schema import MIGRATIONS
+from .store import SqliteStorage
 
-__all__ = ["MIGRATIONS", "PROBE_BUDGET", "WRITE_BUDGET", "SqliteStorage", "_transaction"]
+__all__ = ["MIGRATIONS", "SqliteStorage"]

@@ -163,7 +163,7 @@ def test_a_lone_surrogate_tool_name_through_the_proxy_costs_no_one_else_their_us
     async def recorded(s):
         deadline = time.monotonic() + 10
         while True:
-            events = await s.storage.recent_usage(server_id, time.time() + 60, 100)
+            events = await s.storage.usage.recent_usage(server_id, time.time() + 60, 100)
             if len(events) >= len(people) or time.monotonic() > deadline:
                 return events
             await asyncio.sleep(0.2)
@@ -188,7 +188,7 @@ async def test_one_event_storage_refuses_costs_only_itself(tmp_path):
     storage = open_storage(make_config(tmp_path).storage_url)
     await storage.open()
     metrics = Metrics()
-    recorder = UsageRecorder(storage, metrics)
+    recorder = UsageRecorder(storage.usage, metrics)
     try:
         for n in range(300):
             recorder.record(usage(n))
@@ -196,8 +196,8 @@ async def test_one_event_storage_refuses_costs_only_itself(tmp_path):
                 recorder.record(usage(n, target=BAD, method="tools/\udcff"))
                 recorder.record(usage(n, bytes_in=2 ** 80))  # OverflowError in the SQLite binding
         await recorder.flush()
-        events = await storage.recent_usage("srv_u", time.time() + 60, 1000)
-        daily = await storage.usage_aggregates("srv_u", "1970-01-01")
+        events = await storage.usage.recent_usage("srv_u", time.time() + 60, 1000)
+        daily = await storage.usage.usage_aggregates("srv_u", "1970-01-01")
     finally:
         await storage.close()
     assert len(events) == 301  # 300 good + the scrubbed one, of every user
@@ -216,7 +216,7 @@ async def test_usage_waits_out_a_storage_outage(tmp_path):
     storage = open_storage(config.storage_url)
     await storage.open()
     metrics = Metrics()
-    recorder = UsageRecorder(storage, metrics)
+    recorder = UsageRecorder(storage.usage, metrics)
     holder = sqlite3.connect(tmp_path / "gateway.db", isolation_level=None)
     try:
         for n in range(50):
@@ -227,7 +227,7 @@ async def test_usage_waits_out_a_storage_outage(tmp_path):
         assert metrics.value("usage_events_dropped_total") == 0
         holder.execute("ROLLBACK")
         await recorder.flush()
-        events = await storage.recent_usage("srv_u", time.time() + 60, 1000)
+        events = await storage.usage.recent_usage("srv_u", time.time() + 60, 1000)
     finally:
         holder.close()
         await storage.close()

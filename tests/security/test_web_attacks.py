@@ -240,7 +240,7 @@ def test_owner_user_and_client_strings_are_escaped_on_every_page(gw):
     tool = "<svg onload=alert(3)>" + HOSTILE
 
     async def record(s):
-        await s.storage.record_usage([UsageEvent(now - 30 - i, server_id, "sub-m", MARKUP_USER, "c", "tools/call",
+        await s.storage.usage.record_usage([UsageEvent(now - 30 - i, server_id, "sub-m", MARKUP_USER, "c", "tools/call",
                                                  tool[:200], "ok", 10.0, 1, 1, "2025") for i in range(3)])
 
     run_services(gw, record)
@@ -279,7 +279,7 @@ def test_usage_csv_neutralises_formula_cells(gw, tool):
     email = "=cmd|' /C calc'!A0@evil.example"[:60]
 
     async def record(s):
-        await s.storage.record_usage([UsageEvent(time.time() - 30, server_id, "+sub", email, "c", "tools/call",
+        await s.storage.usage.record_usage([UsageEvent(time.time() - 30, server_id, "+sub", email, "c", "tools/call",
                                                  tool, "ok", 10.0, 1, 1, "2025")])
 
     run_services(gw, record)

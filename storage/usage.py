@@ -1,0 +1,139 @@
+"""Usage analytics behind their own small interface: the records of one proxied call and
+of its daily / hourly sums, the fixed latency histogram, and `UsageStore`, which every
+backend offers as `Storage.usage`. Writers: `services.usage.UsageRecorder`; readers: the
+usage reports; housekeeping: `Services.purge_old_usage`."""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+# Hourly aggregates serve the last-24-hours view only: both backends keep them this long.
+HOURLY_KEPT_SECONDS = 3 * 86400
+
+@dataclass(frozen=True)
+class UsageEvent:
+    at: float
+    server_id: str
+    user_sub: str
+    user_email: str
+    client_id: str
+    method: str
+    target: str  # tool name, resource URI or prompt name
+    outcome: str  # "ok" or the JSON-RPC error code / HTTP status as text
+    latency_ms: float
+    bytes_in: int
+    bytes_out: int
+    era: str  # "2025" | "2026"
+
+
+@dataclass(frozen=True)
+class UsageAggregate:
+    day: str  # YYYY-MM-DD (UTC)
+    server_id: str
+    target: str
+    user_sub: str
+    calls: int
+    errors: int
+    latency_ms_sum: float
+    latency_ms_max: float
+    latency_hist: tuple[int, ...] = ()  # calls per latency bucket (see latency_bucket)
+
+
+@dataclass(frozen=True)
+class UsageRollup:
+    """Usage of one target by one user over a period, summed (the usage page's rows)."""
+
+    target: str
+    user_sub: str
+    calls: int
+    errors: int
+    latency_ms_sum: float
+    latency_ms_max: float
+    latency_hist: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class UsagePeriod:
+    """Calls in one day (YYYY-MM-DD) or one hour (YYYY-MM-DDTHH), for the chart."""
+
+    period: str
+    calls: int
+    errors: int
+
+
+@dataclass(frozen=True)
+class ServerUser:
+    """Someone who has used a server through the gateway, and when."""
+
+    server_id: str
+    user_sub: str
+    user_email: str
+    first_used_at: float
+    last_used_at: float
+
+
+# Latency histogram: fixed log-spaced buckets, five per decade. Bucket 0 holds calls of at
+# most 0.1 ms, bucket i (1..30) calls in (10**((i-1)/5 - 1), 10**(i/5 - 1)] ms (up to
+# 100 s), the last bucket everything slower. Fixed so that histograms of any days, users
+# and tools add up bucket by bucket.
+LATENCY_BUCKETS = 32
+
+
+def latency_bucket(latency_ms: float) -> int:
+    if latency_ms <= 0.1:
+        return 0
+    return min(LATENCY_BUCKETS - 1, max(1, math.ceil((math.log10(latency_ms) + 1) * 5 - 1e-9)))
+
+
+def latency_bucket_bounds(index: int) -> tuple[float, float]:
+    """(lower, upper] in ms of a bucket; the last one's upper bound is infinite."""
+    lower = 0.0 if index == 0 else 10 ** ((index - 1) / 5 - 1)
+    upper = math.inf if index >= LATENCY_BUCKETS - 1 else 10 ** (index / 5 - 1)
+    return lower, upper
+
+
+class UsageStore(abc.ABC):
+    """Usage events and their aggregates. All methods are async; a backend's UsageStore
+    shares its Storage's connections and errors (StorageError, StorageUnavailable)."""
+
+    @abc.abstractmethod
+    async def record_usage(self, events: list[UsageEvent]) -> None:
+        """Append a batch of events and add them to the daily aggregates."""
+
+    @abc.abstractmethod
+    async def usage_aggregates(self, server_id: str, since_day: str) -> list[UsageAggregate]: ...
+
+    @abc.abstractmethod
+    async def usage_rollup(self, server_id: str, since_day: str) -> list[UsageRollup]:
+        """The daily aggregates from `since_day` on, summed per (target, user): calls,
+        errors, latency sum, max and histogram. Reads aggregates only, never events."""
+
+    @abc.abstractmethod
+    async def usage_per_day(self, server_id: str, since_day: str) -> list[UsagePeriod]:
+        """Calls and errors per UTC day from `since_day` on (days without calls absent)."""
+
+    @abc.abstractmethod
+    async def usage_rollup_hours(self, server_id: str, since_hour: str) -> list[UsageRollup]:
+        """Like usage_rollup, from the hourly aggregates of UTC hours 'YYYY-MM-DDTHH' at or
+        after `since_hour` (the last-24-hours view; hourly rows are kept a few days)."""
+
+    @abc.abstractmethod
+    async def usage_per_hour(self, server_id: str, since_hour: str) -> list[UsagePeriod]:
+        """Calls and errors per UTC hour (period 'YYYY-MM-DDTHH') from `since_hour` on."""
+
+    @abc.abstractmethod
+    async def server_users(self, server_id: str) -> list[ServerUser]:
+        """Everyone who has used the server, most recent first (kept by record_usage)."""
+
+    @abc.abstractmethod
+    async def recent_usage(self, server_id: str, before: float, limit: int) -> list[UsageEvent]:
+        """Newest first, strictly older than `before` (pagination cursor)."""
+
+    @abc.abstractmethod
+    async def purge_usage_events(self, before: float, limit: int) -> int:
+        """Delete up to `limit` usage events older than `before`, oldest first; returns how
+        many. The daily aggregates and the who-used-what rows stay: retention only thins
+        out the per-call history."""
+
