@@ -14,11 +14,11 @@ from dataclasses import asdict
 
 from config import Config, ConfigError
 from services import Services, build_services
-from services.clients import ClientError, registration_response
-from services.dashboard import Actor, DashboardError
+from services.clients import registration_response
+from services.dashboard import Actor
+from services.errors import GatewayError, InvalidInput
 from services.probe import McpProbe
 from services.reports import MAX_DAYS, UsageReports
-from services.servers import InvalidInput
 from storage.base import StorageError
 
 log = logging.getLogger("gateway")
@@ -315,10 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InvalidInput, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError) else 1
-    except ClientError as exc:
-        print(f"error: {exc.description}", file=sys.stderr)
-        return 1
-    except DashboardError as exc:
+    except GatewayError as exc:  # a refusal (OAuth, dashboard rules): its message
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
     except (StorageError, OSError) as exc:

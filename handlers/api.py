@@ -8,12 +8,11 @@ import json
 
 import tornado.web
 
-from handlers.base import BadRequest, BaseHandler
-from services.dashboard import DashboardError, FieldErrors
+from handlers.base import BaseHandler
+from services.errors import ApiError, BadRequest, FieldErrors, GatewayError
 from services.reports import parse_range
 
 MAX_JSON_BODY = 64 * 1024
-ERROR_CODES = {400: "invalid_request", 401: "not_signed_in", 403: "forbidden", 404: "not_found"}
 
 
 class ApiHandler(BaseHandler):
@@ -34,8 +33,7 @@ class ApiHandler(BaseHandler):
         return await self.dashboard.actor(self.current_user)
 
     def json_body(self) -> dict:
-        content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if content_type != "application/json":
+        if self.body_media_type() != "application/json":
             raise BadRequest("the body must be application/json")
         if len(self.request.body) > MAX_JSON_BODY:
             raise BadRequest("the body is too large")
@@ -47,20 +45,17 @@ class ApiHandler(BaseHandler):
             raise BadRequest("the body must be a JSON object")
         return data
 
-    def fail(self, status: int, description: str, **extra) -> None:
-        self.write_json({"error": ERROR_CODES.get(status, "error"), "error_description": description, **extra}, status)
-
-    def _handle_request_exception(self, e: BaseException) -> None:
-        if self._finished:
-            return super()._handle_request_exception(e)
-        if isinstance(e, FieldErrors):
-            self.fail(400, e.message, fields=e.errors)
-        elif isinstance(e, DashboardError):
-            self.fail(e.status, e.message)
-        elif isinstance(e, BadRequest):
-            self.fail(400, str(e))
+    def render_error(self, exc: GatewayError) -> bool:
+        """/api's shape: {"error": code, "error_description": message}, plus "fields" for
+        form input (FieldErrors); the message as the service wrote it."""
+        if isinstance(exc, ApiError):
+            code, extra = exc.code, ({"fields": exc.errors} if isinstance(exc, FieldErrors) else {})
+        elif isinstance(exc, BadRequest):
+            code, extra = "invalid_request", {}
         else:
-            super()._handle_request_exception(e)
+            return False
+        self.write_json({"error": code, "error_description": exc.message, **extra}, exc.status)
+        return True
 
     def write_error(self, status_code: int, **kwargs) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]

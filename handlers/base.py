@@ -13,7 +13,9 @@ from urllib.parse import parse_qsl
 import tornado.web
 
 from services.authorization import signin_time
+from services.errors import ApiError, BadRequest, GatewayError, OAuthError, PageError
 from services.identity import LOGIN_TTL
+from services.validation import media_type
 from storage.base import StorageUnavailable
 
 log = logging.getLogger("gateway.http")
@@ -30,8 +32,7 @@ PAGE_CSP = (
 )
 
 
-class BadRequest(Exception):
-    """Malformed input found while parsing a request body."""
+__all__ = ["BadRequest", "BaseHandler", "error_description", "unique_params"]
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -40,6 +41,9 @@ class BaseHandler(tornado.web.RequestHandler):
 
     is_page = False
     cors = False
+    no_store = False  # Cache-Control: no-store on every answer, errors included
+    basic_realm = ""  # the realm of WWW-Authenticate when HTTP Basic client authentication fails
+    bad_request_title = "Bad request"  # the page title of a BadRequest
 
     def check_xsrf_cookie(self) -> None:
         if self.is_page:
@@ -56,6 +60,8 @@ class BaseHandler(tornado.web.RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "no-referrer")
+        if self.no_store:
+            self.set_header("Cache-Control", "no-store")
         if self.is_page:
             self.set_header("Content-Security-Policy", PAGE_CSP)
             self.set_header("X-Frame-Options", "DENY")
@@ -108,7 +114,11 @@ class BaseHandler(tornado.web.RequestHandler):
         self.page("error.html", status=status, title=title, message=message)
 
     def write_error(self, status_code: int, **kwargs) -> None:
+        """Every error answer: a GatewayError in this handler's shape (render_error), else
+        the status alone (a 503 with Retry-After for a passing storage fault)."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, GatewayError) and self.render_error(exc):
+            return
         retry_after = None
         if isinstance(exc, StorageUnavailable):
             # A passing storage fault (locked, read-only, full): the client may retry,
@@ -135,7 +145,31 @@ class BaseHandler(tornado.web.RequestHandler):
             code = "temporarily_unavailable"  # RFC 6749 §4.1.2.1's name for it
         self.finish(json.dumps({"error": code, "error_description": error_description(message, code)}))
 
+    def render_error(self, exc: GatewayError) -> bool:
+        """Answer `exc` the way this kind of handler answers: a page shows its title and
+        message, an OAuth endpoint the RFC 6749 JSON body (with the error's headers, and
+        WWW-Authenticate when HTTP Basic client authentication failed). False when the
+        error is not one this handler answers (a 500 then)."""
+        if self.is_page:
+            if not isinstance(exc, PAGE_ERRORS):
+                return False
+            title = self.bad_request_title if isinstance(exc, BadRequest) else exc.title
+            self.error_page(exc.status, title, exc.message)
+            return True
+        if not isinstance(exc, OAuthError):
+            return False
+        for name, value in exc.headers.items():
+            self.set_header(name, value)
+        if exc.status == 401 and self.basic_realm and self.request.headers.get("Authorization"):
+            self.set_header("WWW-Authenticate", f'Basic realm="{self.basic_realm}"')
+        self.oauth_error(exc.error, exc.description, exc.status)
+        return True
+
     def log_exception(self, typ, value, tb) -> None:
+        if isinstance(value, GatewayError):  # expected and answered: no traceback
+            if value.status >= 500:
+                log.warning("%s %s: %s, %s", self.request.method, self.request.path, value.status, value)
+            return
         if isinstance(value, StorageUnavailable):
             # Expected while the fault lasts: one line, no traceback.
             log.warning("%s %s: 503, %s", self.request.method, self.request.path, value)
@@ -221,8 +255,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     def form_body(self) -> dict[str, str]:
         """application/x-www-form-urlencoded, UTF-8, each parameter at most once."""
-        content_type = self.request.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        if content_type != "application/x-www-form-urlencoded":
+        if self.body_media_type() != "application/x-www-form-urlencoded":
             raise BadRequest("the body must be application/x-www-form-urlencoded")
         if len(self.request.body) > MAX_FORM_BODY:
             raise BadRequest("the body is too large")
@@ -232,6 +265,9 @@ class BaseHandler(tornado.web.RequestHandler):
         except (UnicodeDecodeError, ValueError):
             raise BadRequest("the body is not valid UTF-8 form data") from None
         return unique_params(pairs)
+
+    def body_media_type(self) -> str:
+        return media_type(self.request.headers.get("Content-Type"))
 
     def query_params(self) -> dict[str, str]:
         try:
@@ -243,6 +279,10 @@ class BaseHandler(tornado.web.RequestHandler):
         except UnicodeDecodeError:
             raise BadRequest("the query is not valid UTF-8") from None
         return unique_params(pairs)
+
+
+# What a page shows: its own errors, malformed input, the dashboard's refusals.
+PAGE_ERRORS = (PageError, BadRequest, ApiError)
 
 
 def unique_params(pairs) -> dict[str, str]:

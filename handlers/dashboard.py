@@ -7,8 +7,8 @@ import time
 from datetime import UTC, datetime
 from urllib.parse import quote, urlencode
 
-from handlers.base import BadRequest, BaseHandler
-from services.dashboard import DashboardError, FieldErrors, NotSignedIn
+from handlers.base import BaseHandler
+from services.errors import BadRequest, FieldErrors, GatewayError, NotSignedIn
 from services.reports import RANGES, parse_range
 
 NOTICES = {
@@ -37,8 +37,8 @@ def human_time(ts: float) -> str:
 
 
 class DashboardPage(BaseHandler):
-    """A signed-in page: DashboardError becomes a readable error page; a missing sign-in
-    sends a GET to the sign-in page and answers anything else with 401."""
+    """A signed-in page: a refusal (services.errors.ApiError) becomes a readable error page;
+    a missing sign-in sends a GET to the sign-in page and answers anything else with 401."""
 
     is_page = True
 
@@ -49,18 +49,11 @@ class DashboardPage(BaseHandler):
     async def actor(self):
         return await self.dashboard.actor(self.current_user)
 
-    def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, NotSignedIn) and self.request.method == "GET" and not self._finished:
+    def render_error(self, exc: GatewayError) -> bool:
+        if isinstance(exc, NotSignedIn) and self.request.method == "GET":
             self.redirect("/login?" + urlencode({"next": self.request.uri}))
-            return
-        if isinstance(e, DashboardError) and not self._finished:
-            titles = {401: "Please sign in", 403: "Not allowed", 404: "Not found"}
-            self.error_page(e.status, titles.get(e.status, "That did not work"), e.message)
-            return
-        if isinstance(e, BadRequest) and not self._finished:
-            self.error_page(400, "Bad request", str(e))
-            return
-        super()._handle_request_exception(e)
+            return True
+        return super().render_error(exc)
 
     def render_page(self, template: str, status: int = 200, **context) -> None:
         notice = NOTICES.get(self.get_query_argument("notice", ""))

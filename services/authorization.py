@@ -4,7 +4,7 @@ issuing the code — so that the handlers only parse the request and render the 
 
 Outcomes are values: `Redirect` (to the client, to sign-in or to consent), `ConsentPage`
 (what the page shows), `Denied` (the friendly refusal). Errors about the client or its
-redirect URI are `ShownError`: shown to the person, never redirected (RFC 6749 §4.1.2.1).
+redirect URI are a `PageError`: shown to the person, never redirected (RFC 6749 §4.1.2.1).
 """
 
 from __future__ import annotations
@@ -18,37 +18,18 @@ from urllib.parse import urlencode, urlsplit
 from config import Config
 from services.access import AccessPolicy
 from services.clients import (
-    ClientError,
     ClientRegistry,
     is_loopback_redirect,
     redirect_host,
     redirect_uri_matches,
 )
-from services.tokens import OAuthError, TokenService, parse_scope
+from services.errors import InvalidRequest, OAuthError, PageError, RequestGone, UnsupportedResponseType
+from services.tokens import TokenService, parse_scope
 from storage.base import Client, Consent, Pending, Server, Storage
 
 PENDING_TTL = 600  # an /authorize and its sign-in may take ten minutes
 CHALLENGE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 PROMPTS = {"none", "login", "consent", "select_account"}
-
-
-class ShownError(Exception):
-    """An error shown on a page (status, title, message), never redirected to the client."""
-
-    def __init__(self, status: int, title: str, message: str):
-        super().__init__(message)
-        self.status, self.title, self.message = status, title, message
-
-
-class RequestGone(ShownError):
-    """The parked request is unknown, used up or expired.
-
-    A class, not a shared instance: raising one exception object again and again chains
-    each raise's traceback onto it, and with it every frame (handler, request) it passed
-    through, so memory grew with every unauthenticated `/authorize/consent?req=x`."""
-
-    def __init__(self) -> None:
-        super().__init__(400, "This sign-in request has expired", "Go back to your application and connect again.")
 
 
 @dataclass(frozen=True)
@@ -107,15 +88,15 @@ class AuthorizationRequests:
         """Validate and park a request; where the browser goes next."""
         try:
             client = await self._clients.get(params.get("client_id", ""))
-        except ClientError as exc:
-            raise ShownError(400, "Unknown application", exc.description) from None
+        except OAuthError as exc:  # the client is unknown or unusable
+            raise PageError(400, "Unknown application", exc.description) from None
         redirect_uri = params.get("redirect_uri")
         if redirect_uri is None:
             if len(client.redirect_uris) != 1:
-                raise ShownError(400, "Invalid authorization request", "redirect_uri is required")
+                raise PageError(400, "Invalid authorization request", "redirect_uri is required")
             redirect_uri = client.redirect_uris[0]
         if not redirect_uri_matches(client.redirect_uris, redirect_uri):
-            raise ShownError(400, "Invalid redirect URI",
+            raise PageError(400, "Invalid redirect URI",
                              "The redirect URI is not registered for this application.")
 
         state = params.get("state")
@@ -149,24 +130,24 @@ class AuthorizationRequests:
 
     async def _validate(self, params: dict[str, str]) -> dict:
         if params.get("response_type") != "code":
-            raise OAuthError("unsupported_response_type", "response_type must be code")
+            raise UnsupportedResponseType("response_type must be code")
         challenge = params.get("code_challenge")
         if not challenge:
-            raise OAuthError("invalid_request", "PKCE is required: send code_challenge (S256)")
+            raise InvalidRequest("PKCE is required: send code_challenge (S256)")
         if params.get("code_challenge_method") != "S256":
-            raise OAuthError("invalid_request", "code_challenge_method must be S256")
+            raise InvalidRequest("code_challenge_method must be S256")
         if not CHALLENGE_RE.match(challenge):
-            raise OAuthError("invalid_request", "code_challenge is not a base64url SHA-256 digest")
+            raise InvalidRequest("code_challenge is not a base64url SHA-256 digest")
         words = params.get("prompt", "").split()
         if not set(words) <= PROMPTS:
-            raise OAuthError("invalid_request", "unsupported prompt value")
+            raise InvalidRequest("unsupported prompt value")
         if "none" in words and len(words) > 1:
-            raise OAuthError("invalid_request", "prompt=none cannot be combined")
+            raise InvalidRequest("prompt=none cannot be combined")
         scope = parse_scope(params.get("scope"))
         audience = await self._tokens.resolve_audience(params.get("resource"))
         for name in ("state", "nonce"):
             if len(params.get(name) or "") > 2000:
-                raise OAuthError("invalid_request", f"{name} is too long")
+                raise InvalidRequest(f"{name} is too long")
         return {
             "code_challenge": challenge,
             "scope": scope,
@@ -211,7 +192,7 @@ class AuthorizationRequests:
         """The consent form's answer; the request is used up either way."""
         payload = (await self._pending(key, take=True)).payload
         if user is None or not signed_in_after(user, payload):
-            raise ShownError(401, "Not signed in", "Sign in again from your application.")
+            raise PageError(401, "Not signed in", "Sign in again from your application.")
         if not approve:
             return Redirect(self._to_client_url(payload, error="access_denied",
                                                 error_description="the user declined"))

@@ -22,9 +22,17 @@ from dataclasses import replace
 from urllib.parse import quote, unquote_plus, urlsplit
 
 from config import is_loopback_host
+from services.errors import (
+    InvalidClient,
+    InvalidClientMetadata,
+    InvalidInput,
+    InvalidRedirectUri,
+    InvalidRequest,
+    OAuthError,
+    ServerError,
+)
 from services.keys import token_hash
-from services.tokens import OAuthError
-from services.validation import InvalidInput, check_text
+from services.validation import check_text, max_age
 from storage.base import Client, Conflict, Storage
 
 log = logging.getLogger("gateway.clients")
@@ -54,11 +62,6 @@ DCR_IDLE_REAP = 30 * 86400  # unused DCR registrations are deleted after this lo
 CIMD_IDLE_REAP = 7 * 86400
 
 
-class ClientError(OAuthError):
-    """An RFC 6749 / 7591 error about the client or its metadata (callers that show these
-    on a page instead of redirecting catch it before OAuthError)."""
-
-
 def is_cimd_client_id(client_id: str) -> bool:
     return client_id.startswith("https://")
 
@@ -68,11 +71,11 @@ def _text(value: object, name: str, limit: int, error: str = "invalid_client_met
     try:
         return check_text(value, name, limit=limit)
     except InvalidInput as exc:
-        raise ClientError(error, str(exc)) from None
+        raise OAuthError.of(error, str(exc)) from None
 
 
 def check_redirect_uri(uri: object) -> str:
-    """Return the URI when the policy allows it; raise ClientError(invalid_redirect_uri).
+    """Return the URI when the policy allows it; raise InvalidRedirectUri.
 
     A redirect URI is an RFC 3986 URI: ASCII only (other characters percent-encoded), and
     an http(s) host is an ASCII name (an internationalised one in its IDNA A-label, xn--,
@@ -80,43 +83,39 @@ def check_redirect_uri(uri: object) -> str:
     to: no look-alike Unicode host (Cyrillic "а" for "a"), no bidi override in the path.
     The messages describe the problem without echoing the URI (the caller names which one)."""
     if not isinstance(uri, str) or not uri or len(uri) > MAX_URI_LENGTH:
-        raise ClientError(
-            "invalid_redirect_uri", f"a redirect URI must be a non-empty string of at most {MAX_URI_LENGTH} characters"
-        )
+        raise InvalidRedirectUri(f"a redirect URI must be a non-empty string of at most {MAX_URI_LENGTH} characters")
     _text(uri, "a redirect URI", MAX_URI_LENGTH, "invalid_redirect_uri")
     if any(ord(c) < 0x21 or ord(c) == 0x7F for c in uri):
-        raise ClientError("invalid_redirect_uri", "a redirect URI must not contain spaces or control characters")
+        raise InvalidRedirectUri("a redirect URI must not contain spaces or control characters")
     if not uri.isascii():
-        raise ClientError("invalid_redirect_uri", _non_ascii_problem(uri))
+        raise InvalidRedirectUri(_non_ascii_problem(uri))
     if not URI_CHARS_RE.fullmatch(uri) or BAD_PERCENT_RE.search(uri):
-        raise ClientError(
-            "invalid_redirect_uri",
+        raise InvalidRedirectUri(
             "a redirect URI must be an RFC 3986 URI: characters such as < > { } | ^ ` and the backslash "
             "must be percent-encoded, and % must start a %XX escape",
         )
     parts = _split(uri)
     if parts is None:
-        raise ClientError("invalid_redirect_uri", "a redirect URI has a malformed host or port")
+        raise InvalidRedirectUri("a redirect URI has a malformed host or port")
     scheme = parts.scheme.lower()
     if not scheme or not SCHEME_RE.match(scheme):
-        raise ClientError("invalid_redirect_uri", "a redirect URI must be an absolute URI (with a scheme)")
+        raise InvalidRedirectUri("a redirect URI must be an absolute URI (with a scheme)")
     if parts.fragment or "#" in uri:
-        raise ClientError("invalid_redirect_uri", "a redirect URI must not have a fragment")
+        raise InvalidRedirectUri("a redirect URI must not have a fragment")
     if scheme in DANGEROUS_SCHEMES:
-        raise ClientError("invalid_redirect_uri", f"the {scheme}: scheme is not allowed in a redirect URI")
+        raise InvalidRedirectUri(f"the {scheme}: scheme is not allowed in a redirect URI")
     if scheme in ("http", "https"):
         if not parts.hostname:
-            raise ClientError("invalid_redirect_uri", f"a redirect URI with {scheme}: must name a host")
+            raise InvalidRedirectUri(f"a redirect URI with {scheme}: must name a host")
         if parts.username is not None or parts.password is not None:
-            raise ClientError("invalid_redirect_uri", "a redirect URI must not carry user information")
+            raise InvalidRedirectUri("a redirect URI must not carry user information")
         if not HOST_RE.fullmatch(parts.hostname) and not _is_ipv6_literal(parts):
-            raise ClientError(
-                "invalid_redirect_uri",
+            raise InvalidRedirectUri(
                 "a redirect URI's host must be a DNS name of letters, digits, dots and hyphens (an "
                 "internationalised name in its IDNA A-label, xn--, form) or an IP address",
             )
         if scheme == "http" and not is_loopback_host(parts.hostname):
-            raise ClientError("invalid_redirect_uri", "http redirect URIs are only allowed for loopback hosts")
+            raise InvalidRedirectUri("http redirect URIs are only allowed for loopback hosts")
     return uri
 
 
@@ -222,7 +221,7 @@ def _optional_string(metadata: dict, name: str, limit: int = 1000) -> str:
     if value is None:
         return ""
     if not isinstance(value, str) or len(value) > limit:
-        raise ClientError("invalid_client_metadata", f"{name} must be a string of at most {limit} characters")
+        raise InvalidClientMetadata(f"{name} must be a string of at most {limit} characters")
     return _text(value, name, limit)
 
 
@@ -230,65 +229,62 @@ def _optional_url(metadata: dict, name: str) -> str:
     value = _optional_string(metadata, name, MAX_URI_LENGTH)
     parts = _split(value)
     if value and (parts is None or parts.scheme not in ("http", "https")):
-        raise ClientError("invalid_client_metadata", f"{name} must be an http(s) URL")
+        raise InvalidClientMetadata(f"{name} must be an http(s) URL")
     return value
 
 
 def validate_metadata(metadata: object, *, for_cimd: bool = False) -> dict:
-    """Normalise RFC 7591 client metadata; raise ClientError for what cannot be registered."""
+    """Normalise RFC 7591 client metadata; raise an OAuthError for what cannot be registered."""
     if not isinstance(metadata, dict):
-        raise ClientError("invalid_client_metadata", "the body must be a JSON object")
+        raise InvalidClientMetadata("the body must be a JSON object")
     uris = metadata.get("redirect_uris")
     if not isinstance(uris, list) or not uris:
-        raise ClientError("invalid_redirect_uri", "redirect_uris must be a non-empty array")
+        raise InvalidRedirectUri("redirect_uris must be a non-empty array")
     if len(uris) > MAX_REDIRECT_URIS:
-        raise ClientError("invalid_redirect_uri", f"at most {MAX_REDIRECT_URIS} redirect URIs")
+        raise InvalidRedirectUri(f"at most {MAX_REDIRECT_URIS} redirect URIs")
     checked = []
     for index, uri in enumerate(uris):
         try:
             checked.append(check_redirect_uri(uri))
-        except ClientError as exc:  # which one, by position: the URI itself is not echoed
-            raise ClientError(exc.error, f"redirect_uris[{index}]: {exc.description}", exc.status) from None
+        except OAuthError as exc:  # which one, by position: the URI itself is not echoed
+            raise type(exc)(f"redirect_uris[{index}]: {exc.description}", exc.status) from None
     redirect_uris = tuple(dict.fromkeys(checked))
 
     default_method = "none" if for_cimd else "client_secret_basic"  # RFC 7591 §2 default
     method = metadata.get("token_endpoint_auth_method", default_method)
     if for_cimd and method != "none":
-        raise ClientError(
-            "invalid_client_metadata",
+        raise InvalidClientMetadata(
             "a client ID metadata document must use token_endpoint_auth_method none",
         )
     if method not in AUTH_METHODS:
-        raise ClientError(
-            "invalid_client_metadata",
+        raise InvalidClientMetadata(
             f"token_endpoint_auth_method must be one of {', '.join(AUTH_METHODS)}",
         )
     if for_cimd and ("client_secret" in metadata or "client_secret_expires_at" in metadata):
-        raise ClientError("invalid_client_metadata", "a metadata document must not carry a secret")
+        raise InvalidClientMetadata("a metadata document must not carry a secret")
 
     grant_types = metadata.get("grant_types", ["authorization_code"])
     if not isinstance(grant_types, list) or not all(isinstance(g, str) for g in grant_types):
-        raise ClientError("invalid_client_metadata", "grant_types must be an array of strings")
+        raise InvalidClientMetadata("grant_types must be an array of strings")
     unsupported = set(grant_types) - {"authorization_code", "refresh_token"}
     if unsupported or "authorization_code" not in grant_types:
-        raise ClientError(
-            "invalid_client_metadata",
+        raise InvalidClientMetadata(
             "grant_types must include authorization_code and may add refresh_token only",
         )
     response_types = metadata.get("response_types", ["code"])
     if response_types != ["code"]:
-        raise ClientError("invalid_client_metadata", 'response_types must be ["code"]')
+        raise InvalidClientMetadata('response_types must be ["code"]')
     application_type = metadata.get("application_type", "web")
     if application_type not in ("web", "native"):
-        raise ClientError("invalid_client_metadata", "application_type must be web or native")
+        raise InvalidClientMetadata("application_type must be web or native")
     contacts = metadata.get("contacts", [])
     if not isinstance(contacts, list) or not all(isinstance(c, str) for c in contacts):
-        raise ClientError("invalid_client_metadata", "contacts must be an array of strings")
+        raise InvalidClientMetadata("contacts must be an array of strings")
     contacts = [_text(c, "contacts", 320) for c in contacts[:10]]
 
     name = _optional_string(metadata, "client_name", 200).strip()
     if for_cimd and not name:
-        raise ClientError("invalid_client_metadata", "client_name is required")
+        raise InvalidClientMetadata("client_name is required")
     extra = {
         key: value
         for key in ("client_uri", "logo_uri", "tos_uri", "policy_uri")
@@ -366,20 +362,18 @@ class ClientRegistry:
         try:
             await self._storage.create_client(client)
         except Conflict:  # 128 random bits: only a broken RNG gets here
-            raise ClientError("server_error", "could not allocate a client id", 500) from None
+            raise ServerError("could not allocate a client id", 500) from None
         return client, secret
 
     async def get(self, client_id: str) -> Client:
-        """The client for /authorize; raise ClientError(invalid_client) when unusable."""
+        """The client for /authorize; raise an OAuthError (InvalidClient) when unusable."""
         if not isinstance(client_id, str) or not client_id or len(client_id) > MAX_URI_LENGTH:
-            raise ClientError("invalid_request", "client_id is missing")
+            raise InvalidRequest("client_id is missing")
         if is_cimd_client_id(client_id):
             return await self._metadata_document_client(client_id)
         client = await self._storage.get_client(client_id)
         if client is None or client.kind == "cimd":
-            raise ClientError(
-                "invalid_client", "this client is not registered here (register again)", 401
-            )
+            raise InvalidClient("this client is not registered here (register again)")
         return client
 
     @staticmethod
@@ -389,7 +383,7 @@ class ClientRegistry:
         there is none or the Basic credentials are malformed (authenticate says so)."""
         try:
             basic = _basic_credentials(authorization)
-        except ClientError:
+        except OAuthError:
             return ""
         return (basic[0] if basic is not None else form_client_id) or ""
 
@@ -399,12 +393,12 @@ class ClientRegistry:
         """Client authentication at /token and /revoke (RFC 6749 §2.3)."""
         basic_id, basic_secret = _basic_credentials(authorization) or (None, None)
         if basic_id is not None and form_client_id and form_client_id != basic_id:
-            raise ClientError("invalid_request", "client_id differs from the Basic credentials")
+            raise InvalidRequest("client_id differs from the Basic credentials")
         client_id = basic_id or form_client_id
         if basic_id is not None and form_secret:
-            raise ClientError("invalid_request", "use one client authentication method, not two")
+            raise InvalidRequest("use one client authentication method, not two")
         if not client_id:
-            raise ClientError("invalid_client", "client authentication is required", 401)
+            raise InvalidClient("client authentication is required")
         if is_cimd_client_id(client_id):
             client = await self._storage.get_client(client_id)
             if client is None:
@@ -412,13 +406,13 @@ class ClientRegistry:
         else:
             client = await self._storage.get_client(client_id)
         if client is None:
-            raise ClientError("invalid_client", "unknown client (register again)", 401)
+            raise InvalidClient("unknown client (register again)")
         secret = basic_secret if basic_id is not None else form_secret
         if client.secret_hash:
             if not secret or not hmac.compare_digest(token_hash(secret), client.secret_hash):
-                raise ClientError("invalid_client", "client authentication failed", 401)
+                raise InvalidClient("client authentication failed")
         elif secret:
-            raise ClientError("invalid_client", "this client has no secret", 401)
+            raise InvalidClient("this client has no secret")
         return client
 
     async def touch(self, client: Client) -> None:
@@ -442,11 +436,11 @@ class ClientRegistry:
             return cached[0]
         check_metadata_document_url(url)
         if self._fetch_document is None:
-            raise ClientError("invalid_client", "client ID metadata documents are not enabled", 401)
+            raise InvalidClient("client ID metadata documents are not enabled")
         failed_until = self._cimd_failures.get(url)
         if failed_until is not None:
             if failed_until > now:
-                raise ClientError("invalid_client", CIMD_FAILED, 401)
+                raise InvalidClient(CIMD_FAILED)
             del self._cimd_failures[url]
         pending = self._cimd_fetching.get(url)
         if pending is not None:
@@ -459,7 +453,7 @@ class ClientRegistry:
             self._cimd_failures[url] = time.monotonic() + CIMD_FAILURE_TTL
             while len(self._cimd_failures) > CIMD_FAILURE_CACHE_SIZE:
                 self._cimd_failures.popitem(last=False)
-            error = ClientError("invalid_client", CIMD_FAILED, 401)
+            error = InvalidClient(CIMD_FAILED)
             pending.set_exception(error)
             pending.exception()  # retrieved: no "never retrieved" warning when nobody waited
             raise error from None
@@ -492,7 +486,7 @@ class ClientRegistry:
             raise _DocumentRefused("its client_id is not its own URL")
         try:
             fields = validate_metadata(document, for_cimd=True)
-        except ClientError as exc:
+        except OAuthError as exc:
             raise _DocumentRefused(f"{exc.error}: {exc.description}") from None
         now = time.time()
         existing = await self._storage.get_client(url)
@@ -517,13 +511,13 @@ class _DocumentRefused(Exception):
 
 def _basic_credentials(authorization: str | None) -> tuple[str, str] | None:
     """(client_id, secret) of an HTTP Basic Authorization header (RFC 6749 §2.3.1: each
-    form-urlencoded), None without one; ClientError when it is malformed."""
+    form-urlencoded), None without one; InvalidClient when it is malformed."""
     if not authorization or authorization[:6].lower() != "basic ":
         return None
     try:
         decoded = base64.b64decode(authorization[6:].strip(), validate=True).decode()
     except (ValueError, UnicodeDecodeError):
-        raise ClientError("invalid_client", "malformed Basic credentials", 401) from None
+        raise InvalidClient("malformed Basic credentials") from None
     raw_id, _, raw_secret = decoded.partition(":")
     return unquote_plus(raw_id), unquote_plus(raw_secret)
 
@@ -548,11 +542,9 @@ def check_metadata_document_url(url: str) -> None:
         or parts.username
         or parts.password
     ):
-        raise ClientError(
-            "invalid_client",
+        raise InvalidClient(
             "a URL client_id must be an https URL (RFC 3986, ASCII: the host in IDNA A-label form) "
             "with a path, without dot segments, fragment or user information",
-            401,
         )
 
 
@@ -561,6 +553,6 @@ def cache_ttl(headers) -> float:
     control = (headers.get("Cache-Control", "") if headers else "").lower()
     if "no-store" in control or "no-cache" in control:
         return CIMD_MIN_TTL
-    match = re.search(r"max-age=(\d+)", control)
-    ttl = int(match.group(1)) if match else CIMD_DEFAULT_TTL
+    ttl = max_age(control)
+    ttl = CIMD_DEFAULT_TTL if ttl is None else ttl
     return float(min(max(ttl, CIMD_MIN_TTL), CIMD_MAX_TTL))

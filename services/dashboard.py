@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 
 from config import Config
 from services.access import AccessPolicy
-from services.clients import ClientError, ClientRegistry, redirect_host
+from services.clients import ClientRegistry, redirect_host
+from services.errors import FieldErrors, Forbidden, InvalidInput, NotFound, NotSignedIn, OAuthError
 from services.install import install_snippets
 from services.probe import McpProbe, ProbeResult
 from services.reports import UsageReport, UsageReports
 from services.servers import (
-    InvalidInput,
     ServerRegistry,
     check_domain,
     check_email,
@@ -26,36 +26,6 @@ from services.servers import (
 from services.tokens import TokenService
 from services.upstream import UpstreamError, UpstreamRefused, UpstreamTimeout
 from storage.base import Grant, Server, Storage, User
-
-
-class DashboardError(Exception):
-    status = 400
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class NotSignedIn(DashboardError):
-    status = 401
-
-
-class Forbidden(DashboardError):
-    status = 403
-
-
-class NotFound(DashboardError):
-    status = 404
-
-
-class FieldErrors(DashboardError):
-    """Form input that cannot be used: {field: message}."""
-
-    status = 400
-
-    def __init__(self, errors: dict[str, str]):
-        super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
-        self.errors = errors
 
 
 @dataclass(frozen=True)
@@ -395,7 +365,7 @@ class Dashboard:
                 try:
                     client = await self._clients.get(family.client_id)
                     name, uris = client.client_name, client.redirect_uris
-                except ClientError:
+                except OAuthError:
                     name, uris = family.client_id, ()
                 entry = by_client[family.client_id] = Authorization(
                     family.client_id, name or family.client_id,

@@ -24,7 +24,9 @@ import jwt
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
-from services.servers import InvalidInput, check_email
+from services.errors import IdentityError, InvalidInput, PageError
+from services.servers import check_email
+from services.validation import max_age
 from storage.base import Pending, User
 
 log = logging.getLogger("gateway.identity")
@@ -44,15 +46,6 @@ SIGNING_KEY_TYPES: dict[str, tuple[str, str | None]] = {
     "EdDSA": ("OKP", None),
 }
 REQUIRED_CLAIMS = ["iss", "sub", "aud", "exp", "iat"]  # OIDC Core §2
-
-
-class IdentityError(Exception):
-    """The IdP could not sign the user in; the message is safe to show. `status` is the
-    HTTP status the page answers with: 504 when the IdP did not answer in time."""
-
-    def __init__(self, message: str, status: int = 502):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -141,8 +134,8 @@ class OidcIdentityProvider:
             response = await self._http.fetch(self._request(url))
         except (HTTPClientError, OSError) as exc:
             raise fetch_failure(exc, what) from None
-        match = re.search(r"max-age=(\d+)", response.headers.get("Cache-Control", ""))
-        ttl = float(match.group(1)) if match else DEFAULT_JWKS_TTL
+        seconds = max_age(response.headers.get("Cache-Control"))
+        ttl = float(seconds) if seconds is not None else DEFAULT_JWKS_TTL
         try:
             document = json.loads(response.body)
         except ValueError:
@@ -315,14 +308,6 @@ def dev_subject(email: str) -> str:
     return "dev-" + hashlib.sha256(email.lower().encode()).hexdigest()[:24]
 
 
-class SignInError(Exception):
-    """A sign-in that cannot go on: shown to the person as a page (status, title, message)."""
-
-    def __init__(self, status: int, title: str, message: str):
-        super().__init__(message)
-        self.status, self.title, self.message = status, title, message
-
-
 LOGIN_TTL = 600  # a person may take ten minutes at the identity provider
 SESSION_CHECK_TTL = 1.0  # a positive session check is reused this long, on this instance only
 SESSION_CACHE_SIZE = 10000
@@ -379,7 +364,7 @@ class Accounts:
         try:
             start = await self._identity.start_login(force_login=force_login)
         except IdentityError as exc:
-            raise SignInError(exc.status, "Sign-in is unavailable", str(exc)) from None
+            raise PageError(exc.status, "Sign-in is unavailable", str(exc)) from None
         await self._storage.put_pending(
             Pending(
                 kind="login",
@@ -405,23 +390,23 @@ class Accounts:
             offered = secret_digest(browser_key) if isinstance(browser_key, str) and browser_key else ""
             if not expected or not secrets.compare_digest(expected, offered):
                 log.warning("sign-in callback refused: its state was started in another browser")
-                raise SignInError(
+                raise PageError(
                     403, "This sign-in was started in another browser",
                     "A sign-in must end in the browser where it began. "
                     "Start again from your application or the dashboard, in this browser.",
                 )
             pending = await self._storage.take_pending("login", state, now)  # single use
         if error:  # some IdPs send no state with an error: nothing to look up then
-            raise SignInError(403, "Sign-in was cancelled", f"The identity provider answered: {error[:100]}")
+            raise PageError(403, "Sign-in was cancelled", f"The identity provider answered: {error[:100]}")
         if pending is None:
-            raise SignInError(400, "This sign-in has expired", "Start again from your application or the dashboard.")
+            raise PageError(400, "This sign-in has expired", "Start again from your application or the dashboard.")
         if not code:
-            raise SignInError(400, "Sign-in failed", "The identity provider sent no code.")
+            raise PageError(400, "Sign-in failed", "The identity provider sent no code.")
         try:
             claims = await self._identity.finish_login(code, pending.payload["verifier"], pending.payload["nonce"])
         except IdentityError as exc:
             title = "Sign-in timed out" if exc.status == 504 else "Sign-in failed"
-            raise SignInError(exc.status, title, str(exc)) from None
+            raise PageError(exc.status, title, str(exc)) from None
         return await self.sign_in(claims), pending.payload.get("next", "")
 
     async def dev_sign_in(self, email: str) -> User:
@@ -429,7 +414,7 @@ class Accounts:
         try:
             email = check_email(email)
         except InvalidInput:
-            raise SignInError(400, "Sign in", "Enter a valid e-mail address.") from None
+            raise PageError(400, "Sign in", "Enter a valid e-mail address.") from None
         return await self.sign_in(
             IdentityClaims(sub=dev_subject(email), email=email, email_verified=True, hd="",
                            name=email.split("@")[0], picture="")

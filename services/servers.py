@@ -14,9 +14,10 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from services.access import AccessPolicy
+from services.errors import InvalidInput
 from services.keys import SecretBox
 from services.upstream import AddressPolicy, UpstreamRefused, UpstreamUnreachable, parse_upstream_url
-from services.validation import InvalidInput, check_text
+from services.validation import check_text
 from storage.base import Conflict, Grant, Server, Storage
 
 __all__ = ["InvalidInput", "ServerRegistry", "check_domain", "check_email", "check_name", "check_upstream_url",

@@ -26,6 +26,14 @@ import jwt
 
 from config import Config
 from services.access import AccessPolicy, Principal
+from services.errors import (
+    AccessDenied,
+    InvalidGrant,
+    InvalidRequest,
+    InvalidScope,
+    InvalidTarget,
+    OAuthError,
+)
 from services.keys import KeyRing, SecretBox, token_hash
 from storage.base import (
     AuthCode,
@@ -54,16 +62,6 @@ OPTIONAL_STRING_CLAIMS = ("scope", "client_id", "fid", "email", "hd")
 NUMERIC_CLAIMS = ("exp", "iat", "nbf")  # exp and iat are required by the decoder
 
 
-class OAuthError(Exception):
-    """An RFC 6749 error for the token or authorization endpoint."""
-
-    def __init__(self, error: str, description: str, status: int = 400):
-        super().__init__(description)
-        self.error = error
-        self.description = description
-        self.status = status
-
-
 class InvalidToken(Exception):
     """A bearer token the proxy must refuse with 401 invalid_token."""
 
@@ -79,7 +77,7 @@ def parse_scope(requested: str | None) -> str:
     words = (requested or "").split()
     for word in words:
         if not SCOPE_TOKEN_RE.match(word):
-            raise OAuthError("invalid_scope", "scope contains characters RFC 6749 forbids")
+            raise InvalidScope("scope contains characters RFC 6749 forbids")
     granted = [s for s in SUPPORTED_SCOPES if s in words]
     if not any(s in granted for s in MCP_SCOPES):
         granted = [*MCP_SCOPES, *granted]
@@ -123,9 +121,9 @@ class TokenService:
             parts = urlsplit(resource)
             parts.port  # noqa: B018 - raises ValueError for a malformed port
         except ValueError:
-            raise OAuthError("invalid_target", "resource is not a valid URL") from None
+            raise InvalidTarget("resource is not a valid URL") from None
         if parts.fragment:
-            raise OAuthError("invalid_target", "resource must not have a fragment")
+            raise InvalidTarget("resource must not have a fragment")
         origin = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
         path = parts.path.rstrip("/")
         if origin == self._config.public_url and not parts.query:
@@ -135,7 +133,7 @@ class TokenService:
                 server_id = path[5:]
                 if await self._access.server(server_id) is not None:
                     return Audience(self._config.server_resource(server_id), server_id)
-        raise OAuthError("invalid_target", "resource does not name an MCP server of this gateway")
+        raise InvalidTarget("resource does not name an MCP server of this gateway")
 
     def audience_for(self, value: str) -> Audience:
         if value.startswith(self._config.base_resource) and value != self._config.base_resource:
@@ -146,7 +144,7 @@ class TokenService:
         if audience.server_id:
             decision = await self._access.decide(principal_of(user), audience.server_id)
             if not decision.allowed:
-                raise OAuthError("access_denied", decision.reason)
+                raise AccessDenied(decision.reason)
 
     # ------------------------------------------------------------------- codes
 
@@ -185,24 +183,23 @@ class TokenService:
         resource: str | None,
     ) -> dict:
         if not VERIFIER_RE.match(code_verifier):
-            raise OAuthError(
-                "invalid_request", "code_verifier must be 43-128 characters of [A-Za-z0-9-._~]"
+            raise InvalidRequest("code_verifier must be 43-128 characters of [A-Za-z0-9-._~]"
             )
         record, first_use = await self._storage.redeem_code(token_hash(code))
         if record is None:
-            raise OAuthError("invalid_grant", "unknown authorization code")
+            raise InvalidGrant("unknown authorization code")
         if not first_use:
             # RFC 6749 §4.1.2: a replayed code revokes what it issued.
             await self.revoke_family(record.family_id)
-            raise OAuthError("invalid_grant", "authorization code already used")
+            raise InvalidGrant("authorization code already used")
         if record.expires_at < time.time():
-            raise OAuthError("invalid_grant", "authorization code expired")
+            raise InvalidGrant("authorization code expired")
         if record.client_id != client.client_id:
-            raise OAuthError("invalid_grant", "authorization code was issued to another client")
+            raise InvalidGrant("authorization code was issued to another client")
         if redirect_uri is not None and redirect_uri != record.redirect_uri:
-            raise OAuthError("invalid_grant", "redirect_uri differs from the authorization request")
+            raise InvalidGrant("redirect_uri differs from the authorization request")
         if not hmac.compare_digest(s256(code_verifier), record.code_challenge):
-            raise OAuthError("invalid_grant", "code_verifier does not match the code_challenge")
+            raise InvalidGrant("code_verifier does not match the code_challenge")
         user, audience = await self._still_allowed(record.user_sub, record.audience, resource)
 
         now = time.time()
@@ -233,7 +230,7 @@ class TokenService:
         wanted = await self.resolve_audience(resource)
         if wanted.value == audience.value or (not audience.server_id and wanted.server_id):
             return wanted
-        raise OAuthError("invalid_target", "resource differs from the one authorized")
+        raise InvalidTarget("resource differs from the one authorized")
 
     # ----------------------------------------------------------- refresh tokens
 
@@ -266,20 +263,20 @@ class TokenService:
         now = time.time()
         record = await self._storage.get_refresh_token(key)
         if record is None or record.client_id != client.client_id:
-            raise OAuthError("invalid_grant", "unknown refresh token")
+            raise InvalidGrant("unknown refresh token")
         family = await self._storage.get_family(record.family_id)
         if (family is None or family.revoked_at or family.expires_at < now
                 or _family_marker(family.family_id) in self._revoked):
-            raise OAuthError("invalid_grant", "this authorization was revoked or has expired")
+            raise InvalidGrant("this authorization was revoked or has expired")
         if record.expires_at < now:
-            raise OAuthError("invalid_grant", "refresh token expired (unused for too long)")
+            raise InvalidGrant("refresh token expired (unused for too long)")
         granted = record.scope.split()
         requested = scope.split() if scope else granted
         if not set(requested) <= set(granted):
-            raise OAuthError("invalid_scope", "scope may only narrow on refresh")
+            raise InvalidScope("scope may only narrow on refresh")
         if not any(s in requested for s in MCP_SCOPES):
             # A token without mcp:connect or mcp:invoke could not reach any MCP server.
-            raise OAuthError("invalid_scope", "a refreshed scope must keep mcp:connect or mcp:invoke")
+            raise InvalidScope("a refreshed scope must keep mcp:connect or mcp:invoke")
         token_scope = " ".join(s for s in SUPPORTED_SCOPES if s in requested)
         user, audience = await self._still_allowed(record.user_sub, family.audience, resource)
 
@@ -296,7 +293,7 @@ class TokenService:
         successor = await self._grace_successor(record, now)
         if successor is None:
             await self.revoke_family(family.family_id)
-            raise OAuthError("invalid_grant", "refresh token reused: the authorization is revoked")
+            raise InvalidGrant("refresh token reused: the authorization is revoked")
         return self._token_response(user, client.client_id, token_scope, audience, family, successor)
 
     async def _grace_successor(self, record: RefreshToken, now: float) -> str | None:
@@ -475,13 +472,13 @@ class TokenService:
         try:
             await self.check_access(user, audience)
         except OAuthError as exc:
-            raise OAuthError("invalid_grant", exc.description) from None
+            raise InvalidGrant(exc.description) from None
         return user, audience
 
     async def _user(self, sub: str) -> User:
         user = await self._storage.get_user(sub)
         if user is None:
-            raise OAuthError("invalid_grant", "the user of this grant no longer exists")
+            raise InvalidGrant("the user of this grant no longer exists")
         return user
 
 

@@ -5,25 +5,21 @@ used only when it is valid Unicode text of a sane length, and a refusal names it
 Why one helper: JSON's `\\ud800` escape and the CLI's surrogate-escaped argv both produce
 Python strings that hold lone surrogates. They pass every regex and length check and then
 fail deep in storage (UTF-8 encoding) as a 500; control characters reach logs and pages.
+Also the header values more than one edge reads (Content-Type's media type, max-age).
 """
 
 from __future__ import annotations
 
 import re
 
+from services.errors import InvalidInput
+
+__all__ = ["InvalidInput", "check_text", "max_age", "media_type", "scrub_text", "text_problem"]
+
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # C0 controls, DEL and C1 controls; the multi-line variant keeps tab, LF and CR.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 _CONTROL_MULTILINE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-class InvalidInput(ValueError):
-    """A value from outside that cannot be used; the message says which and why, `field`
-    names the input it came from (a form field, a JSON member) when the caller knows it."""
-
-    def __init__(self, message: str, field: str = ""):
-        super().__init__(message)
-        self.field = field
 
 
 def text_problem(value: str, *, multiline: bool = False) -> str | None:
@@ -61,3 +57,18 @@ def scrub_text(value: str, limit: int) -> str:
     if text_problem(value) is None:
         return value
     return _CONTROL.sub("\ufffd", _SURROGATE.sub("\ufffd", value))
+
+
+# Header values read the same way everywhere.
+_MAX_AGE = re.compile(r"max-age=(\d+)", re.IGNORECASE)
+
+
+def media_type(content_type: str | None) -> str:
+    """The media type of a Content-Type value, lower-cased, without parameters ("" for none)."""
+    return (content_type or "").split(";")[0].strip().lower()
+
+
+def max_age(cache_control: str | None) -> int | None:
+    """The max-age of a Cache-Control value in seconds, None when it has none."""
+    match = _MAX_AGE.search(cache_control or "")
+    return int(match.group(1)) if match else None

@@ -21,9 +21,10 @@ import pytest
 from cryptography.exceptions import InvalidTag
 
 from services import build_services
-from services.clients import ClientError, check_redirect_uri, redirect_uri_matches
+from services.clients import check_redirect_uri, redirect_uri_matches
+from services.errors import OAuthError
 from services.keys import SecretBox
-from services.tokens import GRACE, InvalidToken, OAuthError, parse_scope
+from services.tokens import GRACE, InvalidToken, parse_scope
 from storage.base import AuthCode, User
 from tests.support.inprocess import make_config, run
 
@@ -589,7 +590,7 @@ async def test_confidential_client_secret_is_hashed_and_authenticates_by_basic_o
             (None, secret, basic(client.client_id, secret), "invalid_request"),
         ]
         for form_id, form_secret, header, error in refusals:
-            with pytest.raises(ClientError) as caught:
+            with pytest.raises(OAuthError) as caught:
                 await s.clients.authenticate(form_id, form_secret, header)
             assert caught.value.error == error, (form_id, form_secret, header)
             assert caught.value.status == (401 if error == "invalid_client" else 400)
@@ -601,7 +602,7 @@ async def test_public_client_must_not_send_a_secret(tmp_path):
         client, secret = await s.clients.register({"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"})
         assert secret is None
         assert (await s.clients.authenticate(client.client_id, None, None)).client_id == client.client_id
-        with pytest.raises(ClientError) as caught:
+        with pytest.raises(OAuthError) as caught:
             await s.clients.authenticate(client.client_id, "invented", None)
         assert caught.value.error == "invalid_client" and caught.value.status == 401
 
@@ -633,7 +634,7 @@ def test_redirect_uri_matching(registered, requested, matches):
     "https://u@a.example/cb", "no-scheme", 42, None, "x" * 2001,
 ])
 def test_check_redirect_uri_refuses(uri):
-    with pytest.raises(ClientError) as caught:
+    with pytest.raises(OAuthError) as caught:
         check_redirect_uri(uri)
     assert caught.value.error == "invalid_redirect_uri"
 

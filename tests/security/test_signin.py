@@ -25,16 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from handlers.oauth import local_path
 from services import build_services
 from services.access import Principal
+from services.errors import IdentityError, OAuthError, PageError
 from services.identity import (
     CLOCK_SKEW,
     SESSION_CHECK_TTL,
     Accounts,
     IdentityClaims,
-    IdentityError,
     OidcIdentityProvider,
-    SignInError,
 )
-from services.tokens import OAuthError
 from storage import open_storage
 from storage.base import Server, User
 from tests.support.browser import BrowserError, ScriptedBrowser
@@ -569,7 +567,7 @@ async def begin_and_finish(tmp_path, provider: Provider, timeout: float):
         accounts = Accounts(storage, provider.client(timeout))
         start = await accounts.begin("/dashboard", False, None)
         state = dict(parse_qsl(urlsplit(start.url).query))["state"]
-        with pytest.raises(SignInError) as caught:
+        with pytest.raises(PageError) as caught:
             await accounts.finish(state, "code-1", None, start.browser_key)
         return caught.value, await storage.get_user("u-1")
     finally:
@@ -595,7 +593,7 @@ def test_a_discovery_that_times_out_is_named_a_timeout(tmp_path):
             storage = open_storage(f"sqlite:///{tmp_path}/accounts.db")
             await storage.open()
             try:
-                with pytest.raises(SignInError) as caught:
+                with pytest.raises(PageError) as caught:
                     await Accounts(storage, provider.client(0.5)).begin("/dashboard", False, None)
                 return caught.value
             finally:
