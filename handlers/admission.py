@@ -65,6 +65,7 @@ REPORT_INTERVAL = 10.0  # seconds between two log lines about one condition
 RETRY_AFTER = 5  # seconds, in the 503's Retry-After
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0  # accepting paused this long after EMFILE
 ACCEPT_BATCH = 128  # accepts per readiness, as Tornado's own handler (fairness to other work)
+FRESH_GRACE = 1.0  # seconds a connection accepted just before a drain gets to send its request
 
 # accept() failures that mean "no descriptor or socket memory now", not "this connection".
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -122,6 +123,8 @@ class AdmissionHTTPServer(HTTPServer):
         # Drain: the request each busy connection serves (from its headers to the end of
         # its response), and counts while draining.
         self._busy: dict[object, httputil.HTTPConnection] = {}
+        self._served: set[object] = set()  # connections that have carried a request
+        self._acceptors: list[_Acceptor] = []
         self.draining = False
         self._drain_done = 0
         self._all_closed: asyncio.Event | None = None
@@ -131,7 +134,9 @@ class AdmissionHTTPServer(HTTPServer):
         # stored remover and closes the socket.
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
-            self._handlers[sock.fileno()] = _Acceptor(self, sock).close
+            acceptor = _Acceptor(self, sock)
+            self._acceptors.append(acceptor)
+            self._handlers[sock.fileno()] = acceptor.close
 
     def stop(self) -> None:
         super().stop()
@@ -146,6 +151,7 @@ class AdmissionHTTPServer(HTTPServer):
 
     def _request_started(self, server_conn, request_conn) -> None:
         self._busy[server_conn] = request_conn
+        self._served.add(server_conn)
         if self.draining:
             _close_after_response(request_conn)
         # Resolved by Tornado once the response is written and flushed, or the connection closed.
@@ -159,6 +165,7 @@ class AdmissionHTTPServer(HTTPServer):
 
     def on_close(self, server_conn) -> None:
         super().on_close(server_conn)
+        self._served.discard(server_conn)
         request_conn = self._busy.get(server_conn)
         if request_conn is not None:
             self._request_ended(server_conn, request_conn)
@@ -170,26 +177,29 @@ class AdmissionHTTPServer(HTTPServer):
         to `timeout` seconds, then cut what is left. Logs one line at the start and one at
         the end."""
         started = time.monotonic()
+        # Connections already in the kernel's backlog were accepted by the client's TCP
+        # stack: serve them (closing the socket would reset them), then close it.
+        for acceptor in list(self._acceptors):
+            acceptor.accept_pending()
         self.stop()  # the listening sockets close: new connections are refused
         self.draining = True
         self._drain_done = 0
         self._all_closed = asyncio.Event()
         in_flight = len(self._busy)
-        idle = 0
-        for server_conn in list(self._connections):
-            request_conn = self._busy.get(server_conn)
-            if request_conn is not None:
-                _close_after_response(request_conn)
-            elif not _has_input(server_conn):  # a request partly received is not idle
-                idle += 1
-                server_conn.stream.close()
+        for request_conn in self._busy.values():
+            _close_after_response(request_conn)
+        idle = self._close_idle(fresh_too=False)
         log.info("draining: %d request(s) in flight, %d idle connection(s) closed; "
                  "waiting up to %g s (MCPGW_DRAIN_TIMEOUT)", in_flight, idle, timeout)
-        if self._connections:
-            try:
-                await asyncio.wait_for(self._all_closed.wait(), timeout)
-            except TimeoutError:
-                pass
+        # A connection that has not sent its first request yet (just accepted) gets a
+        # moment to send it, as its client has no reason to expect a close.
+        for wait in (min(FRESH_GRACE, timeout), timeout - min(FRESH_GRACE, timeout)):
+            if self._connections:
+                try:
+                    await asyncio.wait_for(self._all_closed.wait(), wait)
+                except TimeoutError:
+                    pass
+            self._close_idle(fresh_too=True)
         cut = len(self._busy)
         for server_conn in list(self._connections):
             server_conn.stream.close()
@@ -198,6 +208,18 @@ class AdmissionHTTPServer(HTTPServer):
         log.info("drained in %.1f s: %d request(s) completed, %d cut at the %g s limit",
                  result.seconds, result.completed, result.cut, timeout)
         return result
+
+    def _close_idle(self, fresh_too: bool) -> int:
+        """Close the connections between requests (no request under way, no bytes of one
+        read); `fresh_too`: also those that have not carried a request yet."""
+        closed = 0
+        for server_conn in list(self._connections):
+            if server_conn in self._busy or _has_input(server_conn):
+                continue
+            if fresh_too or server_conn in self._served:
+                closed += 1
+                server_conn.stream.close()
+        return closed
 
     # -------------------------------------------------------------- per connection
 
@@ -322,6 +344,7 @@ class _Acceptor:
         self._backoff = BACKOFF_MIN
         self._resume: object | None = None  # the timer while paused
         self._closed = False
+        self._accepted = 0
         self._loop.add_handler(sock, self._on_readable, IOLoop.READ)
 
     def _on_readable(self, fd, events) -> None:
@@ -340,7 +363,18 @@ class _Acceptor:
                 self._pause()
                 return
             self._backoff = BACKOFF_MIN
+            self._accepted += 1
             self._server.admit(connection, address)
+
+    def accept_pending(self) -> None:
+        """Accept what waits in the backlog now (before the socket closes for a drain)."""
+        for _ in range(64):
+            if self._closed or self._resume is not None:
+                return
+            before = self._accepted
+            self._on_readable(None, None)
+            if self._accepted - before < ACCEPT_BATCH:
+                return
 
     def _pause(self) -> None:
         # Off the loop: the socket stays readable while connections wait in its backlog.

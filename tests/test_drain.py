@@ -30,17 +30,19 @@ from tests.support.tokens import access_token, register_public_client
 
 SLOW_S = 1.5  # how long the slow upstream takes to answer
 LONG_S = 8.0  # longer than the short drain timeout of the cut test
+QUICK_S = 0.3  # the upstream of the rolling-restart test
 OWNER = {"sub": "drain-owner", "email": "drain.owner@example.com"}
 ACCEPT = "application/json, text/event-stream"
 LEGACY = "2025-11-25"
-KINDS = ("slowjson", "slowsse", "long", "stream")
+KINDS = ("slowjson", "slowsse", "long", "stream", "json")
 SRV = {kind: f"srv_drain_{kind}" for kind in KINDS}
 EVENT = b'id: s-1\nevent: message\ndata: {"jsonrpc":"2.0","method":"notifications/message","params":{"n":1}}\n\n'
 
 
 class _Upstream(tornado.web.RequestHandler):
     """slowjson / slowsse: the tool's result after SLOW_S (JSON, or SSE with a progress
-    event first); long: after LONG_S; GET stream: one event, then open until closed."""
+    event first); long: after LONG_S; json: after QUICK_S; GET stream: one event, then
+    open until closed."""
 
     SUPPORTED_METHODS = ("GET", "POST", "DELETE")
 
@@ -65,7 +67,7 @@ class _Upstream(tornado.web.RequestHandler):
             self.write(f"event: message\ndata: {result}\n\n".encode())
             self.finish()
             return
-        await asyncio.sleep(LONG_S if kind == "long" else SLOW_S)
+        await asyncio.sleep({"long": LONG_S, "json": QUICK_S}.get(kind, SLOW_S))
         if not self._gone.done():
             self.set_header("Content-Type", "application/json")
             self.finish(result)
@@ -123,10 +125,11 @@ def headers(token: str, accept: str = ACCEPT) -> dict[str, str]:
             "Authorization": f"Bearer {token}"}
 
 
-def call(gw: GatewayProcess, token: str, kind: str, name: str, rid: int) -> httpx.Response:
-    """One tools/call on its own connection; the whole answer read."""
+def call(gw: GatewayProcess | int, token: str, kind: str, name: str, rid: int) -> httpx.Response:
+    """One tools/call on its own connection (to a gateway or a port); the whole answer read."""
+    base = f"http://127.0.0.1:{gw}" if isinstance(gw, int) else gw.listen_url
     with httpx.Client(trust_env=False, timeout=30) as http:
-        return http.post(f"{gw.listen_url}/mcp/{SRV[kind]}", headers=headers(token),
+        return http.post(f"{base}/mcp/{SRV[kind]}", headers=headers(token),
                          content=json.dumps(rpc("tools/call", rid, name=name, arguments={})))
 
 
@@ -310,3 +313,74 @@ def test_second_signal_exits_at_once(rig):
         assert "SIGINT during the drain: exiting at once" in gw.log_text()
     finally:
         gw.stop()
+
+
+def test_rolling_restart_of_two_instances_loses_no_call(rig):
+    """Two gateways on one SQLite file, clients calling both without pause and retrying a
+    refused connection on the other; each gateway in turn gets SIGTERM and is started
+    again on its port: not one call fails, and every call's usage is in storage."""
+    instances = [rig.gateway(drain_timeout=20), rig.gateway(drain_timeout=20)]
+    ports = [gw.port for gw in instances]
+    stop = threading.Event()
+    lock = threading.Lock()
+    completed: list[str] = []
+    failures: list[tuple[str, str]] = []
+    refused = [0]
+
+    def client(worker: int) -> None:
+        number = 0
+        while not stop.is_set():
+            number += 1
+            name, rid = f"drain-roll-{worker}-{number}", worker * 100000 + number
+            order = ports if (worker + number) % 2 else ports[::-1]
+            for attempt in range(100):
+                try:
+                    response = call(order[attempt % 2], rig.token, "json", name, rid)
+                except httpx.ConnectError:  # refused: that instance is draining or starting
+                    with lock:
+                        refused[0] += 1
+                    time.sleep(0.05 * (attempt % 2))
+                    continue
+                except httpx.HTTPError as exc:
+                    with lock:
+                        failures.append((name, repr(exc)))
+                    break
+                ok = response.status_code == 200 and result_text(response, rid) == f"done {name}"
+                with lock:
+                    (completed.append(name) if ok else failures.append((name, response.text)))
+                break
+            else:
+                with lock:
+                    failures.append((name, "no instance answered"))
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            workers = [pool.submit(client, worker) for worker in range(6)]
+            time.sleep(1.5)
+            for index in (0, 1):
+                old = instances[index]
+                os.kill(old.pid, signal.SIGTERM)
+                assert wait_exit(old, 25) == 0
+                assert "Traceback" not in old.log_text()
+                old.stop()
+                instances[index] = GatewayProcess(
+                    rig.base.state_dir, share_storage_with=rig.base, port=old.port,
+                    extra_env={"MCPGW_DRAIN_TIMEOUT": "20"}).start()
+                time.sleep(1.5)
+            stop.set()
+            for worker in workers:
+                worker.result(timeout=60)
+        print(f"rolling restart: {len(completed)} calls completed, {len(failures)} failed, "
+              f"{refused[0]} refused connections retried on the other instance")
+        assert failures == [], failures[:5]
+        assert len(completed) >= 40, len(completed)
+        assert refused[0] > 0, "the restarts were not noticed: the test proves nothing"
+    finally:
+        stop.set()
+        for gw in instances:
+            if gw._process is not None:
+                os.kill(gw.pid, signal.SIGTERM)
+                assert wait_exit(gw, 25) == 0
+            gw.stop()
+    rows = usage_rows(instances[0], "drain-roll-")
+    assert sorted(name for name, _ in rows) == sorted(completed)
