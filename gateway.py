@@ -14,11 +14,11 @@ from dataclasses import asdict
 
 from config import Config, ConfigError
 from services import Services, build_services
-from services.clients import registration_response
-from services.dashboard import Actor
-from services.errors import GatewayError, InvalidInput
-from services.probe import McpProbe
-from services.reports import MAX_DAYS, UsageReports
+from services.authserver.clients import registration_response
+from services.common.errors import GatewayError, InvalidInput
+from services.dashboard.probe import McpProbe
+from services.dashboard.reports import MAX_DAYS, UsageReports
+from services.dashboard.rules import Actor
 from storage.base import StorageError
 
 log = logging.getLogger("gateway")
@@ -231,7 +231,7 @@ async def serve(services: Services) -> None:
 
     from handlers import make_app
     from handlers.admission import AdmissionHTTPServer, connection_cap, descriptor_limit
-    from services.systemd import Notifier
+    from services.common.systemd import Notifier
 
     config = services.config
     # Before anything opens descriptors of its own: the cap on client connections follows

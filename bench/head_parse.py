@@ -30,7 +30,7 @@ from tornado import httputil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.upstream import (  # noqa: E402
+from services.proxy.upstream import (  # noqa: E402
     AddressPolicy,
     UpstreamClient,
     UpstreamProtocolError,

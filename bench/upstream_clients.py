@@ -115,7 +115,7 @@ class GatewayClient:
     name = "services.upstream.UpstreamClient (asyncio streams, pooled, SSRF-checked)"
 
     def __init__(self, port: int) -> None:
-        from services.upstream import AddressPolicy, UpstreamClient
+        from services.proxy.upstream import AddressPolicy, UpstreamClient
 
         self.url = f"http://127.0.0.1:{port}/mcp"
         self.sse = f"http://127.0.0.1:{port}/sse"

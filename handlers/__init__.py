@@ -10,7 +10,7 @@ import tornado.web
 from tornado.log import access_log
 
 from handlers import api, dashboard, discovery, oauth, ops, proxy
-from services.keys import derive_key
+from services.authserver.keys import derive_key
 
 ROOT = Path(__file__).resolve().parent.parent
 

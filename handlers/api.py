@@ -9,8 +9,8 @@ import json
 import tornado.web
 
 from handlers.base import BaseHandler
-from services.errors import ApiError, BadRequest, FieldErrors, GatewayError
-from services.reports import parse_range
+from services.common.errors import ApiError, BadRequest, FieldErrors, GatewayError
+from services.dashboard.reports import parse_range
 
 MAX_JSON_BODY = 64 * 1024
 

@@ -12,10 +12,10 @@ from urllib.parse import parse_qsl
 
 import tornado.web
 
-from services.authorization import signin_time
-from services.errors import ApiError, BadRequest, GatewayError, OAuthError, PageError
-from services.identity import LOGIN_TTL
-from services.validation import media_type
+from services.authserver.authorization import signin_time
+from services.authserver.identity import LOGIN_TTL
+from services.common.errors import ApiError, BadRequest, GatewayError, OAuthError, PageError
+from services.common.validation import media_type
 from storage.base import StorageUnavailable
 
 log = logging.getLogger("gateway.http")

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from urllib.parse import quote, urlencode
 
 from handlers.base import BaseHandler
-from services.errors import BadRequest, FieldErrors, GatewayError, NotSignedIn
-from services.reports import RANGES, parse_range
+from services.common.errors import BadRequest, FieldErrors, GatewayError, NotSignedIn
+from services.dashboard.reports import RANGES, parse_range
 
 NOTICES = {
     "registered": "The server is registered. Share it and hand out its MCP URL.",

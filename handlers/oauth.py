@@ -8,9 +8,15 @@ import logging
 from urllib.parse import urlsplit
 
 from handlers.base import BaseHandler
-from services.authorization import Denied, Redirect
-from services.clients import registration_response
-from services.errors import InvalidClientMetadata, InvalidRequest, PageError, SlowDown, UnsupportedGrantType
+from services.authserver.authorization import Denied, Redirect
+from services.authserver.clients import registration_response
+from services.common.errors import (
+    InvalidClientMetadata,
+    InvalidRequest,
+    PageError,
+    SlowDown,
+    UnsupportedGrantType,
+)
 
 log = logging.getLogger("gateway.oauth")
 

@@ -17,8 +17,7 @@ import time
 from tornado.iostream import StreamClosedError
 
 from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
-from services import protocol
-from services.tokens import (
+from services.authserver.tokens import (
     MCP_SCOPES,
     SCOPE_CONNECT,
     SCOPE_INVOKE,
@@ -26,7 +25,8 @@ from services.tokens import (
     principal_from_claims,
     scope_allows,
 )
-from services.upstream import (
+from services.proxy import protocol
+from services.proxy.upstream import (
     UpstreamError,
     UpstreamRefused,
     UpstreamStreamError,

@@ -31,7 +31,7 @@ from mcp.server.auth.settings import AuthSettings, ClientRegistrationOptions
 from mcp.server.mcpserver import MCPServer
 from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
-from services.identity import OidcIdentityProvider
+from services.authserver.identity import OidcIdentityProvider
 from tests.support.browser import BrowserError, ScriptedBrowser, parse_forms
 from tests.support.idp import IdpClient, IdpProcess, free_port
 from tests.support.mcp_oauth import (

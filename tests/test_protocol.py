@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from services.protocol import (
+from services.proxy.protocol import (
     HEADER_MISMATCH,
     INVALID_PARAMS,
     INVALID_REQUEST,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from services.systemd import Notifier, watchdog_interval
+from services.common.systemd import Notifier, watchdog_interval
 from tests.support.gateway import GatewayProcess
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "mcp-gateway.service"

@@ -27,8 +27,8 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 
-from services.protocol import SseParser
-from services.upstream import (
+from services.proxy.protocol import SseParser
+from services.proxy.upstream import (
     AddressPolicy,
     UpstreamClient,
     UpstreamError,

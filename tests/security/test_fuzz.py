@@ -28,8 +28,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from services import protocol
-from services.protocol import ProtocolError, SseParser
+from services.proxy import protocol
+from services.proxy.protocol import ProtocolError, SseParser
 from tests.support.faults import XSRF, idp_sign_in, with_xsrf
 from tests.support.gateway import GatewayProcess
 from tests.support.tokens import REDIRECT, pkce

@@ -15,8 +15,8 @@ import pytest
 
 from config import Config
 from services import build_services
-from services.metrics import Metrics
-from services.usage import UsageRecorder
+from services.common.metrics import Metrics
+from services.proxy.usage import UsageRecorder
 from storage import open_storage
 from storage.base import RefreshFamily, RefreshToken, UsageEvent, User
 from tests.support.gateway import GatewayProcess

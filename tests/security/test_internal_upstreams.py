@@ -26,8 +26,8 @@ import pytest
 
 from config import Config
 from services import build_services
-from services.identity import dev_subject
-from services.upstream import AddressPolicy, UpstreamClient, UpstreamRefused
+from services.authserver.identity import dev_subject
+from services.proxy.upstream import AddressPolicy, UpstreamClient, UpstreamRefused
 from storage.base import Consent, RefreshFamily, RefreshToken
 from tests.support.fake_upstream import RawExchange, RawUpstream
 from tests.support.gateway import GatewayProcess

@@ -24,15 +24,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from handlers.oauth import local_path
 from services import build_services
-from services.access import Principal
-from services.errors import IdentityError, OAuthError, PageError
-from services.identity import (
+from services.authserver.identity import (
     CLOCK_SKEW,
     SESSION_CHECK_TTL,
     Accounts,
     IdentityClaims,
     OidcIdentityProvider,
 )
+from services.common.access import Principal
+from services.common.errors import IdentityError, OAuthError, PageError
 from storage import open_storage
 from storage.base import Server, User
 from tests.support.browser import BrowserError, ScriptedBrowser

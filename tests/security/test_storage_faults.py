@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.access import AccessPolicy, Principal
+from services.common.access import AccessPolicy, Principal
 from storage.base import Grant, Server, StorageError
 from storage.sqlite import SqliteStorage
 from tests.support.browser import ScriptedBrowser

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from services.errors import InvalidInput
+from services.common.errors import InvalidInput
 
 __all__ = ["InvalidInput", "check_text", "max_age", "media_type", "scrub_text", "text_problem"]
 

@@ -22,7 +22,8 @@ from dataclasses import replace
 from urllib.parse import quote, unquote_plus, urlsplit
 
 from config import is_loopback_host
-from services.errors import (
+from services.authserver.keys import token_hash
+from services.common.errors import (
     InvalidClient,
     InvalidClientMetadata,
     InvalidInput,
@@ -31,8 +32,7 @@ from services.errors import (
     OAuthError,
     ServerError,
 )
-from services.keys import token_hash
-from services.validation import check_text, max_age
+from services.common.validation import check_text, max_age
 from storage.base import Client, Conflict, Storage
 
 log = logging.getLogger("gateway.clients")

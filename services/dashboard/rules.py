@@ -9,13 +9,11 @@ import time
 from dataclasses import dataclass, field
 
 from config import Config
-from services.access import AccessPolicy
-from services.clients import ClientRegistry, redirect_host
-from services.errors import FieldErrors, Forbidden, InvalidInput, NotFound, NotSignedIn, OAuthError
-from services.install import install_snippets
-from services.probe import McpProbe, ProbeResult
-from services.reports import UsageReport, UsageReports
-from services.servers import (
+from services.authserver.clients import ClientRegistry, redirect_host
+from services.authserver.tokens import TokenService
+from services.common.access import AccessPolicy
+from services.common.errors import FieldErrors, Forbidden, InvalidInput, NotFound, NotSignedIn, OAuthError
+from services.common.servers import (
     ServerRegistry,
     check_domain,
     check_email,
@@ -23,8 +21,10 @@ from services.servers import (
     check_upstream_url,
     parse_header,
 )
-from services.tokens import TokenService
-from services.upstream import UpstreamError, UpstreamRefused, UpstreamTimeout
+from services.dashboard.install import install_snippets
+from services.dashboard.probe import McpProbe, ProbeResult
+from services.dashboard.reports import UsageReport, UsageReports
+from services.proxy.upstream import UpstreamError, UpstreamRefused, UpstreamTimeout
 from storage.base import Grant, Server, Storage, User
 
 

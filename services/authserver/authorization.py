@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
 from config import Config
-from services.access import AccessPolicy
-from services.clients import (
+from services.authserver.clients import (
     ClientRegistry,
     is_loopback_redirect,
     redirect_host,
     redirect_uri_matches,
 )
-from services.errors import InvalidRequest, OAuthError, PageError, RequestGone, UnsupportedResponseType
-from services.tokens import TokenService, parse_scope
+from services.authserver.tokens import TokenService, parse_scope
+from services.common.access import AccessPolicy
+from services.common.errors import InvalidRequest, OAuthError, PageError, RequestGone, UnsupportedResponseType
 from storage.base import Client, Consent, Pending, Server, Storage
 
 PENDING_TTL = 600  # an /authorize and its sign-in may take ten minutes

@@ -24,9 +24,9 @@ import jwt
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.simple_httpclient import HTTPStreamClosedError, HTTPTimeoutError
 
-from services.errors import IdentityError, InvalidInput, PageError
-from services.servers import check_email
-from services.validation import max_age
+from services.common.errors import IdentityError, InvalidInput, PageError
+from services.common.servers import check_email
+from services.common.validation import max_age
 from storage.base import Pending, User
 
 log = logging.getLogger("gateway.identity")

@@ -8,8 +8,8 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
-from services.protocol import SseParser
-from services.upstream import UpstreamClient, UpstreamError, UpstreamRefused, UpstreamTimeout
+from services.proxy.protocol import SseParser
+from services.proxy.upstream import UpstreamClient, UpstreamError, UpstreamRefused, UpstreamTimeout
 
 MODERN = "2026-07-28"
 HANDSHAKE = "2025-11-25"

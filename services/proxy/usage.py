@@ -15,8 +15,8 @@ import logging
 import math
 from collections import deque
 
-from services.metrics import Metrics
-from services.validation import scrub_text
+from services.common.metrics import Metrics
+from services.common.validation import scrub_text
 from storage.base import StorageUnavailable, UsageEvent, UsageStore
 
 log = logging.getLogger("gateway.usage")

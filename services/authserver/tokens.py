@@ -25,8 +25,9 @@ from urllib.parse import urlsplit
 import jwt
 
 from config import Config
-from services.access import AccessPolicy, Principal
-from services.errors import (
+from services.authserver.keys import KeyRing, SecretBox, token_hash
+from services.common.access import AccessPolicy, Principal
+from services.common.errors import (
     AccessDenied,
     InvalidGrant,
     InvalidRequest,
@@ -34,7 +35,6 @@ from services.errors import (
     InvalidTarget,
     OAuthError,
 )
-from services.keys import KeyRing, SecretBox, token_hash
 from storage.base import (
     AuthCode,
     Client,

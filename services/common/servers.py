@@ -13,11 +13,11 @@ from dataclasses import replace
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
-from services.access import AccessPolicy
-from services.errors import InvalidInput
-from services.keys import SecretBox
-from services.upstream import AddressPolicy, UpstreamRefused, UpstreamUnreachable, parse_upstream_url
-from services.validation import check_text
+from services.authserver.keys import SecretBox
+from services.common.access import AccessPolicy
+from services.common.errors import InvalidInput
+from services.common.validation import check_text
+from services.proxy.upstream import AddressPolicy, UpstreamRefused, UpstreamUnreachable, parse_upstream_url
 from storage.base import Conflict, Grant, Server, Storage
 
 __all__ = ["InvalidInput", "ServerRegistry", "check_domain", "check_email", "check_name", "check_upstream_url",

@@ -1,0 +1,185 @@
+"""Services and build_services: every service built once per process from Config and shared
+by every handler, and the background jobs (revocations, key refresh, housekeeping)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from config import Config
+from services.authserver.authorization import AuthorizationRequests
+from services.authserver.clients import ClientRegistry
+from services.authserver.identity import Accounts, OidcIdentityProvider
+from services.authserver.keys import KeyRing, SecretBox
+from services.authserver.tokens import REVOCATION_REFRESH, TokenService
+from services.common.access import AccessPolicy
+from services.common.metrics import Metrics
+from services.common.ratelimit import RateLimiter
+from services.common.servers import ServerRegistry
+from services.dashboard.probe import McpProbe
+from services.dashboard.reports import UsageReports
+from services.dashboard.rules import Dashboard
+from services.proxy.sessions import SessionMap
+from services.proxy.upstream import AddressPolicy, UpstreamClient, fetch_small
+from services.proxy.usage import UsageRecorder
+from storage import open_storage
+from storage.base import Storage, StorageUnavailable
+
+log = logging.getLogger("gateway.services")
+
+HOUSEKEEPING_INTERVAL = 300.0
+IDENTITY_TTL = 300  # lifetime of the identity assertion sent to upstreams
+USAGE_PURGE_BATCH, USAGE_PURGE_ROUNDS = 5000, 20  # at most 100,000 old events per round
+
+
+@dataclass
+class Services:
+    config: Config
+    storage: Storage
+    box: SecretBox
+    keyring: KeyRing
+    access: AccessPolicy
+    tokens: TokenService
+    authorizations: AuthorizationRequests
+    clients: ClientRegistry
+    accounts: Accounts
+    limits: RateLimiter
+    servers: ServerRegistry
+    metrics: Metrics
+    identity: OidcIdentityProvider | None
+    upstream: UpstreamClient
+    sessions: SessionMap
+    usage: UsageRecorder
+    dashboard: Dashboard
+    # Set when the process begins to drain (SIGTERM): /readyz answers 503, standalone SSE
+    # streams end cleanly.
+    draining: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list = field(default_factory=list)
+    _identity_cache: dict = field(default_factory=dict)
+
+    async def start(self, background: bool = True) -> None:
+        await self.storage.open()
+        await self.keyring.load()
+        await self.tokens.refresh_revocations()
+        if background:
+            self.usage.start()
+            self._tasks = [
+                asyncio.create_task(self._every(REVOCATION_REFRESH, self.tokens.refresh_revocations)),
+                asyncio.create_task(self._every(60.0, self.keyring.refresh_if_stale)),
+                asyncio.create_task(self._every(HOUSEKEEPING_INTERVAL, self._housekeeping)),
+            ]
+
+    async def stop(self) -> None:
+        """Background jobs end; queued usage events are written before storage closes."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.usage.stop()
+        self.upstream.close()
+        await self.storage.close()
+
+    async def _housekeeping(self) -> None:
+        now = time.time()
+        await self.storage.purge_expired(now)
+        await self.clients.reap_idle()
+        await self.purge_old_usage(now)
+
+    async def purge_old_usage(self, now: float) -> int:
+        """Usage history past MCPGW_USAGE_RETENTION_DAYS, in bounded batches so that no
+        single write holds the store for long; what is left waits for the next round."""
+        before = now - self.config.usage_retention_days * 86400
+        purged = 0
+        for _ in range(USAGE_PURGE_ROUNDS):
+            batch = await self.storage.usage.purge_usage_events(before, USAGE_PURGE_BATCH)
+            purged += batch
+            if batch < USAGE_PURGE_BATCH:
+                break
+        return purged
+
+    def identity_headers(self, server, claims: dict) -> list[tuple[str, str]]:
+        """Opt-in identity forwarding: who the user is, plus a short-lived gateway-signed
+        JWT (audience = the upstream URL) the upstream can verify with /jwks.json."""
+        key = (claims["sub"], server.server_id)
+        cached = self._identity_cache.get(key)
+        now = time.time()
+        if cached is None or cached[0] < now:
+            assertion = self.keyring.sign(
+                {
+                    "iss": self.config.issuer,
+                    "sub": claims["sub"],
+                    "email": claims.get("email", ""),
+                    "aud": server.upstream_url,
+                    "iat": int(now),
+                    "exp": int(now) + IDENTITY_TTL,
+                },
+                typ="JWT",
+            )
+            if len(self._identity_cache) > 10000:
+                self._identity_cache.clear()
+            cached = (now + IDENTITY_TTL - 60, assertion)
+            self._identity_cache[key] = cached
+        return [
+            ("X-MCPGW-User-Sub", claims["sub"]),
+            ("X-MCPGW-User-Email", claims.get("email", "")),
+            ("X-MCPGW-Identity", cached[1]),
+        ]
+
+    @staticmethod
+    async def _every(interval: float, job) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except StorageUnavailable as exc:  # a passing storage fault: the next round retries
+                log.warning("background job %s skipped: %s", getattr(job, "__name__", job), exc)
+            except Exception:  # a failed round must not stop the next one
+                log.exception("background job %s failed", getattr(job, "__name__", job))
+
+
+def build_services(config: Config, storage: Storage | None = None) -> Services:
+    storage = storage or open_storage(config.storage_url)
+    box = SecretBox(config.secret_key)
+    keyring = KeyRing(storage, box, config.access_token_ttl)
+    access = AccessPolicy(storage)
+    policy = AddressPolicy(config.upstream_allow)
+
+    async def fetch_document(url: str):
+        response = await fetch_small(url, policy=policy, max_bytes=5120, timeout=5.0)
+        return response.status, response.headers, response.body
+
+    identity = None
+    if not config.dev_login:
+        identity = OidcIdentityProvider(
+            config.oidc_issuer,
+            config.oidc_client_id,
+            config.oidc_client_secret,
+            config.public_url + "/oauth/callback",
+        )
+    metrics = Metrics()
+    tokens = TokenService(storage, keyring, box, access, config)
+    clients = ClientRegistry(storage, fetch_document)
+    servers = ServerRegistry(storage, box, access, policy)
+    upstream = UpstreamClient(policy, header_timeout=config.upstream_timeout)
+    return Services(
+        config=config,
+        storage=storage,
+        box=box,
+        keyring=keyring,
+        access=access,
+        tokens=tokens,
+        clients=clients,
+        authorizations=AuthorizationRequests(storage, clients, tokens, access, config),
+        accounts=Accounts(storage, identity, access, config.signin_ttl),
+        limits=RateLimiter(),
+        servers=servers,
+        metrics=metrics,
+        upstream=upstream,
+        sessions=SessionMap(storage),
+        usage=UsageRecorder(storage.usage, metrics),
+        identity=identity,
+        dashboard=Dashboard(
+            storage, servers, access, tokens, clients, McpProbe(upstream), UsageReports(storage), config
+        ),
+    )
