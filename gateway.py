@@ -18,7 +18,7 @@ from services.authserver.clients import registration_response
 from services.common.errors import GatewayError, InvalidInput
 from services.dashboard.probe import McpProbe
 from services.dashboard.reports import MAX_DAYS, UsageReports
-from services.dashboard.rules import Actor
+from services.dashboard.views import Actor
 from storage.base import StorageError
 
 log = logging.getLogger("gateway")

@@ -30,12 +30,10 @@ from tornado import httputil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.proxy.upstream import (  # noqa: E402
-    AddressPolicy,
-    UpstreamClient,
-    UpstreamProtocolError,
-    _Parse,
-)
+from services.proxy.upstream.errors import UpstreamProtocolError  # noqa: E402
+from services.proxy.upstream.http11 import _Parse  # noqa: E402
+from services.proxy.upstream.policy import AddressPolicy  # noqa: E402
+from services.proxy.upstream.pool import UpstreamClient  # noqa: E402
 
 HEADS = {
     "uvicorn JSON (5 fields)": (

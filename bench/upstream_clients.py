@@ -115,7 +115,8 @@ class GatewayClient:
     name = "services.upstream.UpstreamClient (asyncio streams, pooled, SSRF-checked)"
 
     def __init__(self, port: int) -> None:
-        from services.proxy.upstream import AddressPolicy, UpstreamClient
+        from services.proxy.upstream.policy import AddressPolicy
+        from services.proxy.upstream.pool import UpstreamClient
 
         self.url = f"http://127.0.0.1:{port}/mcp"
         self.sse = f"http://127.0.0.1:{port}/sse"

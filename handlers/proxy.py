@@ -25,14 +25,14 @@ from services.authserver.tokens import (
     principal_from_claims,
     scope_allows,
 )
-from services.proxy import protocol
-from services.proxy.upstream import (
+from services.proxy.protocol import eras, jsonrpc, sse
+from services.proxy.upstream.errors import (
     UpstreamError,
     UpstreamRefused,
     UpstreamStreamError,
     UpstreamTimeout,
-    hop_by_hop_names,
 )
+from services.proxy.upstream.http11 import hop_by_hop_names
 from storage.base import StorageError, StorageUnavailable, UsageEvent
 
 log = logging.getLogger("gateway.proxy")
@@ -190,9 +190,9 @@ class McpProxyHandler(BaseHandler):
             self.jsonrpc_error(413, -32600, f"the request body exceeds {MAX_BODY} bytes")
             return
         try:
-            message = protocol.parse_message(self.request.body)
-            protocol.check_routing_headers(message, self.request.headers)
-        except protocol.ProtocolError as exc:
+            message = jsonrpc.parse_message(self.request.body)
+            eras.check_routing_headers(message, self.request.headers)
+        except jsonrpc.ProtocolError as exc:
             self.jsonrpc_error(400, exc.code, exc.message, getattr(exc, "id", None))
             return
         self._message = message
@@ -391,7 +391,7 @@ class McpProxyHandler(BaseHandler):
             return str(status)
         if message is None or message.id is None:
             return "ok"
-        return protocol.outcome_of(bytes(scanned), message.id) or "ok"
+        return jsonrpc.outcome_of(bytes(scanned), message.id) or "ok"
 
     async def relay_stream(self, response, message, started: float) -> str:
         """Relay an SSE stream event by event, flushed at once, never buffered beyond one
@@ -404,7 +404,7 @@ class McpProxyHandler(BaseHandler):
         self.set_header("X-Accel-Buffering", "no")
         metrics = self.services.metrics
         draining = self.services.draining
-        parser = protocol.SseParser()
+        parser = sse.SseParser()
         outcome = "stream"
         next_chunk = None
         drain_started = asyncio.ensure_future(draining.wait())
@@ -438,7 +438,7 @@ class McpProxyHandler(BaseHandler):
                     self.write(event.raw)
                     self._bytes_out += len(event.raw)
                     if message is not None and message.id is not None and outcome in ("stream", "unknown"):
-                        found = protocol.outcome_of(event.data.encode(), message.id)
+                        found = jsonrpc.outcome_of(event.data.encode(), message.id)
                         if found:
                             outcome = found
                             if found != "unknown":  # too deep to read: maybe not the answer, keep looking
@@ -494,6 +494,6 @@ class McpProxyHandler(BaseHandler):
                 latency_ms=((self._answered_at or time.monotonic()) - started) * 1000,
                 bytes_in=len(self.request.body),
                 bytes_out=self._bytes_out,
-                era=protocol.era_of(message, self.request.headers),
+                era=eras.era_of(message, self.request.headers),
             )
         )

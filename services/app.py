@@ -22,7 +22,9 @@ from services.dashboard.probe import McpProbe
 from services.dashboard.reports import UsageReports
 from services.dashboard.rules import Dashboard
 from services.proxy.sessions import SessionMap
-from services.proxy.upstream import AddressPolicy, UpstreamClient, fetch_small
+from services.proxy.upstream.fetch import fetch_small
+from services.proxy.upstream.policy import AddressPolicy
+from services.proxy.upstream.pool import UpstreamClient
 from services.proxy.usage import UsageRecorder
 from storage import open_storage
 from storage.base import Storage, StorageUnavailable

@@ -20,9 +20,10 @@ import tornado.web
 from config import Config
 from services import build_services
 from services.authserver.tokens import InvalidToken
+from services.common.errors import FieldErrors, Forbidden, NotFound, NotSignedIn
 from services.dashboard.install import install_snippets
 from services.dashboard.reports import parse_range, percentile
-from services.dashboard.rules import Actor, FieldErrors, Forbidden, NotFound, NotSignedIn
+from services.dashboard.views import Actor
 from storage.base import (
     LATENCY_BUCKETS,
     Consent,

@@ -8,7 +8,14 @@ import json
 
 import pytest
 
-from services.proxy.protocol import (
+from services.proxy.protocol.eras import (
+    check_modern_headers,
+    check_routing_headers,
+    decode_header_value,
+    detect_era,
+    era_of,
+)
+from services.proxy.protocol.jsonrpc import (
     HEADER_MISMATCH,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -16,13 +23,6 @@ from services.proxy.protocol import (
     SCOPE_CONNECT,
     SCOPE_INVOKE,
     ProtocolError,
-    SseEvent,
-    SseParser,
-    check_modern_headers,
-    check_routing_headers,
-    decode_header_value,
-    detect_era,
-    era_of,
     jsonrpc_error,
     outcome_of,
     parse_body,
@@ -30,6 +30,7 @@ from services.proxy.protocol import (
     response_outcome,
     scope_for,
 )
+from services.proxy.protocol.sse import SseEvent, SseParser
 
 MODERN = "2026-07-28"
 META = {"io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}

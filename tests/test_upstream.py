@@ -27,10 +27,8 @@ from tornado.httpserver import HTTPServer
 from tornado.iostream import IOStream
 from tornado.netutil import bind_sockets
 
-from services.proxy.protocol import SseParser
-from services.proxy.upstream import (
-    AddressPolicy,
-    UpstreamClient,
+from services.proxy.protocol.sse import SseParser
+from services.proxy.upstream.errors import (
     UpstreamError,
     UpstreamProtocolError,
     UpstreamRedirect,
@@ -39,10 +37,12 @@ from services.proxy.upstream import (
     UpstreamTimeout,
     UpstreamTooLarge,
     UpstreamUnreachable,
-    fetch_small,
-    hop_by_hop_names,
-    parse_upstream_url,
 )
+from services.proxy.upstream.fetch import fetch_small
+from services.proxy.upstream.http11 import hop_by_hop_names
+from services.proxy.upstream.policy import AddressPolicy
+from services.proxy.upstream.pool import UpstreamClient
+from services.proxy.upstream.urls import parse_upstream_url
 from tests.support.fake_upstream import RawExchange, RawUpstream
 
 LOOPBACK = AddressPolicy.from_setting("127.0.0.0/8,::1")

@@ -17,7 +17,9 @@ from services.authserver.keys import SecretBox
 from services.common.access import AccessPolicy
 from services.common.errors import InvalidInput
 from services.common.validation import check_text
-from services.proxy.upstream import AddressPolicy, UpstreamRefused, UpstreamUnreachable, parse_upstream_url
+from services.proxy.upstream.errors import UpstreamRefused, UpstreamUnreachable
+from services.proxy.upstream.policy import AddressPolicy
+from services.proxy.upstream.urls import parse_upstream_url
 from storage.base import Conflict, Grant, Server, Storage
 
 __all__ = ["InvalidInput", "ServerRegistry", "check_domain", "check_email", "check_name", "check_upstream_url",

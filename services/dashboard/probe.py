@@ -8,8 +8,9 @@ import asyncio
 import json
 from dataclasses import dataclass, field
 
-from services.proxy.protocol import SseParser
-from services.proxy.upstream import UpstreamClient, UpstreamError, UpstreamRefused, UpstreamTimeout
+from services.proxy.protocol.sse import SseParser
+from services.proxy.upstream.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
+from services.proxy.upstream.pool import UpstreamClient
 
 MODERN = "2026-07-28"
 HANDSHAKE = "2025-11-25"

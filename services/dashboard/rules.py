@@ -6,7 +6,6 @@ list, and the signed-in user's authorizations. Every method takes the Actor and 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 from config import Config
 from services.authserver.clients import ClientRegistry, redirect_host
@@ -21,117 +20,13 @@ from services.common.servers import (
     check_upstream_url,
     parse_header,
 )
+from services.dashboard.forms import form_bool, header_lines, sentence
 from services.dashboard.install import install_snippets
 from services.dashboard.probe import McpProbe, ProbeResult
 from services.dashboard.reports import UsageReport, UsageReports
-from services.proxy.upstream import UpstreamError, UpstreamRefused, UpstreamTimeout
-from storage.base import Grant, Server, Storage, User
-
-
-@dataclass(frozen=True)
-class Actor:
-    """The signed-in person, as the dashboard's rules see them."""
-
-    sub: str
-    email: str  # verified only, else empty
-    hd: str
-    name: str
-    is_admin: bool
-
-    @classmethod
-    def of(cls, user: User, admin_emails: tuple[str, ...]) -> Actor:
-        email = user.email.lower() if user.email and user.email_verified else ""
-        return cls(user.sub, email, user.hd, user.name, bool(email) and email in admin_emails)
-
-
-@dataclass
-class ServerView:
-    server: Server
-    role: str  # owner | admin | email | domain
-    mcp_url: str
-    install: dict[str, str]
-    header_names: list[str] = field(default_factory=list)
-
-    @property
-    def can_manage(self) -> bool:
-        return self.role in ("owner", "admin")
-
-    def as_dict(self) -> dict:
-        s = self.server
-        view = {
-            "server_id": s.server_id,
-            "name": s.name,
-            "mcp_url": self.mcp_url,
-            "role": self.role,
-            "install": self.install,
-        }
-        if self.can_manage:
-            view.update(
-                upstream_url=s.upstream_url,
-                upstream_headers=self.header_names,
-                forward_identity=s.forward_identity,
-                internal_upstream=s.internal_upstream,
-                owner_email=s.owner_email,
-                created_at=s.created_at,
-            )
-        return view
-
-
-@dataclass
-class Reached:
-    email: str
-    signed_in_at: float
-    last_used_at: float  # 0 when never used through the gateway
-
-
-@dataclass
-class GrantView:
-    grant: Grant
-    reached: list[Reached]
-
-    def as_dict(self) -> dict:
-        return {
-            "kind": self.grant.kind,
-            "value": self.grant.value,
-            "created_at": self.grant.created_at,
-            "users": [
-                {"email": r.email, "signed_in_at": r.signed_in_at, "last_used_at": r.last_used_at or None}
-                for r in self.reached
-            ],
-        }
-
-
-@dataclass
-class Authorization:
-    client_id: str
-    client_name: str
-    redirect_hosts: list[str]
-    servers: list[str]
-    created_at: float
-    last_used_at: float
-
-    def as_dict(self) -> dict:
-        return self.__dict__.copy()
-
-
-def sentence(message: str) -> str:
-    message = message.strip().rstrip(".")
-    return (message[:1].upper() + message[1:] + ".") if message else message
-
-
-def form_bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    return str(value or "").strip().lower() in ("1", "on", "true", "yes")
-
-
-def header_lines(value) -> list[str]:
-    """Headers as typed: a textarea ('Name: value' per line) or a JSON list."""
-    if value is None:
-        return []
-    if isinstance(value, list):
-        return [v if isinstance(v, str) else str(v) for v in value if str(v).strip()]
-    return [line for line in str(value).splitlines() if line.strip()]
+from services.dashboard.views import Actor, Authorization, GrantView, Reached, ServerView
+from services.proxy.upstream.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
+from storage.base import Grant, Server, Storage
 
 
 class Dashboard:

@@ -28,8 +28,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from services.proxy import protocol
-from services.proxy.protocol import ProtocolError, SseParser
+from services.proxy.protocol import eras, jsonrpc
+from services.proxy.protocol.jsonrpc import ProtocolError
+from services.proxy.protocol.sse import SseParser
 from tests.support.faults import XSRF, idp_sign_in, with_xsrf
 from tests.support.gateway import GatewayProcess
 from tests.support.tokens import REDIRECT, pkce
@@ -698,31 +699,31 @@ def test_jsonrpc_request_parsing_raises_only_protocol_errors(body, headers, as_t
     raw = _as_input(body)
     data = raw.decode("utf-8", "surrogatepass") if as_text and isinstance(body, str) else raw
     try:
-        parsed = protocol.parse_body(data)
+        parsed = jsonrpc.parse_body(data)
     except ProtocolError as exc:
-        assert exc.code in (protocol.PARSE_ERROR, protocol.INVALID_REQUEST, protocol.INVALID_PARAMS)
+        assert exc.code in (jsonrpc.PARSE_ERROR, jsonrpc.INVALID_REQUEST, jsonrpc.INVALID_PARAMS)
         assert 400 <= exc.http_status < 500
         assert json.loads(exc.body())["error"]["code"] == exc.code
         parsed = None
     try:
-        message = protocol.parse_message(data)
+        message = jsonrpc.parse_message(data)
     except ProtocolError:
         assert parsed is None, "parse_message refused what parse_body accepted"
         message = None
     if parsed is None:
         return
     assert message is not None
-    assert parsed.scope in (protocol.SCOPE_CONNECT, protocol.SCOPE_INVOKE)
-    assert protocol.era_of(message, headers) in ("2025", "2026")
+    assert parsed.scope in (jsonrpc.SCOPE_CONNECT, jsonrpc.SCOPE_INVOKE)
+    assert eras.era_of(message, headers) in ("2025", "2026")
     for candidate in (parsed, message):
         try:
-            protocol.detect_era("POST", headers, candidate)
+            eras.detect_era("POST", headers, candidate)
         except ProtocolError as exc:
-            assert exc.code == protocol.HEADER_MISMATCH
+            assert exc.code == jsonrpc.HEADER_MISMATCH
     try:
-        protocol.check_routing_headers(message, headers)
+        eras.check_routing_headers(message, headers)
     except ProtocolError as exc:
-        assert exc.code == protocol.HEADER_MISMATCH and exc.http_status == 400
+        assert exc.code == jsonrpc.HEADER_MISMATCH and exc.http_status == 400
 
 
 @settings(max_examples=PARSER_EXAMPLES, **FUZZ)
@@ -732,9 +733,9 @@ def test_jsonrpc_request_parsing_raises_only_protocol_errors(body, headers, as_t
 def test_response_outcome_never_raises(data, request_id, as_text):
     raw = _as_input(data)
     value = raw.decode("utf-8", "replace") if as_text else raw
-    outcome = protocol.response_outcome(value, request_id)
-    assert outcome is None or isinstance(outcome, protocol.Outcome)
-    label = protocol.outcome_of(value, request_id)
+    outcome = jsonrpc.response_outcome(value, request_id)
+    assert outcome is None or isinstance(outcome, jsonrpc.Outcome)
+    label = jsonrpc.outcome_of(value, request_id)
     assert label is None or isinstance(label, str)
 
 
@@ -748,8 +749,8 @@ def test_response_outcome_of_deeply_nested_answers_never_raises(depth, wrapper, 
     """Issue 7 finding 15: 100,000 levels used to raise RecursionError here."""
     data = wrapper % deep(depth)
     value = data if as_text else data.encode()
-    outcome = protocol.response_outcome(value, 1)
-    assert outcome is None or isinstance(outcome, protocol.Outcome)
+    outcome = jsonrpc.response_outcome(value, 1)
+    assert outcome is None or isinstance(outcome, jsonrpc.Outcome)
 
 
 @settings(max_examples=PARSER_EXAMPLES, **FUZZ)
@@ -757,7 +758,7 @@ def test_response_outcome_of_deeply_nested_answers_never_raises(depth, wrapper, 
     TEXT, st.binary(max_size=20).map(lambda b: base64.b64encode(b).decode())))))
 def test_header_value_decoding_raises_only_value_error(value):
     try:
-        decoded = protocol.decode_header_value(value)
+        decoded = eras.decode_header_value(value)
     except ValueError:
         return
     assert isinstance(decoded, str)
@@ -767,7 +768,7 @@ def test_header_value_decoding_raises_only_value_error(value):
 @given(code=st.integers(-(2**40), 2**40), message=TEXT, request_id=st.one_of(st.none(), st.integers(), TEXT),
        data=st.one_of(st.none(), JSON_VALUES))
 def test_jsonrpc_error_bodies_are_json(code, message, request_id, data):
-    body = json.loads(protocol.jsonrpc_error(code, message, request_id, data=data))
+    body = json.loads(jsonrpc.jsonrpc_error(code, message, request_id, data=data))
     # (A surrogate pair written as two code units comes back as the one character it encodes.)
     assert body["jsonrpc"] == "2.0" and body["error"]["code"] == code
     assert body["id"] == json.loads(json.dumps(request_id))

@@ -27,7 +27,9 @@ import pytest
 from config import Config
 from services import build_services
 from services.authserver.identity import dev_subject
-from services.proxy.upstream import AddressPolicy, UpstreamClient, UpstreamRefused
+from services.proxy.upstream.errors import UpstreamRefused
+from services.proxy.upstream.policy import AddressPolicy
+from services.proxy.upstream.pool import UpstreamClient
 from storage.base import Consent, RefreshFamily, RefreshToken
 from tests.support.fake_upstream import RawExchange, RawUpstream
 from tests.support.gateway import GatewayProcess

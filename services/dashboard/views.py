@@ -1,0 +1,94 @@
+"""The dashboard's view models: the Actor (the signed-in person as the rules see them) and what a
+page or the /api shows of a server, a grant and an authorization."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from storage.base import Grant, Server, User
+
+
+@dataclass(frozen=True)
+class Actor:
+    """The signed-in person, as the dashboard's rules see them."""
+
+    sub: str
+    email: str  # verified only, else empty
+    hd: str
+    name: str
+    is_admin: bool
+
+    @classmethod
+    def of(cls, user: User, admin_emails: tuple[str, ...]) -> Actor:
+        email = user.email.lower() if user.email and user.email_verified else ""
+        return cls(user.sub, email, user.hd, user.name, bool(email) and email in admin_emails)
+
+
+@dataclass
+class ServerView:
+    server: Server
+    role: str  # owner | admin | email | domain
+    mcp_url: str
+    install: dict[str, str]
+    header_names: list[str] = field(default_factory=list)
+
+    @property
+    def can_manage(self) -> bool:
+        return self.role in ("owner", "admin")
+
+    def as_dict(self) -> dict:
+        s = self.server
+        view = {
+            "server_id": s.server_id,
+            "name": s.name,
+            "mcp_url": self.mcp_url,
+            "role": self.role,
+            "install": self.install,
+        }
+        if self.can_manage:
+            view.update(
+                upstream_url=s.upstream_url,
+                upstream_headers=self.header_names,
+                forward_identity=s.forward_identity,
+                internal_upstream=s.internal_upstream,
+                owner_email=s.owner_email,
+                created_at=s.created_at,
+            )
+        return view
+
+
+@dataclass
+class Reached:
+    email: str
+    signed_in_at: float
+    last_used_at: float  # 0 when never used through the gateway
+
+
+@dataclass
+class GrantView:
+    grant: Grant
+    reached: list[Reached]
+
+    def as_dict(self) -> dict:
+        return {
+            "kind": self.grant.kind,
+            "value": self.grant.value,
+            "created_at": self.grant.created_at,
+            "users": [
+                {"email": r.email, "signed_in_at": r.signed_in_at, "last_used_at": r.last_used_at or None}
+                for r in self.reached
+            ],
+        }
+
+
+@dataclass
+class Authorization:
+    client_id: str
+    client_name: str
+    redirect_hosts: list[str]
+    servers: list[str]
+    created_at: float
+    last_used_at: float
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
