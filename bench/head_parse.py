@@ -3,7 +3,7 @@
 1. CPU per head, in this process, for three real-world heads (a uvicorn JSON answer, a
    Tornado SSE answer, a 20-field head): the hand-written parser the upstream client had
    until issue 7 (status line and fields through ``tornado.httputil``, kept below
-   verbatim as the baseline) against ``services.upstream``'s llhttp parse as the client
+   verbatim as the baseline) against ``services.proxy.upstream``'s llhttp parse as the client
    runs it (``_Parse``: llhttp via httptools plus the client's own rules and the
    `ResponseHeaders` it hands out). Best of 5 repeats of N parses each.
 2. Time to an error on a malformed head: `UpstreamClient` against a raw loopback
@@ -55,7 +55,7 @@ HEADS = {
 
 
 def old_parse_head(head: bytes) -> httputil.HTTPHeaders:
-    """The hand-written head parser of services/upstream.py before issue 7 (the baseline)."""
+    """The hand-written head parser of the upstream client before issue 7 (the baseline)."""
     lines = head.decode("latin-1").lstrip("\r\n").split("\r\n")
     start_line = httputil.parse_response_start_line(lines[0])
     headers = httputil.HTTPHeaders()

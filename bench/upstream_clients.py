@@ -11,7 +11,7 @@ process:
   * upstream SSE streams still open 0.5 s after the client dropped 50 of them (cancellation).
 
 Clients: a minimal hand-written asyncio-streams keep-alive client that does not even
-parse headers (the floor every ratio is taken against); services.upstream.UpstreamClient
+parse headers (the floor every ratio is taken against); services.proxy.upstream.pool.UpstreamClient
 (the real one: asyncio streams, pooled, SSRF-checked); minimal pooled clients on Tornado's
 IOStream and on Tornado's HTTP1Connection (the designs it was measured against);
 aiohttp's pooled ClientSession; Tornado's curl_httpclient; Tornado's simple_httpclient.
@@ -110,9 +110,9 @@ class RawFloor:
 
 
 class GatewayClient:
-    """services.upstream.UpstreamClient: the real thing (SSRF guard, timeouts, chunked, SSE)."""
+    """services.proxy.upstream.pool.UpstreamClient: the real thing (SSRF guard, timeouts, chunked, SSE)."""
 
-    name = "services.upstream.UpstreamClient (asyncio streams, pooled, SSRF-checked)"
+    name = "services.proxy.upstream.pool.UpstreamClient (asyncio streams, pooled, SSRF-checked)"
 
     def __init__(self, port: int) -> None:
         from services.proxy.upstream.policy import AddressPolicy
@@ -137,7 +137,7 @@ class GatewayClient:
 
 class IOStreamClient:
     """The same pooling framed by hand on Tornado's IOStream (an earlier design of
-    services.upstream). Minimal: no SSRF check, no timeouts, Content-Length bodies only."""
+    services.proxy.upstream). Minimal: no SSRF check, no timeouts, Content-Length bodies only."""
 
     name = "pooled on Tornado IOStream (minimal)"
 

@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from services.authserver.identity import dev_subject  # noqa: E402
+from services.authserver.signin import dev_subject  # noqa: E402
 from storage.base import Server, UsageEvent, User  # noqa: E402
 from storage.sqlite import SqliteStorage  # noqa: E402
 from tests.support.gateway import GatewayProcess  # noqa: E402

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl
 import tornado.web
 
 from services.authserver.authorization import signin_time
-from services.authserver.identity import LOGIN_TTL
+from services.authserver.signin import LOGIN_TTL
 from services.common.errors import ApiError, BadRequest, GatewayError, OAuthError, PageError
 from services.common.validation import media_type
 from storage.base import StorageUnavailable

@@ -17,7 +17,7 @@ import time
 from tornado.iostream import StreamClosedError
 
 from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
-from services.authserver.tokens import (
+from services.authserver.claims import (
     MCP_SCOPES,
     SCOPE_CONNECT,
     SCOPE_INVOKE,

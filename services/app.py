@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from config import Config
 from services.authserver.authorization import AuthorizationRequests
 from services.authserver.clients import ClientRegistry
-from services.authserver.identity import Accounts, OidcIdentityProvider
+from services.authserver.identity import OidcIdentityProvider
 from services.authserver.keys import KeyRing, SecretBox
+from services.authserver.signin import Accounts
 from services.authserver.tokens import REVOCATION_REFRESH, TokenService
 from services.common.access import AccessPolicy
 from services.common.metrics import Metrics

@@ -15,7 +15,7 @@ import pytest
 
 from config import Config
 from services import build_services
-from services.authserver.identity import dev_subject
+from services.authserver.signin import dev_subject
 from storage.base import Consent, RefreshFamily, RefreshToken, UsageEvent
 from tests.support.gateway import GatewayProcess
 

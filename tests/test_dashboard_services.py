@@ -19,7 +19,7 @@ import tornado.web
 
 from config import Config
 from services import build_services
-from services.authserver.tokens import InvalidToken
+from services.authserver.claims import InvalidToken
 from services.common.errors import FieldErrors, Forbidden, NotFound, NotSignedIn
 from services.dashboard.install import install_snippets
 from services.dashboard.reports import parse_range, percentile
@@ -366,7 +366,7 @@ def test_delete_drops_grants_sessions_and_access(tmp_path, upstream):
             server_id = await ana_server(s, upstream.url)
             await s.dashboard.add_grant(ana, server_id, "email", "bob@example.com")
             await s.sessions.create(user_sub=BOB.sub, server_id=server_id, upstream_session_id="u", protocol_version="")
-            from services.authserver.tokens import principal_of
+            from services.authserver.claims import principal_of
 
             assert (await s.access.decide(principal_of(BOB), server_id)).allowed
             await s.dashboard.delete(ana, server_id)
@@ -408,7 +408,7 @@ def test_sharing_list_shows_who_signed_in_and_when_they_last_used_it(tmp_path, u
 def test_removing_a_grant_is_seen_by_another_instance_within_three_seconds(tmp_path, upstream):
     @run
     async def main():
-        from services.authserver.tokens import principal_of
+        from services.authserver.claims import principal_of
 
         async with instance(tmp_path) as a, instance(tmp_path) as b:
             ana = await actor(a, ANA)

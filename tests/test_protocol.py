@@ -1,4 +1,4 @@
-"""services.protocol: JSON-RPC parsing and scopes, era detection, 2026 routing headers,
+"""services.proxy.protocol (jsonrpc, eras, sse): JSON-RPC parsing and scopes, era detection, 2026 routing headers,
 response outcomes, and the SSE parser fed in every possible split."""
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ import pytest
 from cryptography.exceptions import InvalidTag
 
 from services import build_services
-from services.authserver.clients import check_redirect_uri, redirect_uri_matches
+from services.authserver.claims import InvalidToken, parse_scope
 from services.authserver.keys import SecretBox
-from services.authserver.tokens import GRACE, InvalidToken, parse_scope
+from services.authserver.redirect_uris import check_redirect_uri, redirect_uri_matches
+from services.authserver.tokens import GRACE
 from services.common.errors import OAuthError
 from storage.base import AuthCode, User
 from tests.support.inprocess import make_config, run

@@ -1,4 +1,4 @@
-"""services.upstream against real peers on loopback: the SSRF guard, fetch_small, and the
+"""services.proxy.upstream against real peers on loopback: the SSRF guard, fetch_small, and the
 pooled streaming client (keep-alive seen from the server side, SSE relayed as it arrives,
 cancellation seen by the upstream, timeouts, TLS with SNI).
 

@@ -16,13 +16,10 @@ from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
 from config import Config
-from services.authserver.clients import (
-    ClientRegistry,
-    is_loopback_redirect,
-    redirect_host,
-    redirect_uri_matches,
-)
-from services.authserver.tokens import TokenService, parse_scope
+from services.authserver.claims import parse_scope
+from services.authserver.clients import ClientRegistry
+from services.authserver.redirect_uris import is_loopback_redirect, redirect_host, redirect_uri_matches
+from services.authserver.tokens import TokenService
 from services.common.access import AccessPolicy
 from services.common.errors import InvalidRequest, OAuthError, PageError, RequestGone, UnsupportedResponseType
 from storage.base import Client, Consent, Pending, Server, Storage

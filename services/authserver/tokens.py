@@ -11,22 +11,28 @@ conditional write in storage decides and the loser takes the grace path.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import hmac
-import math
-import re
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import jwt
 
 from config import Config
+from services.authserver.claims import (
+    ACCESS_TOKEN_TYPES,
+    MCP_SCOPES,
+    SUPPORTED_SCOPES,
+    VERIFIER_RE,
+    Audience,
+    InvalidToken,
+    claim_type_problem,
+    principal_of,
+    s256,
+)
 from services.authserver.keys import KeyRing, SecretBox, token_hash
-from services.common.access import AccessPolicy, Principal
+from services.common.access import AccessPolicy
 from services.common.errors import (
     AccessDenied,
     InvalidGrant,
@@ -45,49 +51,10 @@ from storage.base import (
     User,
 )
 
-SCOPE_CONNECT = "mcp:connect"
-SCOPE_INVOKE = "mcp:invoke"
-MCP_SCOPES = (SCOPE_CONNECT, SCOPE_INVOKE)
-SUPPORTED_SCOPES = (*MCP_SCOPES, "offline_access")
 CODE_TTL = 60
 GRACE = 30.0
 VERIFIED_CACHE_SIZE = 20000
 REVOCATION_REFRESH = 3.0  # revocations made on another instance apply within this bound
-VERIFIER_RE = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
-SCOPE_TOKEN_RE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")
-ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")  # RFC 9068 §4, compared lower-cased
-# Claim types of an access token (the audience is one string: the gateway mints no lists).
-REQUIRED_STRING_CLAIMS = ("iss", "sub", "aud", "jti")
-OPTIONAL_STRING_CLAIMS = ("scope", "client_id", "fid", "email", "hd")
-NUMERIC_CLAIMS = ("exp", "iat", "nbf")  # exp and iat are required by the decoder
-
-
-class InvalidToken(Exception):
-    """A bearer token the proxy must refuse with 401 invalid_token."""
-
-
-def s256(verifier: str) -> str:
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
-
-def parse_scope(requested: str | None) -> str:
-    """The scope granted for a request: known scopes in a fixed order; unknown ones are
-    dropped (a subset grant, RFC 6749 §3.3); no MCP scope at all means both."""
-    words = (requested or "").split()
-    for word in words:
-        if not SCOPE_TOKEN_RE.match(word):
-            raise InvalidScope("scope contains characters RFC 6749 forbids")
-    granted = [s for s in SUPPORTED_SCOPES if s in words]
-    if not any(s in granted for s in MCP_SCOPES):
-        granted = [*MCP_SCOPES, *granted]
-    return " ".join(granted)
-
-
-@dataclass(frozen=True)
-class Audience:
-    value: str  # the `aud` claim
-    server_id: str  # empty for the base resource
 
 
 class TokenService:
@@ -487,39 +454,3 @@ def _family_marker(family_id: str) -> str:
     return "fid:" + family_id
 
 
-def scope_allows(claims: dict, needed: str) -> bool:
-    """Whether an access token's scope covers `needed`. mcp:invoke implies mcp:connect: a
-    client allowed to call tools must be able to initialize and list them (DESIGN: connect
-    covers initialize, discovery, ping, notifications, */list, subscriptions). Scope words
-    are case-sensitive (RFC 6749 §3.3)."""
-    words = claims.get("scope", "").split()
-    return needed in words or (needed == SCOPE_CONNECT and SCOPE_INVOKE in words)
-
-
-def _is_number(value: object) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
-
-
-def claim_type_problem(claims: dict) -> str:
-    """Why a signature-checked claim set does not have the shape the gateway mints, or ""
-    when it does. Checked once per token (before the verified-token cache), so that no
-    later use of a claim meets a type it does not expect."""
-    for name in REQUIRED_STRING_CLAIMS:
-        value = claims.get(name)
-        if not isinstance(value, str) or not value:
-            return f"{name} must be a non-empty string"
-    for name in OPTIONAL_STRING_CLAIMS:
-        if name in claims and not isinstance(claims[name], str):
-            return f"{name} must be a string"
-    for name in NUMERIC_CLAIMS:
-        if name in claims and not _is_number(claims[name]):
-            return f"{name} must be a number"
-    return ""
-
-
-def principal_of(user: User) -> Principal:
-    return Principal(sub=user.sub, email=user.email if user.email_verified else "", hd=user.hd)
-
-
-def principal_from_claims(claims: dict) -> Principal:
-    return Principal(sub=claims["sub"], email=claims.get("email", ""), hd=claims.get("hd", ""))

@@ -1,16 +1,5 @@
-"""AccessPolicy: who may use which server (owner, e-mail grant, Workspace domain grant),
-answered from an in-process cache so that the warm proxy path never waits on storage.
-
-Domain membership is the ID token's `hd` claim, never the e-mail suffix; e-mail grants
-need a verified e-mail.
-
-Cache rules: an entry is fresh for CACHE_TTL seconds, and a server in use is re-read in
-the background (single flight) once half of that has passed, so its callers never wait
-and a change is seen within CACHE_TTL. A caller that finds the entry expired waits for
-the re-read for at most STALE_WAIT; if storage is slow or failing it gets the last good
-rules instead, for at most STALE_FOR seconds past their TTL. Beyond that bound it waits
-and, if storage cannot answer, gets its error: a decision is never older than the bound.
-"""
+"""AccessPolicy: who may use which server (owner, e-mail grant, Workspace domain grant), from a
+per-process cache with read-ahead and bounded stale serving (docs/architecture.md §2, §5)."""
 
 from __future__ import annotations
 

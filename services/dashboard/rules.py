@@ -8,7 +8,8 @@ from __future__ import annotations
 import time
 
 from config import Config
-from services.authserver.clients import ClientRegistry, redirect_host
+from services.authserver.clients import ClientRegistry
+from services.authserver.redirect_uris import redirect_host
 from services.authserver.tokens import TokenService
 from services.common.access import AccessPolicy
 from services.common.errors import FieldErrors, Forbidden, InvalidInput, NotFound, NotSignedIn, OAuthError

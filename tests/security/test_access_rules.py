@@ -228,7 +228,7 @@ def test_an_unverified_email_equal_to_the_owners_never_becomes_owner(rig):
 
 
 def test_grant_removal_applies_within_the_cache_bound_on_both_instances(rig):
-    """Bound (DESIGN, services/access.py): 3 s on every instance. Measured from the moment
+    """Bound (DESIGN, services/common/access.py): 3 s on every instance. Measured from the moment
     the removal is stored, on the instance that served the grantee and on another one."""
     token = base_token(rig, who(REMOVED))
     second = rig["second"].listen_url

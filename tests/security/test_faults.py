@@ -429,7 +429,7 @@ def test_idp_down_gives_a_clear_error_page_and_sign_in_works_once_it_is_back(idp
         relay.stop()
 
 
-IDP_TIMEOUT_S = 10  # services/identity.py: request_timeout of every IdP call
+IDP_TIMEOUT_S = 10  # services/authserver/identity.py: request_timeout of every IdP call
 
 
 def test_idp_hanging_gives_a_clear_error_page_and_sign_in_works_once_it_answers(idp, tmp_path):

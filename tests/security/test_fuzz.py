@@ -1,6 +1,6 @@
 """Property-based fuzz (hypothesis), bounded and reproducible: every OAuth endpoint over
 HTTP against one real gateway process signing in at the real OIDC provider, and the
-JSON-RPC / SSE parsers of services/protocol.py called directly.
+JSON-RPC / SSE parsers of services/proxy/protocol/ called directly.
 
 Over HTTP: never a 5xx; every 4xx body is spec-shaped for its endpoint (RFC 6749 / 7591 /
 7009 JSON `error` + `error_description`, an HTML page for the browser pages); redirects

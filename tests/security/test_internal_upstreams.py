@@ -26,7 +26,7 @@ import pytest
 
 from config import Config
 from services import build_services
-from services.authserver.identity import dev_subject
+from services.authserver.signin import dev_subject
 from services.proxy.upstream.errors import UpstreamRefused
 from services.proxy.upstream.policy import AddressPolicy
 from services.proxy.upstream.pool import UpstreamClient

@@ -24,13 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from handlers.oauth import local_path
 from services import build_services
-from services.authserver.identity import (
-    CLOCK_SKEW,
-    SESSION_CHECK_TTL,
-    Accounts,
-    IdentityClaims,
-    OidcIdentityProvider,
-)
+from services.authserver.identity import CLOCK_SKEW, IdentityClaims, OidcIdentityProvider
+from services.authserver.signin import SESSION_CHECK_TTL, Accounts
 from services.common.access import Principal
 from services.common.errors import IdentityError, OAuthError, PageError
 from storage import open_storage
