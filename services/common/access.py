@@ -127,6 +127,8 @@ def _retrieve(task: asyncio.Task) -> None:
 
 
 def decide_for(principal: Principal, server: Server, grants: tuple[Grant, ...]) -> Decision:
+    """The one sharing rule (the proxy, the dashboard and the server registry all ask it):
+    the owner, then an e-mail grant, then a Workspace domain grant."""
     if server.owner_sub and server.owner_sub == principal.sub:
         return Decision(True, "owner")
     email = principal.email.lower()

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from services.authserver.keys import SecretBox
-from services.common.access import AccessPolicy
+from services.common.access import AccessPolicy, Principal, decide_for
 from services.common.errors import InvalidInput
 from services.common.validation import check_text
 from services.proxy.upstream.errors import UpstreamRefused, UpstreamUnreachable
@@ -274,15 +274,17 @@ class ServerRegistry:
             s.server_id: (s, "owner") for s in await self._storage.servers_owned_by(sub)
         }
         if user is not None:
+            principal = Principal(sub=sub, email=user.email if user.email_verified else "", hd=user.hd)
             rules = []
-            if user.email and user.email_verified:
-                rules.append(("email", user.email))
-            if user.hd:
-                rules.append(("domain", user.hd))
-            for kind, value in rules:
+            if principal.email:
+                rules.append(("email", principal.email))
+            if principal.hd:
+                rules.append(("domain", principal.hd))
+            for kind, value in rules:  # the candidates; decide_for decides
                 for grant in await self._storage.grants_matching(kind, value):
                     if grant.server_id not in found:
                         server = await self._storage.get_server(grant.server_id)
-                        if server is not None:
-                            found[server.server_id] = (server, kind)
+                        decision = decide_for(principal, server, (grant,)) if server is not None else None
+                        if decision is not None and decision.allowed:
+                            found[server.server_id] = (server, decision.reason)
         return sorted(found.values(), key=lambda pair: pair[0].name.lower())

@@ -11,7 +11,7 @@ from config import Config
 from services.authserver.clients import ClientRegistry
 from services.authserver.redirect_uris import redirect_host
 from services.authserver.tokens import TokenService
-from services.common.access import AccessPolicy
+from services.common.access import AccessPolicy, Principal, decide_for
 from services.common.errors import FieldErrors, Forbidden, InvalidInput, NotFound, NotSignedIn, OAuthError
 from services.common.servers import (
     ServerRegistry,
@@ -55,7 +55,7 @@ class Dashboard:
         return Actor.of(user, self._config.admin_emails)
 
     def role(self, actor: Actor, server: Server) -> str | None:
-        if server.owner_sub == actor.sub or (not server.owner_sub and actor.email and actor.email == server.owner_email):
+        if decide_for(_principal(actor), server, ()).allowed:  # no grants: only the owner
             return "owner"
         if actor.is_admin:
             return "admin"
@@ -70,7 +70,8 @@ class Dashboard:
         role = self.role(actor, server)
         if role is None:
             grants = tuple(await self._storage.grants_for(server_id))
-            role = _grant_role(actor, grants)
+            decision = decide_for(_principal(actor), server, grants)
+            role = decision.reason if decision.allowed else None
         if role is None:
             raise NotFound("there is no such server")
         return server, role
@@ -292,10 +293,6 @@ class Dashboard:
         return len(families)
 
 
-def _grant_role(actor: Actor, grants: tuple[Grant, ...]) -> str | None:
-    for grant in grants:
-        if grant.kind == "email" and actor.email and grant.value == actor.email:
-            return "email"
-        if grant.kind == "domain" and actor.hd and grant.value == actor.hd.lower():
-            return "domain"
-    return None
+
+def _principal(actor: Actor) -> Principal:
+    return Principal(sub=actor.sub, email=actor.email, hd=actor.hd)
