@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from services.common.scopes import SCOPE_CONNECT, SCOPE_INVOKE
 from services.proxy.protocol.eras import (
     check_modern_headers,
     check_routing_headers,
@@ -20,8 +21,6 @@ from services.proxy.protocol.jsonrpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
     PARSE_ERROR,
-    SCOPE_CONNECT,
-    SCOPE_INVOKE,
     ProtocolError,
     jsonrpc_error,
     outcome_of,

@@ -13,15 +13,10 @@ from services.common.access import Principal
 from services.common.errors import (
     InvalidScope,
 )
+from services.common.scopes import MCP_SCOPES, SCOPE_CONNECT, SCOPE_INVOKE, SUPPORTED_SCOPES
 from storage.base import (
     User,
 )
-
-SCOPE_CONNECT = "mcp:connect"
-SCOPE_INVOKE = "mcp:invoke"
-MCP_SCOPES = (SCOPE_CONNECT, SCOPE_INVOKE)
-SUPPORTED_SCOPES = (*MCP_SCOPES, "offline_access")
-
 
 VERIFIER_RE = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
 SCOPE_TOKEN_RE = re.compile(r"^[\x21\x23-\x5B\x5D-\x7E]+$")

@@ -22,8 +22,6 @@ import jwt
 from config import Config
 from services.authserver.claims import (
     ACCESS_TOKEN_TYPES,
-    MCP_SCOPES,
-    SUPPORTED_SCOPES,
     VERIFIER_RE,
     Audience,
     InvalidToken,
@@ -41,6 +39,7 @@ from services.common.errors import (
     InvalidTarget,
     OAuthError,
 )
+from services.common.scopes import MCP_SCOPES, SUPPORTED_SCOPES
 from storage.base import (
     AuthCode,
     Client,

@@ -8,14 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from services.common.scopes import SCOPE_CONNECT, SCOPE_INVOKE
+
 # JSON-RPC 2.0 and MCP error codes the gateway itself may emit.
 PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 INVALID_PARAMS = -32602
 HEADER_MISMATCH = -32020  # MCP 2026-07-28 HeaderMismatch (renumbered from -32001)
-
-SCOPE_CONNECT = "mcp:connect"
-SCOPE_INVOKE = "mcp:invoke"
 
 
 META_PROTOCOL_VERSION = "io.modelcontextprotocol/protocolVersion"
