@@ -50,11 +50,6 @@ def token_hash(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def short_hash(value: str) -> str:
-    """A correlation id for logs that reveals nothing of the secret."""
-    return hashlib.sha256(value.encode()).hexdigest()[:10]
-
-
 class SecretBox:
     """Authenticated encryption of small secrets at rest, with a version prefix so the
     scheme can change later."""

@@ -18,11 +18,8 @@ from services.proxy.protocol.jsonrpc import (
     RpcMessage,
 )
 
-# Protocol versions that use the initialize handshake, and those with per-request _meta.
+# Protocol versions that use the initialize handshake (2026-07-28 has per-request _meta).
 LEGACY_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
-MODERN_VERSIONS = frozenset({"2026-07-28"})
-# JSON-RPC batches existed in 2025-03-26 only (2024-11-05 inherited them from JSON-RPC).
-_BATCH_VERSIONS = frozenset({"2024-11-05", "2025-03-26"})
 _DEFAULT_LEGACY_VERSION = "2025-03-26"  # what a server assumes without the header
 
 

@@ -76,17 +76,15 @@ class ProtocolError(Exception):
         id: str | int | None = None,
         *,
         http_status: int = 400,
-        data: Any = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.http_status = http_status
         self.id = id
-        self.data = data
 
     def body(self) -> bytes:
-        return jsonrpc_error(self.code, self.message, self.id, data=self.data)
+        return jsonrpc_error(self.code, self.message, self.id)
 
 
 def jsonrpc_error(code: int, message: str, id: str | int | None = None, *, data: Any = None) -> bytes:
