@@ -17,14 +17,7 @@ import time
 from tornado.iostream import StreamClosedError
 
 from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
-from services.authserver.claims import (
-    MCP_SCOPES,
-    SCOPE_CONNECT,
-    SCOPE_INVOKE,
-    InvalidToken,
-    principal_from_claims,
-    scope_allows,
-)
+from services.proxy.gate import Call, Refused
 from services.proxy.protocol import eras, jsonrpc, sse
 from services.proxy.upstream.errors import (
     UpstreamError,
@@ -33,7 +26,7 @@ from services.proxy.upstream.errors import (
     UpstreamTimeout,
 )
 from services.proxy.upstream.http11 import hop_by_hop_names
-from storage.base import StorageError, StorageUnavailable, UsageEvent
+from storage.base import StorageError, StorageUnavailable
 
 log = logging.getLogger("gateway.proxy")
 
@@ -78,16 +71,16 @@ class McpProxyHandler(BaseHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}))
 
-    def challenge(self, server_id: str, error: str | None = None, description: str = "",
-                  scope: str = " ".join(MCP_SCOPES), status: int = 401) -> None:
-        metadata = f"{self.config.public_url}/.well-known/oauth-protected-resource/mcp/{server_id}"
-        parts = [f'resource_metadata="{metadata}"', f'scope="{scope}"']
-        if error:
-            parts.append(f'error="{error}"')
-            if description:
-                parts.append('error_description="{}"'.format(description.replace('"', "'")))
-        self.set_header("WWW-Authenticate", "Bearer " + ", ".join(parts))
-        self.jsonrpc_error(status, -32001 if status == 401 else -32003, description or "authorization required")
+    def refuse(self, refused: Refused) -> None:
+        """A refusal from the gate: its status, challenge and body."""
+        if refused.www_authenticate:
+            self.set_header("WWW-Authenticate", refused.www_authenticate)
+        if refused.jsonrpc:
+            self.set_status(refused.status)
+            self.set_header("Content-Type", "application/json")
+            self.finish(json.dumps(refused.body))
+        else:
+            self.write_json(refused.body, refused.status)
 
     def origin_allowed(self) -> bool:
         """Requests without Origin (native clients) pass; browsers need an allowed origin."""
@@ -97,51 +90,16 @@ class McpProxyHandler(BaseHandler):
         origin = origin.rstrip("/").lower()
         return origin == self.config.public_url or origin in self.config.allowed_origins
 
-    async def authenticate(self, server_id: str) -> dict | None:
-        """The token's claims when the request may proceed; otherwise the response is sent."""
+    async def admit(self, server_id: str) -> Call | None:
+        """The admitted call when the request may proceed; otherwise the response is sent."""
         if not self.origin_allowed():
             self.jsonrpc_error(403, -32003, "this Origin is not allowed to call the gateway")
             return None
-        server = await self.services.access.server(server_id)
-        if server is None:
-            self.write_json({"error": "not_found", "error_description": f"there is no MCP server {server_id}"}, 404)
-            return None
-        header = self.request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            self.challenge(server_id)
-            return None
         try:
-            claims = await self.services.tokens.verify_access_token(token.strip())
-        except InvalidToken as exc:
-            self.challenge(server_id, "invalid_token", str(exc))
+            return await self.services.gate.admit(self.request.headers.get("Authorization", ""), server_id)
+        except Refused as refused:
+            self.refuse(refused)
             return None
-        if claims["aud"] not in (self.config.server_resource(server_id), self.config.base_resource):
-            self.challenge(server_id, "invalid_token", "the access token is for another resource")
-            return None
-        decision = await self.services.access.decide(principal_from_claims(claims), server_id)
-        if not decision.allowed:
-            self.jsonrpc_error(403, -32003, f"access denied: {decision.reason}")
-            return None
-        # Every MCP request (POST, the GET stream, DELETE) needs mcp:connect; mcp:invoke
-        # implies it. The invoke methods also need mcp:invoke (require_invoke).
-        if not scope_allows(claims, SCOPE_CONNECT):
-            self.challenge(
-                server_id, "insufficient_scope", "this request needs the mcp:connect scope",
-                scope=" ".join(MCP_SCOPES), status=403,
-            )
-            return None
-        return claims
-
-    def require_invoke(self, server_id: str, claims: dict) -> bool:
-        """Step-up: a call that needs mcp:invoke with a token that lacks it gets 403."""
-        if scope_allows(claims, SCOPE_INVOKE):
-            return True
-        self.challenge(
-            server_id, "insufficient_scope", "this call needs the mcp:invoke scope",
-            scope=" ".join(MCP_SCOPES), status=403,
-        )
-        return False
 
     # ------------------------------------------------------------------- relaying
 
@@ -178,13 +136,13 @@ class McpProxyHandler(BaseHandler):
                            message.id if message is not None else None)
 
     async def forward(self, server_id: str) -> None:
-        claims = await self.authenticate(server_id)
-        if claims is not None:
-            await self.relay(server_id, claims, None)
+        call = await self.admit(server_id)
+        if call is not None:
+            await self.relay(call, None)
 
     async def forward_post(self, server_id: str) -> None:
-        claims = await self.authenticate(server_id)
-        if claims is None:
+        call = await self.admit(server_id)
+        if call is None:
             return
         if len(self.request.body) > MAX_BODY:
             self.jsonrpc_error(413, -32600, f"the request body exceeds {MAX_BODY} bytes")
@@ -196,9 +154,13 @@ class McpProxyHandler(BaseHandler):
             self.jsonrpc_error(400, exc.code, exc.message, getattr(exc, "id", None))
             return
         self._message = message
-        if message.needs_invoke and not self.require_invoke(server_id, claims):
-            return
-        await self.relay(server_id, claims, message)
+        if message.needs_invoke:
+            try:
+                self.services.gate.require_invoke(call)
+            except Refused as refused:
+                self.refuse(refused)
+                return
+        await self.relay(call, message)
 
     def on_connection_close(self) -> None:
         # The client went away: close the upstream request (and its connection) at once,
@@ -209,7 +171,7 @@ class McpProxyHandler(BaseHandler):
         if self._upstream_response is not None:
             self._upstream_response.close()
 
-    def upstream_headers(self, server, claims: dict, session) -> list[tuple[str, str]]:
+    def upstream_headers(self, call: Call, session) -> list[tuple[str, str]]:
         incoming = self.request.headers
         # Fields the client's Connection header names are for the gateway alone (RFC 9110 §7.6.1).
         hop = hop_by_hop_names(incoming.get_list("Connection"))
@@ -220,22 +182,24 @@ class McpProxyHandler(BaseHandler):
                 headers.append((name, value))
         if session is not None:
             headers.append(("Mcp-Session-Id", session.upstream_session_id))
+        server = call.server
         headers.extend(self.services.servers.upstream_headers(server).items())
         if server.forward_identity:
-            headers.extend(self.services.identity_headers(server, claims))
+            headers.extend(self.services.identity_headers(server, call.claims))
         return headers
 
-    async def relay(self, server_id: str, claims: dict, message) -> None:
+    async def relay(self, call: Call, message) -> None:
         services = self.services
-        server = await services.access.server(server_id)
+        server = call.server
+        server_id = call.server_id
         method = self.request.method
         started = time.monotonic()
-        session = None
         incoming_session = self.request.headers.get("Mcp-Session-Id")
         if incoming_session:
-            session = await services.sessions.resolve(incoming_session, claims["sub"], server_id)
-            if session is None:
-                self.jsonrpc_error(404, -32001, "session not found (initialize again)", message and message.id)
+            try:
+                await services.gate.resolve_session(call, incoming_session, message)
+            except Refused as refused:
+                self.refuse(refused)
                 return
         if self._client_gone:
             return
@@ -243,7 +207,7 @@ class McpProxyHandler(BaseHandler):
             services.upstream.request(
                 method,
                 server.upstream_url,
-                self.upstream_headers(server, claims, session),
+                self.upstream_headers(call, call.session),
                 self.request.body if method == "POST" else None,
                 # Not approved for internal upstreams: public addresses only, at every
                 # connection (a name re-pointed inward after registration is refused).
@@ -259,7 +223,7 @@ class McpProxyHandler(BaseHandler):
         except UpstreamTimeout:
             services.metrics.inc("upstream_errors_total", kind="timeout")
             self.jsonrpc_error(504, -32603, "the upstream MCP server did not answer in time", message and message.id)
-            self.record(claims, server_id, message, "504", started)
+            self.record(call, message, "504", started)
             return
         except UpstreamRefused as exc:
             services.metrics.inc("upstream_errors_total", kind="refused")
@@ -268,13 +232,13 @@ class McpProxyHandler(BaseHandler):
                 502, -32603, "the gateway's address policy refuses the upstream MCP server's address",
                 message and message.id,
             )
-            self.record(claims, server_id, message, "502", started)
+            self.record(call, message, "502", started)
             return
         except UpstreamError as exc:
             services.metrics.inc("upstream_errors_total", kind="unreachable")
             log.warning("upstream %s unreachable: %s", server_id, exc)
             self.jsonrpc_error(502, -32603, "the upstream MCP server is unreachable", message and message.id)
-            self.record(claims, server_id, message, "502", started)
+            self.record(call, message, "502", started)
             return
         finally:
             self._upstream_request = None
@@ -283,27 +247,28 @@ class McpProxyHandler(BaseHandler):
             return
         self._upstream_response = response
         try:
-            await self.relay_response(response, server, claims, message, session, started)
+            await self.relay_response(response, call, message, started)
         finally:
             response.close()
             self._upstream_response = None
 
-    async def relay_response(self, response, server, claims, message, session, started) -> None:
-        services = self.services
-        server_id = server.server_id
+    async def relay_response(self, response, call: Call, message, started: float) -> None:
+        gate = self.services.gate
+        server_id = call.server_id
+        session = call.session
         status = response.status
         if status == 404 and session is not None:
             # The upstream forgot the session: so do we, and the client re-initializes.
-            await services.sessions.drop(session.session_id)
+            await gate.drop_session(call)
         if status in (401, 403):
             # The upstream refused the gateway's own credentials; passing its challenge on
             # would send the client into a re-authorization loop with us.
             log.warning("upstream %s answered %s to the gateway", server_id, status)
             self.jsonrpc_error(502, -32603, "the upstream MCP server refused the gateway", message and message.id)
-            self.record(claims, server_id, message, "502", started)
+            self.record(call, message, "502", started)
             return
         if self.request.method == "DELETE" and session is not None and status < 300:
-            await services.sessions.drop(session.session_id)
+            await gate.drop_session(call)
         self.set_status(status, response.reason or None)
         upstream_headers = response.headers
         # What the upstream's Connection header names is for this hop only.
@@ -314,17 +279,11 @@ class McpProxyHandler(BaseHandler):
         upstream_session = upstream_headers.get("Mcp-Session-Id")
         if upstream_session and session is None and message is not None and message.method == "initialize":
             try:
-                session = await services.sessions.create(
-                    user_sub=claims["sub"],
-                    server_id=server_id,
-                    upstream_session_id=upstream_session,
-                    # initialize names its version in the body; the header only follows it.
-                    protocol_version=str((message.params or {}).get("protocolVersion", ""))[:40],
-                )
+                session = await gate.start_session(call, upstream_session, message)
             except StorageError:
                 # Nobody could ever reach or end the session the upstream just opened.
                 response.close()
-                await self.end_upstream_session(server, claims, upstream_session)
+                await self.end_upstream_session(call, upstream_session)
                 raise
         if session is not None:
             self.set_header("Mcp-Session-Id", session.session_id)
@@ -333,11 +292,12 @@ class McpProxyHandler(BaseHandler):
             outcome = await self.relay_stream(response, message, started)
         else:
             outcome = await self.relay_body(response, message, status)
-        self.record(claims, server_id, message, outcome, started)
+        self.record(call, message, outcome, started)
 
-    async def end_upstream_session(self, server, claims: dict, upstream_session: str) -> None:
+    async def end_upstream_session(self, call: Call, upstream_session: str) -> None:
         """Best effort: DELETE a session at the upstream (MCP's way to end one)."""
-        headers = [*self.upstream_headers(server, claims, None), ("Mcp-Session-Id", upstream_session)]
+        server = call.server
+        headers = [*self.upstream_headers(call, None), ("Mcp-Session-Id", upstream_session)]
         try:
             response = await self.services.upstream.request(
                 "DELETE", server.upstream_url, headers, None, header_timeout=END_SESSION_TIMEOUT,
@@ -477,23 +437,10 @@ class McpProxyHandler(BaseHandler):
             return True  # a standalone GET stream: the client reconnects
         return outcome not in ("stream", "unknown")  # the POST's answer went by
 
-    def record(self, claims: dict, server_id: str, message, outcome: str, started: float) -> None:
-        if message is None or message.method is None or message.kind != "request":
-            return
-        self.services.usage.record(
-            UsageEvent(
-                at=time.time(),
-                server_id=server_id,
-                user_sub=claims["sub"],
-                user_email=claims.get("email", ""),
-                client_id=claims.get("client_id", ""),
-                method=message.method,
-                target=(message.target or "")[:500],  # a tool name, not a document
-                outcome=outcome,
-                # To the response, not to the end of a stream that may stay open after it.
-                latency_ms=((self._answered_at or time.monotonic()) - started) * 1000,
-                bytes_in=len(self.request.body),
-                bytes_out=self._bytes_out,
-                era=eras.era_of(message, self.request.headers),
-            )
+    def record(self, call: Call, message, outcome: str, started: float) -> None:
+        self.services.gate.record(
+            call, message, outcome,
+            # To the response, not to the end of a stream that may stay open after it.
+            ((self._answered_at or time.monotonic()) - started) * 1000,
+            len(self.request.body), self._bytes_out, self.request.headers,
         )

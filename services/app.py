@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from config import Config
 from services.authserver.authorization import AuthorizationRequests
+from services.authserver.claims import InvalidToken
 from services.authserver.clients import ClientRegistry
 from services.authserver.identity import OidcIdentityProvider
 from services.authserver.keys import KeyRing, SecretBox
@@ -22,6 +23,7 @@ from services.common.servers import ServerRegistry
 from services.dashboard.probe import McpProbe
 from services.dashboard.reports import UsageReports
 from services.dashboard.rules import Dashboard
+from services.proxy.gate import ProxyGate
 from services.proxy.sessions import SessionMap
 from services.proxy.upstream.fetch import fetch_small
 from services.proxy.upstream.policy import AddressPolicy
@@ -56,6 +58,7 @@ class Services:
     sessions: SessionMap
     usage: UsageRecorder
     dashboard: Dashboard
+    gate: ProxyGate  # who may make a proxied call; its session and usage record
     # Set when the process begins to drain (SIGTERM): /readyz answers 503, standalone SSE
     # streams end cleanly.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
@@ -165,6 +168,8 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
     clients = ClientRegistry(storage, fetch_document)
     servers = ServerRegistry(storage, box, access, policy)
     upstream = UpstreamClient(policy, header_timeout=config.upstream_timeout)
+    sessions = SessionMap(storage)
+    usage = UsageRecorder(storage.usage, metrics)
     return Services(
         config=config,
         storage=storage,
@@ -179,10 +184,11 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
         servers=servers,
         metrics=metrics,
         upstream=upstream,
-        sessions=SessionMap(storage),
-        usage=UsageRecorder(storage.usage, metrics),
+        sessions=sessions,
+        usage=usage,
         identity=identity,
         dashboard=Dashboard(
             storage, servers, access, tokens, clients, McpProbe(upstream), UsageReports(storage), config
         ),
+        gate=ProxyGate(config, access, sessions, usage, tokens.verify_access_token, InvalidToken),
     )

@@ -364,15 +364,27 @@ def test_preflight_needs_no_auth_and_exposes_session_and_challenge_headers(rig):
 
 
 @pytest.mark.parametrize("verb", ["POST", "GET", "DELETE"])
-@pytest.mark.parametrize("with_token", [False, True])
-def test_unknown_server_is_a_404_json_error(rig, verb, with_token):
-    headers = headers_for(rig.tokens["alice_base"] if with_token else None)
+def test_unknown_server_is_a_404_json_error(rig, verb):
+    headers = headers_for(rig.tokens["alice_base"])
     content = json.dumps(rpc("ping")).encode() if verb == "POST" else None
     response = rig.http.request(verb, "/mcp/srv_rules_nothing_here", content=content, headers=headers)
     assert response.status_code == 404, (response.status_code, response.text)
     assert response.headers["content-type"].startswith("application/json")
     assert response.json()["error"] == "not_found"
     assert "www-authenticate" not in response.headers
+
+
+@pytest.mark.parametrize("verb", ["POST", "GET", "DELETE"])
+def test_unknown_server_without_a_token_is_a_401_first(rig, verb):
+    """The token is checked before the server is looked up (issue 8): no server id, real
+    or not, is answered before the caller authenticates."""
+    content = json.dumps(rpc("ping")).encode() if verb == "POST" else None
+    response = rig.http.request(verb, "/mcp/srv_rules_nothing_here", content=content, headers=headers_for(None))
+    assert response.status_code == 401, (response.status_code, response.text)
+    challenge = response.headers["www-authenticate"]
+    assert f'resource_metadata="{rig.gw.url}/.well-known/oauth-protected-resource/mcp/srv_rules_nothing_here"' \
+        in challenge, challenge
+    assert jsonrpc_error(response, 401)["error"]["code"] == -32001
 
 
 # ------------------------------------------------------------------------ 3. audiences

@@ -1,0 +1,157 @@
+"""ProxyGate: who may make a proxied MCP call, and the bookkeeping around it (the session it
+belongs to, the usage event it leaves). The handler parses and relays; every decision is here.
+
+Order on every request (docs/architecture.md §2): the bearer token first (401 with a challenge
+naming the path's server id: no lookup needed), then the server and the sharing decision, then
+scopes, then the session. An unauthenticated request never reaches the server cache."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from config import Config
+from services.common.access import AccessPolicy, Principal
+from services.proxy.protocol import eras
+from services.proxy.protocol.jsonrpc import SCOPE_CONNECT, SCOPE_INVOKE
+from services.proxy.sessions import SessionMap
+from services.proxy.usage import UsageRecorder
+from storage.base import McpSession, Server, UsageEvent
+
+# The scopes a challenge names (authserver.claims.MCP_SCOPES; the proxy does not import it).
+CHALLENGE_SCOPE = f"{SCOPE_CONNECT} {SCOPE_INVOKE}"
+
+
+class Refused(Exception):
+    """A request the gateway answers itself: `status`, the JSON `body`, and for 401 and
+    scope refusals the `www_authenticate` challenge. `jsonrpc` is False only for the
+    unknown-server 404, an OAuth-style JSON error rather than a JSON-RPC one."""
+
+    def __init__(self, status: int, body: dict, www_authenticate: str | None = None, jsonrpc: bool = True):
+        super().__init__(status)
+        self.status = status
+        self.body = body
+        self.www_authenticate = www_authenticate
+        self.jsonrpc = jsonrpc
+
+
+def rpc_error(status: int, code: int, message: str, request_id=None, www_authenticate: str | None = None) -> Refused:
+    return Refused(status, {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}},
+                   www_authenticate)
+
+
+class Call:
+    """An admitted call: the token's claims, the server, and (once resolved) its session."""
+
+    __slots__ = ("claims", "server", "server_id", "session")
+
+    def __init__(self, claims: dict, server: Server, server_id: str):
+        self.claims = claims
+        self.server = server
+        self.server_id = server_id
+        self.session: McpSession | None = None
+
+
+class ProxyGate:
+    def __init__(self, config: Config, access: AccessPolicy, sessions: SessionMap, usage: UsageRecorder,
+                 verify_token: Callable[[str], Awaitable[dict]], invalid_token: type[Exception]):
+        """`verify_token` is TokenService.verify_access_token and `invalid_token` the error it
+        raises for a token to refuse (both from authserver, handed in by services/app.py)."""
+        self._config = config
+        self._access = access
+        self._sessions = sessions
+        self._usage = usage
+        self._verify = verify_token
+        self._invalid = invalid_token
+
+    def challenge(self, server_id: str, error: str | None = None, description: str = "",
+                  status: int = 401) -> Refused:
+        metadata = f"{self._config.public_url}/.well-known/oauth-protected-resource/mcp/{server_id}"
+        parts = [f'resource_metadata="{metadata}"', f'scope="{CHALLENGE_SCOPE}"']
+        if error:
+            parts.append(f'error="{error}"')
+            if description:
+                parts.append('error_description="{}"'.format(description.replace('"', "'")))
+        return rpc_error(status, -32001 if status == 401 else -32003, description or "authorization required",
+                         None, "Bearer " + ", ".join(parts))
+
+    async def admit(self, authorization: str, server_id: str) -> Call:
+        """The call when the bearer token is valid for this server, the server exists, its
+        sharing rules let the token's user in and the token has mcp:connect; else Refused."""
+        scheme, _, token = authorization.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise self.challenge(server_id)
+        try:
+            claims = await self._verify(token)
+        except self._invalid as exc:
+            raise self.challenge(server_id, "invalid_token", str(exc)) from None
+        if claims["aud"] not in (self._config.server_resource(server_id), self._config.base_resource):
+            raise self.challenge(server_id, "invalid_token", "the access token is for another resource")
+        access = self._access
+        server = await access.server(server_id)
+        if server is None:
+            raise Refused(404, {"error": "not_found", "error_description": f"there is no MCP server {server_id}"},
+                          jsonrpc=False)
+        decision = await access.decide(
+            Principal(sub=claims["sub"], email=claims.get("email", ""), hd=claims.get("hd", "")), server_id
+        )
+        if not decision.allowed:
+            raise rpc_error(403, -32003, f"access denied: {decision.reason}")
+        # Every MCP request (POST, the GET stream, DELETE) needs mcp:connect; mcp:invoke
+        # implies it. The invoke methods also need mcp:invoke (require_invoke).
+        words = claims.get("scope", "").split()
+        if SCOPE_CONNECT not in words and SCOPE_INVOKE not in words:
+            raise self.challenge(server_id, "insufficient_scope", "this request needs the mcp:connect scope", 403)
+        return Call(claims, server, server_id)
+
+    def require_invoke(self, call: Call) -> None:
+        """Step-up: a call that needs mcp:invoke with a token that lacks it is refused (403)."""
+        if SCOPE_INVOKE not in call.claims.get("scope", "").split():
+            raise self.challenge(call.server_id, "insufficient_scope", "this call needs the mcp:invoke scope", 403)
+
+    async def resolve_session(self, call: Call, session_id: str, message) -> None:
+        """The gateway session the client names, if it is this user's on this server."""
+        session = await self._sessions.resolve(session_id, call.claims["sub"], call.server_id)
+        if session is None:
+            raise rpc_error(404, -32001, "session not found (initialize again)", message and message.id)
+        call.session = session
+
+    async def start_session(self, call: Call, upstream_session: str, message) -> McpSession:
+        """Map the upstream's new session (an initialize answer) to a gateway session id."""
+        session = await self._sessions.create(
+            user_sub=call.claims["sub"],
+            server_id=call.server_id,
+            upstream_session_id=upstream_session,
+            # initialize names its version in the body; the header only follows it.
+            protocol_version=str((message.params or {}).get("protocolVersion", ""))[:40],
+        )
+        call.session = session
+        return session
+
+    async def drop_session(self, call: Call) -> None:
+        await self._sessions.drop(call.session.session_id)
+
+    def record(self, call: Call, message, outcome: str, latency_ms: float, bytes_in: int, bytes_out: int,
+               headers) -> None:
+        """The usage event of a JSON-RPC request (notifications and responses leave none)."""
+        if message is None or message.method is None or message.kind != "request":
+            return
+        claims = call.claims
+        self._usage.record(
+            UsageEvent(
+                at=time.time(),
+                server_id=call.server_id,
+                user_sub=claims["sub"],
+                user_email=claims.get("email", ""),
+                client_id=claims.get("client_id", ""),
+                method=message.method,
+                target=(message.target or "")[:500],  # a tool name, not a document
+                outcome=outcome,
+                latency_ms=latency_ms,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                era=eras.era_of(message, headers),
+            )
+        )
+
