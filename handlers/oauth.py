@@ -15,7 +15,6 @@ from services.common.errors import (
     InvalidRequest,
     PageError,
     SlowDown,
-    UnsupportedGrantType,
 )
 
 log = logging.getLogger("gateway.oauth")
@@ -190,22 +189,7 @@ class TokenHandler(BaseHandler):
         client = await self.services.clients.authenticate(
             form.get("client_id"), form.get("client_secret"), self.request.headers.get("Authorization")
         )
-        grant_type = form.get("grant_type")
-        tokens = self.services.tokens
-        if grant_type == "authorization_code":
-            if not form.get("code") or not form.get("code_verifier"):
-                raise InvalidRequest("code and code_verifier are required")
-            body = await tokens.exchange_code(
-                client, form["code"], form.get("redirect_uri"), form["code_verifier"], form.get("resource")
-            )
-        elif grant_type == "refresh_token":
-            if not form.get("refresh_token"):
-                raise InvalidRequest("refresh_token is required")
-            body = await tokens.refresh(client, form["refresh_token"], form.get("scope"), form.get("resource"))
-        elif not grant_type:
-            raise InvalidRequest("grant_type is required")
-        else:
-            raise UnsupportedGrantType("use authorization_code or refresh_token")
+        body = await self.services.tokens.grant(client, form)
         await self.services.clients.touch(client)
         self.write_json(body)
 

@@ -15,6 +15,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 import jwt
@@ -38,6 +39,7 @@ from services.common.errors import (
     InvalidScope,
     InvalidTarget,
     OAuthError,
+    UnsupportedGrantType,
 )
 from services.common.scopes import MCP_SCOPES, SUPPORTED_SCOPES
 from storage.base import (
@@ -139,6 +141,24 @@ class TokenService:
             )
         )
         return code
+
+    async def grant(self, client: Client, form: Mapping[str, str]) -> dict:
+        """The token endpoint's answer for an authenticated client's form (RFC 6749 §3.2),
+        dispatched on grant_type: authorization_code or refresh_token."""
+        grant_type = form.get("grant_type")
+        if grant_type == "authorization_code":
+            if not form.get("code") or not form.get("code_verifier"):
+                raise InvalidRequest("code and code_verifier are required")
+            return await self.exchange_code(
+                client, form["code"], form.get("redirect_uri"), form["code_verifier"], form.get("resource")
+            )
+        if grant_type == "refresh_token":
+            if not form.get("refresh_token"):
+                raise InvalidRequest("refresh_token is required")
+            return await self.refresh(client, form["refresh_token"], form.get("scope"), form.get("resource"))
+        if not grant_type:
+            raise InvalidRequest("grant_type is required")
+        raise UnsupportedGrantType("use authorization_code or refresh_token")
 
     async def exchange_code(
         self,
