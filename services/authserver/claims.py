@@ -13,7 +13,7 @@ from services.common.access import Principal
 from services.common.errors import (
     InvalidScope,
 )
-from services.common.scopes import MCP_SCOPES, SCOPE_CONNECT, SCOPE_INVOKE, SUPPORTED_SCOPES
+from services.common.scopes import MCP_SCOPES, SUPPORTED_SCOPES
 from storage.base import (
     User,
 )
@@ -55,15 +55,6 @@ class Audience:
     server_id: str  # empty for the base resource
 
 
-def scope_allows(claims: dict, needed: str) -> bool:
-    """Whether an access token's scope covers `needed`. mcp:invoke implies mcp:connect: a
-    client allowed to call tools must be able to initialize and list them (DESIGN: connect
-    covers initialize, discovery, ping, notifications, */list, subscriptions). Scope words
-    are case-sensitive (RFC 6749 §3.3)."""
-    words = claims.get("scope", "").split()
-    return needed in words or (needed == SCOPE_CONNECT and SCOPE_INVOKE in words)
-
-
 def _is_number(value: object) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
@@ -87,7 +78,3 @@ def claim_type_problem(claims: dict) -> str:
 
 def principal_of(user: User) -> Principal:
     return Principal(sub=user.sub, email=user.email if user.email_verified else "", hd=user.hd)
-
-
-def principal_from_claims(claims: dict) -> Principal:
-    return Principal(sub=claims["sub"], email=claims.get("email", ""), hd=claims.get("hd", ""))
