@@ -4,7 +4,7 @@ metadata (RFC 8414 and OIDC discovery) and the public signing keys."""
 from __future__ import annotations
 
 from handlers.base import BaseHandler
-from services.authserver.claims import MCP_SCOPES, SUPPORTED_SCOPES
+from services.common.scopes import MCP_SCOPES, SUPPORTED_SCOPES
 
 
 class _Document(BaseHandler):

@@ -12,14 +12,13 @@ from collections.abc import Awaitable, Callable
 
 from config import Config
 from services.common.access import AccessPolicy, Principal
+from services.common.scopes import MCP_SCOPES, SCOPE_CONNECT, SCOPE_INVOKE, scope_allows
 from services.proxy.protocol import eras
-from services.proxy.protocol.jsonrpc import SCOPE_CONNECT, SCOPE_INVOKE
 from services.proxy.sessions import SessionMap
 from services.proxy.usage import UsageRecorder
 from storage.base import McpSession, Server, UsageEvent
 
-# The scopes a challenge names (authserver.claims.MCP_SCOPES; the proxy does not import it).
-CHALLENGE_SCOPE = f"{SCOPE_CONNECT} {SCOPE_INVOKE}"
+CHALLENGE_SCOPE = " ".join(MCP_SCOPES)  # the scopes a challenge names
 
 
 class Refused(Exception):
@@ -100,14 +99,13 @@ class ProxyGate:
             raise rpc_error(403, -32003, f"access denied: {decision.reason}")
         # Every MCP request (POST, the GET stream, DELETE) needs mcp:connect; mcp:invoke
         # implies it. The invoke methods also need mcp:invoke (require_invoke).
-        words = claims.get("scope", "").split()
-        if SCOPE_CONNECT not in words and SCOPE_INVOKE not in words:
+        if not scope_allows(claims, SCOPE_CONNECT):
             raise self.challenge(server_id, "insufficient_scope", "this request needs the mcp:connect scope", 403)
         return Call(claims, server, server_id)
 
     def require_invoke(self, call: Call) -> None:
         """Step-up: a call that needs mcp:invoke with a token that lacks it is refused (403)."""
-        if SCOPE_INVOKE not in call.claims.get("scope", "").split():
+        if not scope_allows(call.claims, SCOPE_INVOKE):
             raise self.challenge(call.server_id, "insufficient_scope", "this call needs the mcp:invoke scope", 403)
 
     async def resolve_session(self, call: Call, session_id: str, message) -> None:
