@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 # Hourly aggregates serve the last-24-hours view only: both backends keep them this long.
 HOURLY_KEPT_SECONDS = 3 * 86400
@@ -85,6 +86,36 @@ def latency_bucket(latency_ms: float) -> int:
     if latency_ms <= 0.1:
         return 0
     return min(LATENCY_BUCKETS - 1, max(1, math.ceil((math.log10(latency_ms) + 1) * 5 - 1e-9)))
+
+
+def summarize_batch(events) -> tuple[dict, dict, dict]:
+    """A batch of UsageEvents pre-summed per aggregate row, so that N events cost one write
+    per row: (daily, hourly, users). daily/hourly map (server, period, target, sub) to
+    [calls, errors, latency sum, latency max, histogram]; users map (server, sub) to
+    [latest e-mail, first seen, last seen]. Both backends store exactly these sums."""
+    daily: dict[tuple[str, str, str, str], list] = {}
+    hourly: dict[tuple[str, str, str, str], list] = {}
+    users: dict[tuple[str, str], list] = {}
+    for event in events:
+        moment = datetime.fromtimestamp(event.at, tz=UTC)
+        for sums, period in ((daily, moment.strftime("%Y-%m-%d")), (hourly, moment.strftime("%Y-%m-%dT%H"))):
+            key = (event.server_id, period, event.target, event.user_sub)
+            row = sums.get(key)
+            if row is None:
+                row = sums[key] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS]
+            row[0] += 1
+            row[1] += event.outcome != "ok"
+            row[2] += event.latency_ms
+            row[3] = max(row[3], event.latency_ms)
+            row[4][latency_bucket(event.latency_ms)] += 1
+        seen = users.get((event.server_id, event.user_sub))
+        if seen is None:
+            users[(event.server_id, event.user_sub)] = [event.user_email, event.at, event.at]
+        else:
+            if event.at >= seen[2]:
+                seen[0], seen[2] = event.user_email or seen[0], event.at
+            seen[1] = min(seen[1], event.at)
+    return daily, hourly, users
 
 
 def latency_bucket_bounds(index: int) -> tuple[float, float]:

@@ -19,7 +19,7 @@ from ..usage import (
     UsagePeriod,
     UsageRollup,
     UsageStore,
-    latency_bucket,
+    summarize_batch,
 )
 from .codecs import (
     HIST_ATTRIBUTES,
@@ -60,28 +60,7 @@ class DynamoDBUsage(UsageStore):
             await self._store._run(self._record_usage, list(events))
 
     def _record_usage(self, events: list[UsageEvent]) -> None:
-        # Pre-summing the batch turns N events into one UpdateItem per aggregate row.
-        daily: dict[tuple[str, str, str, str], list] = {}
-        hourly: dict[tuple[str, str, str, str], list] = {}
-        users: dict[tuple[str, str], list] = {}
-        for event in events:
-            for sums, period in ((daily, _utc(event.at, "%Y-%m-%d")), (hourly, _utc(event.at, "%Y-%m-%dT%H"))):
-                key = (event.server_id, period, event.target, event.user_sub)
-                row = sums.get(key)
-                if row is None:
-                    row = sums[key] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS]
-                row[0] += 1
-                row[1] += event.outcome != "ok"
-                row[2] += event.latency_ms
-                row[3] = max(row[3], event.latency_ms)
-                row[4][latency_bucket(event.latency_ms)] += 1
-            seen = users.get((event.server_id, event.user_sub))
-            if seen is None:
-                users[(event.server_id, event.user_sub)] = [event.user_email, event.at, event.at]
-            else:
-                if event.at >= seen[2]:
-                    seen[0], seen[2] = event.user_email or seen[0], event.at
-                seen[1] = min(seen[1], event.at)
+        daily, hourly, users = summarize_batch(events)
         # Events first: the sequence orders events that share a timestamp, newest last.
         batch = f"{time.time_ns():020d}{random.getrandbits(32):08x}"
         puts = []

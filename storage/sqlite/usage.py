@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from ..usage import (
     HOURLY_KEPT_SECONDS,
-    LATENCY_BUCKETS,
     ServerUser,
     UsageAggregate,
     UsageEvent,
     UsagePeriod,
     UsageRollup,
     UsageStore,
-    latency_bucket,
+    summarize_batch,
 )
 from .codecs import SERVER_USERS, USAGE_EVENTS
 from .schema import HIST_COLUMNS
@@ -53,29 +51,7 @@ class SqliteUsage(UsageStore):
             await self._store._run(self._record_usage, list(events))
 
     def _record_usage(self, events: list[UsageEvent]) -> None:
-        # Pre-summing the batch turns N events into one upsert per aggregate row.
-        daily: dict[tuple[str, str, str, str], list] = {}
-        hourly: dict[tuple[str, str, str, str], list] = {}
-        users: dict[tuple[str, str], list] = {}
-        for event in events:
-            moment = datetime.fromtimestamp(event.at, tz=UTC)
-            for sums, period in ((daily, moment.strftime("%Y-%m-%d")), (hourly, moment.strftime("%Y-%m-%dT%H"))):
-                key = (event.server_id, period, event.target, event.user_sub)
-                row = sums.get(key)
-                if row is None:
-                    row = sums[key] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS]
-                row[0] += 1
-                row[1] += event.outcome != "ok"
-                row[2] += event.latency_ms
-                row[3] = max(row[3], event.latency_ms)
-                row[4][latency_bucket(event.latency_ms)] += 1
-            seen = users.get((event.server_id, event.user_sub))
-            if seen is None:
-                users[(event.server_id, event.user_sub)] = [event.user_email, event.at, event.at]
-            else:
-                if event.at >= seen[2]:
-                    seen[0], seen[2] = event.user_email or seen[0], event.at
-                seen[1] = min(seen[1], event.at)
+        daily, hourly, users = summarize_batch(events)
         with self._store._write() as conn:
             conn.executemany(USAGE_EVENTS.insert, [USAGE_EVENTS.encode(e) for e in events])
             for table, period, sums in (("usage_daily", "day", daily), ("usage_hourly", "hour", hourly)):
