@@ -90,34 +90,18 @@ SSE_EVENT = b'event: message\ndata: {"jsonrpc":"2.0","method":"notifications/mes
 GARBAGE = b"SSH-2.0-OpenSSH_9.6\r\n\x00\xff\xfe not HTTP at all \x1b[31m\r\n\r\n" + bytes(range(256))
 
 
-class ScriptedUpstream:
-    """An upstream MCP endpoint on raw sockets. `mode` is read as each request arrives:
+class _Listener:
+    """A loopback listener that can be closed (connections refused) and reopened on the
+    same port; each accepted connection is handed to `_handle` on its own thread."""
 
-    - ``ok``: a JSON-RPC result echoing the request id (keep-alive, Content-Length);
-    - ``hang``: reads the request and never answers, until `release()` or the peer closes;
-    - ``garbage``: bytes that are no HTTP response at all, then close;
-    - ``die-json``: a 200 head announcing 500 bytes of JSON, 30 of them, then close;
-    - ``die-sse``: a chunked event stream: one complete event, half of the next, then close.
-
-    `refuse()` closes the listening socket (connections are refused) and `listen()` opens
-    it again on the same port. `counts` records the requests seen per mode.
-    """
-
-    def __init__(self, mode: str = "ok", port: int | None = None) -> None:
+    def __init__(self, port: int | None) -> None:
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}/mcp"
-        self.mode = mode
-        self.counts: Counter[str] = Counter()
         self.accepted = 0
-        self._release = threading.Event()
         self._listen_sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
-        self._stopped = False
 
-    # lifecycle
-
-    def start(self) -> ScriptedUpstream:
+    def start(self):
         self.listen()
         return self
 
@@ -128,7 +112,7 @@ class ScriptedUpstream:
             self._listen_sock = _listener(self.port)
             sock = self._listen_sock
         threading.Thread(target=self._accept_loop, args=(sock,), daemon=True,
-                         name=f"scripted-upstream-{self.port}").start()
+                         name=f"{type(self).__name__}-{self.port}").start()
 
     def refuse(self) -> None:
         """Stop listening: new connections are refused; open ones are closed too."""
@@ -140,23 +124,10 @@ class ScriptedUpstream:
         for conn in conns:
             _close(conn)
 
-    def release(self) -> None:
-        """End every hang (the connections are closed) and let later ones hang again."""
-        self._release.set()
-        time.sleep(0.05)
-        self._release.clear()
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._release.set()
-        self.refuse()
-
     @property
     def open_connections(self) -> int:
         with self._lock:
             return len(self._conns)
-
-    # serving
 
     def _accept_loop(self, sock: socket.socket) -> None:
         while True:
@@ -170,9 +141,47 @@ class ScriptedUpstream:
                     return
                 self._conns.add(conn)
                 self.accepted += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    def _serve(self, conn: socket.socket) -> None:
+    def _handle(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class ScriptedUpstream(_Listener):
+    """An upstream MCP endpoint on raw sockets. `mode` is read as each request arrives:
+
+    - ``ok``: a JSON-RPC result echoing the request id (keep-alive, Content-Length);
+    - ``hang``: reads the request and never answers, until `release()` or the peer closes;
+    - ``garbage``: bytes that are no HTTP response at all, then close;
+    - ``die-json``: a 200 head announcing 500 bytes of JSON, 30 of them, then close;
+    - ``die-sse``: a chunked event stream: one complete event, half of the next, then close.
+
+    `refuse()` closes the listening socket (connections are refused) and `listen()` opens
+    it again on the same port. `counts` records the requests seen per mode.
+    """
+
+    def __init__(self, mode: str = "ok", port: int | None = None) -> None:
+        super().__init__(port)
+        self.url = f"http://127.0.0.1:{self.port}/mcp"
+        self.mode = mode
+        self.counts: Counter[str] = Counter()
+        self._release = threading.Event()
+        self._stopped = False
+
+    def release(self) -> None:
+        """End every hang (the connections are closed) and let later ones hang again."""
+        self._release.set()
+        time.sleep(0.05)
+        self._release.clear()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._release.set()
+        self.refuse()
+
+    # serving
+
+    def _handle(self, conn: socket.socket) -> None:
         rest = b""
         try:
             while not self._stopped:
@@ -232,57 +241,21 @@ def _close(sock: socket.socket) -> None:
 # ------------------------------------------------------------------------ TCP relay
 
 
-class TcpRelay:
+class TcpRelay(_Listener):
     """Listens on its own loopback port in front of `target_port`. Modes, read per
     connection: ``pass`` (bytes relayed both ways), ``hang`` (accepts and reads, never
     answers, until the peer closes or the mode changes); `refuse()` closes the listening
     socket and `listen()` reopens it on the same port."""
 
     def __init__(self, target_port: int, port: int | None = None) -> None:
+        super().__init__(port)
         self.target_port = target_port
-        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.mode = "pass"
         self.hung = 0
-        self._listen_sock: socket.socket | None = None
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
 
-    def start(self) -> TcpRelay:
-        self.listen()
-        return self
-
-    def listen(self) -> None:
-        with self._lock:
-            if self._listen_sock is not None:
-                return
-            self._listen_sock = _listener(self.port)
-            sock = self._listen_sock
-        threading.Thread(target=self._accept_loop, args=(sock,), daemon=True, name=f"relay-{self.port}").start()
-
-    def refuse(self) -> None:
-        with self._lock:
-            sock, self._listen_sock = self._listen_sock, None
-            conns, self._conns = self._conns, set()
-        if sock is not None:
-            _close(sock)
-        for conn in conns:
-            _close(conn)
-
-    stop = refuse
-
-    def _accept_loop(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                if self._listen_sock is not sock:
-                    _close(conn)
-                    return
-                self._conns.add(conn)
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+    def stop(self) -> None:
+        self.refuse()
 
     def _handle(self, conn: socket.socket) -> None:
         if self.mode == "hang":
