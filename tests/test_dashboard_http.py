@@ -17,6 +17,7 @@ from config import Config
 from services import build_services
 from services.authserver.signin import dev_subject
 from storage.base import Consent, RefreshFamily, RefreshToken, UsageEvent
+from tests.support.dashboard_client import api, post, sign_in
 from tests.support.gateway import GatewayProcess
 
 ANA, BOB, CAROL, ROOT = "ana@example.com", "bob@example.com", "carol@example.com", "root@example.com"
@@ -33,23 +34,6 @@ def gw(tmp_path_factory):
     gateway.start()
     yield gateway
     gateway.stop()
-
-
-def sign_in(gw, email: str) -> httpx.Client:
-    client = httpx.Client(base_url=gw.url, follow_redirects=False, timeout=30, trust_env=False)
-    client.get("/login")
-    response = client.post("/login", data={"email": email, "next": "/dashboard", "_xsrf": client.cookies["_xsrf"]})
-    assert response.status_code == 302, response.text
-    return client
-
-
-def post(client: httpx.Client, path: str, **data) -> httpx.Response:
-    return client.post(path, data={**data, "_xsrf": client.cookies["_xsrf"]})
-
-
-def api(client: httpx.Client, method: str, path: str, body=None) -> httpx.Response:
-    client.get("/api/me")  # makes sure the _xsrf cookie is set
-    return client.request(method, path, json=body, headers={"X-XSRFToken": client.cookies["_xsrf"]})
 
 
 def field_errors(response: httpx.Response) -> dict[str, str]:

@@ -19,6 +19,7 @@ from services.common.metrics import Metrics
 from services.proxy.usage import UsageRecorder
 from storage import open_storage
 from storage.base import RefreshFamily, RefreshToken, UsageEvent, User
+from tests.support import dashboard_client
 from tests.support.gateway import GatewayProcess
 from tests.support.inprocess import make_config, run
 
@@ -36,10 +37,8 @@ def gw(tmp_path_factory):
 
 
 def sign_in(gw, email: str) -> httpx.Client:
-    client = httpx.Client(base_url=gw.url, follow_redirects=False, timeout=30, trust_env=False)
-    client.get("/login")
-    response = client.post("/login", data={"email": email, "next": "/dashboard", "_xsrf": client.cookies["_xsrf"]})
-    assert response.status_code == 302, response.text
+    """A signed-in client whose every request carries the XSRF header."""
+    client = dashboard_client.sign_in(gw, email)
     client.get("/api/me")
     client.headers["X-XSRFToken"] = client.cookies["_xsrf"]
     return client

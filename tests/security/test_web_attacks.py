@@ -28,6 +28,8 @@ from config import Config
 from services import build_services
 from storage.base import Client, UsageEvent
 from tests.support.browser import ScriptedBrowser
+from tests.support.dashboard_client import api, sign_in
+from tests.support.dashboard_client import post as form
 from tests.support.gateway import GatewayProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,23 +50,6 @@ def gw(tmp_path_factory):
     gateway.start()
     yield gateway
     gateway.stop()
-
-
-def sign_in(gw, email: str) -> httpx.Client:
-    client = httpx.Client(base_url=gw.url, follow_redirects=False, timeout=30, trust_env=False)
-    client.get("/login")
-    response = client.post("/login", data={"email": email, "next": "/dashboard", "_xsrf": client.cookies["_xsrf"]})
-    assert response.status_code == 302, response.text
-    return client
-
-
-def form(client: httpx.Client, path: str, **data) -> httpx.Response:
-    return client.post(path, data={**data, "_xsrf": client.cookies["_xsrf"]})
-
-
-def api(client: httpx.Client, method: str, path: str, body=None) -> httpx.Response:
-    client.get("/api/me")
-    return client.request(method, path, json=body, headers={"X-XSRFToken": client.cookies["_xsrf"]})
 
 
 def run_services(gw, job):
