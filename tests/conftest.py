@@ -21,8 +21,7 @@ def gateway_factory(idp, tmp_path):
 
     def start(name: str = "gw", **kwargs) -> GatewayProcess:
         gateway = GatewayProcess(tmp_path / name, idp=idp, idp_client=None, **kwargs)
-        client = idp.register_client([gateway.url + "/oauth/callback"])
-        gateway.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+        gateway.use_idp_client(idp)
         started.append(gateway.start())
         return gateway
 

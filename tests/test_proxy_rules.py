@@ -159,8 +159,7 @@ def rig(idp, upstream, tmp_path_factory):
     fake = FakeUpstream(_UpstreamHandler).start()
     gw = GatewayProcess(tmp_path_factory.mktemp("proxy-rules"), idp=idp,
                         extra_env={"MCPGW_ALLOWED_ORIGINS": ALLOWED_ORIGIN})
-    client = idp.register_client([gw.url + "/oauth/callback"])
-    gw.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+    gw.use_idp_client(idp)
     gw.start()
     try:
         alice = ALICE["email"]

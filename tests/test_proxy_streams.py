@@ -256,8 +256,7 @@ class Rig:
 def rig(idp, tmp_path_factory):
     fake = FakeUpstream(_UpstreamHandler, "fake-upstream-streams").start()
     gw = GatewayProcess(tmp_path_factory.mktemp("proxy-streams"), idp=idp, extra_env=GATEWAY_ENV)
-    client = idp.register_client([gw.url + "/oauth/callback"])
-    gw.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+    gw.use_idp_client(idp)
     gw.start()
     try:
         for kind, server_id in SRV.items():

@@ -384,8 +384,7 @@ def _idp_gateway(tmp_path, idp, relay: TcpRelay, name: str) -> GatewayProcess:
     follows the Host header, so the relay's address is the issuer)."""
     gw = GatewayProcess(tmp_path / name, extra_env={"MCPGW_OIDC_ISSUER": relay.url})
     gw.env.pop("MCPGW_DEV_LOGIN")
-    client = idp.register_client([gw.url + "/oauth/callback"])
-    gw.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+    gw.use_idp_client(idp)
     return gw.start()
 
 

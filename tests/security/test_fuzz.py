@@ -246,8 +246,7 @@ def _authorize_query(client_id: str, challenge: str, **extra: str) -> dict[str, 
 @pytest.fixture(scope="module")
 def target(idp, tmp_path_factory):
     gw = GatewayProcess(tmp_path_factory.mktemp("fuzz"), idp=idp, extra_env={"MCPGW_TRUST_FORWARDED": "1"})
-    idp_client = idp.register_client([gw.url + "/oauth/callback"])
-    gw.env.update(MCPGW_OIDC_CLIENT_ID=idp_client.client_id, MCPGW_OIDC_CLIENT_SECRET=idp_client.client_secret)
+    gw.use_idp_client(idp)
     gw.start()
     try:
         gw.add_server("http://127.0.0.1:9/mcp", USER["email"], "Fuzz", "--id", SERVER_ID)

@@ -45,8 +45,7 @@ def gw(idp, tmp_path_factory):
     per-address registration limit is never tripped by accident."""
     gateway = GatewayProcess(tmp_path_factory.mktemp("oauth-attacks"), idp=idp,
                              extra_env={"MCPGW_TRUST_FORWARDED": "1"})
-    client = idp.register_client([gateway.url + "/oauth/callback"])
-    gateway.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+    gateway.use_idp_client(idp)
     gateway.start()
     try:
         gateway.add_server("http://127.0.0.1:9/mcp", ALICE["email"], "OAuth attacks", "--id", SRV)

@@ -156,8 +156,7 @@ def rig(idp, tmp_path_factory):
     leaky = RawUpstream(script).start()
     gw = GatewayProcess(tmp_path_factory.mktemp("proxy-attacks"), idp=idp,
                         extra_env={"MCPGW_UPSTREAM_TIMEOUT": str(UPSTREAM_TIMEOUT_S)})
-    client = idp.register_client([gw.url + "/oauth/callback"])
-    gw.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+    gw.use_idp_client(idp)
     gw.start()
     try:
         for server_id, path in SERVERS.items():

@@ -222,8 +222,7 @@ def test_proxied_streams_stay_within_the_descriptor_limit(idp, tmp_path):
     their upstream (no 502 for want of a descriptor), the rest are answered 503."""
     fake = FakeUpstream(HoldingUpstream, "fake-upstream-holding").start()
     gateway = GatewayProcess(tmp_path / "gw", idp=idp, nofile=NOFILE)
-    client = idp.register_client([gateway.url + "/oauth/callback"])
-    gateway.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+    gateway.use_idp_client(idp)
     gateway.start()
     try:
         server_id = gateway.add_server(f"{fake.url}/hold", STREAMER["email"], "Holding")

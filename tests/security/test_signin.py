@@ -48,8 +48,7 @@ NONCE = "n-0123456789"
 
 def start_gateway(idp: IdpProcess, state_dir) -> GatewayProcess:
     gateway = GatewayProcess(state_dir, idp=idp)
-    client = idp.register_client([gateway.url + "/oauth/callback"])
-    gateway.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+    gateway.use_idp_client(idp)
     return gateway.start()
 
 

@@ -196,8 +196,7 @@ def assert_writes_work_again(http: httpx.Client, browser: httpx.Client, upstream
 def proxied(idp, upstream, tmp_path_factory):
     """A gateway signing in at the real IdP, one server, and Alice's access token."""
     gateway = GatewayProcess(tmp_path_factory.mktemp("storage-lock"), idp=idp)
-    client = idp.register_client([gateway.url + "/oauth/callback"])
-    gateway.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+    gateway.use_idp_client(idp)
     gateway.start()
 
     async def token_for(server_id: str) -> str:

@@ -165,8 +165,7 @@ def rig(idp, tmp_path_factory):
     fake.attacker_jwks = {"keys": [{**attacker_jwk, "kid": "attacker", "alg": "RS256", "use": "sig"}]}
     fake.start()
     gw = GatewayProcess(tmp_path_factory.mktemp("token-attacks"), idp=idp)
-    client = idp.register_client([gw.url + "/oauth/callback"])
-    gw.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+    gw.use_idp_client(idp)
     gw.start()
     try:
         gw.add_server(f"{fake.url}/json", ALICE["email"], "Token attacks", "--id", SRV)

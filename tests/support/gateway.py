@@ -56,6 +56,13 @@ class GatewayProcess:
         assert self._process is not None, "not started"
         return self._process.pid
 
+    def use_idp_client(self, idp) -> GatewayProcess:
+        """Register this gateway at the real IdP (redirect URI PUBLIC_URL/oauth/callback)
+        and configure it with that client; call before start()."""
+        client = idp.register_client([self.url + "/oauth/callback"])
+        self.env.update(MCPGW_OIDC_CLIENT_ID=client.client_id, MCPGW_OIDC_CLIENT_SECRET=client.client_secret)
+        return self
+
     @property
     def listen_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
