@@ -13,9 +13,17 @@ class Metrics:
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
         self._counters[(name, tuple(sorted(labels.items())))] += amount
 
-    def gauge_add(self, name: str, delta: float) -> None:
+    def gauge_add(self, name: str, delta: float, **labels: str) -> None:
         """A level that goes up and down (open streams)."""
         self._gauges[name] += delta
+
+    def gauge_set(self, name: str, value: float, **labels: str) -> None:
+        self._gauges[name] = value
+
+    def observe(self, name: str, seconds: float, **labels: str) -> None:
+        """One sample of a latency histogram (seconds)."""
+        self.inc(name + "_count", 1, **labels)
+        self.inc(name + "_sum", seconds, **labels)
 
     def value(self, name: str, **labels: str) -> float:
         return self._counters[(name, tuple(sorted(labels.items())))]
