@@ -9,10 +9,11 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import asdict
 
-from config import Config, ConfigError
+from config import Config, ConfigError, is_loopback_host
 from services import Services, build_services
 from services.authserver.clients import registration_response
 from services.common.errors import GatewayError, InvalidInput
@@ -226,12 +227,36 @@ async def run_admin(args, services: Services) -> None:
             emit(args, [f"{r['kid']}\t{r['status']}" for r in rows], rows)
 
 
-async def serve(services: Services) -> None:
+def listening_sockets(config: Config) -> list:
+    """The sockets to serve: those handed over by systemd's socket unit or a parent process
+    (LISTEN_FDS, services/common/systemd.py), else one bound to MCPGW_LISTEN."""
     from tornado.netutil import bind_sockets
 
+    from services.common.systemd import listen_fds, socket_address
+
+    sockets = listen_fds()
+    if not sockets:
+        try:
+            return bind_sockets(config.listen_port, address=config.listen_host)
+        except OSError as exc:
+            raise ConfigError(f"MCPGW_LISTEN: cannot listen on {config.listen_host}:{config.listen_port}: "
+                              f"{exc.strerror or exc}") from None
+    if config.dev_login:  # Config checked MCPGW_LISTEN; a handed-over socket needs the same rule
+        for sock in sockets:
+            if sock.family not in (socket.AF_INET, socket.AF_INET6) or not is_loopback_host(sock.getsockname()[0]):
+                raise ConfigError(f"MCPGW_DEV_LOGIN: refused on the handed-over socket {socket_address(sock)} "
+                                  "(loopback only)")
+    log.info("serving the %d listening socket(s) handed over by the parent (LISTEN_FDS); "
+             "MCPGW_LISTEN is not used", len(sockets))
+    return sockets
+
+
+async def serve(services: Services, sockets: list, notifier=None) -> None:
+    """Serve on `sockets` until SIGTERM/SIGINT, then drain. `notifier`: where READY/STOPPING/
+    WATCHDOG go (default: systemd's $NOTIFY_SOCKET; a worker's: its supervisor)."""
     from handlers import make_app
     from handlers.admission import AdmissionHTTPServer, connection_cap, descriptor_limit
-    from services.common.systemd import Notifier
+    from services.common.systemd import Notifier, socket_address
 
     config = services.config
     # Before anything opens descriptors of its own: the cap on client connections follows
@@ -252,19 +277,13 @@ async def serve(services: Services) -> None:
         max_body_size=4 * 1024 * 1024,
         idle_connection_timeout=75,
     )
-    server.add_sockets(bind_sockets(config.listen_port, address=config.listen_host))
-    print(f"MCP Auth Gateway listening on http://{config.listen_host}:{config.listen_port}", flush=True)
-    print(f"  connections:         at most {max_connections} at once (file descriptor limit {limit})", flush=True)
-    print(f"  issuer / public URL: {config.public_url}", flush=True)
-    print(f"  dashboard:           {config.public_url}/dashboard", flush=True)
-    print(f"  MCP servers at:      {config.public_url}/mcp/<server id>", flush=True)
-    if config.dev_login:
-        print("  sign-in:             LOCAL DEV SIGN-IN (loopback only, never in production)", flush=True)
-    else:
-        print(f"  sign-in:             {config.oidc_issuer}", flush=True)
+    server.add_sockets(sockets)
+    where = ", ".join(socket_address(sock) for sock in sockets)
+    if notifier is None:  # a worker's supervisor prints this once for all
+        print_banner(config, where, f"at most {max_connections} at once (file descriptor limit {limit})")
     # systemd (Type=notify): ready once the listener is bound; a heartbeat from the loop.
-    notifier = Notifier.from_env()
-    notifier.notify("READY=1", f"STATUS=listening on {config.listen_host}:{config.listen_port}")
+    notifier = notifier or Notifier.from_env()
+    notifier.notify("READY=1", f"STATUS=listening on {where}")
     notifier.start_watchdog()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -287,13 +306,38 @@ async def serve(services: Services) -> None:
     notifier.close()
 
 
+def print_banner(config: Config, where: str, connections: str) -> None:
+    print(f"MCP Auth Gateway listening on http://{where}", flush=True)
+    print(f"  connections:         {connections}", flush=True)
+    print(f"  issuer / public URL: {config.public_url}", flush=True)
+    print(f"  dashboard:           {config.public_url}/dashboard", flush=True)
+    print(f"  MCP servers at:      {config.public_url}/mcp/<server id>", flush=True)
+    if config.dev_login:
+        print("  sign-in:             LOCAL DEV SIGN-IN (loopback only, never in production)", flush=True)
+    else:
+        print(f"  sign-in:             {config.oidc_issuer}", flush=True)
+
+
+async def serve_process(config: Config, sockets: list, notifier=None) -> int:
+    """One serving process: its Services (storage connection, caches, background jobs) are
+    built here, inside the process and its event loop, never inherited across a fork."""
+    await serve(build_services(config), sockets, notifier)
+    return 0
+
+
+def serve_command() -> int:
+    # uvloop: about 10 % more proxied requests per core (bench/README.md).
+    import uvloop
+
+    config = Config.from_env()
+    config.check_can_serve()
+    sockets = listening_sockets(config)
+    return uvloop.run(serve_process(config, sockets))
+
+
 async def main_async(args) -> int:
     config = Config.from_env()
     services = build_services(config)
-    if args.command == "serve":
-        config.check_can_serve()
-        await serve(services)
-        return 0
     await services.start(background=False)
     try:
         await run_admin(args, services)
@@ -307,10 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "serve":
-            # uvloop: about 10 % more proxied requests per core (bench/README.md).
-            import uvloop
-
-            return uvloop.run(main_async(args))
+            return serve_command()
         return asyncio.run(main_async(args))
     except (ConfigError, InvalidInput, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

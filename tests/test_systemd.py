@@ -1,7 +1,8 @@
 """systemd integration (issue 9): the notify messages a real gateway process sends on a
 datagram socket this test binds (READY=1 once the port answers, WATCHDOG=1 every half
-WATCHDOG_USEC, STOPPING=1 at SIGTERM), the abstract namespace and WATCHDOG_PID rules, and
-the unit's `systemd-analyze security` exposure when the tool is installed."""
+WATCHDOG_USEC, STOPPING=1 at SIGTERM), the abstract namespace and WATCHDOG_PID rules, socket
+activation (a listening socket this test binds, handed over as fd 3 with LISTEN_FDS), and
+the units' `systemd-analyze security` exposure when the tool is installed."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from services.common.systemd import Notifier, watchdog_interval
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import ROOT, GatewayProcess
 
 UNIT = Path(__file__).resolve().parents[1] / "systemd" / "mcp-gateway.service"
 MAX_EXPOSURE = 2.0
@@ -123,6 +126,140 @@ def test_watchdog_interval_rules():
     # Outside systemd nothing is sent and nothing fails.
     quiet = Notifier.from_env({})
     assert quiet.address is None and not quiet.notify("READY=1")
+
+
+# ------------------------------------------------------------------ socket activation
+
+
+# Moves descriptor argv[1] to 3 (sd_listen_fds' first), sets LISTEN_PID as argv[2] says,
+# then execs the rest: the same pid, so "own" is the gateway's pid as systemd would set it.
+LAUNCHER = """
+import os, sys
+fd, pid = int(sys.argv[1]), sys.argv[2]
+if fd != 3:
+    os.dup2(fd, 3)
+    os.close(fd)
+if pid != "unset":
+    os.environ["LISTEN_PID"] = str(os.getpid()) if pid == "own" else pid
+os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
+"""
+
+
+def handover_command(fd: int, pid: str) -> list[str]:
+    """`gateway.py serve` with descriptor `fd` handed over as fd 3 and LISTEN_PID the
+    gateway's own pid ("own"), unset ("unset") or another process's ("1")."""
+    return [sys.executable, "-c", LAUNCHER, str(fd), pid, str(ROOT / "gateway.py"), "serve"]
+
+
+def start_with_socket(gw: GatewayProcess, sock: socket.socket, pid: str, env: dict[str, str] | None = None):
+    gw.state_dir.mkdir(parents=True, exist_ok=True)
+    log = open(gw.state_dir / "handover.log", "wb")
+    try:
+        return subprocess.Popen(handover_command(sock.fileno(), pid), cwd=ROOT, pass_fds=(sock.fileno(),),
+                                env={**gw.env, "LISTEN_FDS": "1", **(env or {})},
+                                stdout=log, stderr=subprocess.STDOUT)
+    finally:
+        log.close()
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(url + "/healthz", timeout=1, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"not serving:\n{log.read_text()}")
+
+
+def stop_process(process: subprocess.Popen) -> int:
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+@pytest.mark.parametrize("pid", ["own", "unset"])
+def test_serves_a_handed_over_listening_socket(tmp_path, pid):
+    """LISTEN_FDS=1 with LISTEN_PID equal to the gateway's pid (systemd) or unset (a parent
+    using Popen(pass_fds=...)): the gateway serves the socket this test bound on a port the
+    kernel chose, and binds nothing else (MCPGW_LISTEN names a port that is then free);
+    READY=1 names the socket's address; once the test's copy is closed, the drain closes
+    the socket: new connections are refused."""
+    listener = NotifyListener(abstract=True)
+    sock = socket.create_server(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    gw = GatewayProcess(tmp_path / "gw", extra_env={"NOTIFY_SOCKET": listener.env_value,
+                                                    "MCPGW_PUBLIC_URL": f"http://127.0.0.1:{port}"})
+    process = start_with_socket(gw, sock, pid)
+    try:
+        sock.close()  # the gateway holds the only copy now
+        wait_healthy(f"http://127.0.0.1:{port}", process, gw.state_dir / "handover.log")
+        listener.wait_for("READY=1", 5)
+        ready = [m for _, m in listener.messages if "READY=1" in m.split("\n")][0]
+        assert f"STATUS=listening on 127.0.0.1:{port}" in ready, ready
+        # MCPGW_LISTEN's port was not bound: nothing answers there.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", gw.port), timeout=2).close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        log = (gw.state_dir / "handover.log").read_text()
+        assert "handed over by the parent (LISTEN_FDS)" in log and "Traceback" not in log, log
+    finally:
+        stop_process(process)
+        listener.close()
+
+
+def test_sockets_for_another_pid_are_not_taken(tmp_path):
+    """LISTEN_PID naming another process (the variables leaked to a child): the descriptor
+    is left alone and the gateway binds MCPGW_LISTEN as usual."""
+    sock = socket.create_server(("127.0.0.1", 0))
+    gw = GatewayProcess(tmp_path / "gw")
+    process = start_with_socket(gw, sock, "1")
+    try:
+        wait_healthy(gw.url, process, gw.state_dir / "handover.log")
+        assert "LISTEN_FDS is meant for process 1" in (gw.state_dir / "handover.log").read_text()
+    finally:
+        sock.close()
+        assert stop_process(process) == 0
+
+
+@pytest.mark.parametrize("what", ["file", "connected", "public"])
+def test_bad_handover_is_one_line_error(tmp_path, what):
+    """fd 3 a regular file, a socket that is not listening, or (dev sign-in) a listening
+    socket on a non-loopback address: exit 2 with one line naming the variable."""
+    gw = GatewayProcess(tmp_path / "gw")
+    gw.state_dir.mkdir(parents=True, exist_ok=True)
+    keep = []
+    if what == "file":
+        handle = open(gw.state_dir / "not-a-socket", "wb")
+        keep.append(handle)
+        fd, expected = handle.fileno(), "LISTEN_FDS: descriptor 3 is not a socket"
+    elif what == "connected":
+        left, right = socket.socketpair()
+        keep += [left, right]
+        fd, expected = left.fileno(), "LISTEN_FDS: descriptor 3 is not a listening stream socket"
+    else:
+        server = socket.create_server(("0.0.0.0", 0))
+        keep.append(server)
+        fd, expected = server.fileno(), "MCPGW_DEV_LOGIN: refused on the handed-over socket 0.0.0.0:"
+    try:
+        result = subprocess.run(handover_command(fd, "own"), cwd=ROOT, pass_fds=(fd,),
+                                env={**gw.env, "LISTEN_FDS": "1"}, capture_output=True, text=True, timeout=60)
+    finally:
+        for item in keep:
+            item.close()
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.startswith(f"error: {expected}"), result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_unit_exposure_at_most_2():
