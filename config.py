@@ -59,6 +59,7 @@ class Config:
     usage_retention_days: int = 90  # per-call usage history kept; daily aggregates stay
     max_connections: int = 0  # client connections at once; 0: derived from the descriptor limit
     drain_timeout: int = 30  # seconds in-flight requests get to finish after SIGTERM
+    log_format: str = "text"  # MCPGW_LOG_FORMAT: text, or json (one object a line)
 
     def check_can_serve(self) -> None:
         """What serving needs beyond what the admin commands need."""
@@ -154,6 +155,9 @@ class Config:
         )
         values["max_connections"] = _int(env, "MCPGW_MAX_CONNECTIONS", cls.max_connections, 0, 10**7)
         values["drain_timeout"] = _int(env, "MCPGW_DRAIN_TIMEOUT", cls.drain_timeout, 0, 3600)
+        values["log_format"] = _get(env, "MCPGW_LOG_FORMAT", cls.log_format).lower()
+        if values["log_format"] not in ("text", "json"):
+            raise ConfigError(f"MCPGW_LOG_FORMAT: {values['log_format']!r} is not text or json")
 
         values.update(overrides)
         if not values.get("secret_key"):
