@@ -348,7 +348,10 @@ async def main_async(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Before anything logs; Config.from_env (next) refuses a MCPGW_LOG_FORMAT other than text or json.
+    from services.common.logs import configure_logging
+
+    configure_logging(os.environ.get("MCPGW_LOG_FORMAT", "text"), logging.INFO)
     try:
         if args.command == "serve":
             return serve_command()
