@@ -94,6 +94,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     keys = sub.add_parser("keys", help="token signing keys").add_subparsers(dest="action", required=True)
     keys.add_parser("rotate", parents=[json_flag])
     keys.add_parser("list", parents=[json_flag])
+
+    sub.add_parser("doctor", parents=[json_flag],
+                   help="check configuration, storage, IdP, clock and upstreams; non-zero exit on a failure")
+    backup = sub.add_parser("backup", parents=[json_flag], help="online copy of the SQLite database")
+    backup.add_argument("path", help="the new backup file")
+    backup.add_argument("--force", action="store_true", help="replace an existing file")
     args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)
     return args
@@ -336,7 +342,21 @@ def serve_command() -> int:
 
 
 async def main_async(args) -> int:
+    if args.command == "doctor":  # before Config: a configuration that fails is a finding
+        from services.ops.doctor import diagnose
+
+        report = await diagnose(os.environ)
+        emit(args, report.lines(), report.as_dict())
+        return 1 if report.failed else 0
     config = Config.from_env()
+    if args.command == "backup":
+        from services.ops.backup import backup
+
+        result = await backup(config, args.path, force=args.force)
+        emit(args, [f"backup written: {result.path} ({result.bytes} bytes, schema version "
+                    f"{result.schema_version}, integrity {result.integrity}, {result.seconds} s)"],
+             result.as_dict())
+        return 0
     services = build_services(config)
     await services.start(background=False)
     try:
