@@ -1,6 +1,6 @@
 """Operations endpoints: /healthz (the process answers), /readyz (storage can take a write,
 answered within a second; 503 from the moment a drain begins) and /metrics (Prometheus
-text format, for loopback callers or holders of MCPGW_METRICS_TOKEN)."""
+text format of every worker, for loopback callers or holders of MCPGW_METRICS_TOKEN)."""
 
 from __future__ import annotations
 
@@ -56,9 +56,10 @@ class MetricsHandler(BaseHandler):
             self.finish("/metrics is served to loopback callers, or with "
                         "Authorization: Bearer <MCPGW_METRICS_TOKEN>\n")
             return
-        self.set_header("Content-Type", "text/plain; version=0.0.4")
+        body, content_type = self.services.metrics.render()
+        self.set_header("Content-Type", content_type)
         self.set_header("Cache-Control", "no-store")
-        self.finish(self.services.metrics.render())
+        self.finish(body)
 
     def _has_token(self) -> bool:
         expected = self.config.metrics_token

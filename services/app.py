@@ -17,7 +17,7 @@ from services.authserver.keys import KeyRing, SecretBox
 from services.authserver.signin import Accounts
 from services.authserver.tokens import REVOCATION_REFRESH, TokenService
 from services.common.access import AccessPolicy
-from services.common.metrics import Metrics
+from services.common.metrics import Metrics, time_storage
 from services.common.ratelimit import RateLimiter
 from services.common.servers import ServerRegistry
 from services.dashboard.probe import McpProbe
@@ -145,7 +145,9 @@ class Services:
 
 
 def build_services(config: Config, storage: Storage | None = None) -> Services:
-    storage = storage or open_storage(config.storage_url)
+    metrics = Metrics()
+    # Every storage call feeds storage_seconds{op} / storage_errors_total (one place, storage/ untouched).
+    storage = time_storage(storage or open_storage(config.storage_url), metrics)
     box = SecretBox(config.secret_key)
     keyring = KeyRing(storage, box, config.access_token_ttl)
     access = AccessPolicy(storage)
@@ -163,7 +165,6 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
             config.oidc_client_secret,
             config.public_url + "/oauth/callback",
         )
-    metrics = Metrics()
     tokens = TokenService(storage, keyring, box, access, config)
     clients = ClientRegistry(storage, fetch_document)
     servers = ServerRegistry(storage, box, access, policy)

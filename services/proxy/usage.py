@@ -134,7 +134,10 @@ class UsageRecorder:
             except TimeoutError:
                 pass
             self._wakeup.clear()
+            # The backlog a round found, then what it left: sampled once a round, not per event.
+            self._metrics.gauge_set("usage_queue_depth", len(self._queue))
             try:
                 await self.flush()
             except Exception:  # never let one bad round end the recorder
                 log.exception("usage flush failed")
+            self._metrics.gauge_set("usage_queue_depth", len(self._queue))
