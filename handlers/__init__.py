@@ -10,33 +10,46 @@ import tornado.web
 from tornado.log import access_log
 
 from handlers import api, dashboard, discovery, oauth, ops, proxy
+from handlers.base import StaticHandler
 from services.authserver.keys import derive_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}  # polled by machines every few seconds
-
-
 def log_request(handler: tornado.web.RequestHandler) -> None:
-    """Request metrics, and the access log: failures always; successful MCP calls and probes only at DEBUG (on the
-    hot path one log line costs a tenth of the request, and usage records cover calls)."""
+    """Request metrics, and the access log: failures always (routine 401s on /mcp/, a client's
+    first contact or an expired token, at INFO), other requests at INFO, successful MCP
+    calls and probes only at DEBUG (on the hot path one log line costs a tenth of the request,
+    and usage records cover calls). The path is logged without its query, which may carry
+    an authorization code or state."""
+    request = handler.request
     status = handler.get_status()
-    # One counter per handler and status: a bounded label set, unlike paths or server ids.
-    handler.application.settings["services"].metrics.inc(
-        "http_requests_total", handler=type(handler).__name__, code=str(status)
-    )
+    seconds = request.request_time()
+    route = getattr(handler, "route_group", "other")
+    metrics = handler.application.settings["services"].metrics
+    # Labels from a fixed set (route group, status): never a path or a server id.
+    metrics.inc("http_requests_total", route=route, status=str(status))
+    head = getattr(handler, "time_to_head", None)
+    metrics.observe("http_request_duration_seconds", seconds if head is None else head, route=route)
     if status >= 500:
         level = logging.ERROR
     elif status >= 400:
-        level = logging.WARNING
-    elif handler.request.path.startswith("/mcp/") or handler.request.path in QUIET_PATHS:
+        level = logging.INFO if status == 401 and route == "mcp" else logging.WARNING
+    elif route == "mcp" or route == "ops":
         level = logging.DEBUG
     else:
         level = logging.INFO
     if access_log.isEnabledFor(level):
-        access_log.log(level, "%d %s %s (%s) %.2fms", status, handler.request.method,
-                       handler.request.path, handler.request.remote_ip, 1000 * handler.request.request_time())
+        duration_ms = round(1000 * seconds, 2)
+        fields = {
+            # The handler's own: after finish() this may run outside the request's context.
+            "request_id": getattr(handler, "request_id", "-"),
+            "status": status, "method": request.method, "path": request.path,
+            "remote_ip": request.remote_ip, "duration_ms": duration_ms, "route": route,
+        }
+        fields.update(getattr(handler, "log_fields", ()))
+        access_log.log(level, "%d %s %s (%s) %.2fms", status, request.method, request.path, request.remote_ip,
+                       duration_ms, extra=fields)
 
 
 def make_app(services, **settings) -> tornado.web.Application:
@@ -95,6 +108,7 @@ def make_app(services, **settings) -> tornado.web.Application:
         services=services,
         jinja=jinja,
         static_path=str(ROOT / "static"),
+        static_handler_class=StaticHandler,
         default_handler_class=dashboard.NotFoundHandler,
         cookie_secret=derive_key(services.config.secret_key, "mcpgw cookies").hex(),
         xsrf_cookies=True,

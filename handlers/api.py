@@ -16,6 +16,11 @@ MAX_JSON_BODY = 64 * 1024
 
 
 class ApiHandler(BaseHandler):
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.path_args and self.request.path.startswith("/api/servers/"):
+            self.log_fields["server_id"] = self.path_args[0]
+
     def check_xsrf_cookie(self) -> None:
         # The API rides on the sign-in cookie, so it needs the same XSRF proof as forms.
         tornado.web.RequestHandler.check_xsrf_cookie(self)

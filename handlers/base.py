@@ -1,5 +1,5 @@
 """BaseHandler: what every handler shares: services, JSON and HTML errors, CORS, security
-headers, the signed sign-in cookie and strict form/JSON body parsing."""
+headers, the request id, the signed sign-in cookie and strict form/JSON body parsing."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from http import HTTPStatus
 from urllib.parse import parse_qsl
 
 import tornado.web
+from tornado.log import app_log, gen_log
 
 from services.authserver.authorization import signin_time
 from services.authserver.signin import LOGIN_TTL
 from services.common.errors import ApiError, BadRequest, GatewayError, OAuthError, PageError
+from services.common.logs import REQUEST_ID_HEADER, accept_request_id, request_id
 from services.common.validation import media_type
 from storage.base import StorageUnavailable
 
@@ -23,19 +25,62 @@ log = logging.getLogger("gateway.http")
 MAX_FORM_BODY = 64 * 1024
 CORS_ALLOW_HEADERS = (
     "Authorization, Content-Type, Accept, Mcp-Session-Id, MCP-Protocol-Version, "
-    "Last-Event-ID, Mcp-Method, Mcp-Name"
+    "Last-Event-ID, Mcp-Method, Mcp-Name, X-Request-Id"
 )
-CORS_EXPOSE_HEADERS = "Mcp-Session-Id, WWW-Authenticate, MCP-Protocol-Version"
+CORS_EXPOSE_HEADERS = "Mcp-Session-Id, WWW-Authenticate, MCP-Protocol-Version, X-Request-Id"
 PAGE_CSP = (
     "default-src 'none'; style-src 'self'; img-src 'self' data: https:; script-src 'self'; "
     "frame-ancestors 'none'; base-uri 'none'"
 )
 
 
-__all__ = ["BadRequest", "BaseHandler", "error_description", "unique_params"]
+__all__ = ["BadRequest", "BaseHandler", "StaticHandler", "error_description", "unique_params"]
+
+# The route group of a handler module: the `route` label of the request metrics and the
+# access log (a fixed set, never a path).
+ROUTE_GROUPS = {
+    "handlers.proxy": "mcp",
+    "handlers.oauth": "oauth",
+    "handlers.discovery": "discovery",
+    "handlers.dashboard": "dashboard",
+    "handlers.api": "api",
+    "handlers.ops": "ops",
+}
 
 
-class BaseHandler(tornado.web.RequestHandler):
+class RequestIdentity:
+    """The request id and the access log's fields, for any RequestHandler subclass.
+
+    `request_id`: the client's X-Request-Id when sane, else a new one (services.common.logs),
+    sent back as X-Request-Id on every answer, errors included (Tornado's clear() re-applies
+    the default headers). `log_fields`: what the access log adds to its line (user_sub,
+    client_id, server_id); handlers fill it as they learn them, never with a secret."""
+
+    route_group = "other"
+    time_to_head: float | None = None  # seconds from the request's start to the answer's head
+
+    def __init__(self, application, request, **kwargs) -> None:
+        # Before Tornado's __init__, which sets the default headers.
+        self.request_id = accept_request_id(request.headers.get(REQUEST_ID_HEADER))
+        self.log_fields: dict[str, object] = {}
+        super().__init__(application, request, **kwargs)
+
+    def set_default_headers(self) -> None:
+        self.set_header(REQUEST_ID_HEADER, self.request_id)
+
+    def flush(self, *args, **kwargs):
+        # Every answer's head goes out through the first flush (finish() flushes too). The
+        # latency histogram takes this time: an SSE stream may stay open for hours.
+        if self.time_to_head is None:
+            self.time_to_head = self.request.request_time()
+        return super().flush(*args, **kwargs)
+
+
+class StaticHandler(RequestIdentity, tornado.web.StaticFileHandler):
+    route_group = "static"
+
+
+class BaseHandler(RequestIdentity, tornado.web.RequestHandler):
     """API handlers (the default) answer JSON, take no cookies and so need no XSRF token;
     `is_page` handlers are browser pages: HTML errors, CSP, XSRF-checked forms."""
 
@@ -44,6 +89,11 @@ class BaseHandler(tornado.web.RequestHandler):
     no_store = False  # Cache-Control: no-store on every answer, errors included
     basic_realm = ""  # the realm of WWW-Authenticate when HTTP Basic client authentication fails
     bad_request_title = "Bad request"  # the page title of a BadRequest
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "route_group" not in cls.__dict__:
+            cls.route_group = ROUTE_GROUPS.get(cls.__module__, cls.route_group)
 
     def check_xsrf_cookie(self) -> None:
         if self.is_page:
@@ -58,6 +108,7 @@ class BaseHandler(tornado.web.RequestHandler):
         return self.services.config
 
     def set_default_headers(self) -> None:
+        super().set_default_headers()
         self.set_header("X-Content-Type-Options", "nosniff")
         self.set_header("Referrer-Policy", "no-referrer")
         if self.no_store:
@@ -166,15 +217,24 @@ class BaseHandler(tornado.web.RequestHandler):
         return True
 
     def log_exception(self, typ, value, tb) -> None:
+        # Tornado's own version logs the URI: its query may carry an authorization code or
+        # state, which never go into a log. The path and the request id instead (this may
+        # run before prepare() has set the request id's ContextVar: a 405, a failed XSRF check).
+        method, path, extra = self.request.method, self.request.path, {"request_id": self.request_id}
         if isinstance(value, GatewayError):  # expected and answered: no traceback
             if value.status >= 500:
-                log.warning("%s %s: %s, %s", self.request.method, self.request.path, value.status, value)
+                log.warning("%s %s: %s, %s", method, path, value.status, value, extra=extra)
             return
         if isinstance(value, StorageUnavailable):
             # Expected while the fault lasts: one line, no traceback.
-            log.warning("%s %s: 503, %s", self.request.method, self.request.path, value)
+            log.warning("%s %s: 503, %s", method, path, value, extra=extra)
             return
-        super().log_exception(typ, value, tb)
+        if isinstance(value, tornado.web.HTTPError):
+            if value.log_message:
+                gen_log.warning("%d %s %s: " + value.log_message, value.status_code, method, path, *value.args,
+                                extra=extra)
+            return
+        app_log.error("Uncaught exception %s %s", method, path, exc_info=(typ, value, tb), extra=extra)
 
     # ------------------------------------------------------------- sign-in cookie
 
@@ -189,6 +249,9 @@ class BaseHandler(tornado.web.RequestHandler):
         return "__Host-mcpgw_login" if self.config.secure_cookies else "mcpgw_login"
 
     async def prepare(self) -> None:
+        # Log lines of this request (and of tasks it starts) carry its id. The ContextVar
+        # lives in this request's own asyncio task, so it never leaks to the next request.
+        request_id.set(self.request_id)
         # The cookie alone is not a sign-in: its server-side session must still stand
         # (logout, "sign out everywhere" and user removal end it). Checked here, where
         # awaiting is possible, so that handlers read `current_user` as before. Requests
@@ -196,6 +259,8 @@ class BaseHandler(tornado.web.RequestHandler):
         data = self.signin_cookie_data()
         if data is not None and not await self.services.accounts.session_is_live(data.get("sid"), data.get("sub")):
             data = None
+        if data is not None:
+            self.log_fields["user_sub"] = data.get("sub")
         self.current_user = data
 
     def get_current_user(self):

@@ -9,6 +9,7 @@ from urllib.parse import quote, urlencode
 
 from handlers.base import BaseHandler
 from services.common.errors import BadRequest, FieldErrors, GatewayError, NotSignedIn
+from services.common.logs import request_id
 from services.dashboard.reports import RANGES, parse_range
 
 NOTICES = {
@@ -41,6 +42,11 @@ class DashboardPage(BaseHandler):
     a missing sign-in sends a GET to the sign-in page and answers anything else with 401."""
 
     is_page = True
+
+    async def prepare(self) -> None:
+        await super().prepare()
+        if self.path_args and self.request.path.startswith("/dashboard/servers/"):
+            self.log_fields["server_id"] = self.path_args[0]
 
     @property
     def dashboard(self):
@@ -238,11 +244,14 @@ class RevokeAuthorizationHandler(DashboardPage):
 class NotFoundHandler(BaseHandler):
     """Any unknown path: a readable 404 page, or JSON under /api/."""
 
+    route_group = "other"
+
     @property
     def is_page(self) -> bool:  # type: ignore[override]
         return not self.request.path.startswith("/api/")
 
     async def prepare(self) -> None:
+        request_id.set(self.request_id)  # as BaseHandler.prepare, which runs only for pages here
         if self.request.method == "OPTIONS":
             self.set_status(404)
             self.finish()

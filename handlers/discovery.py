@@ -21,6 +21,7 @@ class ProtectedResourceHandler(_Document):
         if server_id is None:
             resource, name = config.base_resource, "MCP servers behind this gateway"
         else:
+            self.log_fields["server_id"] = server_id
             server = await self.services.access.server(server_id)
             if server is None:
                 self.write_json({"error": "not_found", "error_description": "unknown MCP server"}, 404)

@@ -55,6 +55,7 @@ class RegisterHandler(BaseHandler):
         except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: absurd nesting
             raise InvalidClientMetadata("the body is not valid UTF-8 JSON") from None
         client, secret = await self.services.clients.register(metadata)
+        self.log_fields["client_id"] = client.client_id
         log.info("registered client %s (%s)", client.client_id, client.client_name)
         self.write_json(registration_response(client, secret), 201)
 
@@ -67,7 +68,9 @@ class AuthorizeHandler(BaseHandler):
     bad_request_title = "Invalid authorization request"
 
     async def get(self) -> None:
-        outcome = await self.services.authorizations.start(self.query_params(), self.current_user)
+        params = self.query_params()
+        self.log_fields["client_id"] = params.get("client_id")  # as sent: /authorize checks it next
+        outcome = await self.services.authorizations.start(params, self.current_user)
         self.redirect(outcome.url)
 
 
@@ -123,6 +126,7 @@ class LoginHandler(BaseHandler):
         except PageError as exc:  # the form again, with the reason
             self.page("login_dev.html", status=exc.status, next=target, error=exc.message, email=email.strip())
             return
+        self.log_fields["user_sub"] = user.sub
         await self.set_signin_cookie(user.sub, user.email, user.name)
         self.redirect(target)
 
@@ -140,6 +144,7 @@ class CallbackHandler(BaseHandler):
             self.get_query_argument("error", None),
             self.login_binding(),
         )
+        self.log_fields["user_sub"] = user.sub
         await self.set_signin_cookie(user.sub, user.email, user.name)
         self.redirect(local_path(target))
 
@@ -189,6 +194,7 @@ class TokenHandler(BaseHandler):
         client = await self.services.clients.authenticate(
             form.get("client_id"), form.get("client_secret"), self.request.headers.get("Authorization")
         )
+        self.log_fields["client_id"] = client.client_id
         body = await self.services.tokens.grant(client, form)
         await self.services.clients.touch(client)
         self.write_json(body)
@@ -205,6 +211,7 @@ class RevokeHandler(BaseHandler):
         client = await self.services.clients.authenticate(
             form.get("client_id"), form.get("client_secret"), self.request.headers.get("Authorization")
         )
+        self.log_fields["client_id"] = client.client_id
         token = form.get("token")
         if not token:
             raise InvalidRequest("token is required")
