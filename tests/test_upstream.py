@@ -44,6 +44,7 @@ from services.proxy.upstream.policy import AddressPolicy
 from services.proxy.upstream.pool import UpstreamClient
 from services.proxy.upstream.urls import parse_upstream_url
 from tests.support.fake_upstream import RawExchange, RawUpstream
+from tests.support.ports import HeldPort
 
 LOOPBACK = AddressPolicy.from_setting("127.0.0.0/8,::1")
 
@@ -229,12 +230,6 @@ async def wait_for(predicate, timeout: float = 2.0) -> None:  # type: ignore[no-
         await asyncio.sleep(0.01)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def no_connect(client: UpstreamClient) -> None:
     """Make any connection attempt a test failure (refusals must come before connecting)."""
 
@@ -410,6 +405,44 @@ async def test_dns_single_flight_and_cache(monkeypatch: pytest.MonkeyPatch) -> N
         response = await client.request("GET", url)  # cached now
         await response.read_all(100)
         assert lookups == ["localhost"]
+        client.close()
+
+
+@pytest.mark.gen_test
+async def test_dns_cache_expires_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    real_getaddrinfo = loop.getaddrinfo
+    lookups: list[str] = []
+
+    async def counting(host: str, *args: object, **kwargs: object) -> list:
+        lookups.append(host)
+        return await real_getaddrinfo("localhost", *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting)
+    now = [1000.0]
+    async with upstream() as (port, state):
+        client = UpstreamClient(AddressPolicy.from_setting("127.0.0.0/8 localhost a.test b.test"), dns_ttl=30,
+                                dns_cache_size=2, clock=lambda: now[0])
+
+        async def get(host: str) -> None:
+            response = await client.request("GET", f"http://{host}:{port}/json")
+            await response.read_all(100)
+
+        await get("localhost")
+        now[0] += 29
+        await get("localhost")
+        assert lookups == ["localhost"]  # within the TTL: cached
+        now[0] += 2
+        await get("localhost")
+        assert lookups == ["localhost", "localhost"]  # past it: resolved again
+        await get("a.test")
+        await get("b.test")  # the third host evicts the least recently used (localhost)
+        await get("b.test")
+        await get("localhost")
+        assert lookups == ["localhost", "localhost", "a.test", "b.test", "localhost"]
+        now[0] += 10_000
+        await get("127.0.0.1")  # an IP literal: no lookup, never expires
+        assert lookups[-1] == "localhost"
         client.close()
 
 
@@ -597,8 +630,8 @@ async def test_body_delimited_by_close_and_malformed_responses() -> None:
 @pytest.mark.gen_test
 async def test_connection_refused_is_unreachable() -> None:
     client = UpstreamClient(LOOPBACK, connect_timeout=2)
-    with pytest.raises(UpstreamUnreachable, match="cannot connect") as info:
-        await client.request("GET", f"http://127.0.0.1:{free_port()}/")
+    with HeldPort() as closed, pytest.raises(UpstreamUnreachable, match="cannot connect") as info:
+        await client.request("GET", f"http://127.0.0.1:{closed.port}/")
     assert not isinstance(info.value, UpstreamRefused)
 
 

@@ -12,8 +12,10 @@ import ssl
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.common.cache import TtlCache
 from services.proxy.upstream.errors import (
     UpstreamRefused,
     UpstreamTimeout,
@@ -24,6 +26,8 @@ from services.proxy.upstream.policy import AddressPolicy, _refusal_reason
 from services.proxy.upstream.response import UpstreamResponse
 from services.proxy.upstream.urls import UpstreamTarget, parse_upstream_url
 
+DNS_CACHE_SIZE = 1024  # upstream host names whose checked addresses are kept
+NO_EXPIRY = float("inf")  # the TTL of an IP literal's entry
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
@@ -89,7 +93,10 @@ class UpstreamClient:
         dns_ttl: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
         max_header_size: int = 65536,
+        dns_cache_size: int = DNS_CACHE_SIZE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` times the DNS cache (tests advance it instead of waiting out the TTL)."""
         self.policy = policy
         self.max_per_origin = max_per_origin
         self.connect_timeout = connect_timeout
@@ -105,8 +112,9 @@ class UpstreamClient:
         # The StreamReader's limit caps a header block and a chunk-size line, and sets
         # its flow control: past twice this many unread bytes it stops reading the socket.
         self._stream_limit = max(max_header_size, _READ_SIZE)
-        # host -> (expiry, permitted addresses, the public ones among them)
-        self._dns: dict[str, tuple[float, tuple[str, ...], tuple[str, ...]]] = {}
+        # host -> (permitted addresses, the public ones among them); IP literals never expire.
+        # Bounded: a process serving many upstream hosts keeps the recently used ones.
+        self._dns = TtlCache(dns_cache_size, dns_ttl, clock=clock)
         self._dns_inflight: dict[tuple[str, int], asyncio.Task[tuple[tuple[str, ...], tuple[str, ...]]]] = {}
         # Weak: a response its consumer dropped must stay collectable (its __del__ closes it).
         self._active: weakref.WeakSet[UpstreamResponse] = weakref.WeakSet()
@@ -190,8 +198,8 @@ class UpstreamClient:
         """(addresses the policy permits, the public ones among them: the same tuple
         object when all are public, so the public-only check costs nothing then)."""
         cached = self._dns.get(host)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1], cached[2]
+        if cached is not None:
+            return cached
         key = (host, port)
         lookup = self._dns_inflight.get(key)
         if lookup is None:
@@ -221,7 +229,7 @@ class UpstreamClient:
         public = tuple(a for a in addresses if _refusal_reason(ipaddress.ip_address(a)) is None)
         if len(public) == len(addresses):
             public = addresses
-        self._dns[host] = (float("inf") if is_literal else time.monotonic() + self.dns_ttl, addresses, public)
+        self._dns.set(host, (addresses, public), NO_EXPIRY if is_literal else None)
         return addresses, public
 
     # ----------------------------------------------------------------- pool
