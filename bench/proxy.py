@@ -1,15 +1,19 @@
-"""Proxy benchmark (issue 3): one gateway process against a minimal fast upstream, and the
-same upstream directly, in the same run. Not part of the test run.
+"""Proxy benchmark (issues 3 and 8): one gateway process, the floor (bench/floor.py: a plain
+Tornado pass-through over the same pooled upstream client, no auth) and direct access to a
+minimal fast upstream, side by side in the same run. Not part of the test run.
 
-  1. added latency of a JSON tools/call, sequential (target: p50 <= 1 ms, p99 <= 3 ms added)
-  2. throughput, 32 concurrent clients, gateway pinned to one core (target >= 2,000 req/s)
-  3. N idle SSE streams held open through the gateway: gateway memory per stream
-     (client side + upstream side, target <= 32 KiB) and the time an event takes to
-     cross while they are open (target: p50 <= 1 ms added)
+  1. added latency of a JSON tools/call over direct access, sequential: floor and gateway
+     (goal: the gateway within +0.1 ms of the floor at p50, +0.3 ms at p99)
+  2. throughput, 32 concurrent clients, gateway and floor each pinned to one core
+     (goal: the gateway >= 0.85x the floor)
+  3. N idle SSE streams held open: memory per stream (client side + upstream side) of the
+     floor and of the gateway (goal <= 20 KiB), and the time an event takes to cross
+     through the gateway while they are open
   4. upstream TCP connections opened per 1,000 sequential requests (keep-alive)
 
-Run: .venv/bin/python bench/proxy.py [--streams 5000] [--seconds 5] [--requests 2000]
-The gateway is pinned to core 0; the upstream and this load generator share core 1.
+Rounds interleave the three targets; medians of --rounds rounds (default 3).
+Run: .venv/bin/python bench/proxy.py [--streams 2000] [--seconds 5] [--requests 2000] [--rounds 3]
+The gateway and the floor are pinned to core 0; the upstream and this load generator share core 1.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,6 +39,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import floor as bench_floor  # noqa: E402
 from bench import minimal_upstream  # noqa: E402
 from tests.support.gateway import GatewayProcess  # noqa: E402
 
@@ -162,51 +168,91 @@ def bearer_token(gateway: GatewayProcess, server_id: str) -> str:
 
 
 def line(label: str, value: str, target: str = "") -> None:
-    print(f"  {label:<52} {value:<34} {target}")
+    print(f"  {label:<52} {value:<40} {target}")
 
 
-async def run(args, upstream_port: int, gateway: GatewayProcess, server_id: str, token: str) -> None:
-    gw_port, mcp_path = gateway.port, f"/mcp/{server_id}"
-    print(f"token {len(token)} bytes; gateway pid {gateway._process.pid} pinned to core 0\n")
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    return statistics.median(samples), statistics.quantiles(samples, n=100)[98]
 
-    print("1. sequential JSON tools/call")
-    direct = await sequential(upstream_port, "/mcp", None, args.requests)
-    before = (await stats(upstream_port))["accepted"]
-    proxied = await sequential(gw_port, mcp_path, token, args.requests)
-    opened = (await stats(upstream_port))["accepted"] - before
-    d50, d99 = statistics.median(direct), statistics.quantiles(direct, n=100)[98]
-    p50, p99 = statistics.median(proxied), statistics.quantiles(proxied, n=100)[98]
-    line("direct p50 / p99", f"{d50:.3f} / {d99:.3f} ms")
-    line("through the gateway p50 / p99", f"{p50:.3f} / {p99:.3f} ms")
-    line("added p50 / p99", f"+{p50 - d50:.3f} / +{p99 - d99:.3f} ms", "(target +1 / +3 ms)")
 
-    if os.environ.get("BENCH_PROFILE"):  # a py-spy profile of the gateway under load
-        subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "-o", os.environ["BENCH_PROFILE"],
-                          "-f", "raw", "-r", "400", "-d", str(int(args.seconds) + 4), "-p", str(gateway._process.pid)])
-        await asyncio.sleep(1)
-    print("2. throughput, 32 concurrent clients")
-    direct_rps = await throughput(upstream_port, "/mcp", None, args.seconds)
-    gateway_rps = await throughput(gw_port, mcp_path, token, args.seconds)
-    line("direct", f"{direct_rps:,.0f} req/s")
-    line("through the gateway (one core)", f"{gateway_rps:,.0f} req/s = {gateway_rps / direct_rps:.2f}x direct",
-         "(target >= 2,000 req/s)")
+async def measure_round(args, targets: dict[str, tuple[int, str, str | None]], upstream_port: int) -> dict[str, dict]:
+    """One round: sequential latency, then throughput at 32 clients, of every target in turn."""
+    result = {name: {} for name in targets}
+    for name, (port, path, token) in targets.items():
+        before = (await stats(upstream_port))["accepted"]
+        result[name]["p50"], result[name]["p99"] = percentiles(await sequential(port, path, token, args.requests))
+        result[name]["opened"] = (await stats(upstream_port))["accepted"] - before
+    for name, (port, path, token) in targets.items():
+        result[name]["rps"] = await throughput(port, path, token, args.seconds)
+    return result
 
-    print("4. upstream connections opened per 1,000 sequential requests")
-    per_thousand = opened * 1000 / (args.requests + 200)
-    line("through the gateway", f"{per_thousand:.1f}", "(keep-alive: about 1)")
 
-    print(f"3. {args.streams} idle SSE streams held through the gateway")
-    baseline_kib = rss_kib(gateway._process.pid)
+async def stream_memory(pid: int, port: int, path: str, token: str | None, count: int, upstream_port: int):
+    """KiB of the process's RSS per idle SSE stream held open through it (client side +
+    upstream side), and the streams open at the upstream meanwhile; the streams stay open."""
+    baseline_kib = rss_kib(pid)
     streams = []
-    for start in range(0, args.streams, 250):
-        streams += await asyncio.gather(*(open_stream(gw_port, mcp_path, token)
-                                          for _ in range(min(250, args.streams - start))))
+    for start in range(0, count, 250):
+        streams += await asyncio.gather(*(open_stream(port, path, token) for _ in range(min(250, count - start))))
     await asyncio.sleep(1)
-    held_kib = rss_kib(gateway._process.pid)
-    upstream_streams = (await stats(upstream_port))["streams"]
-    per_stream = (held_kib - baseline_kib) / len(streams)
-    line("streams open at the upstream", f"{upstream_streams}")
-    line("gateway memory per open stream (both sides)", f"{per_stream:.1f} KiB", "(target <= 32 KiB)")
+    per_stream = (rss_kib(pid) - baseline_kib) / len(streams)
+    return per_stream, (await stats(upstream_port))["streams"], streams
+
+
+async def run(args, upstream_port: int, gateway: GatewayProcess, server_id: str, token: str,
+              floor_pid: int, floor_port: int) -> None:
+    gw_port, mcp_path = gateway.port, f"/mcp/{server_id}"
+    print(f"token {len(token)} bytes; gateway pid {gateway.pid} and floor pid {floor_pid} pinned to core 0; "
+          f"{args.rounds} rounds, medians\n")
+    targets = {"direct": (upstream_port, "/mcp", None), "floor": (floor_port, "/mcp", None),
+               "gateway": (gw_port, mcp_path, token)}
+    if os.environ.get("BENCH_PROFILE"):  # a py-spy profile of the gateway under load (first round)
+        py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")  # not a project dependency
+        subprocess.Popen([py_spy, "record", "-o", os.environ["BENCH_PROFILE"],
+                          "-f", "raw", "-r", "400", "-d", str(int(args.seconds) + 4), "-p", str(gateway.pid)])
+        await asyncio.sleep(1)
+        await throughput(gw_port, mcp_path, token, args.seconds)
+    rounds = []
+    for number in range(args.rounds):
+        rounds.append(await measure_round(args, targets, upstream_port))
+        r = rounds[-1]
+        print(f"  round {number + 1}: req/s direct {r['direct']['rps']:,.0f}  floor {r['floor']['rps']:,.0f}  "
+              f"gateway {r['gateway']['rps']:,.0f} ({r['gateway']['rps'] / r['floor']['rps']:.2f}x floor); "
+              f"p50 {r['direct']['p50']:.3f} / {r['floor']['p50']:.3f} / {r['gateway']['p50']:.3f} ms")
+    med = {name: {key: statistics.median(r[name][key] for r in rounds) for key in ("p50", "p99", "rps")}
+           for name in targets}
+    ratios = [r["gateway"]["rps"] / r["floor"]["rps"] for r in rounds]
+    direct, floor, gw = med["direct"], med["floor"], med["gateway"]
+
+    print("\n1. sequential JSON tools/call, added over direct access (median of rounds)")
+    line("direct p50 / p99", f"{direct['p50']:.3f} / {direct['p99']:.3f} ms")
+    line("floor: added p50 / p99", f"+{floor['p50'] - direct['p50']:.3f} / +{floor['p99'] - direct['p99']:.3f} ms")
+    line("gateway: added p50 / p99", f"+{gw['p50'] - direct['p50']:.3f} / +{gw['p99'] - direct['p99']:.3f} ms")
+    line("gateway over the floor p50 / p99", f"+{gw['p50'] - floor['p50']:.3f} / +{gw['p99'] - floor['p99']:.3f} ms",
+         "(goal +0.1 / +0.3 ms)")
+
+    print("2. throughput, 32 concurrent clients, one core (median of rounds)")
+    line("direct", f"{direct['rps']:,.0f} req/s")
+    line("floor (plain Tornado pass-through)", f"{floor['rps']:,.0f} req/s = 1.00x")
+    line("gateway", f"{gw['rps']:,.0f} req/s = {gw['rps'] / floor['rps']:.2f}x floor",
+         "(goal >= 0.85x)")
+    line("gateway / floor, per round", " ".join(f"{x:.2f}" for x in ratios))
+
+    print("4. upstream connections opened per 1,000 sequential requests (all rounds)")
+    for name in ("floor", "gateway"):
+        opened = sum(r[name]["opened"] for r in rounds)
+        line(name, f"{opened * 1000 / (args.rounds * (args.requests + 200)):.1f}", "(keep-alive: about 1)")
+
+    print(f"3. {args.streams} idle SSE streams held open")
+    floor_kib, floor_up, streams = await stream_memory(floor_pid, floor_port, "/mcp", None, args.streams,
+                                                       upstream_port)
+    for _, writer in streams:
+        writer.close()
+    await asyncio.sleep(1)
+    gw_kib, gw_up, streams = await stream_memory(gateway.pid, gw_port, mcp_path, token, args.streams, upstream_port)
+    line("streams open at the upstream: floor / gateway", f"{floor_up} / {gw_up}")
+    line("memory per open stream (both sides): floor", f"{floor_kib:.1f} KiB")
+    line("memory per open stream (both sides): gateway", f"{gw_kib:.1f} KiB", "(goal <= 20 KiB)")
     probe = await open_stream(gw_port, mcp_path, token)
     via = await crossing_times(upstream_port, probe, 300)
     for _, writer in [*streams, probe]:
@@ -222,24 +268,30 @@ async def run(args, upstream_port: int, gateway: GatewayProcess, server_id: str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--streams", type=int, default=5000)
+    parser.add_argument("--streams", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         upstream, upstream_port = minimal_upstream.start(Path(tmp) / "port")
-        gateway = None
+        gateway = floor = None
         try:
             os.sched_setaffinity(upstream.pid, {1})
             os.sched_setaffinity(0, {1})
             gateway = GatewayProcess(Path(tmp) / "gw").start()
-            os.sched_setaffinity(gateway._process.pid, {0})
+            os.sched_setaffinity(gateway.pid, {0})
+            floor, floor_port = bench_floor.start(Path(tmp) / "floor-port", f"http://127.0.0.1:{upstream_port}/mcp")
+            os.sched_setaffinity(floor.pid, {0})
             server_id = gateway.add_server(f"http://127.0.0.1:{upstream_port}/mcp", "bench@example.com")
             token = bearer_token(gateway, server_id)
-            asyncio.run(run(args, upstream_port, gateway, server_id, token))
+            asyncio.run(run(args, upstream_port, gateway, server_id, token, floor.pid, floor_port))
         finally:
             if gateway is not None:
                 gateway.stop()
+            if floor is not None:
+                floor.terminate()
+                floor.wait(10)
             upstream.terminate()
             upstream.wait(10)
 
