@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from config import Config
@@ -15,8 +16,10 @@ from services.authserver.clients import ClientRegistry
 from services.authserver.identity import OidcIdentityProvider
 from services.authserver.keys import KeyRing, SecretBox
 from services.authserver.signin import Accounts
-from services.authserver.tokens import REVOCATION_REFRESH, TokenService
+from services.authserver.tokens import TokenService
+from services.authserver.verification import REVOCATION_REFRESH
 from services.common.access import AccessPolicy
+from services.common.cache import TtlCache
 from services.common.metrics import Metrics, time_storage
 from services.common.ratelimit import RateLimiter
 from services.common.servers import ServerRegistry
@@ -36,6 +39,8 @@ log = logging.getLogger("gateway.services")
 
 HOUSEKEEPING_INTERVAL = 300.0
 IDENTITY_TTL = 300  # lifetime of the identity assertion sent to upstreams
+IDENTITY_REUSE = IDENTITY_TTL - 60  # an assertion is reused while it has a minute left
+IDENTITY_CACHE_SIZE = 10000
 USAGE_PURGE_BATCH, USAGE_PURGE_ROUNDS = 5000, 20  # at most 100,000 old events per round
 
 
@@ -62,8 +67,14 @@ class Services:
     # Set when the process begins to drain (SIGTERM): /readyz answers 503, standalone SSE
     # streams end cleanly.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+    # The wall clock (records, token times) and the monotonic one (caches): tests move them.
+    now: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.monotonic
     _tasks: list = field(default_factory=list)
-    _identity_cache: dict = field(default_factory=dict)
+    _identity_cache: TtlCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._identity_cache = TtlCache(IDENTITY_CACHE_SIZE, IDENTITY_REUSE, clock=self.clock)
 
     async def start(self, background: bool = True) -> None:
         await self.storage.open()
@@ -87,7 +98,7 @@ class Services:
         await self.storage.close()
 
     async def _housekeeping(self) -> None:
-        now = time.time()
+        now = self.now()
         await self.storage.purge_expired(now)
         await self.clients.reap_idle()
         await self.purge_old_usage(now)
@@ -107,10 +118,10 @@ class Services:
     def identity_headers(self, server, claims: dict) -> list[tuple[str, str]]:
         """Opt-in identity forwarding: who the user is, plus a short-lived gateway-signed
         JWT (audience = the upstream URL) the upstream can verify with /jwks.json."""
-        key = (claims["sub"], server.server_id)
-        cached = self._identity_cache.get(key)
-        now = time.time()
-        if cached is None or cached[0] < now:
+        key = (claims["sub"], server.server_id, server.upstream_url)  # aud follows a URL change
+        assertion = self._identity_cache.get(key)
+        if assertion is None:
+            now = self.now()
             assertion = self.keyring.sign(
                 {
                     "iss": self.config.issuer,
@@ -122,14 +133,11 @@ class Services:
                 },
                 typ="JWT",
             )
-            if len(self._identity_cache) > 10000:
-                self._identity_cache.clear()
-            cached = (now + IDENTITY_TTL - 60, assertion)
-            self._identity_cache[key] = cached
+            self._identity_cache.set(key, assertion)
         return [
             ("X-MCPGW-User-Sub", claims["sub"]),
             ("X-MCPGW-User-Email", claims.get("email", "")),
-            ("X-MCPGW-Identity", cached[1]),
+            ("X-MCPGW-Identity", assertion),
         ]
 
     @staticmethod
@@ -144,13 +152,16 @@ class Services:
                 log.exception("background job %s failed", getattr(job, "__name__", job))
 
 
-def build_services(config: Config, storage: Storage | None = None) -> Services:
+def build_services(config: Config, storage: Storage | None = None, *,
+                   now: Callable[[], float] = time.time,
+                   clock: Callable[[], float] = time.monotonic) -> Services:
+    """Every service, each given the wall clock `now` and the monotonic `clock` (its caches)."""
     metrics = Metrics()
     # Every storage call feeds storage_seconds{op} / storage_errors_total (one place, storage/ untouched).
     storage = time_storage(storage or open_storage(config.storage_url), metrics)
     box = SecretBox(config.secret_key)
-    keyring = KeyRing(storage, box, config.access_token_ttl)
-    access = AccessPolicy(storage)
+    keyring = KeyRing(storage, box, config.access_token_ttl, now=now, clock=clock)
+    access = AccessPolicy(storage, clock=clock)
     policy = AddressPolicy(config.upstream_allow)
 
     async def fetch_document(url: str):
@@ -164,12 +175,13 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
             config.oidc_client_id,
             config.oidc_client_secret,
             config.public_url + "/oauth/callback",
+            clock=clock,
         )
-    tokens = TokenService(storage, keyring, box, access, config)
-    clients = ClientRegistry(storage, fetch_document)
-    servers = ServerRegistry(storage, box, access, policy)
+    tokens = TokenService(storage, keyring, box, access, config, metrics=metrics, now=now)
+    clients = ClientRegistry(storage, fetch_document, now=now, clock=clock)
+    servers = ServerRegistry(storage, box, access, policy, now=now)
     upstream = UpstreamClient(policy, header_timeout=config.upstream_timeout)
-    sessions = SessionMap(storage)
+    sessions = SessionMap(storage, now=now)
     usage = UsageRecorder(storage.usage, metrics)
     return Services(
         config=config,
@@ -179,9 +191,9 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
         access=access,
         tokens=tokens,
         clients=clients,
-        authorizations=AuthorizationRequests(storage, clients, tokens, access, config),
-        accounts=Accounts(storage, identity, access, config.signin_ttl),
-        limits=RateLimiter(),
+        authorizations=AuthorizationRequests(storage, clients, tokens, access, config, now=now),
+        accounts=Accounts(storage, identity, access, config.signin_ttl, now=now, clock=clock),
+        limits=RateLimiter(clock=clock),
         servers=servers,
         metrics=metrics,
         upstream=upstream,
@@ -189,7 +201,10 @@ def build_services(config: Config, storage: Storage | None = None) -> Services:
         usage=usage,
         identity=identity,
         dashboard=Dashboard(
-            storage, servers, access, tokens, clients, McpProbe(upstream), UsageReports(storage), config
+            storage, servers, access, tokens, clients, McpProbe(upstream), UsageReports(storage, now=now), config,
+            now=now,
         ),
         gate=ProxyGate(config, access, sessions, usage, tokens.verify_access_token, InvalidToken),
+        now=now,
+        clock=clock,
     )

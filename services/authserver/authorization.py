@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
@@ -22,6 +23,7 @@ from services.authserver.redirect_uris import is_loopback_redirect, redirect_hos
 from services.authserver.tokens import TokenService
 from services.common.access import AccessPolicy
 from services.common.errors import InvalidRequest, OAuthError, PageError, RequestGone, UnsupportedResponseType
+from services.common.logs import security_event
 from storage.base import Client, Consent, Pending, Server, Storage
 
 PENDING_TTL = 600  # an /authorize and its sign-in may take ten minutes
@@ -60,9 +62,9 @@ def add_query(uri: str, params: dict[str, str | None]) -> str:
     return parts._replace(query=joined).geturl()
 
 
-def signin_time() -> float:
+def signin_time(now: Callable[[], float] = time.time) -> float:
     """The clock of the sign-in cookie's auth_time (see BaseHandler.set_signin_cookie)."""
-    return round(time.time(), 3)
+    return round(now(), 3)
 
 
 def signed_in_after(user: dict, payload: dict) -> bool:
@@ -72,12 +74,13 @@ def signed_in_after(user: dict, payload: dict) -> bool:
 
 class AuthorizationRequests:
     def __init__(self, storage: Storage, clients: ClientRegistry, tokens: TokenService,
-                 access: AccessPolicy, config: Config):
+                 access: AccessPolicy, config: Config, *, now: Callable[[], float] = time.time):
         self._storage = storage
         self._clients = clients
         self._tokens = tokens
         self._access = access
         self._issuer = config.issuer
+        self._now = now
 
     # ------------------------------------------------------------------ /authorize
 
@@ -112,9 +115,9 @@ class AuthorizationRequests:
                     "client_id": client.client_id,
                     "redirect_uri": redirect_uri,
                     "state": state,
-                    "login_after": signin_time() if request["prompt"] == "login" else 0,
+                    "login_after": signin_time(self._now) if request["prompt"] == "login" else 0,
                 },
-                expires_at=time.time() + PENDING_TTL,
+                expires_at=self._now() + PENDING_TTL,
             )
         )
         consent_url = "/authorize/consent?" + urlencode({"req": key})
@@ -197,7 +200,7 @@ class AuthorizationRequests:
         if reason is not None:
             return Redirect(self._to_client_url(payload, error="access_denied", error_description=reason))
         await self._storage.put_consent(
-            Consent(user["sub"], payload["client_id"], payload["audience"], payload["scope"], time.time())
+            Consent(user["sub"], payload["client_id"], payload["audience"], payload["scope"], self._now())
         )
         return await self._issue(user, payload)
 
@@ -205,21 +208,28 @@ class AuthorizationRequests:
         pending = None
         if key:
             lookup = self._storage.take_pending if take else self._storage.get_pending
-            pending = await lookup("authorize", key, time.time())
+            pending = await lookup("authorize", key, self._now())
         if pending is None:
             raise RequestGone()
         return pending
 
     async def _refusal(self, user: dict, payload: dict) -> str | None:
-        """None when the user may use the requested server; else why not."""
+        """None when the user may use the requested server; else why not (a security event)."""
         record = await self._storage.get_user(user["sub"])
+        reason = None
         if record is None:
-            return "your account is unknown here; sign in again"
-        try:
-            await self._tokens.check_access(record, self._tokens.audience_for(payload["audience"]))
-        except OAuthError as exc:
-            return exc.description
-        return None
+            reason = "your account is unknown here; sign in again"
+        else:
+            try:
+                await self._tokens.check_access(record, self._tokens.audience_for(payload["audience"]))
+            except OAuthError as exc:
+                reason = exc.description
+        if reason is not None:
+            security_event("signin_refused", f"authorization refused to user {user['sub']} for client "
+                                             f"{payload['client_id']}: {reason}",
+                           user_sub=user["sub"], client_id=payload["client_id"],
+                           server_id=payload.get("server_id", ""), reason=reason)
+        return reason
 
     async def _issue(self, user: dict, payload: dict) -> Redirect:
         code = await self._tokens.issue_code(

@@ -10,10 +10,11 @@ import json
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 from urllib.parse import unquote_plus
 
+from services.authserver.client_metadata import validate_metadata
 from services.authserver.keys import token_hash
 from services.authserver.redirect_uris import (
     BAD_PERCENT_RE,
@@ -22,24 +23,16 @@ from services.authserver.redirect_uris import (
     URI_CHARS_RE,
     _is_ipv6_literal,
     _split,
-    _text,
-    check_redirect_uri,
+    redirect_host,
 )
-from services.common.errors import (
-    InvalidClient,
-    InvalidClientMetadata,
-    InvalidRedirectUri,
-    InvalidRequest,
-    OAuthError,
-    ServerError,
-)
+from services.common.cache import TtlCache
+from services.common.errors import InvalidClient, InvalidRequest, OAuthError, ServerError
+from services.common.logs import security_event, security_log
 from services.common.validation import max_age
 from storage.base import Client, Conflict, Storage
 
 log = logging.getLogger("gateway.clients")
 
-AUTH_METHODS = ("none", "client_secret_basic", "client_secret_post")
-MAX_REDIRECT_URIS = 20
 CIMD_MAX_BYTES = 5120
 CIMD_MIN_TTL, CIMD_MAX_TTL, CIMD_DEFAULT_TTL = 60, 86400, 300
 CIMD_CACHE_SIZE = 1000
@@ -57,103 +50,6 @@ CIMD_IDLE_REAP = 7 * 86400
 
 def is_cimd_client_id(client_id: str) -> bool:
     return client_id.startswith("https://")
-
-
-def _optional_string(metadata: dict, name: str, limit: int = 1000) -> str:
-    value = metadata.get(name)
-    if value is None:
-        return ""
-    if not isinstance(value, str) or len(value) > limit:
-        raise InvalidClientMetadata(f"{name} must be a string of at most {limit} characters")
-    return _text(value, name, limit)
-
-
-def _optional_url(metadata: dict, name: str) -> str:
-    value = _optional_string(metadata, name, MAX_URI_LENGTH)
-    parts = _split(value)
-    if value and (parts is None or parts.scheme not in ("http", "https")):
-        raise InvalidClientMetadata(f"{name} must be an http(s) URL")
-    return value
-
-
-def validate_metadata(metadata: object, *, for_cimd: bool = False) -> dict:
-    """Normalise RFC 7591 client metadata; raise an OAuthError for what cannot be registered."""
-    if not isinstance(metadata, dict):
-        raise InvalidClientMetadata("the body must be a JSON object")
-    uris = metadata.get("redirect_uris")
-    if not isinstance(uris, list) or not uris:
-        raise InvalidRedirectUri("redirect_uris must be a non-empty array")
-    if len(uris) > MAX_REDIRECT_URIS:
-        raise InvalidRedirectUri(f"at most {MAX_REDIRECT_URIS} redirect URIs")
-    checked = []
-    for index, uri in enumerate(uris):
-        try:
-            checked.append(check_redirect_uri(uri))
-        except OAuthError as exc:  # which one, by position: the URI itself is not echoed
-            raise type(exc)(f"redirect_uris[{index}]: {exc.description}", exc.status) from None
-    redirect_uris = tuple(dict.fromkeys(checked))
-
-    default_method = "none" if for_cimd else "client_secret_basic"  # RFC 7591 §2 default
-    method = metadata.get("token_endpoint_auth_method", default_method)
-    if for_cimd and method != "none":
-        raise InvalidClientMetadata(
-            "a client ID metadata document must use token_endpoint_auth_method none",
-        )
-    if method not in AUTH_METHODS:
-        raise InvalidClientMetadata(
-            f"token_endpoint_auth_method must be one of {', '.join(AUTH_METHODS)}",
-        )
-    if for_cimd and ("client_secret" in metadata or "client_secret_expires_at" in metadata):
-        raise InvalidClientMetadata("a metadata document must not carry a secret")
-
-    grant_types = metadata.get("grant_types", ["authorization_code"])
-    if not isinstance(grant_types, list) or not all(isinstance(g, str) for g in grant_types):
-        raise InvalidClientMetadata("grant_types must be an array of strings")
-    unsupported = set(grant_types) - {"authorization_code", "refresh_token"}
-    if unsupported or "authorization_code" not in grant_types:
-        raise InvalidClientMetadata(
-            "grant_types must include authorization_code and may add refresh_token only",
-        )
-    response_types = metadata.get("response_types", ["code"])
-    if response_types != ["code"]:
-        raise InvalidClientMetadata('response_types must be ["code"]')
-    application_type = metadata.get("application_type", "web")
-    if application_type not in ("web", "native"):
-        raise InvalidClientMetadata("application_type must be web or native")
-    contacts = metadata.get("contacts", [])
-    if not isinstance(contacts, list) or not all(isinstance(c, str) for c in contacts):
-        raise InvalidClientMetadata("contacts must be an array of strings")
-    contacts = [_text(c, "contacts", 320) for c in contacts[:10]]
-
-    name = _optional_string(metadata, "client_name", 200).strip()
-    if for_cimd and not name:
-        raise InvalidClientMetadata("client_name is required")
-    extra = {
-        key: value
-        for key in ("client_uri", "logo_uri", "tos_uri", "policy_uri")
-        if (value := _optional_url(metadata, key))
-    }
-    extra.update(
-        {
-            key: value
-            for key in ("software_id", "software_version")
-            if (value := _optional_string(metadata, key, 200))
-        }
-    )
-    if contacts:
-        extra["contacts"] = contacts
-    return {
-        "client_name": name or "Unnamed client",
-        "redirect_uris": redirect_uris,
-        "token_endpoint_auth_method": method,
-        # A refresh token is always issued (some clients drop one they did not expect to
-        # lose); registering the grant says so to the client.
-        "grant_types": ("authorization_code", "refresh_token"),
-        "response_types": ("code",),
-        "application_type": application_type,
-        "scope": _optional_string(metadata, "scope", 1000),
-        "metadata": extra,
-    }
 
 
 def registration_response(client: Client, secret: str | None = None) -> dict:
@@ -179,13 +75,15 @@ def registration_response(client: Client, secret: str | None = None) -> dict:
 class ClientRegistry:
     """Registration, lookup and authentication of OAuth clients."""
 
-    def __init__(self, storage: Storage, fetch_document=None):
+    def __init__(self, storage: Storage, fetch_document=None, *,
+                 now: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic):
         self._storage = storage
         # fetch_document(url) -> (status, headers, body): the SSRF-guarded small fetcher.
         self._fetch_document = fetch_document
-        self._cimd_cache: OrderedDict[str, tuple[Client, float]] = OrderedDict()
-        # URL -> until when a failed document is not fetched again (monotonic).
-        self._cimd_failures: OrderedDict[str, float] = OrderedDict()
+        self._now = now
+        self._cimd_cache = TtlCache(CIMD_CACHE_SIZE, clock=clock)  # URL -> Client, TTL per document
+        # URLs of failed documents, not fetched again for CIMD_FAILURE_TTL.
+        self._cimd_failures = TtlCache(CIMD_FAILURE_CACHE_SIZE, CIMD_FAILURE_TTL, clock=clock)
         # URL -> the fetch in progress: concurrent requests naming one document share it.
         self._cimd_fetching: dict[str, asyncio.Future[Client]] = {}
 
@@ -194,7 +92,7 @@ class ClientRegistry:
         secret = None
         if fields["token_endpoint_auth_method"] != "none":
             secret = secrets.token_urlsafe(32)
-        now = time.time()
+        now = self._now()
         client = Client(
             client_id=("mcp_" if kind == "dcr" else "static_") + secrets.token_urlsafe(16),
             secret_hash=token_hash(secret) if secret else "",
@@ -206,6 +104,9 @@ class ClientRegistry:
             await self._storage.create_client(client)
         except Conflict:  # 128 random bits: only a broken RNG gets here
             raise ServerError("could not allocate a client id", 500) from None
+        security_event("client_registered", f"client {client.client_id} ({kind}, {client.token_endpoint_auth_method}) "
+                                            f"registered: {client.client_name!r}",
+                       client_id=client.client_id, kind=kind, redirect_hosts=_hosts(client))
         return client, secret
 
     async def get(self, client_id: str) -> Client:
@@ -260,11 +161,12 @@ class ClientRegistry:
 
     async def touch(self, client: Client) -> None:
         # Writes at most once an hour per client: enough for idle reaping.
-        if time.time() - client.last_used_at > 3600:
-            await self._storage.touch_client(client.client_id, time.time())
+        now = self._now()
+        if now - client.last_used_at > 3600:
+            await self._storage.touch_client(client.client_id, now)
 
     async def reap_idle(self) -> int:
-        now = time.time()
+        now = self._now()
         return await self._storage.reap_idle_clients("dcr", now - DCR_IDLE_REAP) + (
             await self._storage.reap_idle_clients("cimd", now - CIMD_IDLE_REAP)
         )
@@ -272,19 +174,14 @@ class ClientRegistry:
     # ------------------------------------------------------------ metadata documents
 
     async def _metadata_document_client(self, url: str) -> Client:
-        now = time.monotonic()
         cached = self._cimd_cache.get(url)
-        if cached and cached[1] > now:
-            self._cimd_cache.move_to_end(url)
-            return cached[0]
+        if cached is not None:
+            return cached
         check_metadata_document_url(url)
         if self._fetch_document is None:
             raise InvalidClient("client ID metadata documents are not enabled")
-        failed_until = self._cimd_failures.get(url)
-        if failed_until is not None:
-            if failed_until > now:
-                raise InvalidClient(CIMD_FAILED)
-            del self._cimd_failures[url]
+        if url in self._cimd_failures:
+            raise InvalidClient(CIMD_FAILED)
         pending = self._cimd_fetching.get(url)
         if pending is not None:
             return await asyncio.shield(pending)
@@ -293,9 +190,7 @@ class ClientRegistry:
             client = await self._load_metadata_document(url)
         except _DocumentRefused as exc:
             log.warning("client metadata document %r refused: %s", url, exc)
-            self._cimd_failures[url] = time.monotonic() + CIMD_FAILURE_TTL
-            while len(self._cimd_failures) > CIMD_FAILURE_CACHE_SIZE:
-                self._cimd_failures.popitem(last=False)
+            self._cimd_failures.set(url, True)
             error = InvalidClient(CIMD_FAILED)
             pending.set_exception(error)
             pending.exception()  # retrieved: no "never retrieved" warning when nobody waited
@@ -331,7 +226,7 @@ class ClientRegistry:
             fields = validate_metadata(document, for_cimd=True)
         except OAuthError as exc:
             raise _DocumentRefused(f"{exc.error}: {exc.description}") from None
-        now = time.time()
+        now = self._now()
         existing = await self._storage.get_client(url)
         client = Client(
             client_id=url,
@@ -342,10 +237,21 @@ class ClientRegistry:
         )
         if existing is None or replace(existing, metadata={}) != replace(client, metadata={}):
             await self._storage.put_client(client)
-        self._cimd_cache[url] = (client, time.monotonic() + cache_ttl(headers))
-        while len(self._cimd_cache) > CIMD_CACHE_SIZE:
-            self._cimd_cache.popitem(last=False)
+            # The same event as a registration, at INFO: any MCP client's first /authorize
+            # makes one (routine, not worth an alert), nobody chose its id (it is the URL),
+            # and its document came through the SSRF guard and the registration rules.
+            security_log.info(
+                f"client {url} (cimd) {'registered at first use' if existing is None else 'changed'}: "
+                f"{client.client_name!r}",
+                extra={"event": "client_registered", "client_id": url, "kind": "cimd",
+                       "redirect_hosts": _hosts(client)})
+        self._cimd_cache.set(url, client, cache_ttl(headers))
         return client
+
+
+def _hosts(client: Client) -> list[str]:
+    """The redirect hosts of a client, for the log (never the full URIs: they may carry state)."""
+    return sorted({redirect_host(uri) for uri in client.redirect_uris})
 
 
 class _DocumentRefused(Exception):

@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
@@ -109,8 +110,9 @@ def signing_keys(jwks: dict, alg: str, kid: str | None) -> list[jwt.PyJWK]:
 
 class OidcIdentityProvider:
     def __init__(self, issuer: str, client_id: str, client_secret: str, redirect_uri: str,
-                 timeout: float = REQUEST_TIMEOUT):
+                 timeout: float = REQUEST_TIMEOUT, *, clock: Callable[[], float] = time.monotonic):
         self.issuer = issuer
+        self._clock = clock
         self.client_id = client_id
         self._client_secret = client_secret
         self.redirect_uri = redirect_uri
@@ -141,7 +143,7 @@ class OidcIdentityProvider:
         return document, ttl
 
     async def discovery(self) -> dict:
-        if self._discovery is None or time.monotonic() > self._discovery_expires:
+        if self._discovery is None or self._clock() > self._discovery_expires:
             document, _ = await self._get_json(self.issuer + "/.well-known/openid-configuration", "discovery")
             if document.get("issuer", "").rstrip("/") != self.issuer:
                 raise IdentityError("the identity provider's discovery document names another issuer")
@@ -149,14 +151,14 @@ class OidcIdentityProvider:
                 if not isinstance(document.get(needed), str):
                     raise IdentityError(f"the identity provider's discovery lacks {needed}")
             self._discovery = document
-            self._discovery_expires = time.monotonic() + DISCOVERY_TTL
+            self._discovery_expires = self._clock() + DISCOVERY_TTL
         return self._discovery
 
     async def _key_set(self, force: bool = False) -> dict:
-        if force or self._jwks is None or time.monotonic() > self._jwks_expires:
+        if force or self._jwks is None or self._clock() > self._jwks_expires:
             document, ttl = await self._get_json((await self.discovery())["jwks_uri"], "key set")
             self._jwks = document
-            self._jwks_expires = time.monotonic() + min(max(ttl, 60.0), 86400.0)
+            self._jwks_expires = self._clock() + min(max(ttl, 60.0), 86400.0)
         return self._jwks
 
     async def start_login(self, login_hint: str = "", force_login: bool = False) -> LoginStart:

@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import jwt
@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from services.common.cache import TtlCache
+from services.common.logs import security_event
 from storage.base import SigningKey, Storage
 
 log = logging.getLogger("gateway.keys")
@@ -81,26 +83,29 @@ class _LoadedKey:
 class KeyRing:
     """The RS256 keys of the authorization server."""
 
-    def __init__(self, storage: Storage, box: SecretBox, token_ttl: int):
+    def __init__(self, storage: Storage, box: SecretBox, token_ttl: int, *,
+                 now: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic):
         self._storage = storage
         self._box = box
         self._token_ttl = token_ttl
+        self._now = now
+        self._clock = clock
         self._keys: dict[str, _LoadedKey] = {}
         self._active: _LoadedKey | None = None
         self._loaded_at = 0.0
         self._fresh_since = float("-inf")  # start of the newest completed read of the key set
-        self._missed: OrderedDict[str, float] = OrderedDict()  # unknown kid -> when storage said so
+        self._missed = TtlCache(UNKNOWN_KID_MEMORY, UNKNOWN_KID_RETRY, clock=clock)  # kids storage did not know
         self._miss_read: asyncio.Future | None = None
         self._miss_read_at = float("-inf")
 
     async def load(self) -> None:
         """Read the key set; create the first key when there is none (race-safe)."""
-        started = time.monotonic()
+        started = time.monotonic()  # orders real reads (see _read_after), not a cache's clock
         records = await self._storage.list_signing_keys()
         if not any(k.status == "active" for k in records):
             await self._storage.add_signing_key(self._new_key(), only_if_none_active=True)
             records = await self._storage.list_signing_keys()
-        now = time.time()
+        now = self._now()
         live = []
         for record in records:
             if record.status == "retiring" and record.retire_at < now:
@@ -128,7 +133,7 @@ class KeyRing:
             keys[record.kid] = _LoadedKey(record, public, private)
         self._keys = keys
         self._active = keys[newest.kid] if newest else None
-        self._loaded_at = time.monotonic()
+        self._loaded_at = self._clock()
 
     def _new_key(self) -> SigningKey:
         private = rsa.generate_private_key(public_exponent=65537, key_size=KEY_BITS)
@@ -145,7 +150,7 @@ class KeyRing:
             private_key_enc=self._box.seal(pem, "signing-key:" + kid),
             public_jwk=jwk,
             status="active",
-            created_at=time.time(),
+            created_at=self._now(),
         )
 
     async def rotate(self) -> SigningKey:
@@ -153,14 +158,16 @@ class KeyRing:
         old = [k for k in await self._storage.list_signing_keys() if k.status == "active"]
         new = self._new_key()
         await self._storage.add_signing_key(new)
-        retire_at = time.time() + self._token_ttl + 300
+        retire_at = self._now() + self._token_ttl + 300
         for key in old:
             await self._storage.set_signing_key_status(key.kid, "retiring", retire_at)
         await self.load()
+        security_event("key_rotated", f"signing key rotated: new kid {new.kid}, "
+                                      f"{len(old)} old key(s) retiring", kid=new.kid, retiring=len(old))
         return new
 
     async def refresh_if_stale(self) -> None:
-        if time.monotonic() - self._loaded_at > REFRESH_INTERVAL:
+        if self._clock() - self._loaded_at > REFRESH_INTERVAL:
             await self.load()
 
     async def ensure_kid(self, kid: str) -> bool:
@@ -176,24 +183,20 @@ class KeyRing:
             return True
         if not KID_RE.match(kid):
             return False
-        asked = time.monotonic()
-        missed = self._missed.get(kid)
-        if missed is not None and asked - missed < UNKNOWN_KID_RETRY:
+        if kid in self._missed:
             return False
-        await self._read_after(asked)
+        await self._read_after(time.monotonic())
         if kid in self._keys:
-            self._missed.pop(kid, None)
+            self._missed.pop(kid)
             return True
-        self._missed[kid] = time.monotonic()
-        self._missed.move_to_end(kid)
-        while len(self._missed) > UNKNOWN_KID_MEMORY:
-            self._missed.popitem(last=False)
+        self._missed.set(kid, True)
         return False
 
     async def _read_after(self, asked: float) -> None:
         """Return once a read of the key set that started at or after `asked` completed
         (its failure, a storage error, is raised to every waiter). Such reads run one at
-        a time, at least MISS_READ_GAP apart; the timer's and rotate's reads count too."""
+        a time, at least MISS_READ_GAP apart; the timer's and rotate's reads count too.
+        Real monotonic time, not the injected clock: it orders and paces actual reads."""
         while self._fresh_since < asked:
             read = self._miss_read
             if read is None or read.done():

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.authserver.identity import IdentityClaims, OidcIdentityProvider
+from services.common.cache import TtlCache
 from services.common.errors import IdentityError, InvalidInput, PageError
+from services.common.logs import security_event
 from services.common.servers import check_email
 from storage.base import Pending, User
-
-log = logging.getLogger("gateway.identity")
 
 
 def dev_subject(email: str) -> str:
@@ -62,12 +62,15 @@ class Accounts:
     registered for this e-mail before the person ever signed in get bound to them), and
     the server-side sign-in sessions behind the browser cookie."""
 
-    def __init__(self, storage, identity: OidcIdentityProvider | None, access=None, signin_ttl: int = 43200):
+    def __init__(self, storage, identity: OidcIdentityProvider | None, access=None, signin_ttl: int = 43200, *,
+                 now: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic):
         self._storage = storage
         self._identity = identity
         self._access = access  # AccessPolicy: told at once when a sign-in binds servers
         self._signin_ttl = signin_ttl
-        self._live: dict[str, tuple[float, str]] = {}  # sid digest -> (checked until, sub)
+        self._now = now
+        # sid digest -> sub, for sessions found live in the last SESSION_CHECK_TTL
+        self._live = TtlCache(SESSION_CACHE_SIZE, SESSION_CHECK_TTL, clock=clock)
 
     # ------------------------------------------------------------- the IdP's leg
 
@@ -87,7 +90,7 @@ class Accounts:
                 key=start.state,
                 payload={"nonce": start.nonce, "verifier": start.code_verifier, "next": next_path,
                          "browser": secret_digest(browser_key)},
-                expires_at=time.time() + LOGIN_TTL,
+                expires_at=self._now() + LOGIN_TTL,
             )
         )
         return LoginRedirect(start.url, browser_key)
@@ -99,13 +102,14 @@ class Accounts:
         The state must have been started by this browser (its login cookie). A callback
         URL opened in another browser is refused without consuming the state, so the
         browser it belongs to can still finish; nothing is signed in either way."""
-        now = time.time()
+        now = self._now()
         pending = await self._storage.get_pending("login", state, now) if state else None
         if pending is not None:
             expected = str(pending.payload.get("browser", ""))
             offered = secret_digest(browser_key) if isinstance(browser_key, str) and browser_key else ""
             if not expected or not secrets.compare_digest(expected, offered):
-                log.warning("sign-in callback refused: its state was started in another browser")
+                security_event("signin_refused", "sign-in callback refused: its state was started in "
+                                                 "another browser (login CSRF?)", reason="browser_mismatch")
                 raise PageError(
                     403, "This sign-in was started in another browser",
                     "A sign-in must end in the browser where it began. "
@@ -137,7 +141,7 @@ class Accounts:
         )
 
     async def sign_in(self, claims: IdentityClaims) -> User:
-        now = time.time()
+        now = self._now()
         previous = await self._storage.get_user(claims.sub)
         user = await self._storage.upsert_user(
             User(
@@ -152,7 +156,12 @@ class Accounts:
             )
         )
         if claims.email and claims.email_verified:
-            if await self._storage.bind_owner(claims.email, claims.sub) and self._access is not None:
+            bound = await self._storage.bind_owner(claims.email, claims.sub)
+            if bound:
+                security_event("owner_bound", f"{bound} server(s) registered for {claims.email} now owned by "
+                                              f"user {claims.sub} (first verified sign-in)",
+                               user_sub=claims.sub, servers=bound)
+            if bound and self._access is not None:
                 # Until now the e-mail alone made its holder the owner; from now on only
                 # this `sub` is. The cached rules must not grant another account with the
                 # same e-mail for the rest of their TTL.
@@ -163,7 +172,7 @@ class Accounts:
     # --------------------------------------------------------- browser sessions
 
     async def start_session(self, sub: str) -> SignInSession:
-        now = time.time()
+        now = self._now()
         sid = secrets.token_urlsafe(32)
         await self._storage.put_pending(
             Pending(kind="signin", key=secret_digest(sid), payload={"sub": sub, "started_at": now},
@@ -178,10 +187,9 @@ class Accounts:
         if not isinstance(sid, str) or not sid or not isinstance(sub, str) or not sub:
             return False
         key = secret_digest(sid)
-        cached = self._live.get(key)
-        if cached is not None and cached[0] > time.monotonic() and cached[1] == sub:
+        if self._live.get(key) == sub:
             return True
-        now = time.time()
+        now = self._now()
         session, epoch, user = await asyncio.gather(
             self._storage.get_pending("signin", key, now),
             self._storage.get_pending("signout-all", sub, now),
@@ -194,9 +202,7 @@ class Accounts:
             and (epoch is None or float(session.payload.get("started_at", 0)) > float(epoch.payload.get("at", 0)))
         )
         if live:
-            if len(self._live) >= SESSION_CACHE_SIZE:
-                self._live.clear()
-            self._live[key] = (time.monotonic() + SESSION_CHECK_TTL, sub)
+            self._live.set(key, sub)
         else:
             self._live.pop(key, None)
         return live
@@ -208,15 +214,17 @@ class Accounts:
             return
         key = secret_digest(sid)
         self._live.pop(key, None)
-        await self._storage.take_pending("signin", key, time.time())
+        await self._storage.take_pending("signin", key, self._now())
 
     async def end_all_sessions(self, sub: str) -> None:
         """"Sign out everywhere": every session of `sub` started before now stops working.
         Stored as an epoch (Pending kind "signout-all"), kept as long as a session lives."""
-        now = time.time()
-        for key, (_, owner) in list(self._live.items()):
+        now = self._now()
+        for key, owner in self._live.items():
             if owner == sub:
-                self._live.pop(key, None)
+                self._live.pop(key)
         await self._storage.put_pending(
             Pending(kind="signout-all", key=sub, payload={"at": now}, expires_at=now + self._signin_ttl + 60)
         )
+        security_event("signout_all", f"user {sub} signed out everywhere: every earlier sign-in session ended",
+                       user_sub=sub)

@@ -1,5 +1,6 @@
-"""Authorization codes, access tokens (RS256 JWT), refresh-token rotation with reuse
-detection, revocation, and access-token verification for the proxy's hot path.
+"""TokenService: authorization codes, the token endpoint's grants, access tokens (RS256
+JWT), refresh-token rotation with reuse detection, and revocation; verification of access
+tokens for the proxy's hot path is in `verification`.
 
 Rotation rule (DESIGN.md): redeeming RT0 returns RT1 and marks RT0 used. Presenting RT0
 again while RT1 is unused and within GRACE seconds returns the same RT1 (a retry after a
@@ -14,48 +15,22 @@ import asyncio
 import hmac
 import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Mapping
-from urllib.parse import urlsplit
-
-import jwt
+from collections.abc import Callable, Mapping
 
 from config import Config
-from services.authserver.claims import (
-    ACCESS_TOKEN_TYPES,
-    VERIFIER_RE,
-    Audience,
-    InvalidToken,
-    claim_type_problem,
-    principal_of,
-    s256,
-)
+from services.authserver.audiences import Audiences
+from services.authserver.claims import VERIFIER_RE, Audience, InvalidToken, s256
 from services.authserver.keys import KeyRing, SecretBox, token_hash
+from services.authserver.verification import AccessTokenVerifier, family_marker
 from services.common.access import AccessPolicy
-from services.common.errors import (
-    AccessDenied,
-    InvalidGrant,
-    InvalidRequest,
-    InvalidScope,
-    InvalidTarget,
-    OAuthError,
-    UnsupportedGrantType,
-)
+from services.common.errors import InvalidGrant, InvalidRequest, InvalidScope, UnsupportedGrantType
+from services.common.logs import security_event
+from services.common.metrics import Metrics
 from services.common.scopes import MCP_SCOPES, SUPPORTED_SCOPES
-from storage.base import (
-    AuthCode,
-    Client,
-    RefreshFamily,
-    RefreshToken,
-    RevokedAccessToken,
-    Storage,
-    User,
-)
+from storage.base import AuthCode, Client, RefreshFamily, RefreshToken, Storage, User
 
 CODE_TTL = 60
 GRACE = 30.0
-VERIFIED_CACHE_SIZE = 20000
-REVOCATION_REFRESH = 3.0  # revocations made on another instance apply within this bound
 
 
 class TokenService:
@@ -66,53 +41,26 @@ class TokenService:
         box: SecretBox,
         access: AccessPolicy,
         config: Config,
+        *,
+        metrics: Metrics | None = None,
+        now: Callable[[], float] = time.time,
     ):
         self._storage = storage
         self._keys = keyring
         self._box = box
-        self._access = access
         self._config = config
-        self._verified: OrderedDict[str, dict] = OrderedDict()
-        self._revoked: set[str] = set()
+        self._metrics = metrics or Metrics()
+        self._now = now
         self._inflight: dict[str, asyncio.Future] = {}
-
-    # ----------------------------------------------------------------- audiences
-
-    async def resolve_audience(self, resource: str | None) -> Audience:
-        """RFC 8707: no resource means the base resource; otherwise it must name a known
-        server or the base. Scheme and host compare case-insensitively; a trailing slash
-        is tolerated."""
-        base = self._config.base_resource
-        if not resource:
-            return Audience(base, "")
-        try:
-            parts = urlsplit(resource)
-            parts.port  # noqa: B018 - raises ValueError for a malformed port
-        except ValueError:
-            raise InvalidTarget("resource is not a valid URL") from None
-        if parts.fragment:
-            raise InvalidTarget("resource must not have a fragment")
-        origin = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
-        path = parts.path.rstrip("/")
-        if origin == self._config.public_url and not parts.query:
-            if path in ("", "/mcp"):
-                return Audience(base, "")
-            if path.startswith("/mcp/") and "/" not in path[5:]:
-                server_id = path[5:]
-                if await self._access.server(server_id) is not None:
-                    return Audience(self._config.server_resource(server_id), server_id)
-        raise InvalidTarget("resource does not name an MCP server of this gateway")
-
-    def audience_for(self, value: str) -> Audience:
-        if value.startswith(self._config.base_resource) and value != self._config.base_resource:
-            return Audience(value, value[len(self._config.base_resource) :])
-        return Audience(value, "")
-
-    async def check_access(self, user: User, audience: Audience) -> None:
-        if audience.server_id:
-            decision = await self._access.decide(principal_of(user), audience.server_id)
-            if not decision.allowed:
-                raise AccessDenied(decision.reason)
+        self.verifier = AccessTokenVerifier(storage, keyring, config, now=now)
+        self._verified = self.verifier.cache  # the verified-token cache (bench/ clears it)
+        # The hot path calls the verifier's bound methods directly: no extra frame.
+        self.verify_access_token = self.verifier.verify
+        self.refresh_revocations = self.verifier.refresh_revocations
+        self.audiences = Audiences(storage, access, config)
+        self.resolve_audience = self.audiences.resolve
+        self.audience_for = self.audiences.of
+        self.check_access = self.audiences.check_access
 
     # ------------------------------------------------------------------- codes
 
@@ -136,7 +84,7 @@ class TokenService:
                 user_sub=user_sub,
                 scope=scope,
                 audience=audience,
-                expires_at=time.time() + CODE_TTL,
+                expires_at=self._now() + CODE_TTL,
                 family_id=secrets.token_urlsafe(16),
             )
         )
@@ -176,9 +124,10 @@ class TokenService:
             raise InvalidGrant("unknown authorization code")
         if not first_use:
             # RFC 6749 §4.1.2: a replayed code revokes what it issued.
-            await self.revoke_family(record.family_id)
+            await self.revoke_family(record.family_id, event="code_reuse", reason="authorization code replayed",
+                                     user_sub=record.user_sub, client_id=client.client_id)
             raise InvalidGrant("authorization code already used")
-        if record.expires_at < time.time():
+        if record.expires_at < self._now():
             raise InvalidGrant("authorization code expired")
         if record.client_id != client.client_id:
             raise InvalidGrant("authorization code was issued to another client")
@@ -186,9 +135,9 @@ class TokenService:
             raise InvalidGrant("redirect_uri differs from the authorization request")
         if not hmac.compare_digest(s256(code_verifier), record.code_challenge):
             raise InvalidGrant("code_verifier does not match the code_challenge")
-        user, audience = await self._still_allowed(record.user_sub, record.audience, resource)
+        user, audience = await self.audiences.still_allowed(record.user_sub, record.audience, resource)
 
-        now = time.time()
+        now = self._now()
         refresh = secrets.token_urlsafe(32)
         family = RefreshFamily(
             family_id=record.family_id,
@@ -201,22 +150,14 @@ class TokenService:
             last_used_at=now,
         )
         await self._storage.create_family(family, self._refresh_record(refresh, family, now))
-        if await self._family_marked_revoked(family.family_id):
+        if await self.verifier.family_marked_revoked(family.family_id):
             # A replay of this code came in while it was being redeemed: its revoke_family
             # found no family row yet, but its marker (written first) is seen here, so the
             # family is revoked all the same. The response still goes out (this request
             # won; the replay revokes what it issued): its tokens are dead on arrival.
-            await self._storage.revoke_family(family.family_id, time.time())
+            await self._storage.revoke_family(family.family_id, self._now())
+        self._metrics.inc("tokens_total", event="issued")
         return self._token_response(user, client.client_id, record.scope, audience, family, refresh)
-
-    async def _narrow_audience(self, audience: Audience, resource: str | None) -> Audience:
-        """A token request may repeat the audience, or name one server of a base grant."""
-        if not resource:
-            return audience
-        wanted = await self.resolve_audience(resource)
-        if wanted.value == audience.value or (not audience.server_id and wanted.server_id):
-            return wanted
-        raise InvalidTarget("resource differs from the one authorized")
 
     # ----------------------------------------------------------- refresh tokens
 
@@ -246,13 +187,13 @@ class TokenService:
     async def _refresh(
         self, client: Client, key: str, scope: str | None, resource: str | None
     ) -> dict:
-        now = time.time()
+        now = self._now()
         record = await self._storage.get_refresh_token(key)
         if record is None or record.client_id != client.client_id:
             raise InvalidGrant("unknown refresh token")
         family = await self._storage.get_family(record.family_id)
         if (family is None or family.revoked_at or family.expires_at < now
-                or _family_marker(family.family_id) in self._revoked):
+                or family_marker(family.family_id) in self.verifier.revoked):
             raise InvalidGrant("this authorization was revoked or has expired")
         if record.expires_at < now:
             raise InvalidGrant("refresh token expired (unused for too long)")
@@ -264,7 +205,7 @@ class TokenService:
             # A token without mcp:connect or mcp:invoke could not reach any MCP server.
             raise InvalidScope("a refreshed scope must keep mcp:connect or mcp:invoke")
         token_scope = " ".join(s for s in SUPPORTED_SCOPES if s in requested)
-        user, audience = await self._still_allowed(record.user_sub, family.audience, resource)
+        user, audience = await self.audiences.still_allowed(record.user_sub, family.audience, resource)
 
         if not record.used_at:
             successor = secrets.token_urlsafe(32)
@@ -272,14 +213,19 @@ class TokenService:
             if await self._storage.rotate_refresh_token(
                 key, self._refresh_record(successor, family, now), sealed, now
             ):
+                self._metrics.inc("tokens_total", event="refreshed")
                 return self._token_response(
                     user, client.client_id, token_scope, audience, family, successor
                 )
             record = await self._storage.get_refresh_token(key)  # another instance won
         successor = await self._grace_successor(record, now)
         if successor is None:
-            await self.revoke_family(family.family_id)
+            self._metrics.inc("tokens_total", event="refresh_reuse")
+            await self.revoke_family(family.family_id, event="refresh_reuse", reason="refresh token reused",
+                                     user_sub=family.user_sub, client_id=client.client_id,
+                                     server_id=audience.server_id)
             raise InvalidGrant("refresh token reused: the authorization is revoked")
+        self._metrics.inc("tokens_total", event="refreshed")
         return self._token_response(user, client.client_id, token_scope, audience, family, successor)
 
     async def _grace_successor(self, record: RefreshToken, now: float) -> str | None:
@@ -327,7 +273,7 @@ class TokenService:
     def mint_access_token(
         self, user: User, client_id: str, scope: str, audience: str, family_id: str
     ) -> str:
-        now = int(time.time())
+        now = int(self._now())
         claims = {
             "iss": self._config.issuer,
             "sub": user.sub,
@@ -346,93 +292,32 @@ class TokenService:
             claims["hd"] = user.hd
         return self._keys.sign(claims)
 
-    async def verify_access_token(self, token: str) -> dict:
-        """Claims of a valid, unrevoked access token of this issuer (audience is the
-        caller's check). In memory when warm: a verified-token LRU keyed by hash."""
-        key = token_hash(token)
-        claims = self._verified.get(key)
-        if claims is None:
-            claims = await self._decode(token)
-            self._verified[key] = claims
-            if len(self._verified) > VERIFIED_CACHE_SIZE:
-                self._verified.popitem(last=False)
-        if claims["exp"] <= time.time():
-            self._verified.pop(key, None)
-            raise InvalidToken("the access token has expired")
-        if claims["jti"] in self._revoked or _family_marker(claims.get("fid", "")) in self._revoked:
-            raise InvalidToken("the access token has been revoked")
-        return claims
-
-    async def _decode(self, token: str, verify_exp: bool = True) -> dict:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
-            raise InvalidToken("the access token is not a JWT") from None
-        if header.get("alg") != "RS256" or not isinstance(header.get("kid"), str):
-            raise InvalidToken("the access token is not signed by this gateway")
-        # RFC 9068 §4: the gateway signs other JWTs with the same key (identity assertions
-        # for upstreams, typ JWT); only typ at+jwt is an access token.
-        typ = header.get("typ")
-        if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
-            raise InvalidToken("the token is not an access token (typ must be at+jwt)")
-        if not await self._keys.ensure_kid(header["kid"]):
-            raise InvalidToken("the access token is signed with an unknown key")
-        try:
-            claims = jwt.decode(
-                token,
-                self._keys.public_key(header["kid"]),
-                algorithms=["RS256"],
-                issuer=self._config.issuer,
-                options={
-                    "verify_aud": False,
-                    "verify_exp": verify_exp,
-                    "require": ["exp", "iat", "sub", "aud", "jti", "iss"],
-                },
-                leeway=0 if verify_exp else 10**9,
-            )
-        except jwt.ExpiredSignatureError:
-            raise InvalidToken("the access token has expired") from None
-        except jwt.PyJWTError:
-            raise InvalidToken("the access token did not verify") from None
-        problem = claim_type_problem(claims)
-        if problem:
-            raise InvalidToken(f"the access token is malformed: {problem}")
-        return claims
-
-    async def refresh_revocations(self) -> None:
-        """Run every REVOCATION_REFRESH seconds by the app, off the request path."""
-        revoked = await self._storage.revoked_access_tokens(time.time())
-        self._revoked = {r.jti for r in revoked}
-
     # --------------------------------------------------------------- revocation
 
-    async def revoke_family(self, family_id: str) -> None:
-        """Stops the refresh family and every access token minted from it.
+    async def revoke_family(self, family_id: str, *, event: str = "token_revoked", reason: str = "revoked",
+                            user_sub: str = "", client_id: str = "", server_id: str = "") -> None:
+        """Stops the refresh family and every access token minted from it; one security
+        event (`event`: token_revoked, refresh_reuse, code_reuse) says who and why.
 
         The family id is fixed on the code when it is issued, so a replayed code may revoke
         a family whose row its winning redemption has not written yet. Hence the order:
         the `fid:` marker is stored first, then the row is revoked; exchange_code writes
-        the row first, then reads the markers (_family_marked_revoked). Whatever the
+        the row first, then reads the markers (verifier.family_marked_revoked). Whatever the
         interleaving, one of the two sees the other's write and the family ends revoked
         (both backends read their own and each other's writes: SQLite is one file,
         DynamoDB reads are strongly consistent)."""
-        marker = _family_marker(family_id)
-        await self._storage.revoke_access_token(
-            RevokedAccessToken(marker, time.time() + self._config.access_token_ttl + 60)
-        )
-        self._revoked.add(marker)
-        await self._storage.revoke_family(family_id, time.time())
-
-    async def _family_marked_revoked(self, family_id: str) -> bool:
-        """Whether revoke_family ran for this id, on any instance. Reads the (small, bounded
-        by the access-token lifetime) revocation set from storage, once per code exchange,
-        and refreshes this instance's copy with it on the way."""
-        marker = _family_marker(family_id)
-        if marker in self._revoked:
-            return True
-        revoked = {r.jti for r in await self._storage.revoked_access_tokens(time.time())}
-        self._revoked |= revoked
-        return marker in revoked
+        now = self._now()
+        await self.verifier.store_revocation(family_marker(family_id), now + self._config.access_token_ttl + 60)
+        await self._storage.revoke_family(family_id, now)
+        self._metrics.inc("tokens_total", event="revoked")
+        if not (user_sub and client_id):  # a revocation from the dashboard or the CLI
+            family = await self._storage.get_family(family_id)
+            if family is not None:
+                user_sub, client_id = family.user_sub, family.client_id
+                server_id = server_id or self.audiences.of(family.audience).server_id
+        security_event(event, f"{reason}: refresh family of user {user_sub or '?'} for client "
+                              f"{client_id or '?'} revoked with its access tokens",
+                       user_sub=user_sub, client_id=client_id, server_id=server_id, reason=reason)
 
     async def revoke(self, client: Client, token: str, hint: str | None) -> None:
         """RFC 7009: refresh tokens revoke their family, access tokens their jti. Tokens
@@ -441,35 +326,19 @@ class TokenService:
         record = await self._storage.get_refresh_token(token_hash(token))
         if record is not None:
             if record.client_id == client.client_id:
-                await self.revoke_family(record.family_id)
+                await self.revoke_family(record.family_id, reason="revoked by the client (/revoke)",
+                                         user_sub=record.user_sub, client_id=client.client_id,
+                                         server_id=self.audiences.of(record.audience).server_id)
             return
         try:
-            claims = await self._decode(token, verify_exp=False)
+            claims = await self.verifier.decode(token, verify_exp=False)
         except InvalidToken:
             return
-        if claims.get("client_id") == client.client_id and claims["exp"] > time.time():
-            await self._storage.revoke_access_token(RevokedAccessToken(claims["jti"], claims["exp"]))
-            self._revoked.add(claims["jti"])
-
-    async def _still_allowed(self, user_sub: str, granted: str, resource: str | None):
-        """The user and the token audience, if the sharing rules still let them in."""
-        audience = await self._narrow_audience(self.audience_for(granted), resource)
-        user = await self._user(user_sub)
-        try:
-            await self.check_access(user, audience)
-        except OAuthError as exc:
-            raise InvalidGrant(exc.description) from None
-        return user, audience
-
-    async def _user(self, sub: str) -> User:
-        user = await self._storage.get_user(sub)
-        if user is None:
-            raise InvalidGrant("the user of this grant no longer exists")
-        return user
-
-
-def _family_marker(family_id: str) -> str:
-    """The revocation entry (in the revoked access tokens) that stops a whole family."""
-    return "fid:" + family_id
-
-
+        if claims.get("client_id") == client.client_id and claims["exp"] > self._now():
+            await self.verifier.store_revocation(claims["jti"], claims["exp"])
+            self._metrics.inc("tokens_total", event="revoked")
+            server_id = self.audiences.of(str(claims["aud"])).server_id
+            security_event("token_revoked", f"revoked by the client (/revoke): an access token of user "
+                                            f"{claims['sub']} for client {client.client_id}",
+                           user_sub=claims["sub"], client_id=client.client_id, server_id=server_id,
+                           reason="revoked by the client (/revoke)")

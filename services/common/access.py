@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.common.cache import TtlCache
 from storage.base import Grant, Server, Storage
 
 log = logging.getLogger("gateway.access")
@@ -50,7 +51,8 @@ class AccessPolicy:
         self._ttl = ttl
         self._stale_for = stale_for
         self._stale_wait = stale_wait
-        self._cache: dict[str, _Entry] = {}
+        # An entry is kept while usable (fresh, or stale within the bound); LRU when full.
+        self._cache = TtlCache(CACHE_SIZE, ttl + stale_for, clock=clock)
         # One storage read per server at a time, shared by every caller that needs it.
         self._refreshing: dict[str, asyncio.Task[_Entry]] = {}
         self._retry_at: dict[str, float] = {}
@@ -102,16 +104,14 @@ class AccessPolicy:
             # Background refreshes after a failure wait a moment: under an outage the
             # storage is not asked (and the log not written) on every request.
             self._retry_at[server_id] = self._clock() + RETRY_EVERY
-            if server_id in self._cache:
+            if server_id in self._cache:  # only worth a line when cached rules are being served
                 log.warning("sharing rules of %s not refreshed, serving the cached ones: %s",
                             server_id, exc)
             raise
         else:
             entry = _Entry(self._clock() + self._ttl, server, grants)
             if self._refreshing.get(server_id) is me:  # not disowned by forget() meanwhile
-                if len(self._cache) >= CACHE_SIZE:
-                    self._cache.clear()  # crude but bounded; entries refill in one lookup each
-                self._cache[server_id] = entry
+                self._cache.set(server_id, entry)
                 self._retry_at.pop(server_id, None)
             return entry
         finally:

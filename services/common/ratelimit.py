@@ -4,7 +4,9 @@ behind shared egress addresses (claude.ai) and bounded in memory."""
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections.abc import Callable
+
+from services.common.cache import TtlCache
 
 # action -> (burst, refill per second)
 DEFAULT_RULES = {
@@ -15,17 +17,22 @@ MAX_KEYS = 50000
 
 
 class RateLimiter:
-    def __init__(self, rules: dict[str, tuple[float, float]] | None = None):
+    def __init__(self, rules: dict[str, tuple[float, float]] | None = None, *,
+                 clock: Callable[[], float] = time.monotonic):
         self._rules = rules or DEFAULT_RULES
-        self._buckets: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()
+        self._clock = clock
+        # (action, key) -> (tokens, when counted). An entry lives until its bucket would be
+        # full again, when it is the same as no entry; beyond MAX_KEYS the least recently
+        # seen key starts afresh.
+        self._buckets = TtlCache(MAX_KEYS, clock=clock)
 
     def allow(self, action: str, key: str) -> bool:
         burst, rate = self._rules[action]
-        now = time.monotonic()
-        tokens, stamp = self._buckets.pop((action, key), (burst, now))
+        now = self._clock()
+        tokens, stamp = self._buckets.get((action, key)) or (burst, now)
         tokens = min(burst, tokens + (now - stamp) * rate)
         allowed = tokens >= 1.0
-        self._buckets[(action, key)] = (tokens - 1.0 if allowed else tokens, now)
-        if len(self._buckets) > MAX_KEYS:
-            self._buckets.popitem(last=False)  # the least recently seen key starts afresh
+        if allowed:
+            tokens -= 1.0
+        self._buckets.set((action, key), (tokens, now), ttl=(burst - tokens) / rate)
         return allowed

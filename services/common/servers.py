@@ -8,14 +8,16 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from services.authserver.keys import SecretBox
 from services.common.access import AccessPolicy, Principal, decide_for
+from services.common.cache import TtlCache
 from services.common.errors import InvalidInput
+from services.common.logs import security_event
 from services.common.validation import check_text
 from services.proxy.upstream.errors import UpstreamRefused, UpstreamUnreachable
 from services.proxy.upstream.policy import AddressPolicy
@@ -34,6 +36,7 @@ RESOLVE_TIMEOUT = 5.0  # seconds a registration waits for DNS
 # The public internet and nothing else: what an upstream of someone who is not an
 # administrator may resolve to.
 PUBLIC_ONLY = AddressPolicy(())
+HEADERS_CACHE_SIZE = 10000
 
 
 def check_name(value: object, field: str = "name") -> str:
@@ -84,14 +87,16 @@ def parse_header(line: object, field: str = "headers") -> tuple[str, str]:
 
 
 class ServerRegistry:
-    def __init__(self, storage: Storage, box: SecretBox, access: AccessPolicy, policy: AddressPolicy):
+    def __init__(self, storage: Storage, box: SecretBox, access: AccessPolicy, policy: AddressPolicy, *,
+                 now: Callable[[], float] = time.time):
         self._storage = storage
         self._box = box
         self._access = access
         self._policy = policy  # MCPGW_UPSTREAM_ALLOW, the same guard the proxy connects through
+        self._now = now
         # Decrypted upstream headers by ciphertext: the proxy needs them on every call, and
-        # an edit makes a new ciphertext, so entries never go stale.
-        self._headers_cache: dict[str, Mapping[str, str]] = {}
+        # an edit makes a new ciphertext, so entries never go stale (no TTL).
+        self._headers_cache = TtlCache(HEADERS_CACHE_SIZE)
 
     async def add(
         self,
@@ -126,7 +131,7 @@ class ServerRegistry:
             owner_email=owner_email,
             upstream_headers_enc=self.seal_headers(server_id, parsed) if parsed else "",
             forward_identity=forward_identity,
-            created_at=time.time(),
+            created_at=self._now(),
             internal_upstream=internal_allowed,
         )
         try:
@@ -229,9 +234,7 @@ class ServerRegistry:
         headers = self._headers_cache.get(sealed)
         if headers is None:
             headers = MappingProxyType(json.loads(self._box.open(sealed, "upstream-headers:" + server.server_id)))
-            if len(self._headers_cache) >= 10000:
-                self._headers_cache.clear()
-            self._headers_cache[sealed] = headers
+            self._headers_cache.set(sealed, headers)
         return headers
 
     async def get(self, server_id: str) -> Server:
@@ -247,13 +250,17 @@ class ServerRegistry:
         if not await self._storage.delete_server(server_id):
             raise InvalidInput(f"there is no server {server_id}")
         self._access.forget(server_id)
+        security_event("server_removed", f"server {server_id} removed with its grants and sessions",
+                       server_id=server_id)
 
     async def add_grant(self, server_id: str, kind: str, value: str) -> Grant:
         await self.get(server_id)
         value = check_email(value, "value") if kind == "email" else check_domain(value, "value")
-        grant = Grant(server_id, kind, value, time.time())
+        grant = Grant(server_id, kind, value, self._now())
         await self._storage.add_grant(grant)
         self._access.forget(server_id)
+        security_event("grant_added", f"server {server_id} shared with {kind} {value}",
+                       server_id=server_id, kind=kind, value=value)
         return grant
 
     async def remove_grant(self, server_id: str, kind: str, value: str) -> None:
@@ -262,6 +269,8 @@ class ServerRegistry:
         if not await self._storage.remove_grant(server_id, kind, value):
             raise InvalidInput(f"{server_id} has no {kind} grant for {value}")
         self._access.forget(server_id)
+        security_event("grant_removed", f"server {server_id} no longer shared with {kind} {value}",
+                       server_id=server_id, kind=kind, value=value)
 
     async def grants(self, server_id: str) -> list[Grant]:
         await self.get(server_id)

@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -194,13 +195,14 @@ def recent_dict(event: UsageEvent) -> dict:
 
 
 class UsageReports:
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, *, now: Callable[[], float] = time.time):
         self._storage = storage
         self._usage = storage.usage
+        self._now = now
 
     async def report(self, server_id: str, days: int, before: float | None = None,
                      now: float | None = None) -> UsageReport:
-        now = time.time() if now is None else now
+        now = self._now() if now is None else now
         rollups, periods, unit, slots = await self._read(server_id, days, now)
         emails = {u.user_sub: u.user_email for u in await self._usage.server_users(server_id)}
         table = [
@@ -258,7 +260,7 @@ class UsageReports:
         return rollups, periods, "day", slots
 
     async def csv(self, server_id: str, days: int, now: float | None = None) -> str:
-        rollups, _, _, _ = await self._read(server_id, days, time.time() if now is None else now)
+        rollups, _, _, _ = await self._read(server_id, days, self._now() if now is None else now)
         emails = {u.user_sub: u.user_email for u in await self._usage.server_users(server_id)}
         label = range_label(days)
         rows = [

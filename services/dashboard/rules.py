@@ -6,6 +6,7 @@ list, and the signed-in user's authorizations. Every method takes the Actor and 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from config import Config
 from services.authserver.clients import ClientRegistry
@@ -33,8 +34,9 @@ from storage.base import Grant, Server, Storage
 class Dashboard:
     def __init__(self, storage: Storage, servers: ServerRegistry, access: AccessPolicy,
                  tokens: TokenService, clients: ClientRegistry, probe: McpProbe,
-                 reports: UsageReports, config: Config):
+                 reports: UsageReports, config: Config, *, now: Callable[[], float] = time.time):
         self._storage = storage
+        self._now = now
         self._servers = servers
         self._access = access
         self._tokens = tokens
@@ -252,7 +254,7 @@ class Dashboard:
 
     async def authorizations(self, actor: Actor) -> list[Authorization]:
         """The clients holding live refresh families of the actor, most recently used first."""
-        now = time.time()
+        now = self._now()
         by_client: dict[str, Authorization] = {}
         for family in await self._storage.families_of_user(actor.sub):
             if family.revoked_at or family.expires_at <= now:
@@ -280,7 +282,7 @@ class Dashboard:
     async def revoke_authorization(self, actor: Actor, client_id: str) -> int:
         """Revokes every live refresh family (and the access tokens minted from them) of
         this client for the actor, and forgets the consent; the count revoked."""
-        now = time.time()
+        now = self._now()
         families = [
             f for f in await self._storage.families_of_user(actor.sub)
             if f.client_id == client_id and not f.revoked_at and f.expires_at > now

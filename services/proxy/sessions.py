@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 
+from services.common.cache import TtlCache
 from storage.base import McpSession, Storage
 
 IDLE_TTL = 8 * 3600.0  # a session unused this long is forgotten
@@ -20,14 +21,16 @@ CACHE_SIZE = 50000
 
 
 class SessionMap:
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, *, now: Callable[[], float] = time.time):
         self._storage = storage
-        self._cache: OrderedDict[str, McpSession] = OrderedDict()
+        self._now = now
+        # Entries live until the session's idle expiry (wall clock, as stored).
+        self._cache = TtlCache(CACHE_SIZE, clock=now)
 
     async def create(
         self, *, user_sub: str, server_id: str, upstream_session_id: str, protocol_version: str
     ) -> McpSession:
-        now = time.time()
+        now = self._now()
         session = McpSession(
             session_id="mcpgw-" + secrets.token_urlsafe(24),
             upstream_session_id=upstream_session_id,
@@ -43,16 +46,13 @@ class SessionMap:
 
     async def resolve(self, session_id: str, user_sub: str, server_id: str) -> McpSession | None:
         """The session if it exists and belongs to this user on this server."""
-        now = time.time()
+        now = self._now()
         session = self._cache.get(session_id)
-        if session is None or session.expires_at <= now:
+        if session is None:
             session = await self._storage.get_session(session_id, now) if len(session_id) <= 128 else None
             if session is None:
-                self._cache.pop(session_id, None)
                 return None
             self._remember(session)
-        else:
-            self._cache.move_to_end(session_id)
         if session.user_sub != user_sub or session.server_id != server_id:
             return None
         if session.expires_at - now < IDLE_TTL - TOUCH_EVERY:
@@ -66,7 +66,4 @@ class SessionMap:
         await self._storage.delete_session(session_id)
 
     def _remember(self, session: McpSession) -> None:
-        self._cache[session.session_id] = session
-        self._cache.move_to_end(session.session_id)
-        if len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+        self._cache.set(session.session_id, session, ttl=session.expires_at - self._now())
