@@ -4,7 +4,6 @@ registration field errors, Test connection, sharing, usage reports, authorizatio
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import csv
 import io
