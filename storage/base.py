@@ -17,7 +17,9 @@ import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-# The usage records live with their own interface; re-exported here, where the records are.
+# Usage analytics and the tool catalog live with their own interfaces; re-exported here,
+# where the records are.
+from .tools import ToolChange, ToolEntry, ToolRule, ToolStore, ToolUpdate  # noqa: F401
 from .usage import (  # noqa: F401
     LATENCY_BUCKETS,
     ServerUser,
@@ -95,6 +97,12 @@ class Server:
     # checked at every connection, so a name re-pointed inward later (DNS rebinding) is
     # refused. Set and cleared by ServerRegistry.add/update, never by the owner.
     internal_upstream: bool = False
+    # The default tool rule (storage.tools.ToolRule), for everyone, the owner included,
+    # and pinning: changed or new tools unavailable until the owner approves them.
+    tools_allow: tuple[str, ...] = ()
+    tools_deny: tuple[str, ...] = ()
+    tools_read_only: bool = False
+    tools_pinned: bool = False
 
 
 # Host suffixes that no outside party's DNS answers for: loopback names, mDNS, and names
@@ -134,6 +142,10 @@ class Grant:
     kind: str  # email | domain
     value: str  # lower-case e-mail address or domain
     created_at: float = 0.0
+    # This grant's tool rule (storage.tools.ToolRule), narrowing the server's default.
+    tools_allow: tuple[str, ...] = ()
+    tools_deny: tuple[str, ...] = ()
+    tools_read_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -232,13 +244,16 @@ class RevokedAccessToken:
 
 
 class Storage(abc.ABC):
-    """Every persistent operation of the gateway but usage analytics, which are `usage`.
+    """Every persistent operation of the gateway but usage analytics, which are `usage`,
+    and tool rules and catalogs, which are `tools`.
     All methods are async and never block the event loop; backends run their blocking
     drivers in an executor."""
 
     # Usage events and aggregates (storage.usage.UsageStore) on the same store, sharing
     # this object's connections: set by each backend's constructor.
     usage: UsageStore
+    # Tool rules and the tool catalog (storage.tools.ToolStore), the same way.
+    tools: ToolStore
 
     # lifecycle
     @abc.abstractmethod
@@ -312,7 +327,7 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def delete_server(self, server_id: str) -> bool:
-        """Delete the server, its grants and its sessions."""
+        """Delete the server, its grants, its sessions and its tool catalog and history."""
 
     @abc.abstractmethod
     async def add_grant(self, grant: Grant) -> bool:

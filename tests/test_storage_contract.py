@@ -40,6 +40,10 @@ from storage import (
     SqliteStorage,
     Storage,
     StorageError,
+    ToolChange,
+    ToolEntry,
+    ToolRule,
+    ToolUpdate,
     UsageEvent,
     UsageStore,
     User,
@@ -1358,3 +1362,179 @@ def test_sqlite_write_lock_held_elsewhere(tmp_path: Path) -> None:
         await store.close()
 
     asyncio.run(scenario())
+
+
+# ------------------------------------------------------------- tool rules and catalog
+
+
+def tool(name: str, digest: str, at: float = T0, server_id: str = "srv_a", **kw: Any) -> ToolEntry:
+    values = {"title": f"The {name}", "description": f"does {name}", "input_schema": {"type": "object"},
+              "annotations": {"readOnlyHint": True}, "first_seen": at, "last_changed": at}
+    return ToolEntry(server_id=server_id, name=name, hash=digest, **{**values, **kw})
+
+
+def appeared(entry: ToolEntry, at: float = T0) -> ToolUpdate:
+    return ToolUpdate(ToolChange(entry.server_id, at, entry.name, "appeared", "", entry.hash), entry)
+
+
+def test_tool_rules_live_on_servers_and_grants_and_change_alone(storage: Storage) -> None:
+    """The default rule and pinning on the server, a narrowing rule on each grant: stored,
+    read back by every lookup, changed by set_*_rule without touching the rest."""
+
+    async def scenario(s: Storage) -> None:
+        await s.create_server(server("srv_a", owner_sub="u-o"))
+        assert ToolRule.of(await s.get_server("srv_a")) == ToolRule()  # every tool, as before
+        rule = ToolRule(allow=("search", "github_*"), deny=("github_delete?",), read_only=True)
+        assert await s.tools.set_server_rule("srv_a", rule, pinned=True) is True
+        assert await s.tools.set_server_rule("srv_nope", rule, pinned=True) is False
+        stored = await s.get_server("srv_a")
+        assert ToolRule.of(stored) == rule and stored.tools_pinned is True
+        assert stored.name == "server srv_a" and stored.upstream_headers_enc == "ct:headers"
+        assert ToolRule.of((await s.servers_owned_by("u-o"))[0]) == rule
+        assert (await s.list_servers())[0].tools_pinned is True
+        await s.update_server(replace(stored, name="renamed"))  # a whole-record edit keeps the rule
+        assert ToolRule.of(await s.get_server("srv_a")) == rule
+
+        narrowed = Grant("srv_a", "domain", "x.org", T0, tools_allow=("search",), tools_read_only=True)
+        assert await s.add_grant(narrowed) is True
+        assert await s.add_grant(Grant("srv_a", "email", "bob@x.org", T0)) is True
+        assert await s.grants_for("srv_a") == [narrowed, Grant("srv_a", "email", "bob@x.org", T0)]
+        assert await s.grants_matching("domain", "x.org") == [narrowed]
+        bob = ToolRule(deny=("*",))
+        assert await s.tools.set_grant_rule("srv_a", "email", "bob@x.org", bob) is True
+        assert await s.tools.set_grant_rule("srv_a", "email", "eve@x.org", bob) is False
+        assert [ToolRule.of(g) for g in await s.grants_for("srv_a")] == [ToolRule(("search",), (), True), bob]
+        assert await s.tools.set_server_rule("srv_a", ToolRule(), pinned=False) is True
+        cleared = await s.get_server("srv_a")
+        assert ToolRule.of(cleared).empty and cleared.tools_pinned is False and cleared.name == "renamed"
+
+    run(scenario, storage)
+
+
+def test_tool_catalog_changes_apply_only_on_the_definition_they_were_computed_from(storage: Storage) -> None:
+    async def scenario(s: Storage) -> None:
+        await s.create_server(server("srv_a"))
+        search, fetch = tool("search", "h1"), tool("fetch", "f1", annotations={}, input_schema={"a": [1, "x"]})
+        assert await s.tools.apply_tool_changes("srv_a", []) == []
+        done = await s.tools.apply_tool_changes("srv_a", [appeared(search), appeared(fetch)])
+        assert [c.tool for c in done] == ["search", "fetch"]
+        assert await s.tools.tool_catalog("srv_a") == [fetch, search]  # by name
+        assert await s.tools.apply_tool_changes("srv_a", [appeared(tool("search", "other"))]) == []
+
+        approve = ToolUpdate(ToolChange("srv_a", T0 + 1, "search", "approved", "", "h1"))
+        stale_approve = ToolUpdate(ToolChange("srv_a", T0 + 1, "fetch", "approved", "", "f0"))
+        assert await s.tools.apply_tool_changes("srv_a", [approve, stale_approve]) == [approve.change]
+        changed = tool("search", "h2", at=T0 + 2, description="now deletes", first_seen=0.0, approved_hash="x")
+        change = ToolUpdate(ToolChange("srv_a", T0 + 2, "search", "changed", "h1", "h2"), changed)
+        stale = ToolUpdate(ToolChange("srv_a", T0 + 2, "fetch", "changed", "f0", "f2"), tool("fetch", "f2"))
+        assert await s.tools.apply_tool_changes("srv_a", [change, stale]) == [change.change]
+        now = {e.name: e for e in await s.tools.tool_catalog("srv_a")}
+        # The definition changes; when it was first seen and what was approved stay.
+        assert (now["search"].hash, now["search"].description) == ("h2", "now deletes")
+        assert (now["search"].first_seen, now["search"].last_changed) == (T0, T0 + 2)
+        assert now["search"].approved_hash == "h1" and now["fetch"] == fetch
+
+        gone = ToolUpdate(ToolChange("srv_a", T0 + 3, "fetch", "disappeared", "f1", ""))
+        stale_gone = ToolUpdate(ToolChange("srv_a", T0 + 3, "search", "disappeared", "h1", ""))
+        assert await s.tools.apply_tool_changes("srv_a", [gone, stale_gone]) == [gone.change]
+        assert [e.name for e in await s.tools.tool_catalog("srv_a")] == ["search"]
+        history = await s.tools.tool_history("srv_a")
+        assert [(c.kind, c.tool, c.old_hash, c.new_hash) for c in history] == [
+            ("disappeared", "fetch", "f1", ""), ("changed", "search", "h1", "h2"), ("approved", "search", "", "h1"),
+            ("appeared", "fetch", "", "f1"), ("appeared", "search", "", "h1")]
+        assert [c.tool for c in await s.tools.tool_history("srv_a", limit=2)] == ["fetch", "search"]
+        assert await s.tools.tool_catalog("srv_b") == [] and await s.tools.tool_history("srv_b") == []
+
+    run(scenario, storage)
+
+
+def test_tool_changes_have_one_winner_across_instances(storage_factory: StorageFactory) -> None:
+    """Instances seeing the same new definition race to record it: it is applied, and
+    written to the history, once."""
+    stores = [storage_factory() for _ in range(3)]
+
+    async def scenario(*ss: Storage) -> None:
+        await ss[0].create_server(server("srv_a"))
+        for i in range(5):
+            name = f"t{i}"
+            won = await asyncio.gather(*(x.tools.apply_tool_changes("srv_a", [appeared(tool(name, "v1"))]) for x in ss))
+            assert sum(len(w) for w in won) == 1
+            update = ToolUpdate(ToolChange("srv_a", T0 + 1, name, "changed", "v1", "v2"), tool(name, "v2"))
+            won = await asyncio.gather(*(x.tools.apply_tool_changes("srv_a", [update]) for x in ss))
+            assert sum(len(w) for w in won) == 1
+        history = await ss[1].tools.tool_history("srv_a", limit=100)
+        assert sorted((c.tool, c.kind) for c in history) == sorted(
+            (f"t{i}", kind) for i in range(5) for kind in ("appeared", "changed"))
+
+    run(scenario, *stores)
+
+
+def test_tool_history_keeps_the_newest_lines_and_goes_with_the_server(storage: Storage) -> None:
+    from storage.tools import HISTORY_KEPT
+
+    async def scenario(s: Storage) -> None:
+        await s.create_server(server("srv_a"))
+        await s.create_server(server("srv_b"))
+        count = HISTORY_KEPT + 30
+        entries = [tool(f"tool_{i:04d}", f"h{i}", at=T0 + i) for i in range(count)]
+        applied = await s.tools.apply_tool_changes("srv_a", [appeared(e, T0 + i) for i, e in enumerate(entries)])
+        assert len(applied) == count and len(await s.tools.tool_catalog("srv_a")) == count
+        history = await s.tools.tool_history("srv_a", limit=10 * HISTORY_KEPT)
+        assert [c.tool for c in history] == [f"tool_{i:04d}" for i in reversed(range(30, count))]
+        await s.tools.apply_tool_changes("srv_b", [appeared(tool("x", "h", server_id="srv_b"))])
+        await s.add_grant(Grant("srv_a", "email", "bob@x.org", T0))
+        assert await s.delete_server("srv_a") is True
+        assert await s.tools.tool_catalog("srv_a") == [] and await s.tools.tool_history("srv_a") == []
+        assert len(await s.tools.tool_catalog("srv_b")) == 1 and len(await s.tools.tool_history("srv_b")) == 1
+
+    run(scenario, storage)
+
+
+def test_sqlite_migration_5_gives_old_servers_and_grants_the_empty_rule(tmp_path: Path) -> None:
+    path = tmp_path / "v4.db"
+    with sqlite3.connect(path) as conn:
+        conn.create_function("legacy_internal_upstream", 1, lambda url: False)
+        for migration in MIGRATIONS[:4]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 4")
+        conn.execute("INSERT INTO servers VALUES ('srv_old', 'old', 'http://127.0.0.1:9/mcp', 'u-o', 'o@x.org', "
+                     "'', 0, ?, 1)", (T0,))
+        conn.execute("INSERT INTO grants VALUES ('srv_old', 'domain', 'x.org', ?)", (T0,))
+
+    async def scenario(s: Storage) -> None:
+        old = await s.get_server("srv_old")
+        assert (old.name, old.internal_upstream, old.tools_pinned) == ("old", True, False)
+        assert ToolRule.of(old).empty
+        (grant,) = await s.grants_for("srv_old")
+        assert grant == Grant("srv_old", "domain", "x.org", T0) and ToolRule.of(grant).empty
+        assert await s.tools.set_grant_rule("srv_old", "domain", "x.org", ToolRule(deny=("rm*",))) is True
+        assert await s.tools.apply_tool_changes("srv_old", [appeared(tool("a", "h", server_id="srv_old"))])
+        assert [e.name for e in await s.tools.tool_catalog("srv_old")] == ["a"]
+
+    run(scenario, SqliteStorage(str(path)))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) >= 5
+    run(lambda s: asyncio.sleep(0), SqliteStorage(str(path)))  # opens again: nothing left to migrate
+
+
+def test_dynamodb_items_from_before_tool_rules_read_as_the_empty_rule(dynamodb_table: Any) -> None:
+    import boto3
+
+    endpoint, table = dynamodb_table
+
+    async def scenario(s: Storage) -> None:
+        await s.create_server(server("srv_a"))
+        await s.add_grant(Grant("srv_a", "email", "bob@x.org", T0, tools_deny=("x",)))
+        await s.tools.set_server_rule("srv_a", ToolRule(allow=("a",)), pinned=True)
+        db = boto3.client("dynamodb", region_name="us-east-1", endpoint_url=endpoint)
+        remove = "REMOVE tools_allow, tools_deny, tools_read_only"
+        db.update_item(TableName=table, Key={"PK": {"S": "SERVER#srv_a"}, "SK": {"S": "SERVER"}},
+                       UpdateExpression=remove + ", tools_pinned")
+        db.update_item(TableName=table, Key={"PK": {"S": "SERVER#srv_a"}, "SK": {"S": "GRANT#email#bob@x.org"}},
+                       UpdateExpression=remove)
+        stored = await s.get_server("srv_a")
+        assert ToolRule.of(stored).empty and stored.tools_pinned is False
+        assert await s.grants_for("srv_a") == [Grant("srv_a", "email", "bob@x.org", T0)]
+
+    run(scenario, DynamoDBStorage(table, "us-east-1", endpoint))

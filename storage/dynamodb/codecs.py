@@ -26,6 +26,7 @@ from ..base import (
     User,
     legacy_internal_upstream,
 )
+from ..tools import ToolChange, ToolEntry
 from ..usage import (
     LATENCY_BUCKETS,
     ServerUser,
@@ -147,6 +148,8 @@ REVOKED = _Codec(RevokedAccessToken)
 SESSIONS = _Codec(McpSession)
 USAGE_EVENTS = _Codec(UsageEvent)
 SERVER_USERS = _Codec(ServerUser)
+TOOL_ENTRIES = _Codec(ToolEntry)
+TOOL_CHANGES = _Codec(ToolChange)
 
 
 def _key(pk: str, sk: str) -> dict[str, dict]:
@@ -167,6 +170,10 @@ def _server_key(server_id: str) -> dict:
 
 def _grant_key(server_id: str, kind: str, value: str) -> dict:
     return _key(f"SERVER#{_esc(server_id)}", f"GRANT#{_esc(kind)}#{_esc(value)}")
+
+
+def _tool_key(server_id: str, name: str) -> dict:
+    return _key(f"SERVER#{_esc(server_id)}", f"TOOL#{_esc(name)}")
 
 
 def _pending_key(kind: str, key: str) -> dict:

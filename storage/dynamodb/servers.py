@@ -125,9 +125,11 @@ class ServerRecords:
         # Children first, the server last: a failure half-way leaves a server whose
         # deletion can simply be repeated, never orphans that nobody lists.
         pk = f"SERVER#{_esc(server_id)}"
+        # Grants, tool catalog entries and tool history lines share the server's partition.
         children = [
             _key(pk, item["SK"]["S"])
-            for item in self._query_partition(pk, sk_prefix="GRANT#", ProjectionExpression="PK, SK")
+            for item in self._query_partition(pk, ProjectionExpression="PK, SK")
+            if item["SK"]["S"] != "SERVER"
         ]
         children += [
             _key(item["PK"]["S"], item["SK"]["S"])

@@ -31,6 +31,7 @@ from .errors import RETRY_AFTER, _cancellation_codes, _is_boto_error, _storage_e
 from .oauth import OAuthRecords
 from .schema import EXP_INDEX, EXP_SHARDS, ensure_table
 from .servers import ServerRecords
+from .tools import DynamoDBTools
 from .usage import DynamoDBUsage
 
 T = TypeVar("T")
@@ -51,6 +52,7 @@ class DynamoDBStorage(ServerRecords, OAuthRecords, Storage):
         self._executor: ThreadPoolExecutor | None = None
         self._client: Any = None
         self.usage = DynamoDBUsage(self)
+        self.tools = DynamoDBTools(self)
 
     # ------------------------------------------------------------------ plumbing
 

@@ -22,6 +22,7 @@ from ..base import (
     SigningKey,
     User,
 )
+from ..tools import ToolChange, ToolEntry
 from ..usage import (
     ServerUser,
     UsageEvent,
@@ -97,3 +98,5 @@ REVOKED = _Table("revoked_access_tokens", RevokedAccessToken, ("jti",))
 SESSIONS = _Table("sessions", McpSession, ("session_id",))
 USAGE_EVENTS = _Table("usage_events", UsageEvent, ())
 SERVER_USERS = _Table("usage_users", ServerUser, ("server_id", "user_sub"))
+TOOL_CATALOG = _Table("tool_catalog", ToolEntry, ("server_id", "name"))
+TOOL_HISTORY = _Table("tool_history", ToolChange, ())

@@ -261,6 +261,42 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE servers ADD COLUMN internal_upstream INTEGER NOT NULL DEFAULT 0",
         "UPDATE servers SET internal_upstream = 1 WHERE legacy_internal_upstream(upstream_url)",
     ),
+    # 5: tool policy and the tool catalog. Rules are columns of servers (the default rule
+    # and pinning) and grants (each grant's narrowing), read with them; lists are JSON
+    # text. Existing servers and grants get the empty rule: every tool, as before.
+    (
+        "ALTER TABLE servers ADD COLUMN tools_allow TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE servers ADD COLUMN tools_deny TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE servers ADD COLUMN tools_read_only INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE servers ADD COLUMN tools_pinned INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE grants ADD COLUMN tools_allow TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE grants ADD COLUMN tools_deny TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE grants ADD COLUMN tools_read_only INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE tool_catalog (
+            server_id TEXT NOT NULL,
+            name TEXT NOT NULL,
+            title TEXT NOT NULL,
+            description TEXT NOT NULL,
+            input_schema TEXT NOT NULL,
+            annotations TEXT NOT NULL,
+            hash TEXT NOT NULL,
+            first_seen REAL NOT NULL,
+            last_changed REAL NOT NULL,
+            approved_hash TEXT NOT NULL,
+            PRIMARY KEY (server_id, name)
+        ) WITHOUT ROWID""",
+        # The explicit id orders lines that share a timestamp and bounds the history.
+        """CREATE TABLE tool_history (
+            id INTEGER PRIMARY KEY,
+            server_id TEXT NOT NULL,
+            at REAL NOT NULL,
+            tool TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            old_hash TEXT NOT NULL,
+            new_hash TEXT NOT NULL
+        )""",
+        "CREATE INDEX tool_history_by_server ON tool_history (server_id, id)",
+    ),
 )
 
 

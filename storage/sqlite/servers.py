@@ -80,6 +80,8 @@ class ServerRecords:
         with self._write() as conn:
             conn.execute("DELETE FROM grants WHERE server_id = ?", (server_id,))
             conn.execute("DELETE FROM sessions WHERE server_id = ?", (server_id,))
+            conn.execute("DELETE FROM tool_catalog WHERE server_id = ?", (server_id,))
+            conn.execute("DELETE FROM tool_history WHERE server_id = ?", (server_id,))
             return (
                 conn.execute("DELETE FROM servers WHERE server_id = ?", (server_id,)).rowcount > 0
             )

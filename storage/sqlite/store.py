@@ -40,6 +40,7 @@ from .connection import (
 from .oauth import OAuthRecords
 from .schema import migrate
 from .servers import ServerRecords
+from .tools import SqliteTools
 from .usage import PURGE_OLD_HOURS, SqliteUsage
 
 
@@ -55,6 +56,7 @@ class SqliteStorage(ServerRecords, OAuthRecords, Storage):
         self._probe: asyncio.Future | None = None
         self._probed: tuple[float, StorageUnavailable | None] | None = None
         self.usage = SqliteUsage(self)
+        self.tools = SqliteTools(self)
 
     # ------------------------------------------------------------------ plumbing
 
