@@ -38,9 +38,19 @@ BOB = User(sub="u-bob", email="bob@example.com", email_verified=True, name="Bob"
 
 
 
+class WallClock:
+    """The services' wall clock, moved by the test instead of waiting for an expiry."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @asynccontextmanager
-async def instance(tmp_path, **env):
-    services = build_services(make_config(tmp_path, MCPGW_UPSTREAM_ALLOW="127.0.0.0/8", **env))
+async def instance(tmp_path, now=time.time, **env):
+    services = build_services(make_config(tmp_path, MCPGW_UPSTREAM_ALLOW="127.0.0.0/8", **env), now=now)
     await services.start(background=False)
     try:
         yield services
@@ -49,9 +59,9 @@ async def instance(tmp_path, **env):
 
 
 @asynccontextmanager
-async def world(tmp_path, **env):
+async def world(tmp_path, now=time.time, **env):
     """One instance with Alice (owner of srv_t), Bob (no access) and a public client."""
-    async with instance(tmp_path, **env) as s:
+    async with instance(tmp_path, now, **env) as s:
         for user in (ALICE, BOB):
             await s.storage.upsert_user(user)
         await s.servers.add(name="T", upstream_url="http://127.0.0.1:9/mcp", owner_email=ALICE.email,
@@ -436,13 +446,35 @@ async def test_verify_refuses_expired_foreign_and_malformed_tokens(tmp_path):
 
 @run
 async def test_a_verified_token_stops_verifying_when_it_expires(tmp_path):
-    async with world(tmp_path) as s:
-        expires = math.ceil(time.time() + 0.5)  # 0.5 to 1.5 s from now
+    clock = WallClock()
+    async with world(tmp_path, clock) as s:
+        expires = math.ceil(clock.now + 600)
         token = s.keyring.sign(base_claims(s, exp=expires))
         await s.tokens.verify_access_token(token)  # now in the verified-token cache
-        await asyncio.sleep(expires - time.time() + 0.05)
-        with pytest.raises(InvalidToken):
+        clock.now = expires - 0.001
+        assert (await s.tokens.verify_access_token(token))["exp"] == expires
+        clock.now = expires
+        with pytest.raises(InvalidToken, match="expired"):
             await s.tokens.verify_access_token(token)
+        clock.now = expires - 1  # once dropped from the cache, it is verified afresh
+        assert (await s.tokens.verify_access_token(token))["exp"] == expires
+
+
+@run
+async def test_code_expiry_and_token_lifetimes_follow_the_services_clock(tmp_path):
+    clock = WallClock()
+    clock.now += 10 * 86400  # a clock far from the real one: every time comes from it
+    async with world(tmp_path, clock) as s:
+        code, verifier = await issue(s)
+        body = await s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)
+        claims = await s.tokens.verify_access_token(body["access_token"])
+        assert claims["iat"] == int(clock.now)
+        assert claims["exp"] == int(clock.now) + s.config.access_token_ttl
+        (family,) = await s.storage.families_of_user(ALICE.sub)
+        assert family.created_at == clock.now
+        code, verifier = await issue(s)
+        clock.now += 61  # codes live 60 s
+        assert await oauth_error(s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)) == "invalid_grant"
 
 
 # ---------------------------------------------------------------------------- keys

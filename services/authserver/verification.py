@@ -55,7 +55,8 @@ class AccessTokenVerifier:
 
     async def decode(self, token: str, verify_exp: bool = True) -> dict:
         """The claims of a JWT this gateway signed as an access token (RFC 9068), checked
-        for issuer, required claims and their types; InvalidToken otherwise."""
+        for issuer, required claims and their types, and (`verify_exp`) for being valid
+        now by the service's clock; InvalidToken otherwise."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -75,20 +76,26 @@ class AccessTokenVerifier:
                 self._keys.public_key(header["kid"]),
                 algorithms=["RS256"],
                 issuer=self._config.issuer,
+                # Times are checked below against the service's clock, not PyJWT's.
                 options={
                     "verify_aud": False,
-                    "verify_exp": verify_exp,
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
                     "require": ["exp", "iat", "sub", "aud", "jti", "iss"],
                 },
-                leeway=0 if verify_exp else 10**9,
             )
-        except jwt.ExpiredSignatureError:
-            raise InvalidToken("the access token has expired") from None
         except jwt.PyJWTError:
             raise InvalidToken("the access token did not verify") from None
         problem = claim_type_problem(claims)
         if problem:
             raise InvalidToken(f"the access token is malformed: {problem}")
+        if verify_exp:
+            now = self._now()
+            if claims["exp"] <= now:
+                raise InvalidToken("the access token has expired")
+            if claims["iat"] > now or claims.get("nbf", now) > now:
+                raise InvalidToken("the access token did not verify (not valid yet)")
         return claims
 
     async def refresh_revocations(self) -> None:
