@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import time
 from collections.abc import Callable, Mapping
@@ -150,21 +151,21 @@ class Doctor:
 
     async def storage(self) -> list[Check]:
         store = self._services.storage
+        before: int | None = None
         if isinstance(store, SqliteStorage):
             where = f"sqlite {store.path}"
             try:
                 before = await asyncio.to_thread(schema_version, store.path)
-            except StorageError as exc:
-                return [Check("storage", FAIL, str(exc))]
+            except StorageError:
+                pass  # opening it (next) names the fault
         else:
             where = (f"dynamodb table {store.table} ({store.region})" if isinstance(store, DynamoDBStorage)
                      else type(store).__name__)
-            before = None
         try:
             # As every command does: creates the file or table, migrates the schema.
             await store.open()
         except (StorageError, OSError) as exc:
-            return [Check("storage", FAIL, f"{where}: cannot open: {exc}")]
+            return [Check("storage", FAIL, f"{where}: cannot open: {exc}{self._directory_hint(store)}")]
         checks = [Check("storage", OK, f"{where} opens")]
         if isinstance(store, SqliteStorage):
             checks.append(self._schema(before))
@@ -172,6 +173,14 @@ class Doctor:
             checks.append(Check("dynamodb table", OK, f"{store.table} is ACTIVE with its indexes and TTL"))
         checks.append(await self._write_probe(where))
         return checks
+
+    @staticmethod
+    def _directory_hint(store) -> str:
+        directory = os.path.dirname(os.path.abspath(store.path)) if isinstance(store, SqliteStorage) else ""
+        if directory and os.path.isdir(directory) and not os.access(directory, os.W_OK):
+            return (f" (the directory {directory} is not writable by this user; SQLite creates its -wal "
+                    "and -shm files beside the database: run as the service's user, or fix the owner)")
+        return ""
 
     @staticmethod
     def _schema(before: int | None) -> Check:
