@@ -17,7 +17,7 @@ Contract with the worker supervisor (gateway.py / H5):
 
 Label values are bounded by construction: `route`, `event`, `kind`, `reason` and `where`
 take values from the fixed sets below, `op` is a method name of the storage contract
-(storage.base.Storage / storage.usage.UsageStore), `status` is a three-digit HTTP status and
+(storage.base.Storage and its sub-stores: usage, tools), `status` is a three-digit HTTP status and
 `server` a registered server id (callers pass it only after the registry found the server;
 past SERVER_SERIES_LIMIT distinct ids per metric and process the rest count as "~other").
 Anything else (an unknown name, label key or value) raises MetricError: a programming error,
@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -45,7 +46,6 @@ from prometheus_client import (
 )
 
 from storage.base import Conflict, Storage
-from storage.usage import UsageStore
 
 PREFIX = "mcpgw_"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -78,7 +78,15 @@ def _contract_ops(*contracts: type) -> frozenset[str]:
                      if not name.startswith("_") and inspect.iscoroutinefunction(member))
 
 
-STORAGE_OPS = _contract_ops(Storage, UsageStore)
+def _contracts() -> list[tuple[str | None, type]]:
+    """The storage contract: Storage's own methods, and those of each sub-store it declares
+    (`usage: UsageStore`, `tools: ToolStore`, …) by attribute name."""
+    hints = typing.get_type_hints(Storage)
+    return [(None, Storage)] + [(attribute, kind) for attribute, kind in sorted(hints.items())
+                                if isinstance(kind, type) and _contract_ops(kind)]
+
+
+STORAGE_OPS = _contract_ops(*(contract for _, contract in _contracts()))
 ROUTES = frozenset({"mcp", "oauth", "discovery", "dashboard", "api", "ops", "static", "other"})
 STATUS = "status"  # rule labels: checked by _check_value, not by a set
 SERVER = "server"
@@ -263,9 +271,6 @@ class Metrics:
 
     def _child(self, name: str, kind: str, labels: dict):
         key = (name, *labels.items())
-        if name == "http_requests_total" and set(labels) == {"handler", "code"}:
-            # Until the request log names route groups: the handler class is not a label we keep.
-            labels = {"route": "other", "status": labels["code"]}
         spec = self._spec(name, kind, labels)
         clean = {}
         for label, allowed in spec.labels.items():
@@ -300,11 +305,12 @@ class Metrics:
 
 def time_storage(storage: Storage, metrics: Metrics) -> Storage:
     """Feed storage_seconds{op} and storage_errors_total{where=op} from every method of the
-    storage contract (and of its `usage` store), by shadowing each on the instance: the object,
+    storage contract (and of its sub-stores), by shadowing each on the instance: the object,
     its type and storage/ stay as they are. Idempotent."""
     if getattr(storage, "_mcpgw_timed", False):
         return storage
-    for target, contract in ((storage, Storage), (storage.usage, UsageStore)):
+    for attribute, contract in _contracts():
+        target = storage if attribute is None else getattr(storage, attribute)
         for op in sorted(_contract_ops(contract)):
             setattr(target, op, _timed(getattr(target, op), op, metrics))
     storage._mcpgw_timed = True
