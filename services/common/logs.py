@@ -29,6 +29,7 @@ MAX_REQUEST_ID = 128
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:+=/@-]+")
 MAX_FIELD = 1024  # longest string field in a record; beyond: cut, with a marker
 MAX_MESSAGE = 8192  # longest message
+MAX_ITEMS = 32  # longest list field
 
 # The attributes every LogRecord has; anything else on a record came in through `extra=`.
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -63,12 +64,15 @@ def accept_request_id(value: str | None) -> str:
 
 # ------------------------------------------------------------------------- formats
 
+_json_lines = False  # set by configure_logging
+
 
 def configure_logging(format: str = "text", level: int = logging.INFO) -> None:
     """Root logging to stderr (journald under systemd) in `format`: ``json`` gives one JSON
     object a line; anything else is text (Config.from_env, which runs next, refuses a value
     other than text/json with a clear error)."""
-    json_lines = format.strip().lower() == "json"
+    global _json_lines
+    json_lines = _json_lines = format.strip().lower() == "json"
     handler = LineHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
     root = logging.getLogger()
@@ -81,6 +85,16 @@ def configure_logging(format: str = "text", level: int = logging.INFO) -> None:
         # A traceback printed by the interpreter would be many lines that are not JSON.
         sys.excepthook = _log_uncaught
         threading.excepthook = lambda args: _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def announce(lines: list[str]) -> None:
+    """Start-up lines for a person at a terminal (the listening banner): printed to stdout
+    as they are in text format; in json format one INFO record on the `gateway` logger (the
+    lines joined with "; "), since under systemd stdout goes to the same journal."""
+    if _json_lines:
+        logging.getLogger("gateway").info("; ".join(line.strip() for line in lines))
+    else:
+        print("\n".join(lines), flush=True)
 
 
 def _log_uncaught(typ, value, tb) -> None:
@@ -130,7 +144,7 @@ class JsonFormatter(logging.Formatter):
         if rid != "-":
             entry["request_id"] = _field(rid)
         for key, value in record.__dict__.items():
-            if key not in _RECORD_ATTRIBUTES and value is not None and key not in entry:
+            if key not in _RECORD_ATTRIBUTES and key not in entry and not _unknown(value):
                 entry[key] = _field(value)
         if record.exc_info:
             if not record.exc_text:
@@ -169,7 +183,7 @@ class TextFormatter(logging.Formatter):
             head += f" [{_printable(str(rid))}]"
         line = f"{head}: {_printable(_message(record))}"
         for key, value in record.__dict__.items():
-            if key not in _RECORD_ATTRIBUTES and key not in _TEXT_SHOWN_IN_MESSAGE and value is not None:
+            if key not in _RECORD_ATTRIBUTES and key not in _TEXT_SHOWN_IN_MESSAGE and not _unknown(value):
                 text = _printable(str(_field(value)))
                 line += f' {key}="{text}"' if (" " in text or '"' in text or not text) else f" {key}={text}"
         if record.exc_info and not record.exc_text:
@@ -192,8 +206,14 @@ def _message(record: logging.LogRecord) -> str:
     return _cut(text, MAX_MESSAGE)
 
 
+def _unknown(value: object) -> bool:
+    """None or "": a field nobody knows is left out of the line (never null)."""
+    return value is None or (isinstance(value, str) and not value)
+
+
 def _field(value: object) -> object:
-    """A JSON-safe scalar: str (cut at MAX_FIELD), bool, int, finite float; else its str()."""
+    """A JSON-safe value: str (cut at MAX_FIELD), bool, int, finite float, a list or tuple of
+    those (at most MAX_ITEMS); else its str()."""
     if isinstance(value, str):
         return _cut(value)
     if isinstance(value, bool):
@@ -202,6 +222,9 @@ def _field(value: object) -> object:
         return value if -(2**63) <= value < 2**64 else f"<integer of {value.bit_length()} bits>"
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
+    if isinstance(value, list | tuple | frozenset | set):
+        return [_field(item) if isinstance(item, str | int | float) else _cut(_safe_str(item))
+                for item, _ in zip(value, range(MAX_ITEMS), strict=False)]
     return _cut(_safe_str(value))
 
 
@@ -217,6 +240,8 @@ def _safe_str(value: object) -> str:
 
 
 def _no_surrogates(value: object) -> object:
+    if isinstance(value, list):
+        return [_no_surrogates(item) for item in value]
     return _SURROGATE.sub("\ufffd", value) if isinstance(value, str) else value
 
 
