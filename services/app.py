@@ -28,6 +28,7 @@ from services.dashboard.reports import UsageReports
 from services.dashboard.rules import Dashboard
 from services.proxy.gate import ProxyGate
 from services.proxy.sessions import SessionMap
+from services.proxy.tools.service import ToolService
 from services.proxy.upstream.fetch import fetch_small
 from services.proxy.upstream.policy import AddressPolicy
 from services.proxy.upstream.pool import UpstreamClient
@@ -64,6 +65,7 @@ class Services:
     usage: UsageRecorder
     dashboard: Dashboard
     gate: ProxyGate  # who may make a proxied call; its session and usage record
+    tools: ToolService  # tool rules and the tool catalog (proxy, dashboard, CLI)
     # Set when the process begins to drain (SIGTERM): /readyz answers 503, standalone SSE
     # streams end cleanly.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
@@ -205,6 +207,7 @@ def build_services(config: Config, storage: Storage | None = None, *,
             now=now,
         ),
         gate=ProxyGate(config, access, sessions, usage, tokens.verify_access_token, InvalidToken),
+        tools=ToolService(storage, access, metrics, clock=clock, wall=now),
         now=now,
         clock=clock,
     )
