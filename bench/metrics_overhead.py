@@ -1,0 +1,204 @@
+"""Metrics on the hot path (issue 9): proxy throughput of a gateway with its metrics against
+the same gateway with a no-op Metrics, in the same run. Not part of the test run.
+
+  1. throughput, 32 concurrent clients, JSON tools/call, both gateways pinned to core 0 in
+     turn (interleaved rounds, median ratio; goal: metrics cost <= 3 %)
+  2. metric operations per proxied request (from /metrics) and the cost of one operation
+     in this process: in memory (one worker) and in mmap files (multi-process mode),
+     i.e. the expected share of a request's CPU time
+
+Run: .venv/bin/python bench/metrics_overhead.py [--seconds 2] [--rounds 10]
+The gateways share one SQLite file (one server, one token); the upstream and this load
+generator share core 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import minimal_upstream  # noqa: E402
+from bench.proxy import Connection, bearer_token, throughput  # noqa: E402
+from tests.support import gateway as gateway_support  # noqa: E402
+from tests.support.gateway import GatewayProcess  # noqa: E402
+
+
+class NullMetrics:
+    """The Metrics API doing nothing: the baseline."""
+
+    def inc(self, name, amount=1, **labels):
+        pass
+
+    def gauge_add(self, name, delta, **labels):
+        pass
+
+    def gauge_set(self, name, value, **labels):
+        pass
+
+    def observe(self, name, seconds, **labels):
+        pass
+
+    def value(self, name, **labels):
+        return 0.0
+
+    def render(self):
+        return b"", "text/plain; version=1.0.0; charset=utf-8"
+
+
+def serve_without_metrics() -> None:
+    """`gateway.py serve` with NullMetrics and no storage timing (run by the shim below)."""
+    import services.app as app
+
+    app.Metrics = NullMetrics
+    app.time_storage = lambda storage, metrics: storage
+    import gateway
+
+    sys.exit(gateway.main(["serve"]))
+
+
+SHIM = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from bench.metrics_overhead import serve_without_metrics
+serve_without_metrics()
+"""
+
+
+def start_without_metrics(gateway: GatewayProcess, shim_dir: Path) -> GatewayProcess:
+    """GatewayProcess runs ROOT/gateway.py: point it at a shim for this one start."""
+    (shim_dir / "gateway.py").write_text(SHIM)
+    real_root = gateway_support.ROOT
+    gateway_support.ROOT = shim_dir
+    try:
+        return gateway.start()
+    finally:
+        gateway_support.ROOT = real_root
+
+
+def operations_per_request(port: int, requests: int, run_requests) -> float:
+    """Counter increments plus histogram samples per proxied request, read from /metrics."""
+    def total() -> float:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
+        count = 0.0
+        for line in text.splitlines():
+            if line.startswith("mcpgw_") and ("_total" in line.split(" ")[0] or "_count" in line.split(" ")[0]):
+                count += float(line.rsplit(" ", 1)[1])
+        return count
+
+    before = total()
+    run_requests(requests)
+    return (total() - before - 1) / requests  # less the scrape's own request count
+
+
+def cost_per_operation(multiprocess: bool) -> dict[str, float]:
+    """Microseconds per inc / observe of a labelled series, in a fresh interpreter (the
+    multi-process mode is process-wide)."""
+    code = textwrap.dedent(f"""
+        import json, sys, tempfile, timeit
+        sys.path.insert(0, {str(ROOT)!r})
+        from services.common import metrics as M
+        if {multiprocess}:
+            M.prepare_multiprocess(tempfile.mkdtemp())
+        m = M.Metrics()
+        n = 200000
+        inc = timeit.timeit(lambda: m.inc("http_requests_total", route="mcp", status="200"), number=n)
+        obs = timeit.timeit(lambda: m.observe("proxy_gateway_seconds", 0.0003, server="srv_a"), number=n)
+        print(json.dumps({{"inc": inc / n * 1e6, "observe": obs / n * 1e6}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def line(label: str, value: str, target: str = "") -> None:
+    print(f"  {label:<56} {value:<34} {target}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--rounds", type=int, default=10)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        upstream, upstream_port = minimal_upstream.start(tmp / "port")
+        with_metrics = without = None
+        try:
+            os.sched_setaffinity(upstream.pid, {1})
+            os.sched_setaffinity(0, {1})
+            with_metrics = GatewayProcess(tmp / "gw").start()
+            server_id = with_metrics.add_server(f"http://127.0.0.1:{upstream_port}/mcp", "bench@example.com")
+            token = bearer_token(with_metrics, server_id)
+            (tmp / "shim").mkdir()
+            without = start_without_metrics(GatewayProcess(tmp / "gw-null", share_storage_with=with_metrics),
+                                            tmp / "shim")
+            for gateway in (with_metrics, without):
+                os.sched_setaffinity(gateway.pid, {0})
+            path = f"/mcp/{server_id}"
+            targets = {"metrics": with_metrics.port, "no-op": without.port}
+
+            async def warm(port: int) -> None:
+                await throughput(port, path, token, 1.0)
+
+            for port in targets.values():
+                asyncio.run(warm(port))
+            print(f"gateway pids {with_metrics.pid} (metrics) and {without.pid} (no-op Metrics) on core 0; "
+                  f"{args.rounds} rounds of {args.seconds:g} s, order alternating\n")
+            rounds = []
+            for number in range(args.rounds):
+                order = list(targets) if number % 2 == 0 else list(reversed(targets))
+                result = {name: asyncio.run(throughput(targets[name], path, token, args.seconds)) for name in order}
+                rounds.append(result)
+                print(f"  round {number + 1}: metrics {result['metrics']:,.0f} req/s, no-op {result['no-op']:,.0f} "
+                      f"req/s, ratio {result['metrics'] / result['no-op']:.3f}")
+            ratios = [r["metrics"] / r["no-op"] for r in rounds]
+
+            def run_requests(count: int) -> None:
+                async def go():
+                    connection = Connection(with_metrics.port, path, token)
+                    for _ in range(count):
+                        await connection.post()
+                    connection.close()
+                asyncio.run(go())
+
+            ops = operations_per_request(with_metrics.port, 500, run_requests)
+        finally:
+            for gateway in (with_metrics, without):
+                if gateway is not None:
+                    gateway.stop()
+            upstream.terminate()
+            upstream.wait(10)
+
+    memory, files = cost_per_operation(False), cost_per_operation(True)
+    rps = statistics.median(r["no-op"] for r in rounds)
+    print("\n1. throughput, 32 concurrent clients, one core (median of rounds)")
+    line("no-op Metrics", f"{rps:,.0f} req/s = 1.000x")
+    line("metrics", f"{statistics.median(r['metrics'] for r in rounds):,.0f} req/s = "
+         f"{statistics.median(ratios):.3f}x", "(goal >= 0.97x)")
+    line("ratio per round", " ".join(f"{x:.3f}" for x in ratios))
+    print("2. cost of the operations a proxied request makes")
+    line("metric operations per proxied request (at most)", f"{ops:.1f}")
+    for label, cost in (("one worker (memory)", memory), ("multi-process (mmap files)", files)):
+        per_request = ops * max(cost["inc"], cost["observe"])
+        line(f"{label}: inc / observe", f"{cost['inc']:.2f} / {cost['observe']:.2f} µs")
+        line(f"{label}: per request, share of {1e6 / rps:.0f} µs", f"<= {per_request:.1f} µs = "
+             f"{per_request * rps / 1e4:.2f} %")
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    main()
+    print(f"\n({time.monotonic() - started:.0f} s)")
