@@ -59,6 +59,7 @@ class Config:
     usage_retention_days: int = 90  # per-call usage history kept; daily aggregates stay
     max_connections: int = 0  # client connections at once; 0: derived from the descriptor limit
     drain_timeout: int = 30  # seconds in-flight requests get to finish after SIGTERM
+    workers: int = 1  # serving processes on the one port (workers.py); 1: no supervisor
     log_format: str = "text"  # MCPGW_LOG_FORMAT: text, or json (one object a line)
 
     def check_can_serve(self) -> None:
@@ -155,6 +156,7 @@ class Config:
         )
         values["max_connections"] = _int(env, "MCPGW_MAX_CONNECTIONS", cls.max_connections, 0, 10**7)
         values["drain_timeout"] = _int(env, "MCPGW_DRAIN_TIMEOUT", cls.drain_timeout, 0, 3600)
+        values["workers"] = _workers(env)
         values["log_format"] = _get(env, "MCPGW_LOG_FORMAT", cls.log_format).lower()
         if values["log_format"] not in ("text", "json"):
             raise ConfigError(f"MCPGW_LOG_FORMAT: {values['log_format']!r} is not text or json")
@@ -215,6 +217,21 @@ def _int(env: dict[str, str], name: str, default: int, low: int, high: int) -> i
     if not _is_number(raw) or not low <= int(raw) <= high:
         raise ConfigError(f"{name}: {raw!r} is not a whole number between {low} and {high}")
     return int(raw)
+
+
+MAX_WORKERS = 64
+
+
+def _workers(env: dict[str, str]) -> int:
+    """MCPGW_WORKERS: a count, or `auto` for the CPUs this process may run on."""
+    raw = env.get("MCPGW_WORKERS", "").strip().lower()
+    if raw == "auto":
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(cpus or 1, MAX_WORKERS))
+    if raw and (not _is_number(raw) or not 1 <= int(raw) <= MAX_WORKERS):
+        raise ConfigError(f"MCPGW_WORKERS: {raw!r} is not a number of worker processes "
+                          f"(1 to {MAX_WORKERS}) or auto")
+    return int(raw) if raw else 1
 
 
 def _list(env: dict[str, str], name: str) -> tuple[str, ...]:

@@ -257,9 +257,10 @@ def listening_sockets(config: Config) -> list:
     return sockets
 
 
-async def serve(services: Services, sockets: list, notifier=None) -> None:
+async def serve(services: Services, sockets: list, notifier=None, lifeline: int | None = None) -> None:
     """Serve on `sockets` until SIGTERM/SIGINT, then drain. `notifier`: where READY/STOPPING/
-    WATCHDOG go (default: systemd's $NOTIFY_SOCKET; a worker's: its supervisor)."""
+    WATCHDOG go (default: systemd's $NOTIFY_SOCKET; a worker's: its supervisor); `lifeline`:
+    a worker's pipe from its supervisor, at end of file when the supervisor is gone."""
     from handlers import make_app
     from handlers.admission import AdmissionHTTPServer, connection_cap, descriptor_limit
     from services.common.systemd import Notifier, socket_address
@@ -302,6 +303,14 @@ async def serve(services: Services, sockets: list, notifier=None) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+    if lifeline is not None:
+        def orphaned() -> None:
+            loop.remove_reader(lifeline)
+            notifier.close()  # nobody reads it any more
+            log.warning("the supervisor is gone: draining")
+            stop.set()
+
+        loop.add_reader(lifeline, orphaned)
     await stop.wait()
     # Drain: /readyz says 503 and idle SSE streams end at once, the listener closes, the
     # requests in flight get MCPGW_DRAIN_TIMEOUT seconds, then queued usage is written.
@@ -324,10 +333,13 @@ def print_banner(config: Config, where: str, connections: str) -> None:
         print(f"  sign-in:             {config.oidc_issuer}", flush=True)
 
 
-async def serve_process(config: Config, sockets: list, notifier=None) -> int:
+async def serve_process(config: Config, sockets: list, link=None) -> int:
     """One serving process: its Services (storage connection, caches, background jobs) are
     built here, inside the process and its event loop, never inherited across a fork."""
-    await serve(build_services(config), sockets, notifier)
+    if link is None:
+        await serve(build_services(config), sockets)
+    else:
+        await serve(build_services(config), sockets, link.notifier, link.lifeline)
     return 0
 
 
@@ -338,7 +350,25 @@ def serve_command() -> int:
     config = Config.from_env()
     config.check_can_serve()
     sockets = listening_sockets(config)
-    return uvloop.run(serve_process(config, sockets))
+    if config.workers == 1:  # no supervisor, no extra process
+        return uvloop.run(serve_process(config, sockets))
+    from handlers.admission import connection_cap, descriptor_limit
+    from services.common.systemd import Notifier, socket_address
+    from workers import Supervisor
+
+    where = ", ".join(socket_address(sock) for sock in sockets)
+    cap = min(config.max_connections or connection_cap(descriptor_limit()), connection_cap(descriptor_limit()))
+    print_banner(config, where, f"{config.workers} worker processes, each at most {cap} at once")
+
+    def worker(link) -> int:
+        try:
+            return uvloop.run(serve_process(config, sockets, link))
+        except (StorageError, OSError) as exc:  # as main() reports it, naming the worker
+            print(f"error: worker {link.index}: storage ({config.storage_url.split(':', 1)[0]}) "
+                  f"is not usable: {exc}", file=sys.stderr)
+            return 1
+
+    return Supervisor(config.workers, worker, sockets, Notifier.from_env(), where, config.drain_timeout).run()
 
 
 async def main_async(args) -> int:

@@ -16,12 +16,15 @@ LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START: the first handed-over descriptor
 
 
 class Notifier:
-    """Messages to the service manager. `address` is None outside systemd (Type=notify)."""
+    """Messages to the service manager. `address` is None outside systemd (Type=notify).
+    `sock`: a connected datagram socket instead (a worker's line to its supervisor)."""
 
-    def __init__(self, address: str | None, watchdog_interval: float | None = None):
+    def __init__(self, address: str | None, watchdog_interval: float | None = None,
+                 sock: socket.socket | None = None):
         self.address = address
         self.watchdog_interval = watchdog_interval
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | None = sock
+        self._connected = sock is not None
         self._failed = False
         self._watchdog: asyncio.TimerHandle | None = None
 
@@ -40,9 +43,14 @@ class Notifier:
 
     def notify(self, *fields: str) -> bool:
         """Send `fields` ("READY=1", ...) as one datagram; False when not sent."""
-        if self.address is None:
+        if self.address is None and not self._connected:
             return False
         try:
+            if self._connected:
+                if self._sock is None:
+                    return False  # closed
+                self._sock.send("\n".join(fields).encode())
+                return True
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 self._sock.setblocking(False)
@@ -51,7 +59,8 @@ class Notifier:
         except OSError as exc:
             if not self._failed:  # once: a heartbeat must not flood the log
                 self._failed = True
-                log.warning("could not notify systemd at %s: %s", self.address.replace("\0", "@"), exc)
+                where = "the supervisor" if self._connected else "systemd at " + self.address.replace("\0", "@")
+                log.warning("could not notify %s: %s", where, exc)
             return False
 
     def start_watchdog(self) -> None:
