@@ -164,3 +164,23 @@ def test_clock_skew_against_the_idps_date(tmp_path, idp, offset, status, words):
     assert checks["clock"].status == status, checks["clock"]
     if offset:
         assert words in checks["clock"].detail
+
+
+def test_dynamodb_table_checked(tmp_path, dynamodb_endpoint):
+    """On DynamoDB (moto as a real server): the table opens ACTIVE with its indexes and a
+    probe record is written and read back, exit 0; an endpoint with nothing behind it FAILs."""
+    gw = GatewayProcess(tmp_path / "gw")
+    gw.env.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                  MCPGW_STORAGE=f"dynamodb://doctor-{free_port()}?region=us-east-1&endpoint={dynamodb_endpoint}")
+    gw.env.pop("AWS_SESSION_TOKEN", None)
+    gw.env.pop("AWS_PROFILE", None)
+    result = doctor(gw.env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = lines(result)
+    assert checks["dynamodb table"][0] == OK and "ACTIVE" in checks["dynamodb table"][1]
+    assert checks["storage write"][0] == OK
+
+    down = doctor({**gw.env, "MCPGW_STORAGE": f"dynamodb://doctor?region=us-east-1&endpoint=http://127.0.0.1:{free_port()}"})
+    assert down.returncode == 1
+    assert lines(down)["storage"][0] == FAIL
+    assert "Traceback" not in down.stderr
