@@ -35,6 +35,7 @@ from storage import open_storage
 from storage.base import Conflict, Server, StorageUnavailable
 from storage.usage import UsageEvent
 from tests.support.browser import ScriptedBrowser
+from tests.support.gateway import GatewayProcess
 from tests.support.inprocess import make_config, run
 from tests.support.mcp_oauth import connect, make_oauth_rig, refresh_now
 
@@ -374,3 +375,55 @@ def test_multiprocess_mode_renders_every_worker_and_forgets_dead_workers_gauges(
     assert sample(shown["after_1_died"], "sse_streams_open") == 3
     assert sample(shown["after_1_died"], "usage_queue_depth") == 10
     assert {p.name.split("_")[0] for p in tmp_path.glob("*.db")} == {"counter", "gauge", "histogram"}
+
+
+def test_workers_mode_any_worker_renders_the_sum_and_a_dead_workers_counts_stay(tmp_path):
+    """MCPGW_WORKERS=2: requests pinned to each worker in turn (the other one stopped), then
+    /metrics asked of each: both show every request; a worker killed with SIGKILL and
+    replaced takes none of its counts away."""
+    from tests.test_workers import only, resume, start_workers, wait_for, workers_of
+
+    gw = GatewayProcess(tmp_path / "gw")
+    a = b = None
+    discovery = "/.well-known/oauth-authorization-server"
+
+    def get(path: str) -> httpx.Response:
+        return httpx.get(gw.listen_url + path, trust_env=False, timeout=20)
+
+    def discovery_count() -> float:
+        response = get("/metrics")
+        assert response.headers["content-type"] == CONTENT_TYPE_LATEST
+        found = families(response.text)
+        check_histograms(found)
+        return sample(found, "http_requests_total", route="discovery", status="200")
+
+    try:
+        a, b = start_workers(gw)
+        for worker, count in ((a, 5), (b, 7)):
+            with only(worker, [a, b]):
+                assert all(get(discovery).status_code == 200 for _ in range(count))
+        for worker in (a, b):
+            with only(worker, [a, b]):
+                assert discovery_count() == 12
+        os.kill(a, signal.SIGKILL)
+        wait_for(lambda: len(workers_of(gw)) == 2 and a not in workers_of(gw), 20, "a replacement worker")
+        replacement = next(pid for pid in workers_of(gw) if pid != b)
+        with only(replacement, [replacement, b]):
+            assert wait_for_value(discovery_count, 12)
+            assert sample(families(get("/metrics").text), "workers_restarted_total") == 1
+    finally:
+        resume([pid for pid in (a, b) if pid])
+        gw.stop()
+
+
+def wait_for_value(read, expected: float, timeout: float = 20.0) -> bool:
+    """The replacement answers once it serves; until then the request waits in the backlog."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if read() == expected:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    return read() == expected
