@@ -26,7 +26,7 @@ def family_marker(family_id: str) -> str:
 class AccessTokenVerifier:
     """Claims of valid, unrevoked access tokens of this issuer. A token is verified once;
     its claims are then cached by the token's hash until its `exp` (wall clock `now`), so a
-    warm check is a dict hit, an `exp` comparison and two set lookups."""
+    warm check is a hash, a dict hit, an `exp` comparison and two set lookups."""
 
     def __init__(self, storage: Storage, keyring: KeyRing, config: Config, *,
                  now: Callable[[], float] = time.time):
@@ -44,9 +44,12 @@ class AccessTokenVerifier:
         key = token_hash(token)
         claims = self.cache.get(key)
         if claims is None:
-            claims = await self.decode(token)
-            self.cache.set(key, claims, ttl=claims["exp"] - self._now())
-        if claims["exp"] <= self._now():
+            claims = await self.decode(token)  # checks exp too
+            self.cache.set(key, claims)
+        elif claims["exp"] <= self._now():
+            # Entries carry no TTL of their own (one clock read per hit, not two): an
+            # expired one goes when it is next seen, or as the least recently used.
+            self.cache.pop(key)
             raise InvalidToken("the access token has expired")
         revoked = self.revoked
         if claims["jti"] in revoked or ("fid:" + claims.get("fid", "")) in revoked:

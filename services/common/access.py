@@ -51,8 +51,9 @@ class AccessPolicy:
         self._ttl = ttl
         self._stale_for = stale_for
         self._stale_wait = stale_wait
-        # An entry is kept while usable (fresh, or stale within the bound); LRU when full.
-        self._cache = TtlCache(CACHE_SIZE, ttl + stale_for, clock=clock)
+        # LRU when full. No TTL of its own: _entry reads the clock once and decides from the
+        # entry's fresh_until whether it is fresh, usable stale, or past the bound.
+        self._cache = TtlCache(CACHE_SIZE, clock=clock)
         # One storage read per server at a time, shared by every caller that needs it.
         self._refreshing: dict[str, asyncio.Task[_Entry]] = {}
         self._retry_at: dict[str, float] = {}
@@ -104,7 +105,7 @@ class AccessPolicy:
             # Background refreshes after a failure wait a moment: under an outage the
             # storage is not asked (and the log not written) on every request.
             self._retry_at[server_id] = self._clock() + RETRY_EVERY
-            if server_id in self._cache:  # only worth a line when cached rules are being served
+            if server_id in self._cache:
                 log.warning("sharing rules of %s not refreshed, serving the cached ones: %s",
                             server_id, exc)
             raise

@@ -24,7 +24,7 @@ class SessionMap:
     def __init__(self, storage: Storage, *, now: Callable[[], float] = time.time):
         self._storage = storage
         self._now = now
-        # Entries live until the session's idle expiry (wall clock, as stored).
+        # LRU; no TTL of its own: resolve checks the session's idle expiry (one clock read).
         self._cache = TtlCache(CACHE_SIZE, clock=now)
 
     async def create(
@@ -48,9 +48,10 @@ class SessionMap:
         """The session if it exists and belongs to this user on this server."""
         now = self._now()
         session = self._cache.get(session_id)
-        if session is None:
+        if session is None or session.expires_at <= now:
             session = await self._storage.get_session(session_id, now) if len(session_id) <= 128 else None
             if session is None:
+                self._cache.pop(session_id)
                 return None
             self._remember(session)
         if session.user_sub != user_sub or session.server_id != server_id:
@@ -66,4 +67,4 @@ class SessionMap:
         await self._storage.delete_session(session_id)
 
     def _remember(self, session: McpSession) -> None:
-        self._cache.set(session.session_id, session, ttl=session.expires_at - self._now())
+        self._cache.set(session.session_id, session)
