@@ -226,7 +226,10 @@ def _workers(env: dict[str, str]) -> int:
     """MCPGW_WORKERS: a count, or `auto` for the CPUs this process may run on."""
     raw = env.get("MCPGW_WORKERS", "").strip().lower()
     if raw == "auto":
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        try:  # the CPUs this process may use (a cpuset or CPUAffinity= may allow fewer)
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count()
         return max(1, min(cpus or 1, MAX_WORKERS))
     if raw and (not _is_number(raw) or not 1 <= int(raw) <= MAX_WORKERS):
         raise ConfigError(f"MCPGW_WORKERS: {raw!r} is not a number of worker processes "

@@ -280,3 +280,18 @@ def test_unit_exposure_at_most_2():
     stop = int(re.search(r"^TimeoutStopSec=(\d+)$", unit, re.M).group(1))
     assert stop > 30, "TimeoutStopSec must exceed the default MCPGW_DRAIN_TIMEOUT"
     assert re.search(r"^WatchdogSec=\d+", unit, re.M)
+
+
+def test_socket_unit_hands_one_listening_socket_to_the_service():
+    """systemd/mcp-gateway.socket: one stream socket for the whole service (Accept=no, what
+    listen_fds expects), checked by `systemd-analyze verify` when the tool is installed."""
+    unit = UNIT.with_suffix(".socket")
+    text = unit.read_text()
+    assert re.search(r"^ListenStream=127\.0\.0\.1:8080$", text, re.M)
+    assert re.search(r"^Accept=no$", text, re.M)
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed: unit not verified")
+    result = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    problems = [line for line in result.stderr.splitlines() if "mcp-gateway" in line and "Command" not in line]
+    assert problems == [], result.stderr
