@@ -294,7 +294,8 @@ class TokenService:
 
     # --------------------------------------------------------------- revocation
 
-    async def revoke_family(self, family_id: str, *, event: str = "token_revoked", reason: str = "revoked",
+    async def revoke_family(self, family_id: str, *, event: str = "token_revoked",
+                            reason: str = "revoked by the user or an administrator",
                             user_sub: str = "", client_id: str = "", server_id: str = "") -> None:
         """Stops the refresh family and every access token minted from it; one security
         event (`event`: token_revoked, refresh_reuse, code_reuse) says who and why.
