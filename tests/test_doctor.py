@@ -8,6 +8,7 @@ import asyncio
 import ctypes
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from config import Config
 from services import build_services
 from services.ops.doctor import FAIL, OK, SKIP, WARN, Doctor
 from tests.support.gateway import ROOT, GatewayProcess
-from tests.support.idp import free_port
+from tests.support.ports import HeldPort
 
 OWNER = "doctor.owner@example.com"
 
@@ -58,12 +59,12 @@ def test_all_ok_with_real_idp_and_upstream(gateway, upstream):
 
 
 def test_idp_down_fails(tmp_path, idp):
-    """The issuer's port has nothing listening: FAIL on discovery, exit 1, the rest still
+    """The issuer's port refuses connections: FAIL on discovery, exit 1, the rest still
     checked (storage ok)."""
     gw = GatewayProcess(tmp_path / "gw", idp=idp)
-    gw.env.update(MCPGW_OIDC_ISSUER=f"http://127.0.0.1:{free_port()}", MCPGW_OIDC_CLIENT_ID="c",
-                  MCPGW_OIDC_CLIENT_SECRET="s")
-    result = doctor(gw.env)
+    with HeldPort() as down:
+        gw.env.update(MCPGW_OIDC_ISSUER=down.url, MCPGW_OIDC_CLIENT_ID="c", MCPGW_OIDC_CLIENT_SECRET="s")
+        result = doctor(gw.env)
     assert result.returncode == 1, result.stdout + result.stderr
     checks = lines(result)
     assert checks["idp discovery"][0] == FAIL
@@ -171,7 +172,7 @@ def test_dynamodb_table_checked(tmp_path, dynamodb_endpoint):
     probe record is written and read back, exit 0; an endpoint with nothing behind it FAILs."""
     gw = GatewayProcess(tmp_path / "gw")
     gw.env.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
-                  MCPGW_STORAGE=f"dynamodb://doctor-{free_port()}?region=us-east-1&endpoint={dynamodb_endpoint}")
+                  MCPGW_STORAGE=f"dynamodb://doctor-{secrets.token_hex(4)}?region=us-east-1&endpoint={dynamodb_endpoint}")
     gw.env.pop("AWS_SESSION_TOKEN", None)
     gw.env.pop("AWS_PROFILE", None)
     result = doctor(gw.env)
@@ -180,7 +181,8 @@ def test_dynamodb_table_checked(tmp_path, dynamodb_endpoint):
     assert checks["dynamodb table"][0] == OK and "ACTIVE" in checks["dynamodb table"][1]
     assert checks["storage write"][0] == OK
 
-    down = doctor({**gw.env, "MCPGW_STORAGE": f"dynamodb://doctor?region=us-east-1&endpoint=http://127.0.0.1:{free_port()}"})
+    with HeldPort() as held:
+        down = doctor({**gw.env, "MCPGW_STORAGE": f"dynamodb://doctor?region=us-east-1&endpoint={held.url}"})
     assert down.returncode == 1
     assert lines(down)["storage"][0] == FAIL
     assert "Traceback" not in down.stderr
