@@ -92,6 +92,21 @@ def test_upstream_on_forbidden_address_fails(tmp_path, upstream):
     assert "refused by the SSRF guard" in detail and "loopback" in detail
 
 
+def test_another_master_secret_fails(tmp_path, upstream):
+    """The storage was made with one master secret, the doctor runs with another: FAIL on
+    the signing key and on the server's sealed upstream headers."""
+    gw = GatewayProcess(tmp_path / "gw")
+    gw.state_dir.mkdir(parents=True)
+    server_id = gw.add_server(upstream.url, OWNER, "Sealed", "--header", "X-Api-Key: k")
+    assert doctor(gw.env).returncode == 0
+    result = doctor({**gw.env, "MCPGW_SECRET_KEY": "another-master-secret-of-enough-length-0123"})
+    assert result.returncode == 1
+    checks = lines(result)
+    assert checks["master secret"][0] == FAIL and "another MCPGW_SECRET_KEY" in checks["master secret"][1]
+    assert checks[f"upstream {server_id}"][0] == FAIL
+    assert "do not decrypt" in checks[f"upstream {server_id}"][1]
+
+
 def _without_dac_override() -> None:
     """Drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the child's bounding set before
     exec: root then meets the permission bits like the service user would."""

@@ -36,6 +36,7 @@ from storage.sqlite.backup import LATEST_SCHEMA, schema_version
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 SKEW_WARN = 30.0  # seconds: worth fixing before it reaches the leeway
+UPSTREAM_CONCURRENCY = 16  # upstreams probed at once
 PROBE_KIND = "doctor"  # the storage write probe's pending record (expires in a minute)
 
 
@@ -287,7 +288,14 @@ class Doctor:
             return [Check("upstreams", FAIL, f"the servers cannot be read: {exc}")]
         if not servers:
             return [Check("upstreams", OK, "none registered yet")]
-        return list(await asyncio.gather(*(self._upstream(s) for s in servers)))
+        # Concurrently, but not hundreds of connections at once.
+        slots = asyncio.Semaphore(UPSTREAM_CONCURRENCY)
+
+        async def one(server: Server) -> Check:
+            async with slots:
+                return await self._upstream(server)
+
+        return list(await asyncio.gather(*(one(s) for s in servers)))
 
     async def _upstream(self, server: Server) -> Check:
         """Reached as the proxy reaches it: the shared client and its SSRF guard, with the
