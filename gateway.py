@@ -20,7 +20,8 @@ from services.common.errors import GatewayError, InvalidInput
 from services.dashboard.probe import McpProbe
 from services.dashboard.reports import MAX_DAYS, UsageReports
 from services.dashboard.views import Actor
-from storage.base import StorageError
+from services.proxy.tools.policy import parse_rule
+from storage.base import StorageError, ToolRule
 
 log = logging.getLogger("gateway")
 
@@ -64,6 +65,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     identity = edit.add_mutually_exclusive_group()
     identity.add_argument("--forward-identity", dest="forward_identity", action="store_true", default=None)
     identity.add_argument("--no-forward-identity", dest="forward_identity", action="store_false")
+    tool_flags(edit, server=True)
+    catalog = servers.add_parser("tools", help="the tool catalog of a server").add_subparsers(
+        dest="tools_action", required=True)
+    catalog.add_parser("list", parents=[json_flag], help="the tools seen in tools/list answers").add_argument("server_id")
+    approve = catalog.add_parser("approve", parents=[json_flag], help="accept the current definitions (pinning)")
+    approve.add_argument("server_id")
+    approve.add_argument("tool", nargs="*", help="tool names (default: every tool awaiting approval)")
 
     usage = sub.add_parser("usage", parents=[json_flag], help="usage report of one server")
     usage.add_argument("server_id")
@@ -77,12 +85,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     arevoke.add_argument("--client", required=True, help="the client_id")
 
     grants = sub.add_parser("grants", help="sharing rules").add_subparsers(dest="action", required=True)
-    for action in ("add", "remove"):
+    for action in ("add", "edit", "remove"):
         grant = grants.add_parser(action, parents=[json_flag])
         grant.add_argument("server_id")
         who = grant.add_mutually_exclusive_group(required=True)
         who.add_argument("--email")
         who.add_argument("--domain", help="a Google Workspace domain (the ID token's hd claim)")
+        if action != "remove":
+            tool_flags(grant, server=False)
     grants.add_parser("list", parents=[json_flag]).add_argument("server_id")
 
     clients = sub.add_parser("clients", help="pre-registered OAuth clients").add_subparsers(dest="action", required=True)
@@ -103,6 +113,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)
     return args
+
+
+def tool_flags(parser: argparse.ArgumentParser, *, server: bool) -> None:
+    """The tool rule flags of `servers edit` (the default rule) and `grants add|edit`."""
+    parser.add_argument("--tools-allow", help="only these tools: names or globs (* ?), comma-separated")
+    parser.add_argument("--tools-deny", help="never these tools: names or globs (wins over --tools-allow)")
+    read_only = parser.add_mutually_exclusive_group()
+    read_only.add_argument("--read-only", dest="tools_read_only", action="store_true", default=None,
+                           help="only tools annotated readOnlyHint: true")
+    read_only.add_argument("--no-read-only", dest="tools_read_only", action="store_false")
+    parser.add_argument("--tools-clear", action="store_true", help="remove the tool rule first (every tool)")
+    if server:
+        pin = parser.add_mutually_exclusive_group()
+        pin.add_argument("--pin", dest="tools_pinned", action="store_true", default=None,
+                         help="new or changed tools unavailable until approved (servers tools approve)")
+        pin.add_argument("--no-pin", dest="tools_pinned", action="store_false")
+
+
+def tool_rule_given(args) -> bool:
+    return (args.tools_allow is not None or args.tools_deny is not None or args.tools_read_only is not None
+            or args.tools_clear or getattr(args, "tools_pinned", None) is not None)
+
+
+def tool_rule_text(record) -> str:
+    rule = ToolRule.of(record)
+    parts = [f"allow {','.join(rule.allow)}"] if rule.allow else []
+    parts += [f"deny {','.join(rule.deny)}"] if rule.deny else []
+    parts += ["read-only"] if rule.read_only else []
+    parts += ["pinned"] if getattr(record, "tools_pinned", False) else []
+    return "; ".join(parts) or "every tool"
 
 
 def emit(args, human: list[str], data) -> None:
@@ -132,6 +172,27 @@ async def cli_actor(services: Services, who: str) -> Actor:
     return Actor.of(user, services.config.admin_emails)
 
 
+async def run_tools_command(args, services: Services) -> None:
+    """`servers tools list|approve`: the catalog of one server and approvals (pinning)."""
+    if args.tools_action == "list":
+        server = await services.servers.get(args.server_id)
+        rows = []
+        for entry in await services.tools.catalog(args.server_id):
+            approved = bool(entry.approved_hash) and entry.approved_hash == entry.hash
+            rows.append({**asdict(entry), "read_only": entry.annotations.get("readOnlyHint") is True,
+                         "approved": approved})
+        state = (lambda row: "approved" if row["approved"] else "awaiting approval") if server.tools_pinned else (
+            lambda row: "-")
+        lines = [f"{r['name']}\t{'read-only' if r['read_only'] else 'read-write'}\t{state(r)}\t{r['hash'][:12]}"
+                 for r in rows]
+        emit(args, lines or [f"no tools seen yet on {args.server_id}"], rows)
+    else:
+        changes = await services.tools.approve(args.server_id, args.tool)
+        names = [c.tool for c in changes]
+        emit(args, [f"approved {len(names)} tool(s) on {args.server_id}" + (": " + ", ".join(names) if names else "")],
+             {"approved": names})
+
+
 async def run_admin(args, services: Services) -> None:
     registry = services.servers
     if args.command == "servers":
@@ -158,13 +219,24 @@ async def run_admin(args, services: Services) -> None:
             await registry.remove(args.server_id)
             emit(args, [f"removed {args.server_id}"], {"removed": args.server_id})
         elif args.action == "edit":
+            if tool_rule_given(args):  # checked before anything is written
+                parse_rule(args.tools_allow, args.tools_deny, bool(args.tools_read_only))
             headers = [] if args.clear_headers else args.header
             server = await registry.update(
                 args.server_id, name=args.name, upstream_url=args.upstream, headers=headers,
                 forward_identity=args.forward_identity, internal_allowed=True,
             )
+            if tool_rule_given(args):
+                change = await services.tools.set_server_rule(
+                    args.server_id, allow=args.tools_allow, deny=args.tools_deny, read_only=args.tools_read_only,
+                    pinned=args.tools_pinned, clear=args.tools_clear)
+                for warning in change.warnings:
+                    print(f"warning: {warning}", file=sys.stderr)
+                server = await registry.get(args.server_id)
             view = server_view(services, server)
             emit(args, [f"updated {server.server_id}"], view)
+        elif args.action == "tools":
+            await run_tools_command(args, services)
         elif args.action == "test":
             server = await registry.get(args.server_id)
             result = await McpProbe(services.upstream).probe(
@@ -201,12 +273,24 @@ async def run_admin(args, services: Services) -> None:
     elif args.command == "grants":
         if args.action == "list":
             grants = await registry.grants(args.server_id)
-            emit(args, [f"{g.kind}\t{g.value}" for g in grants], [asdict(g) for g in grants])
+            emit(args, [f"{g.kind}\t{g.value}\t{tool_rule_text(g)}" for g in grants], [asdict(g) for g in grants])
             return
         kind, value = ("email", args.email) if args.email else ("domain", args.domain)
         if args.action == "add":
-            grant = await registry.add_grant(args.server_id, kind, value)
-            emit(args, [f"shared {args.server_id} with {kind} {grant.value}"], asdict(grant))
+            if tool_rule_given(args):  # the grant and its rule in one write
+                grant = await services.tools.add_grant(args.server_id, kind, value, allow=args.tools_allow,
+                                                       deny=args.tools_deny, read_only=bool(args.tools_read_only))
+            else:
+                grant = await registry.add_grant(args.server_id, kind, value)
+            emit(args, [f"shared {args.server_id} with {kind} {grant.value} ({tool_rule_text(grant)})"], asdict(grant))
+        elif args.action == "edit":
+            if not tool_rule_given(args):
+                raise InvalidInput("nothing to change: give --tools-allow, --tools-deny, --[no-]read-only "
+                                   "or --tools-clear")
+            grant = await services.tools.edit_grant(args.server_id, kind, value, allow=args.tools_allow,
+                                                    deny=args.tools_deny, read_only=args.tools_read_only,
+                                                    clear=args.tools_clear)
+            emit(args, [f"{kind} {grant.value} on {args.server_id}: {tool_rule_text(grant)}"], asdict(grant))
         else:
             await registry.remove_grant(args.server_id, kind, value)
             emit(args, [f"removed {kind} {value} from {args.server_id}"], {"removed": [kind, value]})
