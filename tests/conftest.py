@@ -36,31 +36,38 @@ def gateway(gateway_factory):
 
 
 class UpstreamProcess:
-    """The `mcp` package's MCPServer (tests/support/upstream_server.py) in a process."""
+    """The `mcp` package's MCPServer (tests/support/upstream_server.py) in a process, serving
+    the listening socket this test bound and handed over (no window for another process)."""
 
     def __init__(self, *flags: str):
         import subprocess
         import sys
 
-        from tests.support.idp import free_port
+        from tests.support.ports import bind_unused_port
 
-        self.port = free_port()
+        sock, self.port = bind_unused_port()
         self.url = f"http://127.0.0.1:{self.port}/mcp"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.upstream_server", str(self.port), *flags],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        with sock:  # the child holds the only copy once it runs
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.upstream_server", "--fd", str(sock.fileno()), *flags],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(sock.fileno(),),
+            )
 
     def wait_ready(self):
-        import socket
         import time
 
+        import httpx
+
+        # The socket listens from the start: wait for an HTTP answer, not just a connection
+        # (the 404 of a path beside /mcp, where a GET could open a stream that never ends).
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"upstream MCP server exited with {self.process.returncode}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                httpx.get(f"http://127.0.0.1:{self.port}/ready", timeout=5, trust_env=False)
                 return self
-            except OSError:
+            except httpx.TransportError:
                 time.sleep(0.1)
         raise RuntimeError("upstream MCP server did not start")
 

@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.support.browser import ScriptedBrowser
-from tests.support.idp import free_port
 from tests.support.mcp_oauth import DEFAULT_REDIRECT_URI, make_oauth_rig
+from tests.support.ports import HeldPort
 from tests.support.tokens import pkce
 
 ALICE = {"sub": "alice-cimd", "email": "alice@example.com", "email_verified": True, "name": "Alice"}
@@ -284,9 +284,10 @@ def test_metadata_document_failures_look_the_same_to_the_caller(gateway_factory,
     gateway = gateway_factory(extra_env={"SSL_CERT_FILE": tls[0]})
     plain = PlainHttpServer()
     untrusted = DocumentServer(*self_signed_certificate(tmp_path))  # not the certificate SSL_CERT_FILE trusts
+    closed = HeldPort()  # bound, never listening: refused, and no one else's meanwhile
     try:
         urls = {
-            "closed": f"https://127.0.0.1:{free_port()}/c.json",
+            "closed": f"https://127.0.0.1:{closed.port}/c.json",
             "not-tls": f"https://127.0.0.1:{plain.port}/c.json",
             "untrusted": untrusted.publish("/c.json", {}),
             "404": documents.base + "/absent/c.json",
@@ -295,6 +296,7 @@ def test_metadata_document_failures_look_the_same_to_the_caller(gateway_factory,
             tokens = {kind: token_request(http, url) for kind, url in urls.items()}
         pages = {kind: authorize_page(gateway, url) for kind, url in urls.items()}
     finally:
+        closed.close()
         plain.stop()
         untrusted.stop()
     assert {r.status_code for r in tokens.values()} == {401}

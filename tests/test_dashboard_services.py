@@ -33,9 +33,9 @@ from storage.base import (
     latency_bucket,
 )
 from tests.support.fake_upstream import RawUpstream
-from tests.support.idp import free_port
 from tests.support.inprocess import make_config as base_config
 from tests.support.inprocess import run
+from tests.support.ports import bind_unused_port
 
 ANA = User("sub-ana", "ana@example.com", True, "", "Ana", last_login_at=1.0)
 BOB = User("sub-bob", "bob@example.com", True, "", "Bob", last_login_at=1.0)
@@ -234,9 +234,9 @@ class LegacyMcp(tornado.web.RequestHandler):
 
 @run
 async def test_test_connection_falls_back_to_the_initialize_handshake(tmp_path):
-    port = free_port()
+    sock, port = bind_unused_port()
     server = tornado.httpserver.HTTPServer(tornado.web.Application([(r"/mcp", LegacyMcp)]))
-    server.listen(port, "127.0.0.1")
+    server.add_sockets([sock])
     try:
         async with instance(tmp_path) as s:
             ana = await actor(s, ANA)

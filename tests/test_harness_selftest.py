@@ -33,7 +33,7 @@ from mcp.shared.auth import OAuthClientInformationFull, OAuthToken
 
 from services.authserver.identity import OidcIdentityProvider
 from tests.support.browser import BrowserError, ScriptedBrowser, parse_forms
-from tests.support.idp import IdpClient, IdpProcess, free_port
+from tests.support.idp import IdpClient, IdpProcess
 from tests.support.mcp_oauth import (
     AuthorizationRefused,
     connect,
@@ -42,6 +42,7 @@ from tests.support.mcp_oauth import (
     obtain_tokens,
     refresh_now,
 )
+from tests.support.ports import bind_unused_port
 
 # Port 9 (discard): nothing listens, the browser stops at the redirect before any request.
 REDIRECT_URI = "http://127.0.0.1:9/oauth/callback"
@@ -450,7 +451,7 @@ class _AutoApprovingProvider:
 
 @asynccontextmanager
 async def _sdk_oauth_server() -> AsyncIterator[tuple[str, _AutoApprovingProvider]]:
-    port = free_port()
+    sock, port = bind_unused_port()
     base = f"http://127.0.0.1:{port}"
     provider = _AutoApprovingProvider()
     server = MCPServer(
@@ -471,11 +472,9 @@ async def _sdk_oauth_server() -> AsyncIterator[tuple[str, _AutoApprovingProvider
     def echo(text: str) -> str:
         return text
 
-    config = uvicorn.Config(
-        server.streamable_http_app(), host="127.0.0.1", port=port, log_level="warning"
-    )
+    config = uvicorn.Config(server.streamable_http_app(), log_level="warning")
     uv = uvicorn.Server(config)
-    task = asyncio.create_task(uv.serve())
+    task = asyncio.create_task(uv.serve(sockets=[sock]))
     try:
         while not uv.started:
             if task.done():

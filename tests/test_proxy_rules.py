@@ -25,8 +25,8 @@ import tornado.web
 from tests.support.browser import ScriptedBrowser
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.gateway import GatewayProcess
-from tests.support.idp import free_port
 from tests.support.jsonrpc import rpc
+from tests.support.ports import HeldPort
 from tests.support.tokens import access_token, register_public_client
 
 ALICE = {"sub": "alice-rules", "email": "alice@example.com", "email_verified": True, "name": "Alice"}
@@ -157,6 +157,7 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(idp, upstream, tmp_path_factory):
     fake = FakeUpstream(_UpstreamHandler).start()
+    down = HeldPort()  # bound, never listening: refused, and no one else's meanwhile
     gw = GatewayProcess(tmp_path_factory.mktemp("proxy-rules"), idp=idp,
                         extra_env={"MCPGW_ALLOWED_ORIGINS": ALLOWED_ORIGIN})
     gw.use_idp_client(idp)
@@ -168,7 +169,7 @@ def rig(idp, upstream, tmp_path_factory):
         gw.add_server(upstream.url, alice, "Rules B", "--id", SRV_B)
         gw.add_server(upstream.url, "owner@example.com", "Rules grant", "--id", SRV_GRANT)
         gw.cli("grants", "add", SRV_GRANT, "--email", CAROL["email"])
-        gw.add_server(f"http://127.0.0.1:{free_port()}/mcp", alice, "Rules down", "--id", SRV_DOWN)
+        gw.add_server(f"{down.url}/mcp", alice, "Rules down", "--id", SRV_DOWN)
         gw.add_server(f"{fake.url}/json", alice, "Rules rec", "--id", SRV_REC, "--header", f"X-Api-Key: {API_KEY}")
         gw.add_server(f"{fake.url}/sse", alice, "Rules sse", "--id", SRV_SSE)
         gw.add_server(f"{fake.url}/json", alice, "Rules identity", "--id", SRV_IDENTITY, "--forward-identity")
@@ -181,6 +182,7 @@ def rig(idp, upstream, tmp_path_factory):
     finally:
         gw.stop()
         fake.stop()
+        down.close()
 
 
 # ---------------------------------------------------------------------- MCP helpers

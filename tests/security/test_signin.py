@@ -32,8 +32,9 @@ from storage import open_storage
 from storage.base import Server, User
 from tests.support.browser import BrowserError, ScriptedBrowser
 from tests.support.gateway import GatewayProcess
-from tests.support.idp import IdpProcess, free_port
+from tests.support.idp import IdpProcess
 from tests.support.inprocess import make_config
+from tests.support.ports import HeldPort
 
 ANA = {"sub": "ana-signin-1", "email": "ana@example.com", "email_verified": True, "name": "Ana"}
 BEA = {"sub": "bea-signin-1", "email": "bea@example.com", "email_verified": True, "name": "Bea"}
@@ -615,13 +616,14 @@ def test_token_endpoint_faults_are_named_as_they_are(tmp_path, mode, status, mes
 
 
 def test_an_unreachable_provider_is_named_unreachable(tmp_path):
-    async def main():
-        closed = OidcIdentityProvider(f"http://127.0.0.1:{free_port()}", CLIENT_ID, "s", "http://127.0.0.1:9/cb")
+    async def main(port: int):
+        closed = OidcIdentityProvider(f"http://127.0.0.1:{port}", CLIENT_ID, "s", "http://127.0.0.1:9/cb")
         with pytest.raises(IdentityError) as caught:
             await closed.discovery()
         return caught.value
 
-    error = asyncio.run(main())
+    with HeldPort() as held:  # bound, never listening: refused, and no one else's meanwhile
+        error = asyncio.run(main(held.port))
     assert str(error) == "the identity provider is unreachable (discovery: Connection refused)"
     assert error.status == 502
 

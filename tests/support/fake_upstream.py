@@ -12,16 +12,18 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
+import tornado.httpserver
 import tornado.web
 
-from .idp import free_port
+from .ports import bind_unused_port
 
 
 class FakeUpstream:
     """Serves `handler` at /KIND paths (handler gets `upstream=self`); records requests."""
 
     def __init__(self, handler: type[tornado.web.RequestHandler], name: str = "fake-upstream") -> None:
-        self.port = free_port()
+        # Bound now, served from start(): the port is ours from the first moment.
+        self._socket, self.port = bind_unused_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.requests: list[dict] = []
         self.marks: dict[str, float] = {}
@@ -63,7 +65,9 @@ class FakeUpstream:
 
             async def listen():
                 app = tornado.web.Application([(r"/([a-z0-9-]+)", self._handler, {"upstream": self})])
-                return app.listen(self.port, address="127.0.0.1")
+                server = tornado.httpserver.HTTPServer(app)
+                server.add_sockets([self._socket])
+                return server
 
             server = loop.run_until_complete(listen())
             ready.set()
@@ -82,6 +86,7 @@ class FakeUpstream:
             self._loop.call_soon_threadsafe(self._loop.stop)
         if self._thread is not None:
             self._thread.join(10)
+        self._socket.close()  # server.stop() closed it when it ran; never started: here
 
 
 # --------------------------------------------------------------------------- raw bytes

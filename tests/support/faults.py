@@ -21,17 +21,9 @@ from urllib.parse import urljoin
 
 import httpx
 
-from .idp import free_port
+from .ports import HeldPort, bound_socket
 
 # ------------------------------------------------------------------------ helpers
-
-
-def _listener(port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(128)
-    return sock
 
 
 def _read_request(conn: socket.socket, buffered: bytes) -> tuple[bytes, bytes, bytes] | None:
@@ -92,10 +84,14 @@ GARBAGE = b"SSH-2.0-OpenSSH_9.6\r\n\x00\xff\xfe not HTTP at all \x1b[31m\r\n\r\n
 
 class _Listener:
     """A loopback listener that can be closed (connections refused) and reopened on the
-    same port; each accepted connection is handed to `_handle` on its own thread."""
+    same port; each accepted connection is handed to `_handle` on its own thread. The port
+    is held from construction to `stop()` (a HeldPort), so it stays this listener's while
+    it refuses connections."""
 
     def __init__(self, port: int | None) -> None:
-        self.port = port or free_port()
+        # An explicit port is the caller's to keep; otherwise hold one for our lifetime.
+        self._held = None if port else HeldPort()
+        self.port = port or self._held.port
         self.accepted = 0
         self._listen_sock: socket.socket | None = None
         self._conns: set[socket.socket] = set()
@@ -109,7 +105,11 @@ class _Listener:
         with self._lock:
             if self._listen_sock is not None:
                 return
-            self._listen_sock = _listener(self.port)
+            if self._held is not None:
+                self._listen_sock = self._held.listen()
+            else:
+                self._listen_sock = bound_socket(self.port)
+                self._listen_sock.listen(128)
             sock = self._listen_sock
         threading.Thread(target=self._accept_loop, args=(sock,), daemon=True,
                          name=f"{type(self).__name__}-{self.port}").start()
@@ -123,6 +123,12 @@ class _Listener:
             _close(sock)
         for conn in conns:
             _close(conn)
+
+    def release_port(self) -> None:
+        """Refuse, then let the port go (after this, `listen()` cannot reopen it)."""
+        self.refuse()
+        if self._held is not None:
+            self._held.close()
 
     @property
     def open_connections(self) -> int:
@@ -157,7 +163,7 @@ class ScriptedUpstream(_Listener):
     - ``die-sse``: a chunked event stream: one complete event, half of the next, then close.
 
     `refuse()` closes the listening socket (connections are refused) and `listen()` opens
-    it again on the same port. `counts` records the requests seen per mode.
+    it again on the same port, held meanwhile. `counts` records the requests seen per mode.
     """
 
     def __init__(self, mode: str = "ok", port: int | None = None) -> None:
@@ -177,7 +183,7 @@ class ScriptedUpstream(_Listener):
     def stop(self) -> None:
         self._stopped = True
         self._release.set()
-        self.refuse()
+        self.release_port()
 
     # serving
 
@@ -255,7 +261,7 @@ class TcpRelay(_Listener):
         self.hung = 0
 
     def stop(self) -> None:
-        self.refuse()
+        self.release_port()
 
     def _handle(self, conn: socket.socket) -> None:
         if self.mode == "hang":

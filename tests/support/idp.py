@@ -44,6 +44,7 @@ What the provider (oidc-provider-mock 0.3.4, Flask + Authlib, served by uvicorn)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -80,14 +81,21 @@ class IdpClient:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (callers retry on the rare race)."""
+    """A port that was free a moment ago: racy, for a peer that cannot take a socket (this
+    IdP) and retries on EADDRINUSE. Anything else binds with tests/support/ports.py."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
+def _port_was_taken(log: str) -> bool:
+    # uvicorn's line when its bind fails: "[Errno 98] error while attempting to bind on
+    # address (...): address already in use", then exit 1.
+    return f"[Errno {errno.EADDRINUSE}]" in log and "address already in use" in log.lower()
+
+
 class IdpProcess:
-    """One oidc-provider-mock process on a free loopback port.
+    """One oidc-provider-mock process on a free loopback port (picked again if taken).
 
     Usage::
 
@@ -132,18 +140,20 @@ class IdpProcess:
         """Start the process and return once its discovery document answers."""
         if self._process is not None:
             raise IdpError("IdP already started")
-        last_error: Exception | None = None
-        # free_port() can race with another process grabbing the port: retry a few times.
-        for _attempt in range(3):
-            port = free_port(self.host)
+        # The mock's CLI binds --port itself (uvicorn.run(host=, port=) in its __main__) and
+        # has no option to take an inherited socket, so the port is picked free and another
+        # process may take it before the mock binds it: then (and only then) pick again.
+        for _attempt in range(5):
+            self._spawn(free_port(self.host))
             try:
-                self._spawn(port)
                 self._wait_ready()
                 return self
             except IdpError as exc:
-                last_error = exc
+                taken = _port_was_taken(self.log_text())
                 self.stop()
-        raise IdpError(f"identity provider did not start: {last_error}")
+                if not taken:
+                    raise IdpError(f"identity provider did not start: {exc}") from None
+        raise IdpError("identity provider did not start: its port was taken five times in a row")
 
     def stop(self) -> None:
         """Stop the process (only the one this object started) and keep its log."""

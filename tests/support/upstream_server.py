@@ -1,7 +1,8 @@
 """A real upstream: the `mcp` package's own MCPServer over Streamable HTTP, with tools that
 stream progress, ask the client for elicitation, fail, and count what the gateway sends.
 
-Run: python -m tests.support.upstream_server PORT [--stateless] [--json]"""
+Run: python -m tests.support.upstream_server (--fd FD | PORT) [--stateless] [--json]
+(--fd: serve the listening socket the parent bound and passed with Popen(pass_fds=...))."""
 
 from __future__ import annotations
 
@@ -84,12 +85,21 @@ def review(code: str) -> str:
     return f"Please review: {code}"
 
 
-if __name__ == "__main__":
-    port = int(sys.argv[1])
-    server.run(
-        transport="streamable-http",
-        host="127.0.0.1",
-        port=port,
-        stateless_http="--stateless" in sys.argv,
-        json_response="--json" in sys.argv,
+def main(argv: list[str]) -> None:
+    import anyio
+    import uvicorn
+
+    app = server.streamable_http_app(
+        host="127.0.0.1", stateless_http="--stateless" in argv, json_response="--json" in argv
     )
+    # What MCPServer.run(transport="streamable-http") does, plus uvicorn's own `fd` option.
+    if "--fd" in argv:
+        where = {"fd": int(argv[argv.index("--fd") + 1])}
+    else:
+        where = {"host": "127.0.0.1", "port": int(argv[0])}
+    config = uvicorn.Config(app, log_level=server.settings.log_level.lower(), **where)
+    anyio.run(uvicorn.Server(config).serve)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
