@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+import weakref
 
 from tornado.iostream import StreamClosedError
 
@@ -47,7 +48,11 @@ class McpProxyHandler(BaseHandler):
 
     def initialize(self) -> None:
         self._upstream_response = None
-        self._upstream_request: asyncio.Future | None = None
+        self._upstream_request: asyncio.Task | None = None  # this handler's task, awaiting upstream headers
+        self._reading: asyncio.Task | None = None  # this handler's task, awaiting an idle stream's next bytes
+        self._interrupted: str | None = None  # why _reading was cancelled: "keepalive" or "drain"
+        self._timer: asyncio.TimerHandle | None = None  # a stream's keep-alive timer
+        self._last_read = 0.0
         self._client_gone = False
         self._bytes_out = 0
         self._flushed = False  # once True, the client has bytes of the answer: no error answer any more
@@ -171,6 +176,12 @@ class McpProxyHandler(BaseHandler):
         if self._upstream_response is not None:
             self._upstream_response.close()
 
+    def _uncancel(self) -> None:
+        """The task's cancellation was ours and is handled: later awaits in it are not cancelled."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            task.uncancel()
+
     def upstream_headers(self, call: Call, session) -> list[tuple[str, str]]:
         incoming = self.request.headers
         # Fields the client's Connection header names are for the gateway alone (RFC 9110 §7.6.1).
@@ -203,8 +214,11 @@ class McpProxyHandler(BaseHandler):
                 return
         if self._client_gone:
             return
-        self._upstream_request = asyncio.ensure_future(
-            services.upstream.request(
+        # No task of its own (one per request costs more than the rest of the relay): while
+        # the headers are awaited, on_connection_close cancels this handler's task.
+        self._upstream_request = asyncio.current_task()
+        try:
+            response = await services.upstream.request(
                 method,
                 server.upstream_url,
                 self.upstream_headers(call, call.session),
@@ -213,12 +227,10 @@ class McpProxyHandler(BaseHandler):
                 # connection (a name re-pointed inward after registration is refused).
                 public_only=not server.internal_upstream,
             )
-        )
-        try:
-            response = await self._upstream_request
         except asyncio.CancelledError:
             if not self._client_gone:
                 raise
+            self._uncancel()
             return  # cancelled by on_connection_close: the upstream connection is closed
         except UpstreamTimeout:
             services.metrics.inc("upstream_errors_total", kind="timeout")
@@ -312,7 +324,7 @@ class McpProxyHandler(BaseHandler):
         scanned = bytearray()
         unflushed = 0
         try:
-            async for chunk in response.iter_chunks():
+            while chunk := await response.read_chunk():
                 self.write(chunk)
                 self._bytes_out += len(chunk)
                 if len(scanned) <= OUTCOME_SCAN_LIMIT:
@@ -359,35 +371,46 @@ class McpProxyHandler(BaseHandler):
 
         Drain (SIGTERM): a standalone GET stream, or a POST's stream once its answer went by,
         ends at the next event boundary with a normal end of stream (the chunked terminator),
-        so the client reconnects (to another instance) instead of seeing a reset."""
+        so the client reconnects (to another instance) instead of seeing a reset.
+
+        An idle stream is this handler's task awaiting the upstream's next bytes and nothing
+        else (no task, waiter or timeout per stream or per event: thousands are held open):
+        the keep-alive timer and the drain interrupt that read by cancelling the task."""
         self.set_header("Cache-Control", "no-cache, no-transform")
         self.set_header("X-Accel-Buffering", "no")
         metrics = self.services.metrics
         draining = self.services.draining
+        keepalive = self.config.sse_keepalive
+        loop = asyncio.get_running_loop()
         parser = sse.SseParser()
         outcome = "stream"
-        next_chunk = None
-        drain_started = asyncio.ensure_future(draining.wait())
+        streams = _open_streams(draining)
+        streams.add(self)
+        self._last_read = loop.time()
+        self._timer = loop.call_at(self._last_read + keepalive, self._keepalive_due, keepalive)
         metrics.gauge_add("sse_streams_open", 1)
         try:
             self._flushed = True
             self.flush()
-            next_chunk = asyncio.ensure_future(response.read_chunk())
             while True:
-                waiting = {next_chunk} if drain_started.done() else {next_chunk, drain_started}
-                done, _ = await asyncio.wait(waiting, timeout=self.config.sse_keepalive,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if next_chunk not in done:
-                    if draining.is_set() and self._may_end_for_drain(message, outcome, parser):
-                        metrics.inc("streams_closed_total", reason="drain")
-                        break
-                    if drain_started in done:
-                        continue
-                    if not parser.pending:
+                if draining.is_set() and self._may_end_for_drain(message, outcome, parser):
+                    metrics.inc("streams_closed_total", reason="drain")
+                    break  # finish() below flushes what was written
+                self._reading = asyncio.current_task()
+                try:
+                    chunk = await response.read_chunk()
+                except asyncio.CancelledError:
+                    reason, self._interrupted = self._interrupted, None
+                    if reason is None:
+                        raise
+                    self._uncancel()
+                    if reason == "keepalive" and not parser.pending:
                         self.write(b": keepalive\n\n")
-                        await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)
-                    continue
-                chunk = next_chunk.result()
+                        await self._flush_or_cut()
+                    continue  # a drain: the check above
+                finally:
+                    self._reading = None
+                self._last_read = loop.time()
                 if not chunk:
                     break
                 events = parser.feed(chunk)
@@ -403,12 +426,8 @@ class McpProxyHandler(BaseHandler):
                             outcome = found
                             if found != "unknown":  # too deep to read: maybe not the answer, keep looking
                                 self._answered_at = time.monotonic()
-                if draining.is_set() and self._may_end_for_drain(message, outcome, parser):
-                    metrics.inc("streams_closed_total", reason="drain")
-                    break  # finish() below flushes what was written
-                next_chunk = asyncio.ensure_future(response.read_chunk())
                 if events:
-                    await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)
+                    await self._flush_or_cut()
         except StreamClosedError:
             metrics.inc("streams_closed_total", reason="client_gone")
         except TimeoutError:
@@ -418,15 +437,39 @@ class McpProxyHandler(BaseHandler):
             metrics.inc("streams_closed_total", reason="upstream_broke")
         finally:
             metrics.gauge_add("sse_streams_open", -1)
-            if next_chunk is not None and not next_chunk.done():
-                next_chunk.cancel()
-            drain_started.cancel()
+            self._timer.cancel()
+            streams.discard(self)
+            if not streams:
+                _close_drain_watch(draining)
         if not self._finished:
             try:
                 await self.finish()
             except StreamClosedError:
                 pass
         return outcome if outcome != "stream" else "ok"
+
+    async def _flush_or_cut(self) -> None:
+        """Flush; a client that does not take it within the slow-reader timeout: TimeoutError."""
+        flushed = self.flush()
+        if not flushed.done():  # usually written at once: no timeout to arm
+            await asyncio.wait_for(flushed, self.config.slow_reader_timeout)
+
+    def _keepalive_due(self, keepalive: float) -> None:
+        """Timer: `keepalive` seconds without upstream bytes interrupt the read for a comment."""
+        loop = asyncio.get_running_loop()
+        due = self._last_read + keepalive
+        if loop.time() < due:  # bytes came meanwhile: one timer per stream, re-armed lazily
+            self._timer = loop.call_at(due, self._keepalive_due, keepalive)
+            return
+        self._last_read = loop.time()
+        self._timer = loop.call_at(self._last_read + keepalive, self._keepalive_due, keepalive)
+        self._interrupt("keepalive")
+
+    def _interrupt(self, reason: str) -> None:
+        """Cancel the task only while it awaits the upstream's bytes (a cancel-safe read)."""
+        if self._reading is not None and self._interrupted is None:
+            self._interrupted = reason
+            self._reading.cancel()
 
     @staticmethod
     def _may_end_for_drain(message, outcome: str, parser) -> bool:
@@ -444,3 +487,26 @@ class McpProxyHandler(BaseHandler):
             ((self._answered_at or time.monotonic()) - started) * 1000,
             len(self.request.body), self._bytes_out, self.request.headers,
         )
+
+
+# The streams open per drain event, and one task per event waiting for it to interrupt
+# their reads (instead of a waiting task per stream); the task goes with the last stream.
+_streams: weakref.WeakKeyDictionary[asyncio.Event, set[McpProxyHandler]] = weakref.WeakKeyDictionary()
+_drain_watch: weakref.WeakKeyDictionary[asyncio.Event, asyncio.Task] = weakref.WeakKeyDictionary()
+
+
+def _open_streams(draining: asyncio.Event) -> set[McpProxyHandler]:
+    streams = _streams.get(draining)
+    if streams is None:
+        streams = _streams[draining] = set()
+    if draining not in _drain_watch:
+        watch = _drain_watch[draining] = asyncio.ensure_future(draining.wait())
+        watch.add_done_callback(
+            lambda watch: watch.cancelled() or [handler._interrupt("drain") for handler in list(streams)])
+    return streams
+
+
+def _close_drain_watch(draining: asyncio.Event) -> None:
+    watch = _drain_watch.pop(draining, None)
+    if watch is not None and not watch.done():
+        watch.cancel()

@@ -575,7 +575,7 @@ def wait_until(predicate, timeout: float) -> bool:
 
 
 def test_metrics_count_requests_and_open_streams(rig):
-    before = rig.metric("http_requests_total", handler="McpProxyHandler", code="200")
+    before = rig.metric("http_requests_total", route="mcp", status="200")
     assert rig.metric("sse_streams_open") == 0
     seen_open = []
     with rig.http.stream("POST", f"/mcp/{SRV['quiet']}", content=json.dumps(rpc("tools/call", 12, name="quiet")),
@@ -585,4 +585,4 @@ def test_metrics_count_requests_and_open_streams(rig):
             break  # the stream is up: one open stream while we hold it
     assert seen_open == [1]
     assert wait_until(lambda: rig.metric("sse_streams_open") == 0, 10)
-    assert rig.metric("http_requests_total", handler="McpProxyHandler", code="200") == before + 1
+    assert rig.metric("http_requests_total", route="mcp", status="200") == before + 1
