@@ -231,8 +231,11 @@ class BaseHandler(RequestIdentity, tornado.web.RequestHandler):
             return
         if isinstance(value, tornado.web.HTTPError):
             if value.log_message:
-                gen_log.warning("%d %s %s: " + value.log_message, value.status_code, method, path, *value.args,
-                                extra=extra)
+                try:
+                    message = value.log_message % value.args if value.args else value.log_message
+                except (TypeError, ValueError):
+                    message = value.log_message
+                gen_log.warning("%d %s %s: %s", value.status_code, method, path, message, extra=extra)
             return
         app_log.error("Uncaught exception %s %s", method, path, exc_info=(typ, value, tb), extra=extra)
 
