@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, urlsplit
 import httpx
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.logs import (
     MAX_REQUEST_ID,
@@ -270,6 +271,15 @@ def test_json_log_of_a_real_gateway(gateway_factory, upstream):
     status, headers = raw_get(gateway.port, "/register", b"")
     assert status == 405 and GENERATED_ID.fullmatch(headers["x-request-id"])
     seen[headers["x-request-id"]] = ("/register", 405)
+
+    # The same function counts every request by route group and status, and times it.
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(httpx.get(gateway.url + "/metrics").text)
+               for s in family.samples}
+    assert samples[("mcpgw_http_requests_total", (("route", "oauth"), ("status", "201")))] >= 9  # registrations
+    assert samples[("mcpgw_http_requests_total", (("route", "mcp"), ("status", "401")))] >= 3
+    assert samples[("mcpgw_http_requests_total", (("route", "discovery"), ("status", "200")))] >= 5
+    assert samples[("mcpgw_http_request_duration_seconds_count", (("route", "mcp"),))] >= 5
 
     gateway.stop()  # the log is complete
     text = gateway.log_text()
