@@ -50,7 +50,7 @@ def parse_line(line: str) -> dict:
     entry = json.loads(line)
     assert isinstance(entry, dict)
     json.dumps(entry, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
-    assert TIME.fullmatch(entry["time"]) and entry["level"] and entry["logger"]
+    assert TIME.fullmatch(entry["time"]) and entry["level"] and entry["logger"] and isinstance(entry["pid"], int)
     assert isinstance(entry["message"], str)
     return entry
 

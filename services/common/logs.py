@@ -117,7 +117,7 @@ class LineHandler(logging.StreamHandler):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object a line: time (RFC 3339, UTC, ms), level, logger, message, request_id
+    """One JSON object a line: time (RFC 3339, UTC, ms), level, logger, message, pid, request_id
     (inside a request), every `extra=` field (user_sub, client_id, server_id, status,
     duration_ms, event, reason…; a field that is unknown is absent, never null) and exc_info
     (the traceback, one string). Pure ASCII: control characters, non-ASCII and lone surrogates
@@ -140,6 +140,9 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": _message(record),
+            # Workers share the parent's stdout/stderr: the journal files every line under the
+            # parent's pid, so the line says which process wrote it.
+            "pid": record.process,
         }
         rid = record.__dict__.get("request_id") or request_id.get()
         if rid != "-":
