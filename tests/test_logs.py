@@ -30,6 +30,7 @@ from tests.support.mcp_oauth import connect, make_oauth_rig, obtain_tokens
 
 ALICE = {"sub": "alice-sub-logs", "email": "alice@example.com", "email_verified": True, "name": "Alice"}
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+ORIGIN = "https://app.example"
 GENERATED_ID = re.compile(r"[0-9a-f]{16}")
 SANE_ID = re.compile(r"[A-Za-z0-9._:+=/@-]{1,128}")
 
@@ -188,7 +189,7 @@ def access_lines(entries: list[dict], rid: str) -> list[dict]:
 
 
 def test_json_log_of_a_real_gateway(gateway_factory, upstream):
-    gateway = gateway_factory(extra_env={"MCPGW_LOG_FORMAT": "json"})
+    gateway = gateway_factory(extra_env={"MCPGW_LOG_FORMAT": "json", "MCPGW_ALLOWED_ORIGINS": ORIGIN})
     server_id = gateway.add_server(upstream.url, ALICE["email"])
     secrets: set[str] = set()
     seen: dict[str, tuple[str, int]] = {}  # request id the client got -> (path, status)
@@ -267,6 +268,13 @@ def test_json_log_of_a_real_gateway(gateway_factory, upstream):
     for value in (b'INJECTED-6\r\n {"level":"CRITICAL"}', b"INJECTED-7\rX", b"INJECTED-8\x1b[31m"):
         status, _ = raw_get(gateway.port, "/.well-known/oauth-authorization-server", b"X-Request-Id: " + value + b"\r\n")
         assert status == 400
+    # Browsers may send it and read it where CORS is on (the proxy, the OAuth endpoints).
+    for path in (f"/mcp/{server_id}", "/token"):
+        preflight = httpx.options(gateway.url + path, headers={
+            "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "x-request-id"})
+        assert GENERATED_ID.fullmatch(preflight.headers["x-request-id"])
+        for header in ("access-control-allow-headers", "access-control-expose-headers"):
+            assert "x-request-id" in {h.strip().lower() for h in preflight.headers[header].split(",")}
     # Errors answered before prepare() (405) carry one too.
     status, headers = raw_get(gateway.port, "/register", b"")
     assert status == 405 and GENERATED_ID.fullmatch(headers["x-request-id"])
