@@ -119,6 +119,22 @@ def _star_glob(pattern: str) -> Callable[[str], bool]:
     return match
 
 
+def _question_glob(pattern: str) -> Callable[[str], bool]:
+    """A matcher for a glob with `?` only: same length, and equal where it is not `?`."""
+    fixed = tuple((i, c) for i, c in enumerate(pattern) if c != "?")
+    size = len(pattern)
+
+    def match(name: str) -> bool:
+        if len(name) != size:
+            return False
+        for i, c in fixed:
+            if name[i] != c:
+                return False
+        return True
+
+    return match
+
+
 class Matcher:
     """A set of names and globs: exact names by one set lookup, then each glob."""
 
@@ -127,7 +143,9 @@ class Matcher:
     def __init__(self, patterns: Iterable[str]) -> None:
         names, globs = set(), []
         for pattern in patterns:
-            if "?" in pattern:
+            if "?" in pattern and "*" not in pattern:
+                globs.append(_question_glob(pattern))
+            elif "?" in pattern:
                 globs.append(functools.partial(glob_match, pattern))
             elif "*" in pattern:
                 globs.append(_star_glob(pattern))
@@ -137,7 +155,12 @@ class Matcher:
         self.globs = tuple(globs)
 
     def __call__(self, name: str) -> bool:
-        return name in self.names or any(glob(name) for glob in self.globs)
+        if name in self.names:
+            return True
+        for glob in self.globs:  # a loop, not any(): no generator on the hot path
+            if glob(name):
+                return True
+        return False
 
 
 def unmatched(patterns: Sequence[str], names: Iterable[str]) -> list[str]:
