@@ -81,6 +81,9 @@ def configure_logging(format: str = "text", level: int = logging.INFO) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    tornado_general = logging.getLogger("tornado.general")
+    if not any(isinstance(f, MalformedRequestFilter) for f in tornado_general.filters):
+        tornado_general.addFilter(MalformedRequestFilter())
     logging.captureWarnings(True)  # warnings.warn() output becomes a record, not loose stderr text
     if json_lines:
         # A traceback printed by the interpreter would be many lines that are not JSON.
@@ -100,6 +103,21 @@ def announce(lines: list[str]) -> None:
 
 def _log_uncaught(typ, value, tb) -> None:
     logging.getLogger("gateway").critical("uncaught exception", exc_info=(typ, value, tb))
+
+
+class MalformedRequestFilter(logging.Filter):
+    """Tornado's "Malformed HTTP message from …: Invalid header value '…'" quotes the
+    refused value, which may be an Authorization header with one bad byte: the line keeps
+    the reason and drops the quoted value."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Malformed HTTP message from %s: %s" and isinstance(record.args, tuple) \
+                and len(record.args) == 2:
+            reason = str(record.args[1])
+            quote = min((i for i in (reason.find("'"), reason.find('"')) if i >= 0), default=-1)
+            if quote >= 0:
+                record.args = (record.args[0], reason[:quote].rstrip(": ") + " (the value is not logged)")
+        return True
 
 
 class LineHandler(logging.StreamHandler):
