@@ -133,6 +133,9 @@ CATALOGUE: dict[str, Spec] = {
     "policy_denials_total": Spec(
         "counter", "Authenticated requests refused by the sharing rules or scopes (403), by reason.",
         {"reason": _set("not_shared", "scope", "insufficient_scope", "session", "tool")}),
+    "tool_changes_total": Spec(
+        "counter", "Changes seen in upstream tool catalogs (and owner approvals), by kind.",
+        {"kind": _set("appeared", "changed", "disappeared", "approved")}),
     "storage_seconds": Spec("histogram", "Storage call latency, by storage method.",
                             {"op": STORAGE_OPS}, STORAGE_BUCKETS),
     "storage_errors_total": Spec(
