@@ -347,7 +347,7 @@ def test_json_mode_turns_the_banner_warnings_and_uncaught_exceptions_into_lines(
     """Output that would bypass the log format (the start-up banner, warnings.warn, an
     uncaught exception's traceback) is a JSON line too, and stdout stays empty."""
     code = ("import warnings; from services.common.logs import announce, configure_logging; "
-            "configure_logging('JSON'); announce(['Gateway listening on x', '  dashboard: y']); "
+            "configure_logging('JSON'); announce(['Gateway listening on x', '  dashboard:      y']); "
             "warnings.warn('careful\\nnow'); raise RuntimeError('boom\\nline')")
     result = run_python("-c", code, env={})
     assert result.stdout == ""

@@ -94,9 +94,10 @@ def configure_logging(format: str = "text", level: int = logging.INFO) -> None:
 def announce(lines: list[str]) -> None:
     """Start-up lines for a person at a terminal (the listening banner): printed to stdout
     as they are in text format; in json format one INFO record on the `gateway` logger (the
-    lines joined with "; "), since under systemd stdout goes to the same journal."""
+    lines joined with "; ", runs of spaces as one), since under systemd stdout goes to the
+    same journal."""
     if _json_lines:
-        logging.getLogger("gateway").info("; ".join(line.strip() for line in lines))
+        logging.getLogger("gateway").info("; ".join(" ".join(line.split()) for line in lines))
     else:
         print("\n".join(lines), flush=True)
 
