@@ -346,7 +346,13 @@ async def serve(services: Services, sockets: list, notifier=None, lifeline: int 
     WATCHDOG go (default: systemd's $NOTIFY_SOCKET; a worker's: its supervisor); `lifeline`:
     a worker's pipe from its supervisor, at end of file when the supervisor is gone."""
     from handlers import make_app
-    from handlers.admission import AdmissionHTTPServer, connection_cap, descriptor_limit
+    from handlers.admission import (
+        ACCEPT_BATCH,
+        SHARED_ACCEPT_BATCH,
+        AdmissionHTTPServer,
+        connection_cap,
+        descriptor_limit,
+    )
     from services.common.systemd import Notifier, socket_address
 
     config = services.config
@@ -367,6 +373,7 @@ async def serve(services: Services, sockets: list, notifier=None, lifeline: int 
         xheaders=config.trust_forwarded,
         max_body_size=4 * 1024 * 1024,
         idle_connection_timeout=75,
+        accept_batch=ACCEPT_BATCH if lifeline is None else SHARED_ACCEPT_BATCH,
     )
     server.add_sockets(sockets)
     where = ", ".join(socket_address(sock) for sock in sockets)

@@ -65,6 +65,9 @@ REPORT_INTERVAL = 10.0  # seconds between two log lines about one condition
 RETRY_AFTER = 5  # seconds, in the 503's Retry-After
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 2.0  # accepting paused this long after EMFILE
 ACCEPT_BATCH = 128  # accepts per readiness, as Tornado's own handler (fairness to other work)
+# Workers sharing one listening socket (MCPGW_WORKERS): each readiness wakes all of them and
+# the first would take the whole backlog; a few at a time spreads a burst of connections.
+SHARED_ACCEPT_BATCH = 4
 FRESH_GRACE = 1.0  # seconds a connection accepted just before a drain gets to send its request
 
 # accept() failures that mean "no descriptor or socket memory now", not "this connection".
@@ -112,9 +115,11 @@ class AdmissionHTTPServer(HTTPServer):
     when the process is out of descriptors. Constructed like `HTTPServer`, plus
     ``max_connections`` and an optional ``metrics`` (`services.metrics.Metrics`)."""
 
-    def initialize(self, *args, max_connections: int, metrics=None, **kwargs) -> None:
+    def initialize(self, *args, max_connections: int, metrics=None, accept_batch: int = ACCEPT_BATCH,
+                   **kwargs) -> None:
         super().initialize(*args, **kwargs)
         self.max_connections = max_connections
+        self.accept_batch = accept_batch
         self._metrics = metrics
         # Counts since the last report, and the report timer (None: no condition pending).
         self._refused = 0
@@ -134,7 +139,7 @@ class AdmissionHTTPServer(HTTPServer):
         # stored remover and closes the socket.
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
-            acceptor = _Acceptor(self, sock)
+            acceptor = _Acceptor(self, sock, self.accept_batch)
             self._acceptors.append(acceptor)
             self._handlers[sock.fileno()] = acceptor.close
 
@@ -337,8 +342,9 @@ class _Acceptor:
     """The accept loop of one listening socket (Tornado's netutil.add_accept_handler, plus a
     back-off when out of descriptors instead of an exception per readiness)."""
 
-    def __init__(self, server: AdmissionHTTPServer, sock: socket.socket):
+    def __init__(self, server: AdmissionHTTPServer, sock: socket.socket, batch: int = ACCEPT_BATCH):
         self._server = server
+        self._batch = batch
         self._sock = sock
         self._loop = IOLoop.current()
         self._backoff = BACKOFF_MIN
@@ -347,8 +353,8 @@ class _Acceptor:
         self._accepted = 0
         self._loop.add_handler(sock, self._on_readable, IOLoop.READ)
 
-    def _on_readable(self, fd, events) -> None:
-        for _ in range(ACCEPT_BATCH):
+    def _on_readable(self, fd, events, batch: int | None = None) -> None:
+        for _ in range(batch or self._batch):
             if self._closed:
                 return
             try:
@@ -372,7 +378,7 @@ class _Acceptor:
             if self._closed or self._resume is not None:
                 return
             before = self._accepted
-            self._on_readable(None, None)
+            self._on_readable(None, None, ACCEPT_BATCH)
             if self._accepted - before < ACCEPT_BATCH:
                 return
 
