@@ -448,7 +448,8 @@ def serve_command() -> int:
     from workers import Supervisor
 
     where = ", ".join(socket_address(sock) for sock in sockets)
-    cap = min(config.max_connections or connection_cap(descriptor_limit()), connection_cap(descriptor_limit()))
+    cap = connection_cap(descriptor_limit())  # the limit is raised here once, inherited by the workers
+    cap = min(config.max_connections or cap, cap)
     print_banner(config, where, f"{config.workers} worker processes, each at most {cap} at once")
 
     def worker(link) -> int:
