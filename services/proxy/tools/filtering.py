@@ -52,12 +52,16 @@ class ToolListing:
     next_cursor: str | None
     is_error: bool = False
 
-    def render(self, keep: Callable[[dict, str], bool]) -> bytes:
-        """The response with only the tools `keep(tool, hash)` accepts, as compact JSON."""
+    def filtered(self, keep: Callable[[dict, str], bool]) -> dict:
+        """The response with only the tools `keep(tool, hash)` accepts (a batch's member)."""
         if self.is_error:
-            return _dump(self.message)
+            return self.message
         kept = [tool for tool, digest in zip(self.tools, self.hashes, strict=True) if keep(tool, digest)]
-        return _dump({**self.message, "result": {**self.message["result"], "tools": kept}})
+        return {**self.message, "result": {**self.message["result"], "tools": kept}}
+
+    def render(self, keep: Callable[[dict, str], bool]) -> bytes:
+        """`filtered(keep)` as compact JSON (a body, or one SSE event's data)."""
+        return dump_message(self.filtered(keep))
 
 
 def read_tools_result(result: object) -> tuple[list[dict], list[str], str | None]:
@@ -102,6 +106,11 @@ def read_tools_response(data: bytes | str, max_bytes: int = MAX_LIST_BYTES) -> T
         message = json.loads(text, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ToolListError("the tools/list answer is not valid JSON") from None
+    return read_tools_message(message)
+
+
+def read_tools_message(message: object) -> ToolListing:
+    """`read_tools_response` for a message parsed already (a member of a JSON-RPC batch)."""
     if not isinstance(message, dict) or message.get("jsonrpc") != "2.0":
         raise ToolListError("the tools/list answer is not a JSON-RPC response")
     if "result" not in message:
@@ -116,7 +125,7 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _dump(message: dict) -> bytes:
+def dump_message(message: dict) -> bytes:
     # ASCII: whatever the upstream put in other members (a lone surrogate in _meta), the
     # answer the client gets is valid JSON in valid UTF-8.
     return json.dumps(message, separators=(",", ":")).encode("ascii")

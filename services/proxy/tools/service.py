@@ -18,7 +18,7 @@ from storage.base import Grant, Server, Storage, StorageError
 from storage.tools import ToolChange, ToolEntry, ToolRule
 
 from .catalog import CatalogView, approvals, diff
-from .filtering import ToolListing, read_tools_result
+from .filtering import ToolListing, dump_message, read_tools_result
 from .policy import ALLOWED, ToolDecision, ToolPolicy, parse_patterns, policy_for, unmatched
 
 log = logging.getLogger("gateway.tools")
@@ -86,6 +86,11 @@ class ToolService:
         """Record a parsed tools/list answer in the catalog, then render it with only the
         tools this caller may use. `complete`: the request had no cursor and the answer has
         no nextCursor (only then can a tool be seen to have disappeared)."""
+        return dump_message(await self.filter_listing_message(principal, server, grants, listing, complete))
+
+    async def filter_listing_message(self, principal: Principal, server: Server, grants: Sequence[Grant],
+                                     listing: ToolListing, complete: bool) -> dict:
+        """`filter_listing` as a message object (for a member of a JSON-RPC batch)."""
         if not listing.is_error:
             try:
                 await self.observe(server.server_id, listing.tools, listing.hashes, complete)
@@ -95,9 +100,9 @@ class ToolService:
                 log.warning("tool catalog of %s not updated: %s", server.server_id, exc)
         policy = self.policy(principal, server, grants)
         if policy.unrestricted:
-            return listing.render(lambda tool, digest: True)
+            return listing.filtered(lambda tool, digest: True)
         view = await self.view(server.server_id)
-        return listing.render(lambda tool, digest: policy.decide(tool["name"], view.facts_for(tool, digest)).allowed)
+        return listing.filtered(lambda tool, digest: policy.decide(tool["name"], view.facts_for(tool, digest)).allowed)
 
     async def observe(self, server_id: str, tools: Sequence[dict], hashes: Sequence[str],
                       complete: bool) -> list[ToolChange]:
