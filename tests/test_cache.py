@@ -1,11 +1,17 @@
 """TtlCache (services/common/cache.py): per-entry TTL on an injected clock, LRU eviction
-when full (never clearing everything), get/set/pop/clear/len/items/in."""
+when full (never clearing everything), get/set/pop/clear/len/items/in; and services on it
+whose clock the test moves (rate limiting, sign-in session checks)."""
 
 from __future__ import annotations
 
 import pytest
 
+from services import build_services
+from services.authserver.signin import SESSION_CHECK_TTL
 from services.common.cache import TtlCache
+from services.common.ratelimit import RateLimiter
+from storage.base import User
+from tests.support.inprocess import make_config, run
 
 
 class Clock:
@@ -94,3 +100,42 @@ def test_items_skip_expired_entries():
 def test_a_cache_needs_room_for_one_entry():
     with pytest.raises(ValueError):
         TtlCache(0)
+
+
+# ------------------------------------------------- services on the cache and a moved clock
+
+
+def test_rate_limit_buckets_refill_on_the_limiters_clock():
+    clock = Clock()
+    limiter = RateLimiter({"x": (2.0, 0.5)}, clock=clock)  # 2 at once, then one every 2 s
+    assert [limiter.allow("x", "k") for _ in range(3)] == [True, True, False]
+    assert limiter.allow("x", "other")  # buckets are per key
+    clock.now += 1.9
+    assert not limiter.allow("x", "k")
+    clock.now += 0.1
+    assert limiter.allow("x", "k") and not limiter.allow("x", "k")
+    clock.now += 3600  # a full bucket again: the same as a key never seen
+    assert [limiter.allow("x", "k") for _ in range(3)] == [True, True, False]
+
+
+def test_a_positive_sign_in_check_is_reused_for_one_second_of_the_clock(tmp_path):
+    @run
+    async def main():
+        clock = Clock()
+        a = build_services(make_config(tmp_path), clock=clock)
+        b = build_services(make_config(tmp_path))
+        await a.start(background=False)
+        await b.start(background=False)
+        try:
+            await a.storage.upsert_user(User("u-live", "live@example.com", True, "", "Live"))
+            session = await a.accounts.start_session("u-live")
+            assert await a.accounts.session_is_live(session.sid, "u-live")
+            await b.accounts.end_session(session.sid)  # logout served by another instance
+            clock.now += SESSION_CHECK_TTL - 0.01
+            assert await a.accounts.session_is_live(session.sid, "u-live")  # a's check still holds
+            clock.now += 0.01
+            assert not await a.accounts.session_is_live(session.sid, "u-live")
+        finally:
+            await a.stop()
+            await b.stop()
+    main()
