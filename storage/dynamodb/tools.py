@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -102,7 +103,10 @@ class DynamoDBTools(ToolStore):
                 ConditionExpression=f"{expr.n('hash')} = {new}")}}
         else:
             raise ValueError(f"unknown tool change {change.kind!r}")
-        line = _key(f"SERVER#{_esc(server_id)}", f"TOOLHIST#{_ts(change.at)}#{next(_sequence):012d}")
+        # The sequence orders one instance's lines of one instant; the random part keeps two
+        # instances' lines of one instant apart.
+        line = _key(f"SERVER#{_esc(server_id)}",
+                    f"TOOLHIST#{_ts(change.at)}#{next(_sequence):012d}{os.urandom(4).hex()}")
         return [op, {"Put": {"TableName": table, "Item": {**line, **TOOL_CHANGES.encode(change)}}}]
 
     def _trim_history(self, server_id: str) -> None:
