@@ -2,7 +2,8 @@
 the same gateway with a no-op Metrics, in the same run. Not part of the test run.
 
   1. throughput, 32 concurrent clients, JSON tools/call, both gateways pinned to core 0 in
-     turn (interleaved rounds, median ratio; goal: metrics cost <= 3 %)
+     turn (interleaved rounds, median ratio), and each gateway's CPU time per request over
+     all rounds (steadier on a shared machine); goal: metrics cost <= 3 %
   2. metric operations per proxied request (from /metrics) and the cost of one operation
      in this process: in memory (one worker) and in mmap files (multi-process mode),
      i.e. the expected share of a request's CPU time
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import minimal_upstream  # noqa: E402
-from bench.proxy import Connection, bearer_token, throughput  # noqa: E402
+from bench.proxy import Connection, bearer_token  # noqa: E402
 from tests.support import gateway as gateway_support  # noqa: E402
 from tests.support.gateway import GatewayProcess  # noqa: E402
 
@@ -123,6 +124,30 @@ def cost_per_operation(multiprocess: bool) -> dict[str, float]:
     return json.loads(out.stdout)
 
 
+async def throughput(port: int, path: str, token: str, seconds: float) -> tuple[float, int]:
+    """(requests per second, requests done) with 32 concurrent keep-alive clients."""
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client():
+        nonlocal done
+        connection = Connection(port, path, token)
+        while time.perf_counter() < deadline:
+            await connection.post()
+            done += 1
+        connection.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(32)))
+    return done / (time.perf_counter() - start), done
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def line(label: str, value: str, target: str = "") -> None:
     print(f"  {label:<56} {value:<34} {target}")
 
@@ -150,21 +175,29 @@ def main() -> None:
             path = f"/mcp/{server_id}"
             targets = {"metrics": with_metrics.port, "no-op": without.port}
 
-            async def warm(port: int) -> None:
-                await throughput(port, path, token, 1.0)
-
-            for port in targets.values():
-                asyncio.run(warm(port))
+            for port in targets.values():  # warm: caches, pool, JIT-free but page-cache warm
+                asyncio.run(throughput(port, path, token, 1.0))
             print(f"gateway pids {with_metrics.pid} (metrics) and {without.pid} (no-op Metrics) on core 0; "
                   f"{args.rounds} rounds of {args.seconds:g} s, order alternating\n")
-            rounds = []
+            pids = {"metrics": with_metrics.pid, "no-op": without.pid}
+            rounds, cpu_ratios, cpu, done = [], [], dict.fromkeys(targets, 0.0), dict.fromkeys(targets, 0)
             for number in range(args.rounds):
                 order = list(targets) if number % 2 == 0 else list(reversed(targets))
-                result = {name: asyncio.run(throughput(targets[name], path, token, args.seconds)) for name in order}
+                result, spent = {}, {}
+                for name in order:
+                    before = cpu_seconds(pids[name])
+                    result[name], count = asyncio.run(throughput(targets[name], path, token, args.seconds))
+                    spent[name] = cpu_seconds(pids[name]) - before
+                    cpu[name] += spent[name]
+                    done[name] += count
+                    spent[name] /= count
                 rounds.append(result)
+                cpu_ratios.append(spent["metrics"] / spent["no-op"])
                 print(f"  round {number + 1}: metrics {result['metrics']:,.0f} req/s, no-op {result['no-op']:,.0f} "
-                      f"req/s, ratio {result['metrics'] / result['no-op']:.3f}")
+                      f"req/s, ratio {result['metrics'] / result['no-op']:.3f}; CPU per request "
+                      f"{1e6 * spent['metrics']:.0f} / {1e6 * spent['no-op']:.0f} µs")
             ratios = [r["metrics"] / r["no-op"] for r in rounds]
+            cpu_per_request = {name: cpu[name] / done[name] * 1e6 for name in targets}
 
             def run_requests(count: int) -> None:
                 async def go():
@@ -184,18 +217,23 @@ def main() -> None:
 
     memory, files = cost_per_operation(False), cost_per_operation(True)
     rps = statistics.median(r["no-op"] for r in rounds)
+    request_us = cpu_per_request["no-op"]
     print("\n1. throughput, 32 concurrent clients, one core (median of rounds)")
     line("no-op Metrics", f"{rps:,.0f} req/s = 1.000x")
     line("metrics", f"{statistics.median(r['metrics'] for r in rounds):,.0f} req/s = "
          f"{statistics.median(ratios):.3f}x", "(goal >= 0.97x)")
     line("ratio per round", " ".join(f"{x:.3f}" for x in ratios))
+    line("gateway CPU per request: no-op / metrics",
+         f"{cpu_per_request['no-op']:.0f} / {cpu_per_request['metrics']:.0f} µs = "
+         f"{cpu_per_request['metrics'] / cpu_per_request['no-op'] - 1:+.1%}", "(goal <= +3 %)")
+    line("CPU per request, metrics / no-op, median of rounds", f"{statistics.median(cpu_ratios) - 1:+.1%}")
     print("2. cost of the operations a proxied request makes")
     line("metric operations per proxied request (at most)", f"{ops:.1f}")
     for label, cost in (("one worker (memory)", memory), ("multi-process (mmap files)", files)):
         per_request = ops * max(cost["inc"], cost["observe"])
         line(f"{label}: inc / observe", f"{cost['inc']:.2f} / {cost['observe']:.2f} µs")
-        line(f"{label}: per request, share of {1e6 / rps:.0f} µs", f"<= {per_request:.1f} µs = "
-             f"{per_request * rps / 1e4:.2f} %")
+        line(f"{label}: per request, share of {request_us:.0f} µs CPU", f"<= {per_request:.1f} µs = "
+             f"{100 * per_request / request_us:.2f} %")
 
 
 if __name__ == "__main__":
