@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gateway import GatewayProcess
 
@@ -42,7 +44,10 @@ def test_a_wrong_token_is_refused(behind_proxy, credentials):
 def test_the_bearer_token_opens_metrics_to_a_forwarded_caller(behind_proxy):
     response = behind_proxy.get("/metrics", headers={**FORWARDED, "Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 200
-    assert "# TYPE mcpgw_" in response.text
+    assert response.headers["content-type"] == CONTENT_TYPE_LATEST
+    assert response.headers["cache-control"] == "no-store"
+    names = {family.name for family in text_string_to_metric_families(response.text)}
+    assert "mcpgw_http_requests" in names  # at least the harness's start-up /healthz probe
 
 
 def test_a_client_written_x_real_ip_is_not_loopback(behind_proxy):
