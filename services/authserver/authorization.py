@@ -225,8 +225,7 @@ class AuthorizationRequests:
             except OAuthError as exc:
                 reason = exc.description
         if reason is not None:
-            security_event("signin_refused", f"authorization refused to user {user['sub']} for client "
-                                             f"{payload['client_id']}: {reason}",
+            security_event("signin_refused", "authorization refused: the sharing rules do not admit this user",
                            user_sub=user["sub"], client_id=payload["client_id"],
                            server_id=payload.get("server_id", ""), reason=reason)
         return reason

@@ -104,9 +104,9 @@ class ClientRegistry:
             await self._storage.create_client(client)
         except Conflict:  # 128 random bits: only a broken RNG gets here
             raise ServerError("could not allocate a client id", 500) from None
-        security_event("client_registered", f"client {client.client_id} ({kind}, {client.token_endpoint_auth_method}) "
-                                            f"registered: {client.client_name!r}",
-                       client_id=client.client_id, kind=kind, redirect_hosts=_hosts(client))
+        security_event("client_registered", "OAuth client registered", client_id=client.client_id, kind=kind,
+                       auth_method=client.token_endpoint_auth_method, client_name=client.client_name,
+                       redirect_hosts=_hosts(client))
         return client, secret
 
     async def get(self, client_id: str) -> Client:
@@ -241,10 +241,10 @@ class ClientRegistry:
             # makes one (routine, not worth an alert), nobody chose its id (it is the URL),
             # and its document came through the SSRF guard and the registration rules.
             security_log.info(
-                f"client {url} (cimd) {'registered at first use' if existing is None else 'changed'}: "
-                f"{client.client_name!r}",
+                "OAuth client registered at the first use of its metadata document" if existing is None
+                else "OAuth client's metadata document changed",
                 extra={"event": "client_registered", "client_id": url, "kind": "cimd",
-                       "redirect_hosts": _hosts(client)})
+                       "client_name": client.client_name, "redirect_hosts": _hosts(client)})
         self._cimd_cache.set(url, client, cache_ttl(headers))
         return client
 

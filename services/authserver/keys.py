@@ -162,8 +162,8 @@ class KeyRing:
         for key in old:
             await self._storage.set_signing_key_status(key.kid, "retiring", retire_at)
         await self.load()
-        security_event("key_rotated", f"signing key rotated: new kid {new.kid}, "
-                                      f"{len(old)} old key(s) retiring", kid=new.kid, retiring=len(old))
+        security_event("key_rotated", "signing key rotated; the old ones verify until their tokens expired",
+                       kid=new.kid, retiring=len(old))
         return new
 
     async def refresh_if_stale(self) -> None:

@@ -108,8 +108,8 @@ class Accounts:
             expected = str(pending.payload.get("browser", ""))
             offered = secret_digest(browser_key) if isinstance(browser_key, str) and browser_key else ""
             if not expected or not secrets.compare_digest(expected, offered):
-                security_event("signin_refused", "sign-in callback refused: its state was started in "
-                                                 "another browser (login CSRF?)", reason="browser_mismatch")
+                security_event("signin_refused", "sign-in refused: the callback came to another browser than "
+                                                 "the one that started it (login CSRF?)", reason="browser_mismatch")
                 raise PageError(
                     403, "This sign-in was started in another browser",
                     "A sign-in must end in the browser where it began. "
@@ -158,9 +158,8 @@ class Accounts:
         if claims.email and claims.email_verified:
             bound = await self._storage.bind_owner(claims.email, claims.sub)
             if bound:
-                security_event("owner_bound", f"{bound} server(s) registered for {claims.email} now owned by "
-                                              f"user {claims.sub} (first verified sign-in)",
-                               user_sub=claims.sub, servers=bound)
+                security_event("owner_bound", "servers registered for this e-mail are now owned by the account "
+                                              "that signed in with it", user_sub=claims.sub, servers=bound)
             if bound and self._access is not None:
                 # Until now the e-mail alone made its holder the owner; from now on only
                 # this `sub` is. The cached rules must not grant another account with the
@@ -226,5 +225,4 @@ class Accounts:
         await self._storage.put_pending(
             Pending(kind="signout-all", key=sub, payload={"at": now}, expires_at=now + self._signin_ttl + 60)
         )
-        security_event("signout_all", f"user {sub} signed out everywhere: every earlier sign-in session ended",
-                       user_sub=sub)
+        security_event("signout_all", "signed out everywhere: every earlier sign-in session ended", user_sub=sub)

@@ -31,6 +31,11 @@ from storage.base import AuthCode, Client, RefreshFamily, RefreshToken, Storage,
 
 CODE_TTL = 60
 GRACE = 30.0
+REVOCATION_MESSAGES = {  # revoke_family's security event -> its line
+    "token_revoked": "authorization revoked: its refresh and access tokens stop working",
+    "refresh_reuse": "refresh token reused after its rotation: the authorization is revoked",
+    "code_reuse": "authorization code replayed: what it issued is revoked",
+}
 
 
 class TokenService:
@@ -124,7 +129,7 @@ class TokenService:
             raise InvalidGrant("unknown authorization code")
         if not first_use:
             # RFC 6749 §4.1.2: a replayed code revokes what it issued.
-            await self.revoke_family(record.family_id, event="code_reuse", reason="authorization code replayed",
+            await self.revoke_family(record.family_id, event="code_reuse", reason="replay",
                                      user_sub=record.user_sub, client_id=client.client_id)
             raise InvalidGrant("authorization code already used")
         if record.expires_at < self._now():
@@ -221,7 +226,7 @@ class TokenService:
         successor = await self._grace_successor(record, now)
         if successor is None:
             self._metrics.inc("tokens_total", event="refresh_reuse")
-            await self.revoke_family(family.family_id, event="refresh_reuse", reason="refresh token reused",
+            await self.revoke_family(family.family_id, event="refresh_reuse", reason="reuse",
                                      user_sub=family.user_sub, client_id=client.client_id,
                                      server_id=audience.server_id)
             raise InvalidGrant("refresh token reused: the authorization is revoked")
@@ -294,8 +299,7 @@ class TokenService:
 
     # --------------------------------------------------------------- revocation
 
-    async def revoke_family(self, family_id: str, *, event: str = "token_revoked",
-                            reason: str = "revoked by the user or an administrator",
+    async def revoke_family(self, family_id: str, *, event: str = "token_revoked", reason: str = "user_or_admin",
                             user_sub: str = "", client_id: str = "", server_id: str = "") -> None:
         """Stops the refresh family and every access token minted from it; one security
         event (`event`: token_revoked, refresh_reuse, code_reuse) says who and why.
@@ -316,9 +320,8 @@ class TokenService:
             if family is not None:
                 user_sub, client_id = family.user_sub, family.client_id
                 server_id = server_id or self.audiences.of(family.audience).server_id
-        security_event(event, f"{reason}: refresh family of user {user_sub or '?'} for client "
-                              f"{client_id or '?'} revoked with its access tokens",
-                       user_sub=user_sub, client_id=client_id, server_id=server_id, reason=reason)
+        security_event(event, REVOCATION_MESSAGES[event], user_sub=user_sub, client_id=client_id,
+                       server_id=server_id, reason=reason)
 
     async def revoke(self, client: Client, token: str, hint: str | None) -> None:
         """RFC 7009: refresh tokens revoke their family, access tokens their jti. Tokens
@@ -327,7 +330,7 @@ class TokenService:
         record = await self._storage.get_refresh_token(token_hash(token))
         if record is not None:
             if record.client_id == client.client_id:
-                await self.revoke_family(record.family_id, reason="revoked by the client (/revoke)",
+                await self.revoke_family(record.family_id, reason="client",
                                          user_sub=record.user_sub, client_id=client.client_id,
                                          server_id=self.audiences.of(record.audience).server_id)
             return
@@ -339,7 +342,5 @@ class TokenService:
             await self.verifier.store_revocation(claims["jti"], claims["exp"])
             self._metrics.inc("tokens_total", event="revoked")
             server_id = self.audiences.of(str(claims["aud"])).server_id
-            security_event("token_revoked", f"revoked by the client (/revoke): an access token of user "
-                                            f"{claims['sub']} for client {client.client_id}",
-                           user_sub=claims["sub"], client_id=client.client_id, server_id=server_id,
-                           reason="revoked by the client (/revoke)")
+            security_event("token_revoked", "access token revoked by its client", user_sub=claims["sub"],
+                           client_id=client.client_id, server_id=server_id, reason="client")

@@ -250,7 +250,7 @@ class ServerRegistry:
         if not await self._storage.delete_server(server_id):
             raise InvalidInput(f"there is no server {server_id}")
         self._access.forget(server_id)
-        security_event("server_removed", f"server {server_id} removed with its grants and sessions",
+        security_event("server_removed", "server removed with its grants and sessions",
                        server_id=server_id)
 
     async def add_grant(self, server_id: str, kind: str, value: str) -> Grant:
@@ -259,7 +259,7 @@ class ServerRegistry:
         grant = Grant(server_id, kind, value, self._now())
         await self._storage.add_grant(grant)
         self._access.forget(server_id)
-        security_event("grant_added", f"server {server_id} shared with {kind} {value}",
+        security_event("grant_added", "server shared",
                        server_id=server_id, kind=kind, value=value)
         return grant
 
@@ -269,7 +269,7 @@ class ServerRegistry:
         if not await self._storage.remove_grant(server_id, kind, value):
             raise InvalidInput(f"{server_id} has no {kind} grant for {value}")
         self._access.forget(server_id)
-        security_event("grant_removed", f"server {server_id} no longer shared with {kind} {value}",
+        security_event("grant_removed", "server no longer shared",
                        server_id=server_id, kind=kind, value=value)
 
     async def grants(self, server_id: str) -> list[Grant]:
