@@ -4,6 +4,8 @@ whose clock the test moves (rate limiting, sign-in session checks)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from services import build_services
@@ -49,6 +51,9 @@ def test_a_per_entry_ttl_overrides_the_default_and_none_means_until_evicted():
     assert forever.get("k") == "v"
     cache.set("past", 3, ttl=-1)  # already expired (a token whose exp has passed)
     assert cache.get("past") is None
+    cache.set("literal", 4, ttl=math.inf)  # never expires, though the cache has a default TTL
+    clock.now += 10**12
+    assert cache.get("literal") == 4 and cache.get("long") is None
 
 
 def test_when_full_the_least_recently_used_entry_goes_and_only_that_one():

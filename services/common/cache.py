@@ -38,7 +38,8 @@ class TtlCache:
         return entry[1]
 
     def set(self, key: Hashable, value: Any, ttl: float | None = None) -> None:
-        """Store `value`; `ttl` overrides the cache's default for this entry."""
+        """Store `value`; `ttl` overrides the cache's default for this entry (`math.inf`:
+        no expiry even in a cache with a default TTL)."""
         ttl = self._ttl if ttl is None else ttl
         entries = self._entries
         entries[key] = (None if ttl is None else self._clock() + ttl, value)
