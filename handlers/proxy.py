@@ -18,10 +18,12 @@ import weakref
 from tornado.iostream import StreamClosedError
 
 from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
+from services.common import logs
 from services.proxy.gate import Call, Refused
 from services.proxy.protocol import eras, jsonrpc, sse
 from services.proxy.upstream.errors import (
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamRefused,
     UpstreamStreamError,
     UpstreamTimeout,
@@ -58,12 +60,13 @@ class McpProxyHandler(BaseHandler):
         self._flushed = False  # once True, the client has bytes of the answer: no error answer any more
         self._message = None  # the parsed JSON-RPC body of a POST, for the id of error answers
         self._answered_at: float | None = None  # when the response to the request went by
+        self._ttfb = 0.0  # seconds from sending the upstream request to its answer's head
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
         origin = self.request.headers.get("Origin")
         # Only allowed browser origins get CORS headers: others cannot even read a 401.
-        if origin and self.origin_allowed():
+        if origin and self.services.gate.origin_allowed(origin):
             self.set_header("Access-Control-Allow-Origin", origin)
             self.set_header("Vary", "Origin")
             self.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
@@ -87,21 +90,13 @@ class McpProxyHandler(BaseHandler):
         else:
             self.write_json(refused.body, refused.status)
 
-    def origin_allowed(self) -> bool:
-        """Requests without Origin (native clients) pass; browsers need an allowed origin."""
-        origin = self.request.headers.get("Origin")
-        if not origin:
-            return True
-        origin = origin.rstrip("/").lower()
-        return origin == self.config.public_url or origin in self.config.allowed_origins
-
     async def admit(self, server_id: str) -> Call | None:
         """The admitted call when the request may proceed; otherwise the response is sent."""
-        if not self.origin_allowed():
-            self.jsonrpc_error(403, -32003, "this Origin is not allowed to call the gateway")
-            return None
+        gate = self.services.gate
+        headers = self.request.headers
         try:
-            return await self.services.gate.admit(self.request.headers.get("Authorization", ""), server_id)
+            gate.check_origin(headers.get("Origin"), server_id)
+            return await gate.admit(headers.get("Authorization", ""), server_id)
         except Refused as refused:
             self.refuse(refused)
             return None
@@ -193,6 +188,10 @@ class McpProxyHandler(BaseHandler):
                 headers.append((name, value))
         if session is not None:
             headers.append(("Mcp-Session-Id", session.upstream_session_id))
+        # The id the client got back (BaseHandler sets it), so upstream logs can be matched.
+        request_id = getattr(self, "request_id", None) or logs.request_id.get()
+        if request_id != "-":
+            headers.append(("X-Request-Id", request_id))
         server = call.server
         headers.extend(self.services.servers.upstream_headers(server).items())
         if server.forward_identity:
@@ -217,6 +216,7 @@ class McpProxyHandler(BaseHandler):
         # No task of its own (one per request costs more than the rest of the relay): while
         # the headers are awaited, on_connection_close cancels this handler's task.
         self._upstream_request = asyncio.current_task()
+        sent = time.perf_counter()
         try:
             response = await services.upstream.request(
                 method,
@@ -247,13 +247,15 @@ class McpProxyHandler(BaseHandler):
             self.record(call, message, "502", started)
             return
         except UpstreamError as exc:
-            services.metrics.inc("upstream_errors_total", kind="unreachable")
+            services.metrics.inc("upstream_errors_total",
+                                 kind="protocol" if isinstance(exc, UpstreamProtocolError) else "unreachable")
             log.warning("upstream %s unreachable: %s", server_id, exc)
             self.jsonrpc_error(502, -32603, "the upstream MCP server is unreachable", message and message.id)
             self.record(call, message, "502", started)
             return
         finally:
             self._upstream_request = None
+        self._ttfb = time.perf_counter() - sent
         if self._client_gone:
             response.close()
             return
@@ -276,7 +278,9 @@ class McpProxyHandler(BaseHandler):
             # The upstream refused the gateway's own credentials; passing its challenge on
             # would send the client into a re-authorization loop with us.
             log.warning("upstream %s answered %s to the gateway", server_id, status)
+            self.services.metrics.inc("upstream_errors_total", kind="auth_rejected")
             self.jsonrpc_error(502, -32603, "the upstream MCP server refused the gateway", message and message.id)
+            self.observe_latency(call)
             self.record(call, message, "502", started)
             return
         if self.request.method == "DELETE" and session is not None and status < 300:
@@ -301,9 +305,10 @@ class McpProxyHandler(BaseHandler):
             self.set_header("Mcp-Session-Id", session.session_id)
         content_type = response.headers.get("Content-Type", "")
         if content_type.startswith("text/event-stream"):
-            outcome = await self.relay_stream(response, message, started)
+            outcome = await self.relay_stream(response, message, started, call)
         else:
             outcome = await self.relay_body(response, message, status)
+            self.observe_latency(call)
         self.record(call, message, outcome, started)
 
     async def end_upstream_session(self, call: Call, upstream_session: str) -> None:
@@ -365,7 +370,7 @@ class McpProxyHandler(BaseHandler):
             return "ok"
         return jsonrpc.outcome_of(bytes(scanned), message.id) or "ok"
 
-    async def relay_stream(self, response, message, started: float) -> str:
+    async def relay_stream(self, response, message, started: float, call: Call) -> str:
         """Relay an SSE stream event by event, flushed at once, never buffered beyond one
         event; keep-alive comments while idle; slow readers cut off.
 
@@ -392,6 +397,7 @@ class McpProxyHandler(BaseHandler):
         try:
             self._flushed = True
             self.flush()
+            self.observe_latency(call)
             while True:
                 if draining.is_set() and self._may_end_for_drain(message, outcome, parser):
                     metrics.inc("streams_closed_total", reason="drain")
@@ -479,6 +485,20 @@ class McpProxyHandler(BaseHandler):
         if message is None or message.id is None:
             return True  # a standalone GET stream: the client reconnects
         return outcome not in ("stream", "unknown")  # the POST's answer went by
+
+    def observe_latency(self, call: Call) -> None:
+        """proxy_upstream_ttfb_seconds: from sending the upstream request (a pooled connection,
+        or connecting) to its answer's head. proxy_gateway_seconds: from the request's arrival
+        to its answer's head leaving the gateway (the first flush: a held-back JSON answer is
+        written whole, an SSE stream's head goes at once), less that upstream time."""
+        head = getattr(self, "time_to_head", None)  # set at the first flush (BaseHandler)
+        if head is None:
+            if not self._flushed and not self._finished:
+                return  # nothing went out: the client left first
+            head = self.request.request_time()
+        metrics = self.services.metrics
+        metrics.observe("proxy_upstream_ttfb_seconds", self._ttfb, server=call.server_id)
+        metrics.observe("proxy_gateway_seconds", max(head - self._ttfb, 0.0), server=call.server_id)
 
     def record(self, call: Call, message, outcome: str, started: float) -> None:
         self.services.gate.record(

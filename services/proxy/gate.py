@@ -1,9 +1,12 @@
 """ProxyGate: who may make a proxied MCP call, and the bookkeeping around it (the session it
 belongs to, the usage event it leaves). The handler parses and relays; every decision is here.
 
-Order on every request (docs/architecture.md §2): the bearer token first (401 with a challenge
-naming the path's server id: no lookup needed), then the server and the sharing decision, then
-scopes, then the session. An unauthenticated request never reaches the server cache."""
+Order on every request (docs/architecture.md §2): the Origin, the bearer token (401 with a
+challenge naming the path's server id: no lookup needed), then the server and the sharing
+decision, then scopes, then the session. An unauthenticated request never reaches the server
+cache. Each refusal counts in auth_failures_total or policy_denials_total by reason; those that
+look like an attack (another audience or origin, a user the sharing rules keep out, another
+user's session) are also security events. Routine 401s (no or an expired token) are not."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from collections.abc import Awaitable, Callable
 
 from config import Config
 from services.common.access import AccessPolicy, Principal
+from services.common.logs import security_event
+from services.common.metrics import Metrics
 from services.common.scopes import MCP_SCOPES, SCOPE_CONNECT, SCOPE_INVOKE, scope_allows
 from services.proxy.protocol import eras
 from services.proxy.sessions import SessionMap
@@ -34,6 +39,22 @@ class Refused(Exception):
         self.jsonrpc = jsonrpc
 
 
+def token_failure(exc: Exception) -> str:
+    """The auth_failures_total reason of a refused token (InvalidToken says it in words)."""
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str):
+        return reason
+    text = str(exc)
+    for words, reason in _TOKEN_FAILURES:
+        if words in text:
+            return reason
+    return "invalid"
+
+
+_TOKEN_FAILURES = (("expired", "expired"), ("revoked", "revoked"), ("unknown key", "unknown_key"),
+                   ("malformed", "malformed"), ("not a JWT", "malformed"))
+
+
 def rpc_error(status: int, code: int, message: str, request_id=None, www_authenticate: str | None = None) -> Refused:
     return Refused(status, {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}},
                    www_authenticate)
@@ -53,9 +74,12 @@ class Call:
 
 class ProxyGate:
     def __init__(self, config: Config, access: AccessPolicy, sessions: SessionMap, usage: UsageRecorder,
-                 verify_token: Callable[[str], Awaitable[dict]], invalid_token: type[Exception]):
+                 verify_token: Callable[[str], Awaitable[dict]], invalid_token: type[Exception],
+                 metrics: Metrics | None = None):
         """`verify_token` is TokenService.verify_access_token and `invalid_token` the error it
         raises for a token to refuse (both from authserver, handed in by services/app.py)."""
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._allowed_origins = frozenset((config.public_url, *config.allowed_origins))
         self._config = config
         self._access = access
         self._sessions = sessions
@@ -74,18 +98,40 @@ class ProxyGate:
         return rpc_error(status, -32001 if status == 401 else -32003, description or "authorization required",
                          None, "Bearer " + ", ".join(parts))
 
+    def origin_allowed(self, origin: str | None) -> bool:
+        """Requests without Origin (native clients) pass; browsers need an allowed origin."""
+        return not origin or origin.rstrip("/").lower() in self._allowed_origins
+
+    def check_origin(self, origin: str | None, server_id: str) -> None:
+        """403 for a browser origin that may not call the gateway (DNS rebinding, CSRF)."""
+        if not self.origin_allowed(origin):
+            self._metrics.inc("auth_failures_total", reason="origin")
+            # The path's id is not known to be a server: it is not logged as one.
+            security_event("origin_rejected", "MCP request from an origin that may not call the gateway",
+                           origin=origin[:200], reason="origin")
+            raise rpc_error(403, -32003, "this Origin is not allowed to call the gateway")
+
     async def admit(self, authorization: str, server_id: str) -> Call:
         """The call when the bearer token is valid for this server, the server exists, its
         sharing rules let the token's user in and the token has mcp:connect; else Refused."""
+        metrics = self._metrics
         scheme, _, token = authorization.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
+            metrics.inc("auth_failures_total", reason="missing")
             raise self.challenge(server_id)
         try:
             claims = await self._verify(token)
         except self._invalid as exc:
+            metrics.inc("auth_failures_total", reason=token_failure(exc))
             raise self.challenge(server_id, "invalid_token", str(exc)) from None
         if claims["aud"] not in (self._config.server_resource(server_id), self._config.base_resource):
+            metrics.inc("auth_failures_total", reason="audience")
+            # A token minted for another resource replayed here. The path's id need not be a
+            # server: it is logged only as the reason's detail, bounded.
+            security_event("token_audience_mismatch", "access token presented to the wrong MCP resource",
+                           user_sub=claims["sub"], client_id=claims.get("client_id", ""),
+                           reason="audience", requested=server_id[:100])
             raise self.challenge(server_id, "invalid_token", "the access token is for another resource")
         access = self._access
         server = await access.server(server_id)
@@ -96,22 +142,39 @@ class ProxyGate:
             Principal(sub=claims["sub"], email=claims.get("email", ""), hd=claims.get("hd", "")), server_id
         )
         if not decision.allowed:
+            metrics.inc("policy_denials_total", reason="not_shared")
+            security_event("access_denied", "MCP request refused by the sharing rules",
+                           user_sub=claims["sub"], client_id=claims.get("client_id", ""), server_id=server_id,
+                           reason=decision.reason)
             raise rpc_error(403, -32003, f"access denied: {decision.reason}")
         # Every MCP request (POST, the GET stream, DELETE) needs mcp:connect; mcp:invoke
         # implies it. The invoke methods also need mcp:invoke (require_invoke).
         if not scope_allows(claims, SCOPE_CONNECT):
+            metrics.inc("policy_denials_total", reason="scope")
             raise self.challenge(server_id, "insufficient_scope", "this request needs the mcp:connect scope", 403)
         return Call(claims, server, server_id)
 
     def require_invoke(self, call: Call) -> None:
         """Step-up: a call that needs mcp:invoke with a token that lacks it is refused (403)."""
         if not scope_allows(call.claims, SCOPE_INVOKE):
+            self._metrics.inc("policy_denials_total", reason="scope")
             raise self.challenge(call.server_id, "insufficient_scope", "this call needs the mcp:invoke scope", 403)
 
     async def resolve_session(self, call: Call, session_id: str, message) -> None:
         """The gateway session the client names, if it is this user's on this server."""
-        session = await self._sessions.resolve(session_id, call.claims["sub"], call.server_id)
+        claims = call.claims
+        session = await self._sessions.resolve(session_id, claims["sub"], call.server_id)
         if session is None:
+            self._metrics.inc("policy_denials_total", reason="session")
+            # An unknown or expired id is routine (the client initializes again). A live
+            # session of another user or server is someone presenting an id not theirs:
+            # resolve() has just cached it (it reads before it compares the owner).
+            other = self._sessions._cache.get(session_id)
+            if other is not None:
+                security_event("session_hijack_refused", "MCP session id presented by another user or for "
+                               "another server", user_sub=claims["sub"], client_id=claims.get("client_id", ""),
+                               server_id=call.server_id, reason="session_bound", owner_sub=other.user_sub,
+                               session_server_id=other.server_id)
             raise rpc_error(404, -32001, "session not found (initialize again)", message and message.id)
         call.session = session
 
