@@ -1,12 +1,12 @@
 """Metrics: the gateway's Prometheus catalogue on prometheus_client, for one process or for
 every worker of MCPGW_WORKERS=N at once (prometheus_client's multi-process mode).
 
-Contract with the worker supervisor (gateway.py / H5):
+Contract with the worker supervisor (workers.py):
 - One process (the default): nothing to do. Values live in memory; `render()` serves them.
 - N workers: the parent calls `prepare_multiprocess(directory)` BEFORE it builds any
   `Metrics` (so before `build_services`) and before it forks. `directory` must belong to this
-  gateway alone (its stale `*.db` files are deleted), e.g. a fresh directory under the state
-  dir; remove it at exit. Each process, the parent included, then writes its values to its own
+  gateway alone (its stale `*.db` files are deleted), e.g. a fresh private temporary
+  directory; remove it at exit. Each process, the parent included, then writes its values to its own
   mmap files there (`<type>_<pid>.db`), and `render()` in any worker returns the sum over all
   of them: counters and histograms of dead workers stay (a counter never goes back), gauges
   are `livesum` (open streams, queue depth of the processes alive). When a worker dies the
