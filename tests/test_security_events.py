@@ -23,20 +23,12 @@ from services.proxy.upstream.policy import AddressPolicy
 from storage.base import Pending, User
 from tests.support.inprocess import make_config, run
 from tests.test_cimd import DocumentServer, client_document, self_signed_certificate
-from tests.test_services_tokens import REDIRECT, issue
+from tests.test_services_tokens import REDIRECT, WallClock, issue
 
 ALICE = User(sub="u-alice-ev", email="alice@example.com", email_verified=True, name="Alice")
 BOB = User(sub="u-bob-ev", email="bob@example.com", email_verified=True, name="Bob")
 # The attributes every LogRecord has: anything else on a record is a field of the event.
 STANDARD = set(vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None))) | {"message", "asctime"}
-
-
-class WallClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @asynccontextmanager
