@@ -73,6 +73,12 @@ def assert_no_secret(caplog, *values: str) -> None:
                 assert value not in line, (record.getMessage(), fields(record))
 
 
+async def alice_tokens(s) -> tuple[str, str, dict]:
+    """A code for Alice (srv_t), its verifier, and what exchanging it gives."""
+    code, verifier = await issue(s, user=ALICE)
+    return code, verifier, await s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)
+
+
 def tokens_total(s, event: str) -> float:
     return s.metrics.value("tokens_total", event=event)
 
@@ -85,8 +91,7 @@ def test_refresh_reuse_revokes_the_family_with_one_event_and_the_token_counters(
     async def main():
         clock = WallClock()
         async with world(tmp_path, clock) as s:
-            code, verifier = await issue(s, user=ALICE)
-            first = await s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)
+            code, verifier, first = await alice_tokens(s)
             assert tokens_total(s, "issued") == 1
             second = await s.tokens.refresh(s.client, first["refresh_token"], None, None)
             assert tokens_total(s, "refreshed") == 1
@@ -108,8 +113,7 @@ def test_a_replayed_code_revokes_what_it_issued_with_an_event(tmp_path, security
     @run
     async def main():
         async with world(tmp_path) as s:
-            code, verifier = await issue(s, user=ALICE)
-            body = await s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)
+            code, verifier, body = await alice_tokens(s)
             with pytest.raises(OAuthError):
                 await s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)
             (event,) = events(security, "code_reuse")
@@ -123,18 +127,15 @@ def test_revocation_by_the_client_and_from_the_dashboard_are_events(tmp_path, se
     @run
     async def main():
         async with world(tmp_path) as s:
-            code, verifier = await issue(s, user=ALICE)
-            one = await s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)
+            code, verifier, one = await alice_tokens(s)
             await s.tokens.revoke(s.client, one["refresh_token"], None)
-            code, verifier = await issue(s, user=ALICE)
-            two = await s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)
+            code, verifier, two = await alice_tokens(s)
             await s.tokens.revoke(s.client, two["access_token"], "access_token")
             by_client = events(security, "token_revoked")
             assert len(by_client) == 2
             assert all(e.user_sub == ALICE.sub and e.client_id == s.client.client_id and e.server_id == "srv_t"
                        and e.reason == "client" for e in by_client)
-            code, verifier = await issue(s, user=ALICE)
-            three = await s.tokens.exchange_code(s.client, code, REDIRECT, verifier, None)
+            code, verifier, three = await alice_tokens(s)
             actor = await s.dashboard.actor({"sub": ALICE.sub})
             assert await s.dashboard.revoke_authorization(actor, s.client.client_id) == 2  # two and three
             from_dashboard = events(security, "token_revoked")[2:]
