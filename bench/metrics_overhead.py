@@ -7,6 +7,7 @@ the same gateway with a no-op Metrics, in the same run. Not part of the test run
   2. metric operations per proxied request (from /metrics) and the cost of one operation
      in this process: in memory (one worker) and in mmap files (multi-process mode),
      i.e. the expected share of a request's CPU time
+  3. what the storage timing wrapper adds to a storage call (a no-op coroutine, SQLite)
 
 Run: .venv/bin/python bench/metrics_overhead.py [--seconds 2] [--rounds 10]
 The gateways share one SQLite file (one server, one token); the upstream and this load
@@ -148,6 +149,40 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def storage_wrapper_cost(directory: Path) -> dict[str, float]:
+    """Microseconds time_storage adds to one call: on a coroutine that does nothing (the
+    wrapper alone), and a real SQLite get_server with and without it."""
+    from services.common.metrics import Metrics, _timed, time_storage
+    from storage import open_storage
+
+    async def nothing(server_id: str) -> None:
+        return None
+
+    async def measure() -> dict[str, float]:
+        metrics = Metrics()
+        timed = _timed(nothing, "get_server", metrics)
+
+        async def per_call(call, count: int) -> float:
+            start = time.perf_counter()
+            for _ in range(count):
+                await call("srv_x")
+            return (time.perf_counter() - start) / count * 1e6
+
+        raw_storage = open_storage(f"sqlite:///{directory}/wrapper.db")
+        await raw_storage.open()
+        timed_storage = time_storage(open_storage(f"sqlite:///{directory}/wrapper.db"), metrics)
+        await timed_storage.open()
+        result = {"bare": min([await per_call(nothing, 200000) for _ in range(3)]),
+                  "wrapped": min([await per_call(timed, 200000) for _ in range(3)]),
+                  "sqlite": min([await per_call(raw_storage.get_server, 2000) for _ in range(3)]),
+                  "sqlite_timed": min([await per_call(timed_storage.get_server, 2000) for _ in range(3)])}
+        await raw_storage.close()
+        await timed_storage.close()
+        return result
+
+    return asyncio.run(measure())
+
+
 def line(label: str, value: str, target: str = "") -> None:
     print(f"  {label:<56} {value:<34} {target}")
 
@@ -216,6 +251,8 @@ def main() -> None:
             upstream.wait(10)
 
     memory, files = cost_per_operation(False), cost_per_operation(True)
+    with tempfile.TemporaryDirectory() as tmp:
+        wrapper = storage_wrapper_cost(Path(tmp))
     rps = statistics.median(r["no-op"] for r in rounds)
     request_us = cpu_per_request["no-op"]
     print("\n1. throughput, 32 concurrent clients, one core (median of rounds)")
@@ -234,6 +271,14 @@ def main() -> None:
         line(f"{label}: inc / observe", f"{cost['inc']:.2f} / {cost['observe']:.2f} µs")
         line(f"{label}: per request, share of {request_us:.0f} µs CPU", f"<= {per_request:.1f} µs = "
              f"{100 * per_request / request_us:.2f} %")
+    report_storage(wrapper)
+
+
+def report_storage(wrapper: dict[str, float]) -> None:
+    print("3. storage timing (time_storage), per storage call")
+    line("a coroutine doing nothing: bare / timed", f"{wrapper['bare']:.2f} / {wrapper['wrapped']:.2f} µs "
+         f"(+{wrapper['wrapped'] - wrapper['bare']:.2f} µs)")
+    line("SQLite get_server: bare / timed", f"{wrapper['sqlite']:.1f} / {wrapper['sqlite_timed']:.1f} µs")
 
 
 if __name__ == "__main__":
