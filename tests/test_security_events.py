@@ -8,43 +8,23 @@ import logging
 import secrets
 import ssl
 import time
-from contextlib import asynccontextmanager
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from services import build_services
 from services.authserver.clients import ClientRegistry
 from services.authserver.signin import secret_digest
 from services.authserver.tokens import GRACE
 from services.common.errors import OAuthError, PageError
 from services.proxy.upstream.fetch import fetch_small
 from services.proxy.upstream.policy import AddressPolicy
-from storage.base import Pending, User
-from tests.support.inprocess import make_config, run
+from storage.base import Pending
+from tests.support.inprocess import run
 from tests.test_cimd import DocumentServer, client_document, self_signed_certificate
-from tests.test_services_tokens import REDIRECT, WallClock, issue
+from tests.test_services_tokens import ALICE, BOB, REDIRECT, WallClock, issue, world
 
-ALICE = User(sub="u-alice-ev", email="alice@example.com", email_verified=True, name="Alice")
-BOB = User(sub="u-bob-ev", email="bob@example.com", email_verified=True, name="Bob")
 # The attributes every LogRecord has: anything else on a record is a field of the event.
 STANDARD = set(vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None))) | {"message", "asctime"}
-
-
-@asynccontextmanager
-async def world(tmp_path, now=time.time):
-    """Alice owns srv_t; Bob may not use it; a public client is registered."""
-    s = build_services(make_config(tmp_path, MCPGW_UPSTREAM_ALLOW="127.0.0.0/8"), now=now)
-    await s.start(background=False)
-    try:
-        for user in (ALICE, BOB):
-            await s.storage.upsert_user(user)
-        await s.servers.add(name="T", upstream_url="http://127.0.0.1:9/mcp", owner_email=ALICE.email,
-                            server_id="srv_t", owner_sub=ALICE.sub, internal_allowed=True)
-        s.client, _ = await s.clients.register({"redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"})
-        yield s
-    finally:
-        await s.stop()
 
 
 @pytest.fixture
