@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import typing
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -81,9 +81,13 @@ def _contract_ops(*contracts: type) -> frozenset[str]:
 def _contracts() -> list[tuple[str | None, type]]:
     """The storage contract: Storage's own methods, and those of each sub-store it declares
     (`usage: UsageStore`, `tools: ToolStore`, …) by attribute name."""
-    hints = typing.get_type_hints(Storage)
-    return [(None, Storage)] + [(attribute, kind) for attribute, kind in sorted(hints.items())
-                                if isinstance(kind, type) and _contract_ops(kind)]
+    module = sys.modules[Storage.__module__]
+    found = []
+    for attribute, annotation in sorted(Storage.__annotations__.items()):
+        kind = getattr(module, annotation, None) if isinstance(annotation, str) else annotation
+        if isinstance(kind, type) and _contract_ops(kind):
+            found.append((attribute, kind))
+    return [(None, Storage), *found]
 
 
 STORAGE_OPS = _contract_ops(*(contract for _, contract in _contracts()))
