@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 # Usage analytics and the tool catalog live with their own interfaces; re-exported here,
 # where the records are.
 from .tools import ToolChange, ToolEntry, ToolRule, ToolStore, ToolUpdate  # noqa: F401
+from .upstream_auth import UpstreamAuthStore, UpstreamCredential, UpstreamRegistration  # noqa: F401
 from .usage import (  # noqa: F401
     LATENCY_BUCKETS,
     ServerUser,
@@ -254,6 +255,9 @@ class Storage(abc.ABC):
     usage: UsageStore
     # Tool rules and the tool catalog (storage.tools.ToolStore), the same way.
     tools: ToolStore
+    # Connected accounts: upstream credentials, registrations, refresh leases
+    # (storage.upstream_auth.UpstreamAuthStore), the same way.
+    upstream_auth: UpstreamAuthStore
 
     # lifecycle
     @abc.abstractmethod

@@ -1538,3 +1538,104 @@ def test_dynamodb_items_from_before_tool_rules_read_as_the_empty_rule(dynamodb_t
         assert await s.grants_for("srv_a") == [Grant("srv_a", "email", "bob@x.org", T0)]
 
     run(scenario, DynamoDBStorage(table, "us-east-1", endpoint))
+
+
+# ------------------------------------------------------- connected accounts (issue 11)
+
+
+def upcred(sub: str, server_id: str = "srv_a", updated_at: float = T0, **kw: Any) -> Any:
+    from storage.upstream_auth import UpstreamCredential
+
+    return UpstreamCredential(user_sub=sub, server_id=server_id, issuer="https://as.example", token_enc=f"ct:{sub}",
+                              expires_at=updated_at + 60, scope="mcp", upstream_subject=f"up-{sub}",
+                              updated_at=updated_at, **kw)
+
+
+def test_upstream_credentials_per_user_and_server_replace_on_condition_and_go_with_their_server(
+    storage: Storage,
+) -> None:
+    async def scenario(s: Storage) -> None:
+        up = s.upstream_auth
+        for server_id in ("srv_a", "srv_b"):
+            await s.create_server(server(server_id))
+        assert await up.get_credential("u1", "srv_a") is None
+        await up.put_credential(upcred("u1"))
+        await up.put_credential(upcred("u2"))
+        await up.put_credential(upcred("u1", "srv_b"))
+        assert await up.get_credential("u1", "srv_a") == upcred("u1")
+        assert await up.count_credentials("srv_a") == 2
+        assert [c.server_id for c in await up.credentials_of_user("u1")] == ["srv_a", "srv_b"]
+        # A conditional replace: only over the version it read.
+        newer = upcred("u1", updated_at=T0 + 10)
+        assert await up.put_credential(newer, if_updated_at=T0 + 5) is False
+        assert await up.put_credential(newer, if_updated_at=T0) is True
+        assert await up.get_credential("u1", "srv_a") == newer
+        # ... and never over a disconnected account.
+        assert await up.delete_credential("u2", "srv_a") is True
+        assert await up.delete_credential("u2", "srv_a") is False
+        assert await up.put_credential(upcred("u2", updated_at=T0 + 10), if_updated_at=T0) is False
+        assert await up.get_credential("u2", "srv_a") is None
+        # Registrations: the first one stored wins.
+        from storage.upstream_auth import UpstreamRegistration
+
+        first = UpstreamRegistration("srv_a", "https://as.example", "client-1", "ct:s1", "dcr", {"a": 1}, T0)
+        assert await up.add_registration(first) is True
+        assert await up.add_registration(replace(first, client_id="client-2")) is False
+        assert await up.get_registration("srv_a", "https://as.example") == first
+        assert (await up.get_registration("srv_a", "https://as.example")).metadata == {"a": 1}
+        # Deleting the server takes its credentials, registrations and leases along.
+        assert await up.take_refresh_lease("u1", "srv_a", "me", T0 + 30, T0)
+        assert await s.delete_server("srv_a") is True
+        assert await up.get_credential("u1", "srv_a") is None
+        assert await up.get_registration("srv_a", "https://as.example") is None
+        assert await up.count_credentials("srv_a") == 0
+        assert await up.take_refresh_lease("u1", "srv_a", "other", T0 + 30, T0)
+        assert [c.server_id for c in await up.credentials_of_user("u1")] == ["srv_b"]
+        assert await up.delete_user_credentials("u1") == 1
+        assert await up.credentials_of_user("u1") == []
+
+    run(scenario, storage)
+
+
+def test_upstream_refresh_lease_has_one_holder_across_instances_until_it_expires(
+    storage_factory: StorageFactory,
+) -> None:
+    async def scenario(a: Storage, b: Storage) -> None:
+        got = await asyncio.gather(*(
+            store.upstream_auth.take_refresh_lease("u1", "srv_a", name, T0 + 30, T0)
+            for store, name in ((a, "a"), (b, "b")) * 3
+        ))
+        assert sorted(got) == [False] * 3 + [True] * 3  # one instance, three times (its own lease)
+        winner, loser = ("a", "b") if got[0] else ("b", "a")
+        assert not await b.upstream_auth.take_refresh_lease("u1", "srv_a", loser, T0 + 60, T0 + 29)
+        assert await a.upstream_auth.take_refresh_lease("u2", "srv_a", loser, T0 + 30, T0)  # another user
+        await a.upstream_auth.release_refresh_lease("u1", "srv_a", loser)  # not theirs: no effect
+        assert not await b.upstream_auth.take_refresh_lease("u1", "srv_a", loser, T0 + 60, T0 + 1)
+        await a.upstream_auth.release_refresh_lease("u1", "srv_a", winner)
+        assert await b.upstream_auth.take_refresh_lease("u1", "srv_a", loser, T0 + 60, T0 + 1)
+        # Expired: anyone may take it.
+        assert await a.upstream_auth.take_refresh_lease("u1", "srv_a", winner, T0 + 90, T0 + 60)
+
+    run(scenario, storage_factory(), storage_factory())
+
+
+def test_sqlite_migration_6_upgrades_a_version_5_file_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "v5.db"
+    with sqlite3.connect(path) as conn:
+        conn.create_function("legacy_internal_upstream", 1, lambda url: 0)
+        for migration in MIGRATIONS[:5]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 5")
+        conn.execute("INSERT INTO servers (server_id, name, upstream_url, owner_sub, owner_email, "
+                     "upstream_headers_enc, forward_identity, created_at) "
+                     "VALUES ('srv_old', 'old', 'https://a.example/mcp', '', 'o@x.org', '', 0, ?)", (T0,))
+
+    async def scenario(s: Storage) -> None:
+        assert (await s.get_server("srv_old")).name == "old"
+        assert await s.upstream_auth.put_credential(upcred("u1", "srv_old"))
+        assert await s.upstream_auth.count_credentials("srv_old") == 1
+
+    run(scenario, SqliteStorage(str(path)))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6

@@ -32,6 +32,7 @@ from .oauth import OAuthRecords
 from .schema import EXP_INDEX, EXP_SHARDS, ensure_table
 from .servers import ServerRecords
 from .tools import DynamoDBTools
+from .upstream_auth import DynamoDBUpstreamAuth
 from .usage import DynamoDBUsage
 
 T = TypeVar("T")
@@ -53,6 +54,7 @@ class DynamoDBStorage(ServerRecords, OAuthRecords, Storage):
         self._client: Any = None
         self.usage = DynamoDBUsage(self)
         self.tools = DynamoDBTools(self)
+        self.upstream_auth = DynamoDBUpstreamAuth(self)
 
     # ------------------------------------------------------------------ plumbing
 

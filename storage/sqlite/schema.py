@@ -297,6 +297,46 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX tool_history_by_server ON tool_history (server_id, id)",
     ),
+    # 6: connected accounts (storage.upstream_auth). Token sets are SecretBox ciphertext
+    # bound to (user, server, issuer); they, the gateway's registrations at upstream
+    # authorization servers and the refresh leases go with their server (the trigger: no
+    # caller can forget them).
+    (
+        """CREATE TABLE upstream_credentials (
+            user_sub TEXT NOT NULL,
+            server_id TEXT NOT NULL,
+            issuer TEXT NOT NULL,
+            token_enc TEXT NOT NULL,
+            expires_at REAL NOT NULL,
+            scope TEXT NOT NULL,
+            upstream_subject TEXT NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (user_sub, server_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX upstream_credentials_by_server ON upstream_credentials (server_id)",
+        """CREATE TABLE upstream_registrations (
+            server_id TEXT NOT NULL,
+            issuer TEXT NOT NULL,
+            client_id TEXT NOT NULL,
+            client_secret_enc TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (server_id, issuer)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE upstream_refresh_leases (
+            user_sub TEXT NOT NULL,
+            server_id TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (user_sub, server_id)
+        ) WITHOUT ROWID""",
+        """CREATE TRIGGER upstream_auth_follows_server AFTER DELETE ON servers BEGIN
+            DELETE FROM upstream_credentials WHERE server_id = OLD.server_id;
+            DELETE FROM upstream_registrations WHERE server_id = OLD.server_id;
+            DELETE FROM upstream_refresh_leases WHERE server_id = OLD.server_id;
+        END""",
+    ),
 )
 
 

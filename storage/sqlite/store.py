@@ -41,6 +41,7 @@ from .oauth import OAuthRecords
 from .schema import migrate
 from .servers import ServerRecords
 from .tools import SqliteTools
+from .upstream_auth import SqliteUpstreamAuth
 from .usage import PURGE_OLD_HOURS, SqliteUsage
 
 
@@ -57,6 +58,7 @@ class SqliteStorage(ServerRecords, OAuthRecords, Storage):
         self._probed: tuple[float, StorageUnavailable | None] | None = None
         self.usage = SqliteUsage(self)
         self.tools = SqliteTools(self)
+        self.upstream_auth = SqliteUpstreamAuth(self)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -278,6 +280,7 @@ class SqliteStorage(ServerRecords, OAuthRecords, Storage):
             "DELETE FROM codes WHERE expires_at <= ?",
             "DELETE FROM sessions WHERE expires_at <= ?",
             "DELETE FROM revoked_access_tokens WHERE expires_at <= ?",
+            "DELETE FROM upstream_refresh_leases WHERE expires_at <= ?",
             PURGE_OLD_HOURS,
             """DELETE FROM refresh_tokens WHERE family_expires_at <= ?1 OR family_id IN (
                 SELECT family_id FROM refresh_families WHERE revoked_at > 0 OR expires_at <= ?1
