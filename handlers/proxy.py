@@ -61,6 +61,7 @@ class McpProxyHandler(BaseHandler):
         self._message = None  # the parsed JSON-RPC body of a POST, for the id of error answers
         self._answered_at: float | None = None  # when the response to the request went by
         self._ttfb = 0.0  # seconds from sending the upstream request to its answer's head
+        self._era: str | None = None  # a POST's protocol era, once its routing headers were checked
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -149,7 +150,7 @@ class McpProxyHandler(BaseHandler):
             return
         try:
             message = jsonrpc.parse_message(self.request.body)
-            eras.check_routing_headers(message, self.request.headers)
+            self._era = "2026" if eras.check_routing_headers(message, self.request.headers).is_modern else "2025"
         except jsonrpc.ProtocolError as exc:
             self.jsonrpc_error(400, exc.code, exc.message, getattr(exc, "id", None))
             return
@@ -368,7 +369,7 @@ class McpProxyHandler(BaseHandler):
             return str(status)
         if message is None or message.id is None:
             return "ok"
-        return jsonrpc.outcome_of(bytes(scanned), message.id) or "ok"
+        return jsonrpc.body_outcome(bytes(scanned), message.id)
 
     async def relay_stream(self, response, message, started: float, call: Call) -> str:
         """Relay an SSE stream event by event, flushed at once, never buffered beyond one
@@ -505,7 +506,7 @@ class McpProxyHandler(BaseHandler):
             call, message, outcome,
             # To the response, not to the end of a stream that may stay open after it.
             ((self._answered_at or time.monotonic()) - started) * 1000,
-            len(self.request.body), self._bytes_out, self.request.headers,
+            len(self.request.body), self._bytes_out, self.request.headers, self._era,
         )
 
 

@@ -22,6 +22,7 @@ from services.proxy.protocol.jsonrpc import (
     INVALID_REQUEST,
     PARSE_ERROR,
     ProtocolError,
+    body_outcome,
     jsonrpc_error,
     outcome_of,
     parse_body,
@@ -361,6 +362,25 @@ def test_outcomes() -> None:
     assert outcome_of(batch, 2) == "-1"
     pending = response_outcome('{"jsonrpc":"2.0","id":5,"result":{"resultType":"input_required"}}', 5)
     assert pending is not None and pending.result_type == "input_required" and pending.label == "ok"
+
+
+def test_body_outcome_agrees_with_outcome_of_on_whole_answers() -> None:
+    """The proxy's label for a JSON answer: outcome_of, "ok" where that finds no answer."""
+    bodies = [
+        b'{"jsonrpc":"2.0","id":1,"result":{"content":[]}}',
+        b'{"jsonrpc":"2.0","id":1,"result":{"isError":true,"content":[]}}',
+        b'{"jsonrpc":"2.0","id":1,"result":{"isError": false}}',
+        b'{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"unknown tool"}}',
+        b'{"jsonrpc":"2.0","id":2,"error":{"code":-1,"message":"another id"}}',
+        b'[{"jsonrpc":"2.0","id":1,"result":{}},{"jsonrpc":"2.0","id":2,"error":{"code":-1,"message":"x"}}]',
+        b'{"jsonrpc":"2.0","id":1,"result":{"text":"the word \\"error\\" in a result"}}',
+        b"not json",
+        b'{"jsonrpc":"2.0","id":1,"result":' + b"[" * 300 + b"]" * 300 + b"}",
+    ]
+    for body in bodies:
+        assert body_outcome(body, 1) == (outcome_of(body, 1) or "ok"), body
+    assert body_outcome(bodies[1], 1) == "tool_error" and body_outcome(bodies[3], 1) == "-32602"
+    assert body_outcome(b'{"jsonrpc":"2.0","id":1,"result":' + DEEP + b"}", 1) == "unknown"
 
 
 DEEP = b"[" * 100_000 + b"]" * 100_000

@@ -194,8 +194,9 @@ class ProxyGate:
         await self._sessions.drop(call.session.session_id)
 
     def record(self, call: Call, message, outcome: str, latency_ms: float, bytes_in: int, bytes_out: int,
-               headers) -> None:
-        """The usage event of a JSON-RPC request (notifications and responses leave none)."""
+               headers, era: str | None = None) -> None:
+        """The usage event of a JSON-RPC request (notifications and responses leave none);
+        `era` ("2025"/"2026") when the caller already knows it from the routing-header check."""
         if message is None or message.method is None or message.kind != "request":
             return
         claims = call.claims
@@ -212,7 +213,7 @@ class ProxyGate:
                 latency_ms=latency_ms,
                 bytes_in=bytes_in,
                 bytes_out=bytes_out,
-                era=eras.era_of(message, headers),
+                era=era or eras.era_of(message, headers),
             )
         )
 

@@ -218,14 +218,15 @@ def check_modern_headers(
         )
 
 
-def check_routing_headers(message: RpcMessage, headers: HeaderLookup | Mapping[str, str] | None) -> None:
+def check_routing_headers(message: RpcMessage, headers: HeaderLookup | Mapping[str, str] | None) -> Era:
     """The proxy's one call for a POST: era cross-check, then the routing headers.
 
     A modern request (a ``_meta`` version claim) must carry matching ``MCP-Protocol-Version``,
     ``Mcp-Method`` and ``Mcp-Name``; on a legacy request those headers are not defined,
     so they are compared only when sent, and a mismatch is refused either way: the
     gateway authorizes from the body, and no later hop may be routed by a different
-    story. Raises `ProtocolError` -32020.
+    story. Raises `ProtocolError` -32020. Returns the request's era (its usage label too).
     """
     era = detect_era("POST", headers, message)
     check_modern_headers(headers, message, required=era.source == "claim")
+    return era

@@ -310,6 +310,19 @@ def outcome_of(data: str | bytes | None, request_id: str | int | None) -> str | 
     return None if outcome is None else outcome.label
 
 
+_SHALLOW = 256  # fewer brackets than this cannot nest anywhere near the recursion limit
+
+
+def body_outcome(data: bytes, request_id: str | int) -> str:
+    """`outcome_of` for a whole JSON answer, "ok" when it holds no answer to `request_id`.
+    An answer without an "error" or "isError" member, too shallow to be "unknown", is "ok"
+    whatever else it says: those (most) are not parsed a second time."""
+    if (b'"error"' not in data and b'"isError"' not in data
+            and data.count(b"{") + data.count(b"[") < _SHALLOW):
+        return "ok"
+    return outcome_of(data, request_id) or "ok"
+
+
 def response_outcome(data: str | bytes | None, request_id: str | int) -> Outcome | None:
     """The outcome of request `request_id` if `data` (a JSON body or an SSE event's data)
     holds its JSON-RPC response; None when it is something else (a notification, another

@@ -37,6 +37,8 @@ def hop_by_hop_names(connection_values: Iterable[str]) -> frozenset[str]:
     """Lower-case names of the fields that describe one hop only, given the values of a
     message's Connection field(s): the fixed set plus every name the Connection field
     lists (RFC 9110 §7.6.1). A proxy forwards none of them, in either direction."""
+    if not connection_values:  # the usual case: no Connection field
+        return _HOP_BY_HOP
     named = {token.strip().lower() for value in connection_values for token in value.split(",")}
     named.discard("")
     return _HOP_BY_HOP | named if named else _HOP_BY_HOP
