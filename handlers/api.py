@@ -11,6 +11,8 @@ import tornado.web
 from handlers.base import BaseHandler
 from services.common.errors import ApiError, BadRequest, FieldErrors, GatewayError
 from services.dashboard.reports import parse_range
+from services.dashboard.tools import change_dict, entry_dict, rule_from_json
+from services.dashboard.views import grant_dict, rule_dict
 
 MAX_JSON_BODY = 64 * 1024
 
@@ -125,16 +127,57 @@ class GrantsHandler(ApiHandler):
 
     async def post(self, server_id: str) -> None:
         body = self.json_body()
+        rule = rule_from_json(body, with_pinning=False) if set(body) - {"kind", "value"} else None
         grant = await self.dashboard.add_grant(
-            await self.actor(), server_id, str(body.get("kind", "")), str(body.get("value", ""))
+            await self.actor(), server_id, str(body.get("kind", "")), str(body.get("value", "")), rule
         )
-        self.write_json({"kind": grant.kind, "value": grant.value, "created_at": grant.created_at}, 201)
+        self.write_json(grant_dict(grant), 201)
 
 
 class GrantHandler(ApiHandler):
+    async def patch(self, server_id: str, kind: str, value: str) -> None:
+        """The grant's tool rule: the members given replace that part (`clear` empties it first)."""
+        changes = rule_from_json(self.json_body(), with_pinning=False)
+        grant = await self.dashboard.set_grant_rule(await self.actor(), server_id, kind, value, changes)
+        self.write_json(grant_dict(grant))
+
     async def delete(self, server_id: str, kind: str, value: str) -> None:
         await self.dashboard.remove_grant(await self.actor(), server_id, kind, value)
         self.write_json({"removed": {"kind": kind, "value": value}})
+
+
+class ToolsHandler(ApiHandler):
+    async def get(self, server_id: str) -> None:
+        """`tools`: what the caller may call; for the owner or an admin also the default
+        `rule`, the whole `catalog` and the tools `awaiting_approval`."""
+        actor = await self.actor()
+        view = await self.dashboard.server(actor, server_id)
+        body: dict = {"tools": [entry_dict(e) for e in await self.dashboard.my_tools(actor, server_id)]}
+        if view.can_manage:
+            body.update((await self.dashboard.tool_panel(actor, server_id)).as_dict())
+        self.write_json(body)
+
+    async def patch(self, server_id: str) -> None:
+        """The server's default tool rule and pinning (members given replace that part)."""
+        changes = rule_from_json(self.json_body(), with_pinning=True)
+        change = await self.dashboard.set_tool_rule(await self.actor(), server_id, changes)
+        self.write_json({"rule": {**rule_dict(change.rule), "pinned": change.pinned}, "warnings": change.warnings})
+
+
+class ToolHistoryHandler(ApiHandler):
+    async def get(self, server_id: str) -> None:
+        panel = await self.dashboard.tool_panel(await self.actor(), server_id)
+        self.write_json({"history": [change_dict(c) for c in panel.history]})
+
+
+class ApproveToolsHandler(ApiHandler):
+    async def post(self, server_id: str) -> None:
+        """{"tools": [NAME, ...]} approves those; no `tools`: every tool awaiting approval."""
+        names = self.json_body().get("tools")
+        if names is not None and not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise BadRequest("tools must be a non-empty list of tool names (leave it out to approve every one)")
+        approved = await self.dashboard.approve_tools(await self.actor(), server_id, names)
+        self.write_json({"approved": [c.tool for c in approved]})
 
 
 class UsageHandler(ApiHandler):

@@ -11,6 +11,7 @@ from handlers.base import BaseHandler
 from services.common.errors import BadRequest, FieldErrors, GatewayError, NotSignedIn
 from services.common.logs import request_id
 from services.dashboard.reports import RANGES, parse_range
+from services.dashboard.tools import RuleForm, rule_from_form
 
 NOTICES = {
     "registered": "The server is registered. Share it and hand out its MCP URL.",
@@ -19,6 +20,9 @@ NOTICES = {
     "shared": "The sharing rule is added.",
     "unshared": "The sharing rule is removed; it stops working within 3 seconds.",
     "revoked": "The application's access is revoked.",
+    "tools_saved": "The server's tool rule is saved; it applies within 3 seconds.",
+    "grant_tools_saved": "The sharing rule's tools are saved; they apply within 3 seconds.",
+    "approved": "The tool definitions are approved.",
 }
 
 
@@ -104,13 +108,19 @@ class ServerHandler(DashboardPage):
     async def get(self, server_id: str) -> None:
         await self.show(server_id)
 
-    async def show(self, server_id: str, status: int = 200, probe=None, grant_errors=None, grant_form=None):
+    async def show(self, server_id: str, status: int = 200, probe=None, grant_errors=None, grant_form=None,
+                   tool_errors=None, tool_target: str = "", tool_form: RuleForm | None = None):
+        """The server page; `tool_target` names the tool form that failed ("default",
+        "grant:KIND:VALUE" or "approve"), shown again as posted with `tool_errors`."""
         actor = await self.actor()
         view = await self.dashboard.server(actor, server_id)
         grants = await self.dashboard.sharing(actor, server_id) if view.can_manage else []
+        tools = await self.dashboard.tool_panel(actor, server_id) if view.can_manage else None
+        my_tools = await self.dashboard.my_tools(actor, server_id) if not view.can_manage else []
         self.render_page(
             "server.html", status=status, actor=actor, view=view, grants=grants, probe=probe,
-            grant_errors=grant_errors or {}, grant_form=grant_form or {},
+            grant_errors=grant_errors or {}, grant_form=grant_form or {}, tools=tools, my_tools=my_tools,
+            tool_errors=tool_errors or {}, tool_target=tool_target, tool_form=tool_form,
         )
 
 
@@ -180,6 +190,62 @@ class RemoveGrantHandler(DashboardPage):
         form = self.form_body()
         await self.dashboard.remove_grant(actor, server_id, form.get("kind", ""), form.get("value", ""))
         self.redirect(self.server_path(server_id, "?notice=unshared#sharing"))
+
+
+class ToolRuleHandler(ServerHandler):
+    """The server's default tool rule and pinning (the whole rule is in the form)."""
+
+    async def get(self, server_id: str) -> None:
+        self.redirect(self.server_path(server_id) + "#tools")
+
+    async def post(self, server_id: str) -> None:
+        actor = await self.actor()
+        form = self.form_body()
+        try:
+            await self.dashboard.set_tool_rule(actor, server_id, rule_from_form(form, with_pinning=True))
+        except FieldErrors as exc:
+            await self.show(server_id, status=400, tool_errors=exc.errors, tool_target="default",
+                            tool_form=RuleForm.posted(form))
+            return
+        self.redirect(self.server_path(server_id, "?notice=tools_saved#tool-rule"))
+
+
+class GrantToolsHandler(ServerHandler):
+    """One sharing rule's tool rule (kind and value name the grant)."""
+
+    async def get(self, server_id: str) -> None:
+        self.redirect(self.server_path(server_id) + "#sharing")
+
+    async def post(self, server_id: str) -> None:
+        actor = await self.actor()
+        form = self.form_body()
+        kind, value = form.get("kind", ""), form.get("value", "")
+        try:
+            await self.dashboard.set_grant_rule(actor, server_id, kind, value,
+                                                        rule_from_form(form, with_pinning=False))
+        except FieldErrors as exc:
+            await self.show(server_id, status=400, tool_errors=exc.errors, tool_target=f"grant:{kind}:{value}",
+                            tool_form=RuleForm.posted(form))
+            return
+        self.redirect(self.server_path(server_id, "?notice=grant_tools_saved#sharing"))
+
+
+class ApproveToolsHandler(ServerHandler):
+    """Approve one tool's current definition (`tool`), or every one awaiting approval."""
+
+    async def get(self, server_id: str) -> None:
+        self.redirect(self.server_path(server_id) + "#tools")
+
+    async def post(self, server_id: str) -> None:
+        actor = await self.actor()
+        form = self.form_body()
+        names = [form["tool"]] if form.get("tool") else None
+        try:
+            await self.dashboard.approve_tools(actor, server_id, names)
+        except FieldErrors as exc:
+            await self.show(server_id, status=400, tool_errors=exc.errors, tool_target="approve")
+            return
+        self.redirect(self.server_path(server_id, "?notice=approved#tools"))
 
 
 def _range(handler: BaseHandler) -> int:

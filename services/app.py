@@ -185,6 +185,7 @@ def build_services(config: Config, storage: Storage | None = None, *,
     upstream = UpstreamClient(policy, header_timeout=config.upstream_timeout)
     sessions = SessionMap(storage, now=now)
     usage = UsageRecorder(storage.usage, metrics)
+    tools = ToolService(storage, access, metrics, clock=clock, wall=now)
     return Services(
         config=config,
         storage=storage,
@@ -204,10 +205,10 @@ def build_services(config: Config, storage: Storage | None = None, *,
         identity=identity,
         dashboard=Dashboard(
             storage, servers, access, tokens, clients, McpProbe(upstream), UsageReports(storage, now=now), config,
-            now=now,
+            now=now, tools=tools,
         ),
         gate=ProxyGate(config, access, sessions, usage, tokens.verify_access_token, InvalidToken, metrics),
-        tools=ToolService(storage, access, metrics, clock=clock, wall=now),
+        tools=tools,
         now=now,
         clock=clock,
     )

@@ -18,7 +18,7 @@ SERVER_INFO_META = "io.modelcontextprotocol/serverInfo"
 BODY_LIMIT = 1024 * 1024
 STEP_TIMEOUT = 10.0
 TOTAL_TIMEOUT = 20.0
-MAX_TOOL_PAGES = 5
+MAX_TOOL_PAGES = 20  # within TOTAL_TIMEOUT; a longer list is reported as incomplete
 
 
 @dataclass
@@ -29,6 +29,11 @@ class ProbeResult:
     server_name: str = ""
     server_version: str = ""
     tools: list[str] = field(default_factory=list)
+    # The tool objects of every page as listed (for the tool catalog), and whether the
+    # list ended (no nextCursor left after MAX_TOOL_PAGES).
+    tool_defs: list = field(default_factory=list)
+    tools_complete: bool = True
+    catalog: str = ""  # what refreshing the tool catalog did (set by the dashboard)
     error: str = ""
     steps: list[str] = field(default_factory=list)  # what was tried, in order
 
@@ -40,6 +45,8 @@ class ProbeResult:
             "server_name": self.server_name,
             "server_version": self.server_version,
             "tools": self.tools,
+            "tools_complete": self.tools_complete,
+            "catalog": self.catalog,
             "error": self.error,
             "steps": self.steps,
         }
@@ -121,8 +128,7 @@ class McpProbe:
             result.protocol_version = MODERN
             _server_info(result, (discovered.get("_meta") or {}).get(SERVER_INFO_META))
             result.steps.append("POST tools/list")
-            tools, meta = await self._tools(url, headers, MODERN, None)
-            result.tools = tools
+            meta = await self._tools(url, headers, MODERN, None, result)
             if not result.server_name:
                 _server_info(result, meta.get(SERVER_INFO_META))
             return
@@ -144,7 +150,7 @@ class McpProbe:
             result.steps.append("POST notifications/initialized")
             await self._notify(url, headers, version, session)
             result.steps.append("POST tools/list")
-            result.tools, _ = await self._tools(url, headers, version, session)
+            await self._tools(url, headers, version, session, result)
         finally:
             if session:
                 result.steps.append("DELETE the session")
@@ -157,23 +163,31 @@ class McpProbe:
                 except UpstreamError:
                     pass  # the probe's answer stands; the upstream will expire the session
 
-    async def _tools(self, url, headers, version, session) -> tuple[list[str], dict]:
+    async def _tools(self, url, headers, version, session, result: ProbeResult) -> dict:
+        """Every page of tools/list into `result` (names and the objects as listed); the
+        last page's _meta."""
         names: list[str] = []
         cursor = None
         meta: dict = {}
-        for _ in range(MAX_TOOL_PAGES):
+        for page in range(MAX_TOOL_PAGES):
+            if page:
+                result.steps.append("POST tools/list (next page)")
             params = {"cursor": cursor} if cursor else {}
             if version >= MODERN:
                 params.update(_discover_params())  # every 2026-era request carries the envelope
             listed, _ = await self._call(url, headers, version, "tools/list", params, session)
             meta = listed.get("_meta") or {}
-            for tool in listed.get("tools") or []:
+            tools = listed.get("tools")
+            for tool in tools if isinstance(tools, list) else []:
+                result.tool_defs.append(tool)  # as listed: the catalog checks each one
                 if isinstance(tool, dict) and isinstance(tool.get("name"), str):
                     names.append(tool["name"])
             cursor = listed.get("nextCursor")
             if not cursor:
                 break
-        return names, meta
+        result.tools = names
+        result.tools_complete = not cursor
+        return meta
 
     def _headers(self, extra: dict[str, str], version: str, method: str | None, session: str | None = None):
         headers = [

@@ -14,6 +14,7 @@ from services.authserver.redirect_uris import redirect_host
 from services.authserver.tokens import TokenService
 from services.common.access import AccessPolicy, Principal, decide_for
 from services.common.errors import FieldErrors, Forbidden, InvalidInput, NotFound, NotSignedIn, OAuthError
+from services.common.logs import security_event
 from services.common.servers import (
     ServerRegistry,
     check_domain,
@@ -26,15 +27,19 @@ from services.dashboard.forms import form_bool, header_lines, sentence
 from services.dashboard.install import install_snippets
 from services.dashboard.probe import McpProbe, ProbeResult
 from services.dashboard.reports import UsageReport, UsageReports
+from services.dashboard.tools import ToolPanel, field_errors, panel, refresh_catalog
 from services.dashboard.views import Actor, Authorization, GrantView, Reached, ServerView
+from services.proxy.tools.service import RuleChange, ToolService
 from services.proxy.upstream.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
 from storage.base import Grant, Server, Storage
+from storage.tools import ToolChange, ToolEntry
 
 
 class Dashboard:
     def __init__(self, storage: Storage, servers: ServerRegistry, access: AccessPolicy,
                  tokens: TokenService, clients: ClientRegistry, probe: McpProbe,
-                 reports: UsageReports, config: Config, *, now: Callable[[], float] = time.time):
+                 reports: UsageReports, config: Config, *, now: Callable[[], float] = time.time,
+                 tools: ToolService | None = None):
         self._storage = storage
         self._now = now
         self._servers = servers
@@ -44,6 +49,7 @@ class Dashboard:
         self._probe = probe
         self._reports = reports
         self._config = config
+        self._tools = tools
 
     # ------------------------------------------------------------------ who
 
@@ -204,9 +210,12 @@ class Dashboard:
 
     async def test_connection(self, actor: Actor, server_id: str) -> ProbeResult:
         server = await self._managed(actor, server_id)
-        return await self._probe.probe(
+        result = await self._probe.probe(
             server.upstream_url, self._servers.upstream_headers(server), public_only=not server.internal_upstream
         )
+        if result.ok and self._tools is not None:
+            await refresh_catalog(self._tools, server_id, result)
+        return result
 
     # -------------------------------------------------------------- sharing
 
@@ -222,15 +231,22 @@ class Dashboard:
             views.append(GrantView(grant, reached))
         return views
 
-    async def add_grant(self, actor: Actor, server_id: str, kind: str, value: str) -> Grant:
+    async def add_grant(self, actor: Actor, server_id: str, kind: str, value: str, rule: dict | None = None) -> Grant:
+        """Share the server; `rule` (ToolService keyword arguments) gives the grant its tool
+        rule in the same write."""
         await self._managed(actor, server_id)
         if kind not in ("email", "domain"):
             raise FieldErrors({"kind": "Choose an e-mail address or a Workspace domain."})
         try:
             value = check_email(value, "value") if kind == "email" else check_domain(value, "value")
-            return await self._servers.add_grant(server_id, kind, value)
+            if not rule or self._tools is None:
+                return await self._servers.add_grant(server_id, kind, value)
+            rule = {k: v for k, v in rule.items() if k != "clear"}
+            grant = await self._tools.add_grant(server_id, kind, value, **rule)
         except InvalidInput as exc:
-            raise FieldErrors({"value": sentence(str(exc))}) from None
+            raise FieldErrors({exc.field or "value": sentence(str(exc))}) from None
+        security_event("grant_added", "server shared", server_id=server_id, kind=kind, value=value)
+        return grant
 
     async def remove_grant(self, actor: Actor, server_id: str, kind: str, value: str) -> None:
         """Takes effect on this instance at once, on others within the access cache's 3 s."""
@@ -239,6 +255,55 @@ class Dashboard:
             await self._servers.remove_grant(server_id, kind, value)
         except InvalidInput as exc:
             raise NotFound(str(exc)) from None
+
+    # ---------------------------------------------------------- tool policy
+
+    async def tool_panel(self, actor: Actor, server_id: str) -> ToolPanel:
+        """Rules, catalog and history of the server's tools, for its owner or an admin."""
+        server = await self._managed(actor, server_id)
+        tools = self._tool_service()
+        return panel(server, await tools.catalog(server_id), await tools.history(server_id))
+
+    async def my_tools(self, actor: Actor, server_id: str) -> list[ToolEntry]:
+        """The catalog tools the actor may call on a server they may use (nothing else of
+        the catalog or the rules is shown to them)."""
+        server, _ = await self._server(actor, server_id)
+        grants = tuple(await self._storage.grants_for(server_id))
+        found = await self._tool_service().tools_for(_principal(actor), server, grants)
+        return sorted((entry for entry, decision in found if decision.allowed), key=lambda e: e.name)
+
+    async def set_tool_rule(self, actor: Actor, server_id: str, changes: dict) -> RuleChange:
+        """The server's default rule and pinning (ToolService.set_server_rule's keyword
+        arguments); all checked before anything is written."""
+        await self._managed(actor, server_id)
+        try:
+            return await self._tool_service().set_server_rule(server_id, **changes)
+        except InvalidInput as exc:
+            raise field_errors(exc) from None
+
+    async def set_grant_rule(self, actor: Actor, server_id: str, kind: str, value: str, changes: dict) -> Grant:
+        await self._managed(actor, server_id)
+        if kind not in ("email", "domain"):
+            raise NotFound("there is no such sharing rule")
+        try:
+            return await self._tool_service().edit_grant(server_id, kind, value, **changes)
+        except InvalidInput as exc:
+            if exc.field in ("value", "kind", ""):
+                raise NotFound("there is no such sharing rule") from None
+            raise field_errors(exc) from None
+
+    async def approve_tools(self, actor: Actor, server_id: str, names: list[str] | None) -> list[ToolChange]:
+        """Approve the current definition of `names` (None: every tool awaiting approval)."""
+        await self._managed(actor, server_id)
+        try:
+            return await self._tool_service().approve(server_id, names)
+        except InvalidInput as exc:
+            raise FieldErrors({"tools": sentence(str(exc))}) from None
+
+    def _tool_service(self) -> ToolService:
+        if self._tools is None:
+            raise RuntimeError("the dashboard was built without the tool service")
+        return self._tools
 
     # ---------------------------------------------------------------- usage
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from storage.base import Grant, Server, User
+from storage.tools import ToolRule
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class ServerView:
                 internal_upstream=s.internal_upstream,
                 owner_email=s.owner_email,
                 created_at=s.created_at,
+                tools={**rule_dict(ToolRule.of(s)), "pinned": s.tools_pinned},
             )
         return view
 
@@ -69,11 +71,16 @@ class GrantView:
     grant: Grant
     reached: list[Reached]
 
+    @property
+    def rule(self) -> ToolRule:
+        return ToolRule.of(self.grant)
+
     def as_dict(self) -> dict:
         return {
             "kind": self.grant.kind,
             "value": self.grant.value,
             "created_at": self.grant.created_at,
+            "tools": rule_dict(self.rule),
             "users": [
                 {"email": r.email, "signed_in_at": r.signed_in_at, "last_used_at": r.last_used_at or None}
                 for r in self.reached
@@ -92,3 +99,14 @@ class Authorization:
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
+
+
+def rule_dict(rule: ToolRule) -> dict:
+    """A tool rule in /api's shape."""
+    return {"allow": list(rule.allow), "deny": list(rule.deny), "read_only": rule.read_only}
+
+
+def grant_dict(grant: Grant) -> dict:
+    """A grant just added or edited, in /api's shape."""
+    return {"kind": grant.kind, "value": grant.value, "created_at": grant.created_at,
+            "tools": rule_dict(ToolRule.of(grant))}

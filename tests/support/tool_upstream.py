@@ -1,0 +1,119 @@
+"""A real MCP upstream for tool policy tests: the `mcp` package's MCPServer with read-only
+annotated tools beside write tools, and a control route that changes a tool's description
+while it serves (the drift a pinned server must catch).
+
+Run: python -m tests.support.tool_upstream --fd FD  (ToolUpstream below starts it)
+Control: POST /control/describe {"tool": NAME, "description": TEXT}."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import httpx
+from mcp.server.mcpserver import MCPServer
+from mcp.types import ToolAnnotations
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+server = MCPServer("tool-upstream")
+READ_ONLY = ToolAnnotations(readOnlyHint=True)
+
+
+def search(query: str) -> str:
+    return f"found: {query}"
+
+
+def read_doc(path: str) -> str:
+    return f"contents of {path}"
+
+
+def write_doc(path: str, text: str) -> str:
+    return f"wrote {len(text)} characters to {path}"
+
+
+def delete_all() -> str:
+    return "deleted everything"
+
+
+# name -> (function, title, description, annotations)
+TOOLS = {
+    "search": (search, "Search", "Search the documents.", READ_ONLY),
+    "read_doc": (read_doc, "Read a document", "Read one document.", READ_ONLY),
+    "write_doc": (write_doc, "Write a document", "Write one document.", ToolAnnotations(readOnlyHint=False)),
+    "delete_all": (delete_all, "Delete everything", "Delete every document.", ToolAnnotations(destructiveHint=True)),
+}
+
+
+def register(name: str, description: str) -> None:
+    fn, title, _, annotations = TOOLS[name]
+    server.add_tool(fn, name=name, title=title, description=description, annotations=annotations)
+
+
+for _name, (_fn, _title, _description, _annotations) in TOOLS.items():
+    register(_name, _description)
+
+
+@server.custom_route("/control/describe", methods=["POST"])
+async def describe(request: Request) -> JSONResponse:
+    """Change a tool's description (the rest of its definition stays)."""
+    body = await request.json()
+    server.remove_tool(body["tool"])
+    register(body["tool"], body["description"])
+    return JSONResponse({"changed": body["tool"]})
+
+
+@server.custom_route("/ready", methods=["GET"])
+async def ready(request: Request) -> JSONResponse:
+    return JSONResponse({"ready": True})
+
+
+class ToolUpstream:
+    """This module's server in a process, serving a socket this test process bound."""
+
+    def __init__(self) -> None:
+        from tests.support.ports import bind_unused_port
+
+        sock, port = bind_unused_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.url = f"{self.base}/mcp"
+        with sock:  # the child holds the only copy once it runs
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.tool_upstream", "--fd", str(sock.fileno())],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(sock.fileno(),),
+            )
+        deadline = time.monotonic() + 20
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tool upstream exited with {self.process.returncode}")
+            try:
+                httpx.get(f"{self.base}/ready", timeout=5, trust_env=False)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("tool upstream did not start") from None
+                time.sleep(0.1)
+
+    def describe(self, tool: str, description: str) -> None:
+        response = httpx.post(f"{self.base}/control/describe", json={"tool": tool, "description": description},
+                              timeout=10, trust_env=False)
+        response.raise_for_status()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def main(argv: list[str]) -> None:
+    import anyio
+    import uvicorn
+
+    app = server.streamable_http_app(host="127.0.0.1", stateless_http=True, json_response=True)
+    config = uvicorn.Config(app, log_level="warning", fd=int(argv[argv.index("--fd") + 1]))
+    anyio.run(uvicorn.Server(config).serve)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
