@@ -132,6 +132,9 @@ def test_every_state_change_needs_the_xsrf_token(gw, upstream):
         (f"/dashboard/servers/{server_id}/grants", {"kind": "email", "value": BOB}),
         (f"/dashboard/servers/{server_id}/grants/remove", {"kind": "email", "value": BOB}),
         (f"/dashboard/servers/{server_id}/test", {}),
+        (f"/dashboard/servers/{server_id}/tools/rule", {"tools_deny": "echo"}),
+        (f"/dashboard/servers/{server_id}/grants/tools", {"kind": "email", "value": BOB}),
+        (f"/dashboard/servers/{server_id}/tools/approve", {}),
         ("/dashboard/authorizations/revoke", {"client_id": "x"}),
         ("/logout", {}),
     ):
@@ -141,7 +144,9 @@ def test_every_state_change_needs_the_xsrf_token(gw, upstream):
     for method, path in (("POST", "/api/servers"), ("PATCH", f"/api/servers/{server_id}"),
                          ("DELETE", f"/api/servers/{server_id}"), ("POST", f"/api/servers/{server_id}/grants"),
                          ("DELETE", f"/api/servers/{server_id}/grants/email/{BOB}"),
-                         ("POST", f"/api/servers/{server_id}/test"), ("DELETE", "/api/authorizations/x")):
+                         ("POST", f"/api/servers/{server_id}/test"), ("DELETE", "/api/authorizations/x"),
+                         ("PATCH", f"/api/servers/{server_id}/tools"), ("POST", f"/api/servers/{server_id}/tools/approve"),
+                         ("PATCH", f"/api/servers/{server_id}/grants/email/{BOB}")):
         response = client.request(method, path, json={"name": "x"})
         assert response.status_code == 403 and response.json()["error"] == "forbidden", (method, path)
         response = client.request(method, path, json={"name": "x"}, headers={"X-XSRFToken": "2|00|00|1"})
