@@ -17,6 +17,7 @@ from config import Config, ConfigError, is_loopback_host
 from services import Services, build_services
 from services.authserver.clients import registration_response
 from services.common.errors import GatewayError, InvalidInput
+from services.common.logs import announce
 from services.dashboard.probe import McpProbe
 from services.dashboard.reports import MAX_DAYS, UsageReports
 from services.dashboard.views import Actor
@@ -413,15 +414,16 @@ async def serve(services: Services, sockets: list, notifier=None, lifeline: int 
 
 
 def print_banner(config: Config, where: str, connections: str) -> None:
-    print(f"MCP Auth Gateway listening on http://{where}", flush=True)
-    print(f"  connections:         {connections}", flush=True)
-    print(f"  issuer / public URL: {config.public_url}", flush=True)
-    print(f"  dashboard:           {config.public_url}/dashboard", flush=True)
-    print(f"  MCP servers at:      {config.public_url}/mcp/<server id>", flush=True)
-    if config.dev_login:
-        print("  sign-in:             LOCAL DEV SIGN-IN (loopback only, never in production)", flush=True)
-    else:
-        print(f"  sign-in:             {config.oidc_issuer}", flush=True)
+    sign_in = ("LOCAL DEV SIGN-IN (loopback only, never in production)" if config.dev_login
+               else config.oidc_issuer)
+    announce([
+        f"MCP Auth Gateway listening on http://{where}",
+        f"  connections:         {connections}",
+        f"  issuer / public URL: {config.public_url}",
+        f"  dashboard:           {config.public_url}/dashboard",
+        f"  MCP servers at:      {config.public_url}/mcp/<server id>",
+        f"  sign-in:             {sign_in}",
+    ])
 
 
 async def serve_process(config: Config, sockets: list, link=None) -> int:
