@@ -127,7 +127,8 @@ class GrantsHandler(ApiHandler):
 
     async def post(self, server_id: str) -> None:
         body = self.json_body()
-        rule = rule_from_json(body, with_pinning=False) if set(body) - {"kind", "value"} else None
+        rule = (rule_from_json(body, with_pinning=False, also=("kind", "value"))
+                if set(body) - {"kind", "value"} else None)
         grant = await self.dashboard.add_grant(
             await self.actor(), server_id, str(body.get("kind", "")), str(body.get("value", "")), rule
         )

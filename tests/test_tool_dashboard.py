@@ -190,10 +190,13 @@ def test_bad_rule_bodies_on_the_api(gw, tool_upstream):
     ana = sign_in(gw, ANA)
     server_id = server_with_catalog(gw, tool_upstream, ana)
     for body, status in (({"read_only": "yes"}, 400), ({"tools_allow": 5}, 400), ({"pinned": 1}, 400),
-                         ({"color": "red"}, 400)):
+                         ({"color": "red"}, 400), ({"kind": "email"}, 400)):
         response = api(ana, "PATCH", f"/api/servers/{server_id}/tools", body)
         assert response.status_code == status, body
         assert "Traceback" not in response.text and response.json()["error"]
+    response = api(ana, "POST", f"/api/servers/{server_id}/grants", {"kind": "email", "value": BOB, "colour": 1})
+    assert response.status_code == 400 and "unknown member 'colour'" in response.json()["error_description"]
+    assert api(ana, "GET", f"/api/servers/{server_id}/grants").json()["grants"] == []
     response = api(ana, "POST", f"/api/servers/{server_id}/tools/approve", {"tools": ["no_such_tool"]})
     assert response.status_code == 400 and "Not in the catalog" in response.json()["fields"]["tools"]
     response = api(ana, "POST", f"/api/servers/{server_id}/tools/approve", {"tools": "search"})

@@ -144,10 +144,11 @@ def rule_from_form(form: dict, *, with_pinning: bool) -> dict:
     return changes
 
 
-def rule_from_json(body: dict, *, with_pinning: bool) -> dict:
-    """A JSON body's rule members as ToolService keyword arguments (absent: unchanged)."""
+def rule_from_json(body: dict, *, with_pinning: bool, also: tuple[str, ...] = ()) -> dict:
+    """A JSON body's rule members as ToolService keyword arguments (absent: unchanged);
+    `also`: other members the body may have (a new grant's kind and value)."""
     allowed = RULE_FIELDS if with_pinning else tuple(f for f in RULE_FIELDS if f != "pinned")
-    unknown = sorted(k for k in body if k not in allowed and k not in ("kind", "value"))
+    unknown = sorted(k for k in body if k not in allowed and k not in also)
     if unknown:
         raise BadRequest(f"unknown member {unknown[0]!r}: a tool rule has {', '.join(allowed)}")
     for flag in ("read_only", "pinned", "clear"):
