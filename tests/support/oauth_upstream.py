@@ -10,7 +10,8 @@ refresh tokens with rotation, revocation, introspection (RFC 7662, for the MCP s
 tokens that live `--access-ttl` seconds. `/authorize` signs in, without any form, the user named
 by the `as_user` cookie (set by `GET /signin?user=SUB`), else `--user`. Test controls:
 `POST /_control` (JSON: `token_status` answers /token with that status; `rotate` false: a
-refresh returns no new refresh token and keeps the old one; `revoke_user`: every token of that
+refresh returns no new refresh token and keeps the old one; `access_ttl`: the lifetime of
+tokens issued from now on; `revoke_user`: every token of that
 subject dies), `GET /_stats` (token requests as seen: grant type, subject, `resource`).
 
 `OAuthUpstream` starts both on sockets the test bound (the AS's port is a `HeldPort`, so
@@ -151,6 +152,8 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
         body = await request.json()
         if "rotate" in body:
             provider.rotate = bool(body["rotate"])
+        if "access_ttl" in body:
+            provider.access_ttl = float(body["access_ttl"])
         if "token_status" in body:
             control["token_status"] = int(body["token_status"])
         if body.get("revoke_user"):
