@@ -32,6 +32,7 @@ from services.proxy.tools.service import ToolService
 from services.proxy.upstream.fetch import fetch_small
 from services.proxy.upstream.policy import AddressPolicy
 from services.proxy.upstream.pool import UpstreamClient
+from services.proxy.upstream_auth.service import UpstreamAuth
 from services.proxy.usage import UsageRecorder
 from storage import open_storage
 from storage.base import Storage, StorageUnavailable
@@ -66,6 +67,7 @@ class Services:
     dashboard: Dashboard
     gate: ProxyGate  # who may make a proxied call; its session and usage record
     tools: ToolService  # tool rules and the tool catalog (proxy, dashboard, CLI)
+    upstream_auth: UpstreamAuth  # connected accounts: each user's own token at an upstream
     # Set when the process begins to drain (SIGTERM): /readyz answers 503, standalone SSE
     # streams end cleanly.
     draining: asyncio.Event = field(default_factory=asyncio.Event)
@@ -97,6 +99,7 @@ class Services:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.usage.stop()
         self.upstream.close()
+        self.upstream_auth.close()
         await self.storage.close()
 
     async def _housekeeping(self) -> None:
@@ -209,6 +212,7 @@ def build_services(config: Config, storage: Storage | None = None, *,
         ),
         gate=ProxyGate(config, access, sessions, usage, tokens.verify_access_token, InvalidToken, metrics),
         tools=tools,
+        upstream_auth=UpstreamAuth(storage, box, policy, config.public_url, now=now, clock=clock),
         now=now,
         clock=clock,
     )
