@@ -332,3 +332,27 @@ def test_a_pinned_server_shows_a_changed_tool_awaiting_approval_and_approve_clea
         assert api(ana, "GET", f"/api/servers/{server_id}/tools").json()["awaiting_approval"] == []
     finally:
         upstream.stop()
+
+
+def test_a_long_catalog_is_picked_from_as_text(gw):
+    """Past PICK_LIMIT tools the rule forms offer no check boxes (one form per grant row
+    would hold grants x tools of them): the rule is shown and edited as text."""
+    upstream = ToolUpstream()
+    try:
+        upstream.add([f"extra_{i:03d}" for i in range(120)])
+        ana = sign_in(gw, ANA)
+        server_id = server_with_catalog(gw, upstream, ana)
+        gw.cli("grants", "add", server_id, "--email", BOB)
+        response = post(ana, f"/dashboard/servers/{server_id}/tools/rule", tools_allow="", tools_deny="extra_00? search")
+        assert response.status_code == 302
+        text = page_of(ana, server_id)
+        assert len(by_testid(text, "catalog-tool")) == 124
+        assert 'data-testid="rule-tool"' not in text and 'name="allow:' not in text
+        form = re.search(r'id="tool-rule".*?</form>', text, re.S).group(0)
+        assert re.search(r'name="tools_deny"[^>]*value="extra_00\? search"', form)
+        available = dict(zip(by_testid(text, "catalog-tool"), by_testid(text, "catalog-tool", "data-available"),
+                             strict=True))
+        assert [n for n, a in available.items() if a == "false"] == [
+            *(f"extra_00{i}" for i in range(10)), "search"]
+    finally:
+        upstream.stop()

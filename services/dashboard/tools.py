@@ -20,7 +20,9 @@ from storage.tools import ToolChange, ToolEntry, ToolRule
 # A form's check boxes for catalog tools are named "allow:NAME" and "deny:NAME" (a form
 # parameter may appear once), beside free text fields for globs and names not listed yet.
 ALLOW_BOX, DENY_BOX = "allow:", "deny:"
-HISTORY_SHOWN = 50
+# Up to this many catalog tools are offered as check boxes in each rule form; beyond it
+# (a page with a rule form per grant would grow by grants x tools) the rule is text only.
+PICK_LIMIT = 100
 RULE_FIELDS = ("tools_allow", "tools_deny", "read_only", "pinned", "clear")
 
 
@@ -76,6 +78,11 @@ class ToolPanel:
         return [row.entry.name for row in self.rows]
 
     @property
+    def pick_names(self) -> list[str]:
+        """The names offered as check boxes in rule forms."""
+        return self.names if len(self.rows) <= PICK_LIMIT else []
+
+    @property
     def awaiting(self) -> list[ToolRow]:
         return [row for row in self.rows if row.awaiting]
 
@@ -86,7 +93,7 @@ class ToolPanel:
 
     def form(self, rule: ToolRule, pinned: bool = False) -> RuleForm:
         """The form showing a stored rule (the default's, or a grant's)."""
-        return RuleForm.of(rule, self.names, pinned)
+        return RuleForm.of(rule, self.pick_names, pinned)
 
     def as_dict(self) -> dict:
         return {"rule": {**rule_dict(self.rule), "pinned": self.pinned},

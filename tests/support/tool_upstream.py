@@ -3,7 +3,8 @@ annotated tools beside write tools, and a control route that changes a tool's de
 while it serves (the drift a pinned server must catch).
 
 Run: python -m tests.support.tool_upstream --fd FD  (ToolUpstream below starts it)
-Control: POST /control/describe {"tool": NAME, "description": TEXT}."""
+Control: POST /control/describe {"tool": NAME, "description": TEXT}; POST /control/add
+{"names": [NAME, ...]} adds read-only tools (a long catalog)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,14 @@ async def describe(request: Request) -> JSONResponse:
     return JSONResponse({"changed": body["tool"]})
 
 
+@server.custom_route("/control/add", methods=["POST"])
+async def add(request: Request) -> JSONResponse:
+    names = (await request.json())["names"]
+    for name in names:
+        server.add_tool(search, name=name, description=f"Search, as {name}.", annotations=READ_ONLY)
+    return JSONResponse({"added": len(names)})
+
+
 @server.custom_route("/ready", methods=["GET"])
 async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": True})
@@ -100,6 +109,9 @@ class ToolUpstream:
         response = httpx.post(f"{self.base}/control/describe", json={"tool": tool, "description": description},
                               timeout=10, trust_env=False)
         response.raise_for_status()
+
+    def add(self, names: list[str]) -> None:
+        httpx.post(f"{self.base}/control/add", json={"names": names}, timeout=10, trust_env=False).raise_for_status()
 
     def stop(self) -> None:
         self.process.terminate()
