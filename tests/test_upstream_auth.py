@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
@@ -28,7 +29,7 @@ from services.proxy.upstream_auth.errors import (
 )
 from services.proxy.upstream_auth.sealing import Unreadable, open_tokens, seal_client_secret
 from services.proxy.upstream_auth.service import UpstreamAuth
-from storage import SqliteStorage
+from storage import DynamoDBStorage, SqliteStorage, Storage
 from tests.support.oauth_upstream import OAuthUpstream
 from tests.support.ports import bind_unused_port
 
@@ -67,8 +68,20 @@ def upstream():
     process.stop()
 
 
-def service(path: Path, clock: Clock | None = None, policy: AddressPolicy | None = None) -> UpstreamAuth:
-    storage = SqliteStorage(str(path))
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def stores(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Makes storage instances that share one fresh store, on each backend."""
+    if request.param == "sqlite":
+        return lambda: SqliteStorage(str(tmp_path / "shared.db"))
+    endpoint = request.getfixturevalue("dynamodb_endpoint")
+    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test")):
+        monkeypatch.setenv(name, value)
+    table = f"gw-{uuid.uuid4().hex[:16]}"
+    return lambda: DynamoDBStorage(table, "us-east-1", endpoint)
+
+
+def service(path: Path | Storage, clock: Clock | None = None, policy: AddressPolicy | None = None) -> UpstreamAuth:
+    storage = SqliteStorage(str(path)) if isinstance(path, Path) else path
     return UpstreamAuth(storage, SecretBox(MASTER), policy or AddressPolicy(["127.0.0.1/32"]), PUBLIC_URL,
                         now=clock or Clock())
 
@@ -173,7 +186,7 @@ def test_dynamic_registration_happens_once_per_server_and_issuer_and_its_secret_
 
 
 def test_two_users_each_get_their_own_token_and_the_upstream_sees_their_own_identity(
-    upstream: OAuthUpstream, tmp_path: Path,
+    upstream: OAuthUpstream, stores,
 ) -> None:
     server = Srv("srv_two", upstream.mcp_url)
 
@@ -191,7 +204,7 @@ def test_two_users_each_get_their_own_token_and_the_upstream_sees_their_own_iden
         code_requests = [r for r in upstream.stats()["token_requests"] if r["grant_type"] == "authorization_code"]
         assert code_requests[-1]["resource"] == upstream.mcp_url
 
-    run(scenario, service(tmp_path / "gw.db"))
+    run(scenario, service(stores()))
 
 
 def test_a_credential_row_copied_to_another_user_does_not_open(upstream: OAuthUpstream, tmp_path: Path) -> None:
@@ -268,6 +281,33 @@ def test_static_client_from_the_servers_settings(upstream: OAuthUpstream, tmp_pa
     run(scenario, service(tmp_path / "gw.db", clock))
 
 
+def test_a_client_id_metadata_document_when_the_authorization_server_supports_them(
+    upstream: OAuthUpstream, tmp_path: Path,
+) -> None:
+    server = Srv("srv_cimd", upstream.mcp_url)
+    storage = SqliteStorage(str(tmp_path / "gw.db"))
+    https = UpstreamAuth(storage, SecretBox(MASTER), AddressPolicy(["127.0.0.1/32"]), "https://gw.example")
+
+    async def scenario(svc: UpstreamAuth) -> None:
+        before = upstream.stats()["register"]
+        upstream.control(cimd=True)
+        try:
+            url = await svc.begin("alice", server, "b")
+        finally:
+            upstream.control(cimd=False)
+        assert dict(parse_qsl(urlsplit(url).query))["client_id"] == "https://gw.example/oauth/upstream/client.json"
+        assert upstream.stats()["register"] == before
+        assert await svc.store.get_registration("srv_cimd", upstream.issuer) is None
+        assert svc.client_metadata() == {
+            "client_id": "https://gw.example/oauth/upstream/client.json", "client_name": "MCP Auth Gateway",
+            "redirect_uris": ["https://gw.example/oauth/upstream/callback"],
+            "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
+            "token_endpoint_auth_method": "none",
+        }
+
+    run(scenario, https)
+
+
 # -------------------------------------------------------------------------- refresh
 
 
@@ -341,12 +381,12 @@ def test_an_access_token_the_upstream_stopped_accepting_is_replaced_without_the_
 
 
 def test_concurrent_refreshes_on_two_instances_never_mix_users_and_refresh_once_each(
-    upstream: OAuthUpstream, tmp_path: Path,
+    upstream: OAuthUpstream, stores,
 ) -> None:
-    server = Srv("srv_race", upstream.mcp_url)
+    server = Srv(f"srv_race_{uuid.uuid4().hex[:6]}", upstream.mcp_url)
     clock = Clock()
-    path = tmp_path / "shared.db"
-    users = {"frank": "up-frank", "grace": "up-grace"}
+    tag = uuid.uuid4().hex[:6]  # the AS is shared by the module: subjects of this run only
+    users = {"frank": f"up-frank-{tag}", "grace": f"up-grace-{tag}"}
 
     async def scenario(one: UpstreamAuth, two: UpstreamAuth) -> None:
         for user, as_user in users.items():
@@ -360,7 +400,7 @@ def test_concurrent_refreshes_on_two_instances_never_mix_users_and_refresh_once_
             assert len(refreshes(upstream, as_user)) == 1, user  # one refresh per user, across instances
             assert len({t for (_s, u), t in zip(calls, tokens, strict=True) if u == user}) == 1
 
-    run(scenario, service(path, clock), service(path, clock))
+    run(scenario, service(stores(), clock), service(stores(), clock))
 
 
 def test_a_refused_refresh_drops_the_credential_and_asks_to_connect_again(

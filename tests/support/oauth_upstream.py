@@ -11,7 +11,7 @@ tokens that live `--access-ttl` seconds. `/authorize` signs in, without any form
 by the `as_user` cookie (set by `GET /signin?user=SUB`), else `--user`. Test controls:
 `POST /_control` (JSON: `token_status` answers /token with that status; `rotate` false: a
 refresh returns no new refresh token and keeps the old one; `access_ttl`: the lifetime of
-tokens issued from now on; `revoke_user`: every token of that
+tokens issued from now on; `cimd`: the metadata says client_id_metadata_document_supported; `revoke_user`: every token of that
 subject dies), `GET /_stats` (token requests as seen: grant type, subject, `resource`).
 
 `OAuthUpstream` starts both on sockets the test bound (the AS's port is a `HeldPort`, so
@@ -122,7 +122,7 @@ class TestProvider:
 
 def as_app(issuer: str, default_user: str, access_ttl: float):
     """The authorization server's Starlette app."""
-    from mcp.server.auth.routes import create_auth_routes
+    from mcp.server.auth.routes import build_metadata, create_auth_routes
     from mcp.server.auth.settings import ClientRegistrationOptions, RevocationOptions
     from pydantic import AnyHttpUrl
     from starlette.applications import Starlette
@@ -152,6 +152,8 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
         body = await request.json()
         if "rotate" in body:
             provider.rotate = bool(body["rotate"])
+        if "cimd" in body:
+            control["cimd"] = bool(body["cimd"])
         if "access_ttl" in body:
             provider.access_ttl = float(body["access_ttl"])
         if "token_status" in body:
@@ -163,12 +165,11 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
     async def stats(request):
         return JSONResponse({"token_requests": seen, **counts, "clients": list(provider.clients)})
 
-    routes = create_auth_routes(
-        provider, AnyHttpUrl(issuer),
-        client_registration_options=ClientRegistrationOptions(enabled=True, valid_scopes=SCOPES,
-                                                              default_scopes=SCOPES),
-        revocation_options=RevocationOptions(enabled=True),
-    )
+    registration = ClientRegistrationOptions(enabled=True, valid_scopes=SCOPES, default_scopes=SCOPES)
+    routes = create_auth_routes(provider, AnyHttpUrl(issuer), client_registration_options=registration,
+                                revocation_options=RevocationOptions(enabled=True))
+    metadata = build_metadata(AnyHttpUrl(issuer), None, registration, RevocationOptions(enabled=True))
+    with_cimd = {**metadata.model_dump(mode="json", exclude_none=True), "client_id_metadata_document_supported": True}
     routes += [Route("/signin", signin), Route("/introspect", introspect, methods=["POST"]),
                Route("/_control", set_control, methods=["POST"]), Route("/_stats", stats)]
     app = Starlette(routes=routes)
@@ -185,6 +186,8 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
             if name == "as_user":
                 user = value
         _user.set(user)
+        if path == "/.well-known/oauth-authorization-server" and control.get("cimd"):
+            return await JSONResponse(with_cimd)(scope, receive, send)
         if path in ("/register", "/revoke"):
             counts[path[1:]] += 1
         if path != "/token":
