@@ -426,14 +426,18 @@ def test_one_worker_means_no_supervisor(tmp_path):
 def test_worker_failing_at_start_stops_the_gateway(tmp_path):
     """Storage a worker cannot open: the worker says why, the parent stops every worker and
     exits 1 instead of restarting them in a loop."""
-    gw = GatewayProcess(tmp_path / "gw")
     (tmp_path / "a-file").write_text("not a directory")
-    env = {**gw.env, "MCPGW_WORKERS": "2", "MCPGW_STORAGE": f"sqlite:///{tmp_path}/a-file/gateway.db"}
-    result = subprocess.run([sys.executable, str(ROOT / "gateway.py"), "serve"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert "during start-up: stopping" in result.stderr, result.stderr
-    assert "is not usable" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    gw = GatewayProcess(tmp_path / "gw", extra_env={
+        "MCPGW_WORKERS": "2", "MCPGW_STORAGE": f"sqlite:///{tmp_path}/a-file/gateway.db"})
+    try:
+        with pytest.raises(RuntimeError, match="gateway exited at start"):
+            gw.start()
+        assert gw._process.wait(10) == 1
+        log = gw.log_text()
+        assert "during start-up: stopping" in log and "is not usable" in log, log
+        assert "Traceback" not in log and "restarting it" not in log, log
+    finally:
+        gw.stop()
 
 
 @pytest.mark.parametrize("value", ["0", "many", "-1", "65"])
@@ -444,3 +448,13 @@ def test_bad_workers_value_is_one_line(tmp_path, value):
     assert result.returncode == 2
     assert result.stderr == (f"error: MCPGW_WORKERS: {value!r} is not a number of worker processes "
                              "(1 to 64) or auto\n"), result.stderr
+
+
+def test_workers_setting():
+    """Unset: 1 (no supervisor); a number; `auto`: the CPUs this process may run on."""
+    from config import Config
+
+    env = {"MCPGW_SECRET_KEY": "k" * 40}
+    assert Config.from_env(env).workers == 1
+    assert Config.from_env({**env, "MCPGW_WORKERS": "3"}).workers == 3
+    assert Config.from_env({**env, "MCPGW_WORKERS": "auto"}).workers == len(os.sched_getaffinity(0))
