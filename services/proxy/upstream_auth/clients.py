@@ -11,14 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
-from services.authserver.keys import SecretBox
 from services.proxy.upstream.errors import UpstreamError
 from storage.upstream_auth import UpstreamAuthStore, UpstreamRegistration
 
 from .discovery import AuthServer
 from .errors import DiscoveryError, UpstreamAuthTemporarilyUnavailable
 from .http import AuthHttp
-from .sealing import open_client_secret, seal_client_secret
+from .sealing import SecretBox, open_client_secret, seal_client_secret
 
 CLIENT_NAME = "MCP Auth Gateway"
 GRANT_TYPES = ["authorization_code", "refresh_token"]

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Protocol
 
-from services.authserver.keys import SecretBox
 from storage.upstream_auth import UpstreamCredential
+
+
+class SecretBox(Protocol):
+    """What sealing needs of `services.authserver.keys.SecretBox` (AES-GCM, `context` the
+    associated data); `services/app.py` hands that one in (proxy does not import authserver)."""
+
+    def seal(self, plaintext: bytes, context: str = "") -> str: ...
+
+    def open(self, token: str, context: str = "") -> bytes: ...
 
 
 class Unreadable(ValueError):

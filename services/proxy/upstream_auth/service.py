@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from services.authserver.keys import SecretBox, token_hash
 from services.common.cache import TtlCache
 from services.common.logs import security_event
 from services.proxy.upstream.policy import AddressPolicy
@@ -27,7 +26,7 @@ from .clients import ClientIdentification, ClientIdentity, UpstreamAuthSettings,
 from .discovery import Discoverer, Discovery, same_issuer
 from .errors import AuthorizationFailed, ConnectRequired, UpstreamAuthTemporarilyUnavailable
 from .http import AuthHttp
-from .sealing import TokenSet, Unreadable, open_tokens, seal_tokens
+from .sealing import SecretBox, TokenSet, Unreadable, open_tokens, seal_tokens
 from .tokens import TokenAnswer, TokenRefused, revoke, token_request
 
 log = logging.getLogger("gateway.upstream_auth")
@@ -120,7 +119,7 @@ class UpstreamAuth:
             query["resource"] = discovery.resource
         if settings.audience:
             query["audience"] = settings.audience
-        await self.pending.put_pending(Pending(PENDING_KIND, token_hash(state), {
+        await self.pending.put_pending(Pending(PENDING_KIND, _state_key(state), {
             "sub": user_sub, "server_id": server.server_id, "issuer": discovery.server.issuer,  # type: ignore[attr-defined]
             "verifier": verifier, "browser": browser, "return_to": return_to, "scope": scope,
         }, self.now() + PENDING_TTL))
@@ -133,7 +132,7 @@ class UpstreamAuth:
         """The callback: (server_id, return_to) once the code is exchanged and the credential
         stored. `params`: the callback's query; `server_of(server_id)` reads the server."""
         state = params.get("state", "")
-        found = await self.pending.get_pending(PENDING_KIND, token_hash(state), self.now()) if state else None
+        found = await self.pending.get_pending(PENDING_KIND, _state_key(state), self.now()) if state else None
         if found is None:
             raise AuthorizationFailed("this sign-in link is unknown, was used already or has expired; start again")
         payload = found.payload
@@ -141,7 +140,7 @@ class UpstreamAuth:
             security_event("upstream_state_mismatch", "upstream callback from another browser or user",
                            user_sub=user_sub, server_id=payload.get("server_id", ""), reason="browser_mismatch")
             raise AuthorizationFailed("this sign-in was started in another browser session; start again")
-        if await self.pending.take_pending(PENDING_KIND, token_hash(state), self.now()) is None:
+        if await self.pending.take_pending(PENDING_KIND, _state_key(state), self.now()) is None:
             raise AuthorizationFailed("this sign-in link was used already; start again")
         server = await server_of(payload["server_id"])
         if server is None:
@@ -324,6 +323,11 @@ class UpstreamAuth:
         except Exception as exc:  # revocation is a courtesy: the credential is gone either way
             log.info("upstream revocation skipped: %s", exc, extra={"user_sub": user_sub, "server_id": server_id})
         return deleted
+
+
+def _state_key(state: str) -> str:
+    # Stored hashed, like every other secret: a leaked pending row cannot finish the trip.
+    return hashlib.sha256(state.encode()).hexdigest()
 
 
 def _s256(verifier: str) -> str:
