@@ -364,9 +364,11 @@ def test_second_signal_kills_workers_at_once(tmp_path):
         partial = []
         for worker in workers:
             with only(worker, workers):
+                before = sockets_of(worker)
                 partial.append(socket.create_connection(("127.0.0.1", gw.port)))
                 partial[-1].sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
-                time.sleep(0.2)  # read by the worker before the other one resumes
+                wait_for(lambda worker=worker, before=before: sockets_of(worker) > before, 10,
+                         "the pinned worker to accept")
         os.kill(gw.pid, signal.SIGTERM)
         wait_for(lambda: "SIGTERM: draining 2 worker(s)" in gw.log_text(), 5, "the drain")
         os.kill(gw.pid, signal.SIGINT)
@@ -380,6 +382,17 @@ def test_second_signal_kills_workers_at_once(tmp_path):
         gw.stop()
 
 
+def sockets_of(pid: int) -> int:
+    """Sockets the process holds open (an accepted connection adds one)."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except OSError:
+            pass
+    return count
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as handle:
@@ -389,16 +402,16 @@ def _alive(pid: int) -> bool:
 
 
 def test_stuck_worker_is_replaced(tmp_path):
-    """With a watchdog (WATCHDOG_USEC=1 s) a worker whose loop stops (SIGSTOP) is killed and
+    """With a watchdog (WATCHDOG_USEC=2 s) a worker whose loop stops (SIGSTOP) is killed and
     replaced by the supervisor, which keeps sending WATCHDOG=1 itself."""
     name = f"mcpgw-workers-dog-{os.getpid()}"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind("\0" + name)
-    gw = GatewayProcess(tmp_path / "gw", extra_env={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "1000000"})
+    gw = GatewayProcess(tmp_path / "gw", extra_env={"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "2000000"})
     try:
         a, b = start_workers(gw)
         os.kill(a, signal.SIGSTOP)
-        wait_for(lambda: f"(pid {a}) sent no heartbeat" in gw.log_text(), 10, "the stuck worker to be noticed")
+        wait_for(lambda: f"(pid {a}) sent no heartbeat" in gw.log_text(), 20, "the stuck worker to be noticed")
         wait_for(lambda: len(workers_of(gw)) == 2 and a not in workers_of(gw), 20, "a replacement")
         notify.settimeout(0)
         beats = 0
@@ -458,3 +471,21 @@ def test_workers_setting():
     assert Config.from_env(env).workers == 1
     assert Config.from_env({**env, "MCPGW_WORKERS": "3"}).workers == 3
     assert Config.from_env({**env, "MCPGW_WORKERS": "auto"}).workers == len(os.sched_getaffinity(0))
+
+
+def test_workers_drain_when_the_supervisor_dies(tmp_path):
+    """The supervisor killed with SIGKILL (no chance to stop anyone): its workers see their
+    lifeline pipe close, drain and exit, instead of serving on unsupervised."""
+    gw = GatewayProcess(tmp_path / "gw", extra_env={"TMPDIR": str(tmp_path)})  # the metrics directory stays
+    try:
+        workers = start_workers(gw)
+        os.kill(gw.pid, signal.SIGKILL)
+        gw._process.wait(10)
+        wait_for(lambda: not any(_alive(pid) for pid in workers), 20, "the orphaned workers to exit")
+        log = gw.log_text()
+        assert log.count("the supervisor is gone: draining") == 2, log
+        assert "Traceback" not in log, log
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", gw.port), timeout=2).close()
+    finally:
+        gw.stop()
