@@ -98,8 +98,11 @@ class Supervisor:
             return self._exit_code
         finally:
             self._notifier.close()
-            if self._metrics_dir is not None:
-                shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            self._remove_metrics()
+
+    def _remove_metrics(self) -> None:
+        if self._metrics_dir is not None:
+            shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
     def _prepare_metrics(self) -> None:
         """Prometheus multi-process mode: every worker writes its values to files in a
@@ -191,6 +194,7 @@ class Supervisor:
             log.warning("%s during the drain: killing %d worker(s) and exiting at once", name, len(self._workers))
             for pid in self._workers:
                 _kill(pid, signal.SIGKILL)
+            self._remove_metrics()
             os._exit(128 + signum)
         self._draining = True
         self._restart_at.clear()
