@@ -403,6 +403,27 @@ def test_concurrent_refreshes_on_two_instances_never_mix_users_and_refresh_once_
     run(scenario, service(stores(), clock), service(stores(), clock))
 
 
+def test_a_refresh_waits_for_the_lease_holder_and_takes_over_when_it_gives_up(
+    upstream: OAuthUpstream, tmp_path: Path,
+) -> None:
+    server = Srv("srv_lease", upstream.mcp_url)
+    clock = Clock()
+
+    async def scenario(svc: UpstreamAuth) -> None:
+        await connect(svc, "kim", server, upstream, as_user="up-kim")
+        clock.offset += DAY
+        # Another instance is refreshing kim's token (and will give up without a result).
+        assert await svc.store.take_refresh_lease("kim", "srv_lease", "other-instance", clock() + 15, clock())
+        waiting = asyncio.ensure_future(svc.get_token("kim", server))
+        await asyncio.sleep(0.5)
+        assert not waiting.done() and refreshes(upstream, "up-kim") == []
+        await svc.store.release_refresh_lease("kim", "srv_lease", "other-instance")
+        assert await whoami(upstream, await waiting) == "up-kim"
+        assert len(refreshes(upstream, "up-kim")) == 1
+
+    run(scenario, service(tmp_path / "gw.db", clock))
+
+
 def test_a_refused_refresh_drops_the_credential_and_asks_to_connect_again(
     upstream: OAuthUpstream, tmp_path: Path,
 ) -> None:

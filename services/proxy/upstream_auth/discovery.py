@@ -42,6 +42,12 @@ class Discovery:
     scopes: tuple[str, ...] = field(default=())
 
 
+def foreign_authorization_server(discovery: Discovery, upstream_url: str) -> str:
+    """The AS's host when it is not the upstream's (the server form shows it to the owner), else ""."""
+    host = urlsplit(discovery.server.issuer).hostname or ""
+    return host if host != (urlsplit(upstream_url).hostname or "") else ""
+
+
 def parse_www_authenticate(header: str) -> dict[str, str]:
     """The auth-params of a Bearer challenge (`resource_metadata`, `scope`, `error`…); {} when
     there is no Bearer challenge."""

@@ -222,9 +222,24 @@ class UpstreamAuth:
     async def _refresh(self, user_sub: str, server: object, seen: UpstreamCredential, tokens: TokenSet,
                        rejected: str) -> str:
         server_id = server.server_id  # type: ignore[attr-defined]
-        if not await self.store.take_refresh_lease(user_sub, server_id, self.holder, self.now() + LEASE_TTL,
-                                                   self.now()):
-            return await self._await_other(user_sub, server_id, seen, tokens)
+        deadline = self.clock() + LEASE_TTL
+        # Another instance holds the lease: take its result when it is stored, or the lease
+        # when it is given back without one (its refresh failed: this one tries, and says so).
+        while not await self.store.take_refresh_lease(user_sub, server_id, self.holder, self.now() + LEASE_TTL,
+                                                      self.now()):
+            if self.clock() >= deadline:
+                if seen.expires_at > self.now() and tokens.access_token != rejected:
+                    return tokens.access_token  # not expired yet: usable while the refresh is stuck
+                raise UpstreamAuthTemporarilyUnavailable("the upstream token is being refreshed; try again shortly")
+            await self.sleep(LEASE_POLL)
+            current = await self.store.get_credential(user_sub, server_id)
+            if current is None:
+                raise ConnectRequired("connect your account for this server again", self.connect_url(server_id))
+            if current.updated_at != seen.updated_at:
+                fresh = self._open(current)
+                if fresh.access_token != rejected:
+                    self._remember(current, fresh)
+                    return fresh.access_token
         try:
             current = await self.store.get_credential(user_sub, server_id)
             if current is None:
@@ -271,22 +286,6 @@ class UpstreamAuth:
             raise ConnectRequired("your account was disconnected", self.connect_url(server_id))
         self._remember(fresh, TokenSet(answer.access_token))
         return answer.access_token
-
-    async def _await_other(self, user_sub: str, server_id: str, seen: UpstreamCredential, tokens: TokenSet) -> str:
-        """Another instance holds the lease: wait for its result (at most the lease's life)."""
-        deadline = self.clock() + LEASE_TTL
-        while self.clock() < deadline:
-            await self.sleep(LEASE_POLL)
-            current = await self.store.get_credential(user_sub, server_id)
-            if current is None:
-                raise ConnectRequired("connect your account for this server again", self.connect_url(server_id))
-            if current.updated_at != seen.updated_at:
-                fresh = self._open(current)
-                self._remember(current, fresh)
-                return fresh.access_token
-        if seen.expires_at > self.now():
-            return tokens.access_token  # not expired yet: usable while the refresh is stuck
-        raise UpstreamAuthTemporarilyUnavailable("the upstream token is being refreshed; try again shortly")
 
     def _credential(self, user_sub: str, server_id: str, issuer: str, answer: TokenAnswer, old_refresh: str,
                     scope: str, previous: UpstreamCredential | None) -> UpstreamCredential:
