@@ -64,6 +64,10 @@ class UpstreamAuthStore(abc.ABC):
         """Every connected account of a user, by server id."""
 
     @abc.abstractmethod
+    async def credentials_of_server(self, server_id: str) -> list[UpstreamCredential]:
+        """Every connected account of a server, by user (who lost access when a grant goes)."""
+
+    @abc.abstractmethod
     async def count_credentials(self, server_id: str) -> int:
         """How many users have connected an account for this server."""
 

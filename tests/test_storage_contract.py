@@ -1564,6 +1564,7 @@ def test_upstream_credentials_per_user_and_server_replace_on_condition_and_go_wi
         await up.put_credential(upcred("u1", "srv_b"))
         assert await up.get_credential("u1", "srv_a") == upcred("u1")
         assert await up.count_credentials("srv_a") == 2
+        assert [c.user_sub for c in await up.credentials_of_server("srv_a")] == ["u1", "u2"]
         assert [c.server_id for c in await up.credentials_of_user("u1")] == ["srv_a", "srv_b"]
         # A conditional replace: only over the version it read.
         newer = upcred("u1", updated_at=T0 + 10)

@@ -20,7 +20,7 @@ import tornado.web
 
 from services.authserver.keys import SecretBox
 from services.proxy.upstream.policy import AddressPolicy
-from services.proxy.upstream_auth.discovery import parse_www_authenticate
+from services.proxy.upstream_auth.discovery import foreign_authorization_server, parse_www_authenticate
 from services.proxy.upstream_auth.errors import (
     AuthorizationFailed,
     ConnectRequired,
@@ -152,6 +152,9 @@ def test_discovery_reads_the_upstreams_resource_metadata_and_its_authorization_s
             assert found.server.registration_endpoint == f"{upstream.issuer}/register"
             assert found.server.revocation_endpoint == f"{upstream.issuer}/revoke"
             assert found.scopes == ("mcp",)
+            assert foreign_authorization_server(found, upstream.mcp_url) == ""  # both on 127.0.0.1
+            elsewhere = replace(found, server=replace(found.server, issuer="https://login.example/tenant"))
+            assert foreign_authorization_server(elsewhere, upstream.mcp_url) == "login.example"
 
     run(scenario, service(tmp_path / "gw.db"))
 
@@ -227,10 +230,11 @@ def test_a_credential_row_copied_to_another_user_does_not_open(upstream: OAuthUp
     run(scenario, service(tmp_path / "gw.db"))
 
 
-def test_the_callback_refuses_unknown_reused_foreign_and_refused_states(
+def test_the_callback_refuses_unknown_reused_foreign_refused_and_expired_states(
     upstream: OAuthUpstream, tmp_path: Path,
 ) -> None:
     server = Srv("srv_cb", upstream.mcp_url)
+    clock = Clock()
 
     async def server_of(server_id: str):
         return server
@@ -254,8 +258,13 @@ def test_the_callback_refuses_unknown_reused_foreign_and_refused_states(
         with pytest.raises(AuthorizationFailed, match="did not authorize: access_denied"):
             await svc.complete({"state": state, "error": "access_denied"}, "bob", "b", server_of)
         assert await svc.store.get_credential("bob", "srv_cb") is None
+        # A trip left for more than 10 minutes has expired.
+        state = dict(parse_qsl(urlsplit(await svc.begin("bob", server, "b")).query))["state"]
+        clock.offset += 601
+        with pytest.raises(AuthorizationFailed, match="expired"):
+            await svc.complete({"state": state, "code": "x"}, "bob", "b", server_of)
 
-    run(scenario, service(tmp_path / "gw.db"))
+    run(scenario, service(tmp_path / "gw.db", clock))
 
 
 def test_static_client_from_the_servers_settings(upstream: OAuthUpstream, tmp_path: Path) -> None:
@@ -525,6 +534,11 @@ def test_an_authorization_server_on_a_forbidden_address_is_refused_by_the_ssrf_g
                 with pytest.raises(DiscoveryError, match="refused") as refused:
                     await svc.discover(Srv("srv_ssrf", f"{base}/mcp"), fresh=True)
                 assert forbidden.split("//")[1].split(":8080")[0].strip("[]") in str(refused.value)
+            # An upstream no administrator approved for internal addresses: public ones only,
+            # whatever the allow-list says (its own AS on loopback included).
+            documents["/.well-known/oauth-protected-resource/mcp"] = (200, _prm(base, base))
+            with pytest.raises(DiscoveryError, match="refused|public"):
+                await svc.discover(Srv("srv_ssrf", f"{base}/mcp", internal_upstream=False), fresh=True)
             # A challenge may not point discovery at another host either.
             with pytest.raises(DiscoveryError, match="another origin"):
                 await svc.discover(Srv("srv_ssrf", f"{base}/mcp"), fresh=True,

@@ -66,6 +66,10 @@ class DynamoDBUpstreamAuth(UpstreamAuthStore):
         items = await self._store._run(self._store._query_index, "GSI1", f"UPCREDUSER#{_esc(user_sub)}")
         return sorted((CREDENTIALS.decode(i) for i in items), key=lambda c: c.server_id)
 
+    async def credentials_of_server(self, server_id: str) -> list[UpstreamCredential]:
+        items = await self._store._run(self._store._query_partition, f"SERVER#{_esc(server_id)}", "UPCRED#")
+        return sorted((CREDENTIALS.decode(i) for i in items), key=lambda c: c.user_sub)
+
     async def count_credentials(self, server_id: str) -> int:
         items = await self._store._run(
             functools.partial(self._store._query_partition, ProjectionExpression="PK"),

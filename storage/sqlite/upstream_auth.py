@@ -47,6 +47,9 @@ class SqliteUpstreamAuth(UpstreamAuthStore):
     async def credentials_of_user(self, user_sub: str) -> list[UpstreamCredential]:
         return await self._store._read(self._store._all, CREDENTIALS, "user_sub = ? ORDER BY server_id", user_sub)
 
+    async def credentials_of_server(self, server_id: str) -> list[UpstreamCredential]:
+        return await self._store._read(self._store._all, CREDENTIALS, "server_id = ? ORDER BY user_sub", server_id)
+
     async def count_credentials(self, server_id: str) -> int:
         rows = await self._store._read(
             self._store._select, "SELECT count(*) FROM upstream_credentials WHERE server_id = ?", server_id
