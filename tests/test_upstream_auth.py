@@ -48,6 +48,7 @@ class Srv:
     upstream_client_id: str = ""
     upstream_client_secret_enc: str = ""
     upstream_send_resource: bool = True
+    upstream_audience: str = ""
 
 
 class Clock:
@@ -315,6 +316,21 @@ def test_a_client_id_metadata_document_when_the_authorization_server_supports_th
         }
 
     run(scenario, https)
+
+
+def test_resource_can_be_left_out_and_an_audience_added_for_providers_that_need_it(
+    upstream: OAuthUpstream, tmp_path: Path,
+) -> None:
+    server = Srv("srv_aud", upstream.mcp_url, upstream_send_resource=False, upstream_audience="api://tools")
+
+    async def scenario(svc: UpstreamAuth) -> None:
+        query = dict(parse_qsl(urlsplit(await svc.begin("alice", server, "b")).query))
+        assert "resource" not in query and query["audience"] == "api://tools"
+        await connect(svc, "alice", server, upstream, as_user="up-aud")
+        exchange = [r for r in upstream.stats()["token_requests"] if r["subject"] == "up-aud"]
+        assert [r["resource"] for r in exchange] == [None]
+
+    run(scenario, service(tmp_path / "gw.db"))
 
 
 # -------------------------------------------------------------------------- refresh
