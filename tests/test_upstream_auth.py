@@ -211,7 +211,9 @@ def test_two_users_each_get_their_own_token_and_the_upstream_sees_their_own_iden
     run(scenario, service(stores()))
 
 
-def test_a_credential_row_copied_to_another_user_does_not_open(upstream: OAuthUpstream, tmp_path: Path) -> None:
+def test_a_credential_row_copied_to_another_user_does_not_open(
+    upstream: OAuthUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
     server = Srv("srv_copy", upstream.mcp_url)
 
     async def scenario(svc: UpstreamAuth) -> None:
@@ -224,8 +226,12 @@ def test_a_credential_row_copied_to_another_user_does_not_open(upstream: OAuthUp
                 open_tokens(svc.box, forged)
         # At the storage level: alice's row stored as mallory's.
         await svc.store.put_credential(replace(row, user_sub="mallory"))
-        with pytest.raises(ConnectRequired):
-            await svc.get_token("mallory", server)
+        with caplog.at_level("WARNING", logger="mcpgw.security"):
+            with pytest.raises(ConnectRequired):
+                await svc.get_token("mallory", server)
+        events = [r for r in caplog.records if getattr(r, "event", "") == "upstream_credential_unreadable"]
+        assert [(e.user_sub, e.server_id) for e in events] == [("mallory", "srv_copy")]
+        assert row.token_enc not in caplog.text
         assert await whoami(upstream, await svc.get_token("alice", server)) == "up-alice"
 
     run(scenario, service(tmp_path / "gw.db"))
