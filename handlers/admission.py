@@ -69,6 +69,7 @@ ACCEPT_BATCH = 128  # accepts per readiness, as Tornado's own handler (fairness 
 # the first would take the whole backlog; a few at a time spreads a burst of connections.
 SHARED_ACCEPT_BATCH = 4
 FRESH_GRACE = 1.0  # seconds a connection accepted just before a drain gets to send its request
+HANDLER_GRACE = 1.0  # seconds a handler gets, after its response, to finish its work (usage record)
 
 # accept() failures that mean "no descriptor or socket memory now", not "this connection".
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -209,6 +210,9 @@ class AdmissionHTTPServer(HTTPServer):
         for server_conn in list(self._connections):
             server_conn.stream.close()
         await asyncio.sleep(0)  # the cut requests' handlers see their connections close
+        # A handler goes on after its response is out (the proxy records the call's usage
+        # then); the services must not stop under it, or that record is lost.
+        await _handlers_done(HANDLER_GRACE)
         result = DrainResult(in_flight, self._drain_done, cut, time.monotonic() - started)
         log.info("drained in %.1f s: %d request(s) completed, %d cut at the %g s limit",
                  result.seconds, result.completed, result.cut, timeout)
@@ -303,6 +307,16 @@ class _Tracked(httputil.HTTPMessageDelegate):
 
     def on_connection_close(self) -> None:
         self._inner.on_connection_close()
+
+
+async def _handlers_done(timeout: float) -> None:
+    """Wait up to `timeout` for the request handlers still running. Tornado runs each as a
+    task of RequestHandler._execute (tornado.web._HandlerDelegate.execute), known by name."""
+    current = asyncio.current_task()
+    running = [task for task in asyncio.all_tasks() if task is not current
+               and getattr(task.get_coro(), "__qualname__", "") == "RequestHandler._execute"]
+    if running:
+        await asyncio.wait(running, timeout=timeout)
 
 
 def _close_after_response(request_conn) -> None:

@@ -384,3 +384,32 @@ def test_rolling_restart_of_two_instances_loses_no_call(rig):
             gw.stop()
     rows = usage_rows(instances[0], "drain-roll-")
     assert sorted(name for name, _ in rows) == sorted(completed)
+
+
+def test_drain_waits_for_handler_work_after_the_response():
+    """A handler that goes on after its response is out (as the proxy does to record the
+    call's usage) finishes before drain() returns, so the services do not stop under it."""
+    from tornado.netutil import bind_sockets
+
+    from handlers.admission import AdmissionHTTPServer
+
+    done: list[str] = []
+
+    class AfterResponse(tornado.web.RequestHandler):
+        async def get(self) -> None:
+            await self.finish("answered")
+            await asyncio.sleep(0.3)  # work after the response: the client has its answer
+            done.append("recorded")
+
+    async def scenario() -> None:
+        server = AdmissionHTTPServer(tornado.web.Application([(r"/", AfterResponse)]), max_connections=10)
+        sockets = bind_sockets(0, "127.0.0.1")
+        server.add_sockets(sockets)
+        port = sockets[0].getsockname()[1]
+        async with httpx.AsyncClient(trust_env=False, timeout=10) as http:
+            response = await http.get(f"http://127.0.0.1:{port}/")
+        assert response.text == "answered" and done == []
+        await server.drain(5)
+        assert done == ["recorded"]
+
+    asyncio.run(scenario())
