@@ -28,6 +28,7 @@ wait in its backlog, so the loop spun at a full core logging a traceback per att
   idle keep-alive connections are closed; each request in flight is told to close its
   connection once its response is complete (``Connection: close`` when its headers are
   still to go) and gets up to `timeout` seconds; what is still running then is cut.
+  Handlers still at work after their response (usage records) get `HANDLER_GRACE` more.
 
 Cost: one ``len()`` of the server's connection set per accepted connection; per request,
 a small delegate wrapper and a done-callback that track which connections are busy.
