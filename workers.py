@@ -196,10 +196,13 @@ class Supervisor:
                 _kill(pid, signal.SIGKILL)
             self._remove_metrics()
             os._exit(128 + signum)
+        log.info("%s: draining %d worker(s)", name, len(self._workers))
+        self._drain()
+
+    def _drain(self) -> None:
         self._draining = True
         self._restart_at.clear()
         self._kill_at = time.monotonic() + self._drain_timeout + KILL_AFTER_DRAIN
-        log.info("%s: draining %d worker(s)", name, len(self._workers))
         self._notifier.notify("STOPPING=1", "STATUS=draining")
         for sock in self._sockets:  # the workers' copies close as each drain begins
             sock.close()
@@ -256,9 +259,10 @@ class Supervisor:
         if not self._all_ready:
             # Failing before every worker served once: storage or configuration, which a
             # restart will not mend. Stop all and let systemd (Restart=on-failure) decide.
-            log.error("worker %d (pid %d) exited with %s during start-up: stopping", worker.index, worker.pid, how)
+            log.error("worker %d (pid %d) exited with %s during start-up: stopping the other %d",
+                      worker.index, worker.pid, how, len(self._workers))
             self._exit_code = 1
-            self._on_stop_signal(signal.SIGTERM)
+            self._drain()
             return
         lived = time.monotonic() - worker.started
         failures = 0 if lived >= STABLE_AFTER else self._failures[worker.index] + 1
