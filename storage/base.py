@@ -104,6 +104,19 @@ class Server:
     tools_deny: tuple[str, ...] = ()
     tools_read_only: bool = False
     tools_pinned: bool = False
+    # Connected accounts (storage.upstream_auth): "oauth" when each user connects their own
+    # account at the upstream's authorization server, else "none". The rest configures that
+    # trip (services.proxy.upstream_auth.clients.UpstreamAuthSettings reads them): a static
+    # client (its secret SecretBox ciphertext bound to the server), the scope, an extra
+    # `audience`, whether `resource` (RFC 8707) is sent, and an authorization server named by
+    # the owner for upstreams without RFC 9728 metadata. Rows from before read as "none".
+    upstream_auth: str = "none"
+    upstream_client_id: str = ""
+    upstream_client_secret_enc: str = ""
+    upstream_scope: str = ""
+    upstream_audience: str = ""
+    upstream_send_resource: bool = True
+    upstream_issuer: str = ""
 
 
 # Host suffixes that no outside party's DNS answers for: loopback names, mDNS, and names

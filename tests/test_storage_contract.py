@@ -49,7 +49,7 @@ from storage import (
     User,
     open_storage,
 )
-from storage.base import LATENCY_BUCKETS, latency_bucket, latency_bucket_bounds
+from storage.base import LATENCY_BUCKETS, latency_bucket, latency_bucket_bounds, legacy_internal_upstream
 from storage.sqlite import MIGRATIONS
 
 BACKENDS = ["sqlite", "dynamodb"]
@@ -422,6 +422,78 @@ def test_server_internal_upstream_flag_round_trips(storage: Storage) -> None:
         await s.update_server(replace(await s.get_server("srv_out"), internal_upstream=True))
         assert (await s.get_server("srv_in")).internal_upstream is False
         assert (await s.get_server("srv_out")).internal_upstream is True
+
+    run(scenario, storage)
+
+
+UPSTREAM_AUTH_FIELDS = ("upstream_auth", "upstream_client_id", "upstream_client_secret_enc", "upstream_scope",
+                        "upstream_audience", "upstream_send_resource", "upstream_issuer")
+
+
+def upstream_auth_of(record: Server) -> dict:
+    return {name: getattr(record, name) for name in UPSTREAM_AUTH_FIELDS}
+
+
+NO_UPSTREAM_AUTH = upstream_auth_of(Server("srv_x", "x", "https://x"))
+
+
+def test_server_upstream_auth_settings_round_trip(storage: Storage) -> None:
+    """A server's upstream authorization (connected accounts) is stored, read back by every
+    lookup, changed by update_server; a server without it needs no account."""
+    settings = {"upstream_auth": "oauth", "upstream_client_id": "gw-client", "upstream_client_secret_enc": "v1.sealed",
+                "upstream_scope": "repo read:user", "upstream_audience": "https://api.example.com",
+                "upstream_send_resource": False, "upstream_issuer": "https://as.example.com"}
+
+    async def scenario(s: Storage) -> None:
+        await s.create_server(replace(server("srv_oauth", owner_email="o@x.org"), **settings))
+        await s.create_server(server("srv_plain", owner_email="o@x.org"))
+        assert upstream_auth_of(await s.get_server("srv_oauth")) == settings
+        assert upstream_auth_of(await s.get_server("srv_plain")) == NO_UPSTREAM_AUTH
+        assert NO_UPSTREAM_AUTH["upstream_auth"] == "none" and NO_UPSTREAM_AUTH["upstream_send_resource"] is True
+        assert {x.server_id: x.upstream_auth for x in await s.list_servers()} == {
+            "srv_oauth": "oauth", "srv_plain": "none"}
+        await s.bind_owner("o@x.org", "u-o")
+        assert {x.server_id: upstream_auth_of(x) for x in await s.servers_owned_by("u-o")} == {
+            "srv_oauth": settings, "srv_plain": NO_UPSTREAM_AUTH}
+        await s.update_server(replace(await s.get_server("srv_oauth"), **NO_UPSTREAM_AUTH))
+        assert upstream_auth_of(await s.get_server("srv_oauth")) == NO_UPSTREAM_AUTH
+
+    run(scenario, storage)
+
+
+def test_sqlite_migration_7_gives_old_servers_no_upstream_auth(tmp_path: Path) -> None:
+    path = tmp_path / "v6.db"
+    with sqlite3.connect(path) as conn:
+        conn.create_function("legacy_internal_upstream", 1, legacy_internal_upstream)  # migration 4's
+        for migration in MIGRATIONS[:6]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 6")
+        conn.execute("INSERT INTO servers (server_id, name, upstream_url, owner_sub, owner_email, "
+                     "upstream_headers_enc, forward_identity, created_at) "
+                     "VALUES ('srv_old', 'old', 'https://mcp.example.com/mcp', '', 'o@x.org', '', 0, ?)", (T0,))
+
+    async def scenario(s: Storage) -> None:
+        assert upstream_auth_of(await s.get_server("srv_old")) == NO_UPSTREAM_AUTH
+
+    run(scenario, SqliteStorage(str(path)))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+def test_dynamodb_server_items_from_before_upstream_auth_need_no_account(dynamodb_table: Any) -> None:
+    import boto3
+
+    endpoint, table = dynamodb_table
+    storage = DynamoDBStorage(table, "us-east-1", endpoint)
+
+    async def scenario(s: Storage) -> None:
+        await s.create_server(replace(server("srv_old"), upstream_auth="oauth", upstream_send_resource=False))
+        db = boto3.client("dynamodb", region_name="us-east-1", endpoint_url=endpoint)
+        # As an item written before the attributes existed.
+        db.update_item(TableName=table, Key={"PK": {"S": "SERVER#srv_old"}, "SK": {"S": "SERVER"}},
+                       UpdateExpression="REMOVE " + ", ".join(UPSTREAM_AUTH_FIELDS))
+        assert upstream_auth_of(await s.get_server("srv_old")) == NO_UPSTREAM_AUTH
 
     run(scenario, storage)
 
@@ -1639,4 +1711,4 @@ def test_sqlite_migration_6_upgrades_a_version_5_file_in_place(tmp_path: Path) -
 
     run(scenario, SqliteStorage(str(path)))
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS) == 6
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)

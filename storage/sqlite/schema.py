@@ -337,6 +337,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             DELETE FROM upstream_refresh_leases WHERE server_id = OLD.server_id;
         END""",
     ),
+    # 7: a server's upstream authorization (Server.upstream_auth and its settings). Servers
+    # from before need no account: "none", every other setting empty, `resource` sent.
+    (
+        "ALTER TABLE servers ADD COLUMN upstream_auth TEXT NOT NULL DEFAULT 'none'",
+        "ALTER TABLE servers ADD COLUMN upstream_client_id TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE servers ADD COLUMN upstream_client_secret_enc TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE servers ADD COLUMN upstream_scope TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE servers ADD COLUMN upstream_audience TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE servers ADD COLUMN upstream_send_resource INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE servers ADD COLUMN upstream_issuer TEXT NOT NULL DEFAULT ''",
+    ),
 )
 
 
