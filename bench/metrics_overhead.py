@@ -1,17 +1,18 @@
-"""Metrics on the hot path (issue 9): proxy throughput of a gateway with its metrics against
-the same gateway with a no-op Metrics, in the same run. Not part of the test run.
+"""Metrics on the hot path (issue 9): proxy throughput of one gateway process with its metrics
+recording and with them switched off (signals flip the recorders to no-ops), in the same run.
+Not part of the test run.
 
-  1. throughput, 32 concurrent clients, JSON tools/call, both gateways pinned to core 0 in
-     turn (interleaved rounds, median ratio), and each gateway's CPU time per request over
-     all rounds (steadier on a shared machine); goal: metrics cost <= 3 %
+  1. throughput, 32 concurrent clients, JSON tools/call, the gateway pinned to core 0, runs
+     with and without metrics interleaved (median ratio), and its CPU time per request in
+     each state over all rounds (steadier on a shared machine); goal: metrics cost <= 3 %
   2. metric operations per proxied request (from /metrics) and the cost of one operation
      in this process: in memory (one worker) and in mmap files (multi-process mode),
      i.e. the expected share of a request's CPU time
   3. what the storage timing wrapper adds to a storage call (a no-op coroutine, SQLite)
 
 Run: .venv/bin/python bench/metrics_overhead.py [--seconds 2] [--rounds 10]
-The gateways share one SQLite file (one server, one token); the upstream and this load
-generator share core 1.
+The upstream and this load generator share core 1. A run with metrics off is checked to
+have counted nothing, a run with them on to have counted every answer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +31,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -38,35 +41,38 @@ from bench.proxy import Connection, bearer_token  # noqa: E402
 from tests.support import gateway as gateway_support  # noqa: E402
 from tests.support.gateway import GatewayProcess  # noqa: E402
 
-
-class NullMetrics:
-    """The Metrics API doing nothing: the baseline."""
-
-    def inc(self, name, amount=1, **labels):
-        pass
-
-    def gauge_add(self, name, delta, **labels):
-        pass
-
-    def gauge_set(self, name, value, **labels):
-        pass
-
-    def observe(self, name, seconds, **labels):
-        pass
-
-    def value(self, name, **labels):
-        return 0.0
-
-    def render(self):
-        return b"", "text/plain; version=1.0.0; charset=utf-8"
+RECORDERS = ("inc", "gauge_add", "gauge_set", "observe")
 
 
-def serve_without_metrics() -> None:
-    """`gateway.py serve` with NullMetrics and no storage timing (run by the shim below)."""
+def serve_with_switch() -> None:
+    """`gateway.py serve` whose Metrics stop recording on SIGUSR1 and record again on SIGUSR2
+    (run by the shim below): one process measured both ways, so nothing else differs."""
     import services.app as app
+    from services.common.metrics import Metrics
 
-    app.Metrics = NullMetrics
-    app.time_storage = lambda storage, metrics: storage
+    instances = []
+
+    class SwitchableMetrics(Metrics):
+        def __init__(self):
+            super().__init__()
+            instances.append(self)
+
+    def nothing(*args, **kwargs) -> None:
+        return None
+
+    def off(*_) -> None:
+        for metrics in instances:
+            for name in RECORDERS:
+                setattr(metrics, name, nothing)  # shadows the method on the instance
+
+    def on(*_) -> None:
+        for metrics in instances:
+            for name in RECORDERS:
+                metrics.__dict__.pop(name, None)
+
+    app.Metrics = SwitchableMetrics
+    signal.signal(signal.SIGUSR1, off)
+    signal.signal(signal.SIGUSR2, on)
     import gateway
 
     sys.exit(gateway.main(["serve"]))
@@ -75,12 +81,12 @@ def serve_without_metrics() -> None:
 SHIM = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
-from bench.metrics_overhead import serve_without_metrics
-serve_without_metrics()
+from bench.metrics_overhead import serve_with_switch
+serve_with_switch()
 """
 
 
-def start_without_metrics(gateway: GatewayProcess, shim_dir: Path) -> GatewayProcess:
+def start_with_switch(gateway: GatewayProcess, shim_dir: Path) -> GatewayProcess:
     """GatewayProcess runs ROOT/gateway.py: point it at a shim for this one start."""
     (shim_dir / "gateway.py").write_text(SHIM)
     real_root = gateway_support.ROOT
@@ -91,19 +97,36 @@ def start_without_metrics(gateway: GatewayProcess, shim_dir: Path) -> GatewayPro
         gateway_support.ROOT = real_root
 
 
-def operations_per_request(port: int, requests: int, run_requests) -> float:
-    """Counter increments plus histogram samples per proxied request, read from /metrics."""
-    def total() -> float:
+def mcp_answers_counted(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "mcpgw_http_requests_total" and sample.labels == {"route": "mcp", "status": "200"}:
+                return sample.value
+    return 0.0
+
+
+def operations_per_request(port: int, requests: int, run_requests) -> dict[str, float]:
+    """Counter increments and histogram samples per proxied request, read from /metrics:
+    the request's own (usage and storage series move per flush, off the request path)."""
+    def totals() -> dict[str, float]:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
-        count = 0.0
-        for line in text.splitlines():
-            if line.startswith("mcpgw_") and ("_total" in line.split(" ")[0] or "_count" in line.split(" ")[0]):
-                count += float(line.rsplit(" ", 1)[1])
+        count = {"inc": 0.0, "observe": 0.0}
+        for family in text_string_to_metric_families(text):
+            if family.name.startswith(("mcpgw_usage_", "mcpgw_storage_")):
+                continue
+            kind = {"counter": "inc", "histogram": "observe"}.get(family.type)
+            suffix = "_total" if kind == "inc" else "_count"
+            for sample in family.samples:
+                if kind and sample.name.endswith(suffix):
+                    count[kind] += sample.value
         return count
 
-    before = total()
+    before = totals()
     run_requests(requests)
-    return (total() - before - 1) / requests  # less the scrape's own request count
+    after = totals()
+    # Less the first scrape's own request (one inc, one observe).
+    return {kind: (after[kind] - before[kind] - 1) / requests for kind in after}
 
 
 def cost_per_operation(multiprocess: bool) -> dict[str, float]:
@@ -195,58 +218,56 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         upstream, upstream_port = minimal_upstream.start(tmp / "port")
-        with_metrics = without = None
+        gw = None
         try:
             os.sched_setaffinity(upstream.pid, {1})
             os.sched_setaffinity(0, {1})
-            with_metrics = GatewayProcess(tmp / "gw").start()
-            server_id = with_metrics.add_server(f"http://127.0.0.1:{upstream_port}/mcp", "bench@example.com")
-            token = bearer_token(with_metrics, server_id)
             (tmp / "shim").mkdir()
-            without = start_without_metrics(GatewayProcess(tmp / "gw-null", share_storage_with=with_metrics),
-                                            tmp / "shim")
-            for gateway in (with_metrics, without):
-                os.sched_setaffinity(gateway.pid, {0})
+            gw = start_with_switch(GatewayProcess(tmp / "gw"), tmp / "shim")
+            os.sched_setaffinity(gw.pid, {0})
+            server_id = gw.add_server(f"http://127.0.0.1:{upstream_port}/mcp", "bench@example.com")
+            token = bearer_token(gw, server_id)
             path = f"/mcp/{server_id}"
-            targets = {"metrics": with_metrics.port, "no-op": without.port}
-
-            for port in targets.values():  # warm: caches, pool, JIT-free but page-cache warm
-                asyncio.run(throughput(port, path, token, 1.0))
-            print(f"gateway pids {with_metrics.pid} (metrics) and {without.pid} (no-op Metrics) on core 0; "
+            asyncio.run(throughput(gw.port, path, token, 1.0))  # warm: caches, pool
+            print(f"gateway pid {gw.pid} on core 0, its metrics switched on and off between runs; "
                   f"{args.rounds} rounds of {args.seconds:g} s, order alternating\n")
-            pids = {"metrics": with_metrics.pid, "no-op": without.pid}
-            rounds, cpu_ratios, cpu, done = [], [], dict.fromkeys(targets, 0.0), dict.fromkeys(targets, 0)
+            states = {"metrics": signal.SIGUSR2, "no-op": signal.SIGUSR1}
+            rounds, cpu_ratios, cpu, done = [], [], dict.fromkeys(states, 0.0), dict.fromkeys(states, 0)
             for number in range(args.rounds):
-                order = list(targets) if number % 2 == 0 else list(reversed(targets))
+                order = list(states) if number % 2 == 0 else list(reversed(states))
                 result, spent = {}, {}
                 for name in order:
-                    before = cpu_seconds(pids[name])
-                    result[name], count = asyncio.run(throughput(targets[name], path, token, args.seconds))
-                    spent[name] = cpu_seconds(pids[name]) - before
-                    cpu[name] += spent[name]
+                    os.kill(gw.pid, states[name])
+                    asyncio.run(throughput(gw.port, path, token, 0.2))  # the handler has run
+                    counted = mcp_answers_counted(gw.port)
+                    before = cpu_seconds(gw.pid)
+                    result[name], count = asyncio.run(throughput(gw.port, path, token, args.seconds))
+                    spent[name] = (cpu_seconds(gw.pid) - before) / count
+                    cpu[name] += spent[name] * count
                     done[name] += count
-                    spent[name] /= count
+                    moved = mcp_answers_counted(gw.port) - counted
+                    assert moved == (count if name == "metrics" else 0), (name, moved, count)
                 rounds.append(result)
                 cpu_ratios.append(spent["metrics"] / spent["no-op"])
                 print(f"  round {number + 1}: metrics {result['metrics']:,.0f} req/s, no-op {result['no-op']:,.0f} "
                       f"req/s, ratio {result['metrics'] / result['no-op']:.3f}; CPU per request "
                       f"{1e6 * spent['metrics']:.0f} / {1e6 * spent['no-op']:.0f} µs")
             ratios = [r["metrics"] / r["no-op"] for r in rounds]
-            cpu_per_request = {name: cpu[name] / done[name] * 1e6 for name in targets}
+            cpu_per_request = {name: cpu[name] / done[name] * 1e6 for name in states}
+            os.kill(gw.pid, signal.SIGUSR2)
 
             def run_requests(count: int) -> None:
                 async def go():
-                    connection = Connection(with_metrics.port, path, token)
+                    connection = Connection(gw.port, path, token)
                     for _ in range(count):
                         await connection.post()
                     connection.close()
                 asyncio.run(go())
 
-            ops = operations_per_request(with_metrics.port, 500, run_requests)
+            ops = operations_per_request(gw.port, 500, run_requests)
         finally:
-            for gateway in (with_metrics, without):
-                if gateway is not None:
-                    gateway.stop()
+            if gw is not None:
+                gw.stop()
             upstream.terminate()
             upstream.wait(10)
 
@@ -265,11 +286,11 @@ def main() -> None:
          f"{cpu_per_request['metrics'] / cpu_per_request['no-op'] - 1:+.1%}", "(goal <= +3 %)")
     line("CPU per request, metrics / no-op, median of rounds", f"{statistics.median(cpu_ratios) - 1:+.1%}")
     print("2. cost of the operations a proxied request makes")
-    line("metric operations per proxied request (at most)", f"{ops:.1f}")
+    line("metric operations per proxied request: inc / observe", f"{ops['inc']:.1f} / {ops['observe']:.1f}")
     for label, cost in (("one worker (memory)", memory), ("multi-process (mmap files)", files)):
-        per_request = ops * max(cost["inc"], cost["observe"])
+        per_request = ops["inc"] * cost["inc"] + ops["observe"] * cost["observe"]
         line(f"{label}: inc / observe", f"{cost['inc']:.2f} / {cost['observe']:.2f} µs")
-        line(f"{label}: per request, share of {request_us:.0f} µs CPU", f"<= {per_request:.1f} µs = "
+        line(f"{label}: per request, share of {request_us:.0f} µs CPU", f"{per_request:.1f} µs = "
              f"{100 * per_request / request_us:.2f} %")
     report_storage(wrapper)
 
