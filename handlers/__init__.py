@@ -9,7 +9,7 @@ import jinja2
 import tornado.web
 from tornado.log import access_log
 
-from handlers import api, dashboard, discovery, oauth, ops, proxy
+from handlers import api, dashboard, discovery, oauth, ops, proxy, upstream_auth
 from handlers.base import StaticHandler
 from services.authserver.keys import derive_key
 
@@ -73,6 +73,8 @@ def make_app(services, **settings) -> tornado.web.Application:
         (r"/dashboard/servers/([^/]+)/usage\.csv", dashboard.UsageCsvHandler),
         (r"/dashboard/authorizations", dashboard.AuthorizationsHandler),
         (r"/dashboard/authorizations/revoke", dashboard.RevokeAuthorizationHandler),
+        (r"/dashboard/connections", upstream_auth.ConnectionsHandler),
+        (r"/dashboard/connections/disconnect", upstream_auth.DisconnectHandler),
         (r"/api/me", api.MeHandler),
         (r"/api/servers", api.ServersHandler),
         (r"/api/servers/([^/]+)", api.ServerHandler),
@@ -95,6 +97,10 @@ def make_app(services, **settings) -> tornado.web.Application:
         (r"/register", oauth.RegisterHandler),
         (r"/authorize", oauth.AuthorizeHandler),
         (r"/authorize/consent", oauth.ConsentHandler),
+        (r"/authorize/continue", oauth.ContinueHandler),
+        (r"/oauth/upstream/client\.json", upstream_auth.ClientMetadataHandler),
+        (r"/oauth/upstream/connect/([^/]+)", upstream_auth.ConnectHandler),
+        (r"/oauth/upstream/callback", upstream_auth.CallbackHandler),
         (r"/login", oauth.LoginHandler),
         (r"/logout", oauth.LogoutHandler),
         (r"/oauth/callback", oauth.CallbackHandler),

@@ -16,6 +16,7 @@ from services.common.errors import (
     PageError,
     SlowDown,
 )
+from services.dashboard.connections import Connections
 
 log = logging.getLogger("gateway.oauth")
 
@@ -75,13 +76,16 @@ class AuthorizeHandler(BaseHandler):
 
 
 class ConsentHandler(BaseHandler):
-    """GET shows the consent page (or skips it when remembered); POST decides."""
+    """GET shows the consent page (or skips it when remembered); POST decides. For a server
+    whose users connect their own upstream account, the approval may first detour through the
+    upstream's sign-in (`Connections` is the authserver's Detour) and come back to /authorize/continue."""
 
     is_page = True
 
     async def get(self) -> None:
         outcome = await self.services.authorizations.review(
-            self.get_query_argument("req", None), self.current_user, self.request.uri
+            self.get_query_argument("req", None), self.current_user, self.request.uri,
+            detour=Connections.of(self.services),
         )
         if isinstance(outcome, Redirect):
             self.redirect(outcome.url)
@@ -95,6 +99,20 @@ class ConsentHandler(BaseHandler):
             self.get_body_argument("req", None),
             self.current_user,
             approve=self.get_body_argument("decision", "") == "approve",
+            detour=Connections.of(self.services),
+        )
+        self.redirect(outcome.url)
+
+
+class ContinueHandler(BaseHandler):
+    """GET /authorize/continue?req: back from the upstream's sign-in (via /oauth/upstream/callback),
+    the held authorization's code goes to the client (single use, this browser session only)."""
+
+    is_page = True
+
+    async def get(self) -> None:
+        outcome = await self.services.authorizations.resume(
+            self.get_query_argument("req", None), self.current_user, detour=Connections.of(self.services)
         )
         self.redirect(outcome.url)
 

@@ -5,15 +5,19 @@ issuing the code — so that the handlers only parse the request and render the 
 Outcomes are values: `Redirect` (to the client, to sign-in or to consent), `ConsentPage`
 (what the page shows), `Denied` (the friendly refusal). Errors about the client or its
 redirect URI are a `PageError`: shown to the person, never redirected (RFC 6749 §4.1.2.1).
+A `Detour` (connected accounts, issue 11) may send the browser to an upstream's sign-in
+before the code is issued; `resume` issues it when the browser comes back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urlencode, urlsplit
 
 from config import Config
@@ -27,6 +31,7 @@ from services.common.logs import security_event
 from storage.base import Client, Consent, Pending, Server, Storage
 
 PENDING_TTL = 600  # an /authorize and its sign-in may take ten minutes
+HELD_KIND = "authorize-connect"  # an approved request waiting for the upstream account
 CHALLENGE_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
 PROMPTS = {"none", "login", "consent", "select_account"}
 
@@ -47,6 +52,20 @@ class ConsentPage:
     loopback: bool
     custom_scheme: bool
     scopes: list[str]
+    connect_host: str | None = None  # where the user connects an upstream account next, if they must
+
+
+class Detour(Protocol):
+    """Connected accounts as the consent step sees them. Given by the handler layer for each
+    call (services.dashboard.connections over the proxy's UpstreamAuth): authserver never
+    imports proxy."""
+
+    async def needed(self, user_sub: str, server_id: str) -> str | None:
+        """The upstream sign-in host when this user must connect an account for the server
+        before a code is issued ("" when the host is unknown yet); None when not."""
+
+    async def start(self, user_sub: str, server_id: str, browser: str, return_to: str) -> str:
+        """The upstream authorization URL the browser goes to; it comes back to `return_to`."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,12 @@ def add_query(uri: str, params: dict[str, str | None]) -> str:
 def signin_time(now: Callable[[], float] = time.time) -> float:
     """The clock of the sign-in cookie's auth_time (see BaseHandler.set_signin_cookie)."""
     return round(now(), 3)
+
+
+def browser_of(user: dict) -> str:
+    """A digest of the browser's sign-in session (its sid): what binds a trip through an
+    upstream's sign-in to this browser. Never the sid itself, which is a bearer secret."""
+    return hashlib.sha256(b"mcpgw browser binding\0" + str(user.get("sid", "")).encode()).hexdigest()
 
 
 def signed_in_after(user: dict, payload: dict) -> bool:
@@ -158,7 +183,8 @@ class AuthorizationRequests:
 
     # ------------------------------------------------------------------- consent
 
-    async def review(self, key: str | None, user: dict | None, uri: str) -> Redirect | ConsentPage | Denied:
+    async def review(self, key: str | None, user: dict | None, uri: str,
+                     detour: Detour | None = None) -> Redirect | ConsentPage | Denied:
         """What the consent step shows (or skips) for the signed-in `user`."""
         pending = await self._pending(key, take=False)
         payload = pending.payload
@@ -173,7 +199,7 @@ class AuthorizationRequests:
             consent = await self._storage.get_consent(user["sub"], payload["client_id"], payload["audience"])
             if consent and set(payload["scope"].split()) <= set(consent.scope.split()):
                 await self._pending(key, take=True)  # single use, even when remembered
-                return await self._issue(user, payload)
+                return await self._issue(user, payload, detour)
         if payload["prompt"] == "none":
             await self._pending(key, take=True)
             return Redirect(self._to_client_url(payload, error="consent_required"))
@@ -186,9 +212,12 @@ class AuthorizationRequests:
             loopback=is_loopback_redirect(payload["redirect_uri"]),
             custom_scheme=urlsplit(payload["redirect_uri"]).scheme not in ("http", "https"),
             scopes=payload["scope"].split(),
+            connect_host=await detour.needed(user["sub"], payload["server_id"])
+            if detour is not None and payload["server_id"] else None,
         )
 
-    async def decide(self, key: str | None, user: dict | None, approve: bool) -> Redirect:
+    async def decide(self, key: str | None, user: dict | None, approve: bool,
+                     detour: Detour | None = None) -> Redirect:
         """The consent form's answer; the request is used up either way."""
         payload = (await self._pending(key, take=True)).payload
         if user is None or not signed_in_after(user, payload):
@@ -202,7 +231,31 @@ class AuthorizationRequests:
         await self._storage.put_consent(
             Consent(user["sub"], payload["client_id"], payload["audience"], payload["scope"], self._now())
         )
-        return await self._issue(user, payload)
+        return await self._issue(user, payload, detour)
+
+    async def resume(self, key: str | None, user: dict | None, detour: Detour | None = None) -> Redirect:
+        """The browser is back from the upstream's sign-in (`Detour`): the held request's code.
+        Single use, and only for the browser session and user that started the detour."""
+        held = await self._storage.get_pending(HELD_KIND, key, self._now()) if key else None
+        if held is None:
+            raise RequestGone()
+        payload = held.payload
+        if user is None or user.get("sub") != payload.get("sub") or \
+                not secrets.compare_digest(browser_of(user), str(payload.get("browser", ""))):
+            security_event("signin_refused", "a held authorization resumed from another browser",
+                           user_sub=(user or {}).get("sub", ""), client_id=payload.get("client_id", ""),
+                           server_id=payload.get("server_id", ""), reason="browser_mismatch")
+            raise PageError(403, "Another browser", "This sign-in was started in another browser session. "
+                            "Go back to your application and connect again.")
+        if await self._storage.take_pending(HELD_KIND, key, self._now()) is None:
+            raise RequestGone()
+        reason = await self._refusal(user, payload)
+        if reason is not None:
+            return Redirect(self._to_client_url(payload, error="access_denied", error_description=reason))
+        if detour is not None and await detour.needed(user["sub"], payload["server_id"]) is not None:
+            raise PageError(400, "Account not connected", "Your account at this server's sign-in was not "
+                            "connected. Go back to your application and connect again.")
+        return await self._issue_code(user, payload)
 
     async def _pending(self, key: str | None, take: bool) -> Pending:
         pending = None
@@ -230,7 +283,21 @@ class AuthorizationRequests:
                            server_id=payload.get("server_id", ""), reason=reason)
         return reason
 
-    async def _issue(self, user: dict, payload: dict) -> Redirect:
+    async def _issue(self, user: dict, payload: dict, detour: Detour | None) -> Redirect:
+        """The code, or first the detour through the upstream's sign-in when the user must
+        connect an account there: the approved request is held (10 min, single use, bound
+        to this browser session) until `resume`."""
+        if detour is not None and payload["server_id"] \
+                and await detour.needed(user["sub"], payload["server_id"]) is not None:
+            key = secrets.token_urlsafe(24)
+            browser = browser_of(user)
+            await self._storage.put_pending(Pending(HELD_KIND, key, {**payload, "sub": user["sub"], "browser": browser},
+                                                    self._now() + PENDING_TTL))
+            return Redirect(await detour.start(user["sub"], payload["server_id"], browser,
+                                               "/authorize/continue?" + urlencode({"req": key})))
+        return await self._issue_code(user, payload)
+
+    async def _issue_code(self, user: dict, payload: dict) -> Redirect:
         code = await self._tokens.issue_code(
             client_id=payload["client_id"],
             redirect_uri=payload["redirect_uri"],

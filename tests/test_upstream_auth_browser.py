@@ -1,0 +1,347 @@
+"""Connected accounts in the browser (issue 11), with real processes on loopback: a gateway
+(tests/support/gateway.py, dev sign-in) whose server has upstream_auth=oauth, the real OAuth
+upstream (tests/support/oauth_upstream.py: an AS process and an SDK MCP resource server), the
+SDK's OAuth client and a scripted browser. The sign-in trip detours through the upstream's sign-in
+before the MCP client gets its code; connect, callback, Connections and Disconnect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import httpx
+import pytest
+
+from storage import SqliteStorage
+from storage.upstream_auth import UpstreamCredential
+from tests.support.browser import Page, ScriptedBrowser
+from tests.support.gateway import GatewayProcess
+from tests.support.inprocess import run
+from tests.support.mcp_oauth import DEFAULT_REDIRECT_URI, connect, make_oauth_rig
+from tests.support.oauth_upstream import OAuthUpstream
+from tests.support.tokens import pkce
+
+OWNER = "owner@example.com"
+ALICE_AT_UPSTREAM = "alice-at-upstream"
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    process = OAuthUpstream().wait_ready()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def gateway(tmp_path: Path):
+    process = GatewayProcess(tmp_path / "gw").start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def server_id(gateway: GatewayProcess, upstream: OAuthUpstream) -> str:
+    return gateway.add_server(upstream.mcp_url, OWNER, "Upstream with accounts", "--upstream-auth", "oauth")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+async def sign_in(browser: ScriptedBrowser, gateway: GatewayProcess, email: str) -> None:
+    page = await browser.follow(f"{gateway.url}/login?next=/dashboard")
+    page = await browser.submit(page, "email", {"email": email})
+    assert page.status == 200, page.text
+
+
+async def upstream_user(browser: ScriptedBrowser, upstream: OAuthUpstream, who: str) -> None:
+    """Who the upstream AS signs in (its test cookie; the AS shows no form)."""
+    await browser.follow(f"{upstream.issuer}/signin?{urlencode({'user': who})}")
+
+
+async def to_callback(browser: ScriptedBrowser, gateway: GatewayProcess, server_id: str) -> str:
+    """Connect page → Connect (POST) → the upstream AS → the callback URL (not requested)."""
+    page = await browser.follow(f"{gateway.url}/oauth/upstream/connect/{server_id}")
+    assert page.status == 200 and 'data-testid="connect-button"' in page.text, page.text
+    stopped = await browser.submit(page, "return_to", stop_at=f"{gateway.url}/oauth/upstream/callback")
+    assert stopped.stopped_at, stopped.text
+    return stopped.stopped_at
+
+
+async def credential(gateway: GatewayProcess, email: str, server_id: str) -> UpstreamCredential | None:
+    """The stored upstream credential of the user with this e-mail (the gateway's own SQLite file)."""
+    storage = SqliteStorage(str(gateway.state_dir / "gateway.db"))
+    await storage.open()
+    try:
+        users = await storage.users_matching("email", email)
+        assert len(users) == 1
+        return await storage.upstream_auth.get_credential(users[0].sub, server_id)
+    finally:
+        await storage.close()
+
+
+async def connection_status(browser: ScriptedBrowser, gateway: GatewayProcess, server_id: str) -> str:
+    page = await browser.follow(f"{gateway.url}/dashboard/connections")
+    assert page.status == 200, page.text
+    marker = f'data-server-id="{server_id}" data-status="'
+    assert marker in page.text, page.text
+    return page.text.split(marker, 1)[1].split('"', 1)[0]
+
+
+def code_exchanges(upstream: OAuthUpstream, subject: str) -> int:
+    return sum(1 for r in upstream.stats()["token_requests"]
+               if r["grant_type"] == "authorization_code" and r["subject"] == subject)
+
+
+async def register_client(gateway: GatewayProcess) -> str:
+    async with httpx.AsyncClient(trust_env=False) as http:
+        answer = await http.post(f"{gateway.url}/register", json={
+            "redirect_uris": [DEFAULT_REDIRECT_URI], "client_name": "Test app",
+            "token_endpoint_auth_method": "none"})
+    assert answer.status_code == 201, answer.text
+    return answer.json()["client_id"]
+
+
+def authorize_url(gateway: GatewayProcess, client_id: str, server_id: str, challenge: str) -> str:
+    return f"{gateway.url}/authorize?" + urlencode({
+        "response_type": "code", "client_id": client_id, "redirect_uri": DEFAULT_REDIRECT_URI,
+        "state": "client-state", "code_challenge": challenge, "code_challenge_method": "S256",
+        "scope": "mcp:connect mcp:invoke", "resource": f"{gateway.url}/mcp/{server_id}"})
+
+
+async def to_consent(browser: ScriptedBrowser, gateway: GatewayProcess, server_id: str, email: str) -> Page:
+    """A registered client's /authorize, signed in as `email`, up to the consent page."""
+    _, challenge = pkce()
+    page = await browser.follow(authorize_url(gateway, await register_client(gateway), server_id, challenge))
+    if page.forms and any(form.has_input("email") for form in page.forms):
+        page = await browser.submit(page, "email", {"email": email})
+    assert page.status == 200 and "decision" in page.text, page.text
+    return page
+
+
+# ------------------------------------------------------------- the sign-in trip
+
+
+def test_the_sdk_clients_sign_in_goes_through_the_upstream_sign_in_before_it_gets_its_code(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    @run
+    async def scenario() -> None:
+        async with ScriptedBrowser() as browser:
+            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
+            rig = make_oauth_rig(f"{gateway.url}/mcp/{server_id}", browser, email=OWNER)
+            try:
+                async with connect(rig) as client:
+                    # Reached only once the proxy injects the upstream token (wired separately).
+                    result = await client.call_tool("whoami", {})
+                    assert result.content[0].text == ALICE_AT_UPSTREAM  # type: ignore[union-attr]
+            except Exception:
+                if rig.tokens is None:
+                    raise
+            # The client got its code, and only after the upstream trip came back to the gateway.
+            assert rig.tokens is not None and rig.tokens.access_token
+            assert "code" in rig.authorizer.results[0]
+            visited = [url for _, url, _ in browser.history]
+            consent = max(i for i, url in enumerate(visited) if url.startswith(f"{gateway.url}/authorize/consent"))
+            at_as = next(i for i, url in enumerate(visited) if url.startswith(f"{upstream.issuer}/authorize?"))
+            back = next(i for i, url in enumerate(visited) if url.startswith(f"{gateway.url}/oauth/upstream/callback?"))
+            resumed = next(i for i, url in enumerate(visited) if url.startswith(f"{gateway.url}/authorize/continue?"))
+            assert consent < at_as < back < resumed
+            # The account is stored for this user and is the upstream identity that signed in.
+            assert await credential(gateway, OWNER, server_id) is not None
+            assert code_exchanges(upstream, ALICE_AT_UPSTREAM) == 1
+            assert await connection_status(browser, gateway, server_id) == "connected"
+
+    scenario()
+
+
+def test_the_consent_page_says_where_the_account_is_connected_and_a_connected_user_has_no_detour(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    @run
+    async def scenario() -> None:
+        async with ScriptedBrowser() as browser:
+            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
+            page = await to_consent(browser, gateway, server_id, OWNER)
+            assert 'data-testid="consent-connect"' in page.text
+            assert urlsplit(upstream.issuer).netloc in page.text  # the AS's host
+            result = await browser.submit(page, "req", button=("decision", "approve"), stop_at=DEFAULT_REDIRECT_URI)
+            assert "code" in result.redirect_query and result.redirect_query["state"] == "client-state"
+            assert await credential(gateway, OWNER, server_id) is not None
+
+            # Connected now: the next authorization shows no detour and goes straight back.
+            page = await to_consent(browser, gateway, server_id, OWNER)
+            assert 'data-testid="consent-connect"' not in page.text
+            before = code_exchanges(upstream, ALICE_AT_UPSTREAM)
+            result = await browser.submit(page, "req", button=("decision", "approve"), stop_at=DEFAULT_REDIRECT_URI)
+            assert "code" in result.redirect_query
+            assert not any(url.startswith(upstream.issuer) for _, url, _ in browser.history[-3:])
+            assert code_exchanges(upstream, ALICE_AT_UPSTREAM) == before
+
+    scenario()
+
+
+def test_the_held_authorization_is_single_use_and_bound_to_the_browser_session(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    @run
+    async def scenario() -> None:
+        async with ScriptedBrowser() as browser, ScriptedBrowser() as other:
+            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
+            page = await to_consent(browser, gateway, server_id, OWNER)
+            stopped = await browser.submit(page, "req", button=("decision", "approve"),
+                                           stop_at=f"{gateway.url}/authorize/continue")
+            resume = stopped.stopped_at
+            assert resume
+            # Another browser session of the same person cannot take the code.
+            await sign_in(other, gateway, OWNER)
+            refused = await other.follow(resume)
+            assert refused.status == 403 and "another browser" in refused.text.lower()
+            assert refused.location is None
+            # This browser can, once.
+            done = await browser.follow(resume, stop_at=DEFAULT_REDIRECT_URI)
+            assert "code" in done.redirect_query
+            again = await browser.follow(resume)
+            assert again.status == 400 and "expired" in again.text
+
+    scenario()
+
+
+# --------------------------------------------------------- connect and callback
+
+
+def test_connect_is_a_post_form_and_the_callback_stores_the_account(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    @run
+    async def scenario() -> None:
+        async with ScriptedBrowser() as browser:
+            await sign_in(browser, gateway, OWNER)
+            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
+            assert await connection_status(browser, gateway, server_id) == "not_connected"
+            # A POST without the XSRF token starts nothing.
+            forged = await browser.request("POST", f"{gateway.url}/oauth/upstream/connect/{server_id}",
+                                           data=[("return_to", "/dashboard")])
+            assert forged.status == 403 and forged.location is None
+            callback = await to_callback(browser, gateway, server_id)
+            page = await browser.follow(callback)
+            assert page.status == 200 and "Your account is connected" in page.text
+            assert 'data-status="connected"' in page.text
+            assert await credential(gateway, OWNER, server_id) is not None
+
+    scenario()
+
+
+def test_a_tampered_or_reused_state_gets_a_clear_page_and_stores_nothing(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    @run
+    async def scenario() -> None:
+        async with ScriptedBrowser() as browser:
+            await sign_in(browser, gateway, OWNER)
+            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
+            callback = await to_callback(browser, gateway, server_id)
+            query = dict(parse_qsl(urlsplit(callback).query))
+            tampered = f"{gateway.url}/oauth/upstream/callback?" + urlencode({**query, "state": query["state"] + "x"})
+            page = await browser.follow(tampered)
+            assert page.status == 400 and page.is_html and "start again" in page.text
+            assert await credential(gateway, OWNER, server_id) is None
+            no_state = await browser.follow(f"{gateway.url}/oauth/upstream/callback?code=abc")
+            assert no_state.status == 400 and await credential(gateway, OWNER, server_id) is None
+
+            assert (await browser.follow(callback)).status == 200  # the real one still works, once
+            stored = await credential(gateway, OWNER, server_id)
+            assert stored is not None
+            reused = await browser.follow(callback)
+            assert reused.status == 400 and "start again" in reused.text
+            assert await credential(gateway, OWNER, server_id) == stored  # unchanged
+
+    scenario()
+
+
+def test_an_error_from_the_upstream_authorization_server_is_a_clear_page(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    @run
+    async def scenario() -> None:
+        async with ScriptedBrowser() as browser:
+            await sign_in(browser, gateway, OWNER)
+            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
+            callback = await to_callback(browser, gateway, server_id)
+            state = dict(parse_qsl(urlsplit(callback).query))["state"]
+            denied = f"{gateway.url}/oauth/upstream/callback?" + urlencode({"state": state, "error": "access_denied"})
+            page = await browser.follow(denied)
+            assert page.status == 400 and "did not authorize" in page.text and "access_denied" in page.text
+            assert await credential(gateway, OWNER, server_id) is None
+
+    scenario()
+
+
+def test_a_callback_in_another_browser_or_without_a_sign_in_is_refused(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    @run
+    async def scenario() -> None:
+        async with ScriptedBrowser() as browser, ScriptedBrowser() as other, ScriptedBrowser() as stranger:
+            await sign_in(browser, gateway, OWNER)
+            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
+            callback = await to_callback(browser, gateway, server_id)
+            await sign_in(other, gateway, OWNER)  # the same person, another browser session
+            refused = await other.follow(callback)
+            assert refused.status == 400 and "another browser" in refused.text
+            anonymous = await stranger.follow(callback)
+            assert anonymous.status == 400 and "not signed in" in anonymous.text
+            assert await credential(gateway, OWNER, server_id) is None
+            # Neither used the state up: the browser that started the trip finishes it.
+            assert (await browser.follow(callback)).status == 200
+            assert await credential(gateway, OWNER, server_id) is not None
+
+    scenario()
+
+
+def test_someone_the_server_is_not_shared_with_cannot_connect(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    @run
+    async def scenario() -> None:
+        async with ScriptedBrowser() as browser:
+            await sign_in(browser, gateway, "bob@example.com")
+            page = await browser.follow(f"{gateway.url}/oauth/upstream/connect/{server_id}")
+            assert page.status == 404 and page.is_html
+            connections = await browser.follow(f"{gateway.url}/dashboard/connections")
+            assert 'data-testid="no-connections"' in connections.text and server_id not in connections.text
+
+    scenario()
+
+
+def test_disconnect_forgets_the_account_and_revokes_it_at_the_upstream(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    @run
+    async def scenario() -> None:
+        async with ScriptedBrowser() as browser:
+            await sign_in(browser, gateway, OWNER)
+            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
+            await browser.follow(await to_callback(browser, gateway, server_id))
+            assert await credential(gateway, OWNER, server_id) is not None
+            revocations = upstream.stats()["revoke"]
+            page = await browser.follow(f"{gateway.url}/dashboard/connections")
+            forged = await browser.request("POST", f"{gateway.url}/dashboard/connections/disconnect",
+                                           data=[("server_id", server_id)])
+            assert forged.status == 403 and await credential(gateway, OWNER, server_id) is not None
+            page = await browser.submit(page, "server_id")
+            assert page.status == 200 and "disconnected" in page.text
+            assert 'data-status="not_connected"' in page.text
+            assert await credential(gateway, OWNER, server_id) is None
+            assert upstream.stats()["revoke"] == revocations + 2  # refresh and access token
+
+    scenario()
+
+
+# --------------------------------------------------------------- client.json
+
+
+def test_the_client_id_metadata_document_is_served_only_for_an_https_public_url(
+        tmp_path: Path, gateway: GatewayProcess) -> None:
+    assert httpx.get(f"{gateway.url}/oauth/upstream/client.json", trust_env=False).status_code == 404
+    https = GatewayProcess(tmp_path / "https", extra_env={
+        "MCPGW_PUBLIC_URL": "https://gw.example", "MCPGW_DEV_LOGIN": "0",
+        "MCPGW_OIDC_CLIENT_ID": "gateway", "MCPGW_OIDC_CLIENT_SECRET": "not-used-here"}).start()
+    try:
+        answer = httpx.get(f"{https.listen_url}/oauth/upstream/client.json", trust_env=False)
+    finally:
+        https.stop()
+    assert answer.status_code == 200
+    document = answer.json()
+    assert document["client_id"] == "https://gw.example/oauth/upstream/client.json"
+    assert document["redirect_uris"] == ["https://gw.example/oauth/upstream/callback"]
