@@ -345,3 +345,34 @@ def test_the_client_id_metadata_document_is_served_only_for_an_https_public_url(
     document = answer.json()
     assert document["client_id"] == "https://gw.example/oauth/upstream/client.json"
     assert document["redirect_uris"] == ["https://gw.example/oauth/upstream/callback"]
+
+
+def test_a_remembered_consent_still_detours_when_the_account_is_gone_and_prompt_none_is_refused(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    @run
+    async def scenario() -> None:
+        async with ScriptedBrowser() as browser:
+            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
+            client_id = await register_client(gateway)
+            _, challenge = pkce()
+            url = authorize_url(gateway, client_id, server_id, challenge)
+            first = await browser.authorize(url, stop_at=DEFAULT_REDIRECT_URI, email=OWNER)
+            assert "code" in first
+            page = await browser.follow(f"{gateway.url}/dashboard/connections")
+            await browser.submit(page, "server_id")  # Disconnect
+            assert await credential(gateway, OWNER, server_id) is None
+
+            # prompt=none may show no page, and the upstream's sign-in is one.
+            silent = await browser.follow(url + "&prompt=none", stop_at=DEFAULT_REDIRECT_URI)
+            assert silent.redirect_query["error"] == "interaction_required"
+            assert await credential(gateway, OWNER, server_id) is None
+
+            # The consent is remembered (no page), yet the trip goes through the upstream again.
+            mark = len(browser.history)
+            again = await browser.follow(url, stop_at=DEFAULT_REDIRECT_URI)
+            assert "code" in again.redirect_query
+            visited = [u for _, u, _ in browser.history[mark:]]
+            assert any(u.startswith(f"{upstream.issuer}/authorize?") for u in visited)
+            assert await credential(gateway, OWNER, server_id) is not None
+
+    scenario()

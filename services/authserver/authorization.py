@@ -289,6 +289,9 @@ class AuthorizationRequests:
         to this browser session) until `resume`."""
         if detour is not None and payload["server_id"] \
                 and await detour.needed(user["sub"], payload["server_id"]) is not None:
+            if payload["prompt"] == "none":  # the upstream's sign-in is a page: not allowed here
+                return Redirect(self._to_client_url(payload, error="interaction_required",
+                                                    error_description="an upstream account must be connected"))
             key = secrets.token_urlsafe(24)
             browser = browser_of(user)
             await self._storage.put_pending(Pending(HELD_KIND, key, {**payload, "sub": user["sub"], "browser": browser},
