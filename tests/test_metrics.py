@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common.metrics import (
@@ -155,6 +155,29 @@ def test_outside_the_catalogue_raises_and_creates_no_series(call):
     with pytest.raises(MetricError):
         call(metrics)
     assert metrics.render()[0] == before
+
+
+def test_histograms_count_like_prometheus_client_observe():
+    """The recorder reaches the buckets directly: every sample, on a bound (le is <=), just
+    past one, beyond the last, zero and negative, lands where Histogram.observe puts it."""
+    spec = CATALOGUE["storage_seconds"]
+    samples = [b for b in spec.buckets] + [b * 1.0001 for b in spec.buckets] + [0.0, -1.0, 1e9]
+    metrics = Metrics()
+    reference = Histogram("mcpgw_storage_seconds", spec.help, ["op"], registry=CollectorRegistry(),
+                          buckets=spec.buckets)
+    for seconds in samples:
+        metrics.observe("storage_seconds", seconds, op="get_server")
+        reference.labels(op="get_server").observe(seconds)
+    ours = families(metrics.render()[0].decode())["mcpgw_storage_seconds"].samples
+    assert ours == list(reference.collect()[0].samples)
+
+
+def test_a_counter_cannot_go_down():
+    metrics = Metrics()
+    metrics.inc("usage_events_recorded_total", 2)
+    with pytest.raises(MetricError):
+        metrics.inc("usage_events_recorded_total", -1)
+    assert metrics.value("usage_events_recorded_total") == 2
 
 
 def test_server_label_is_bounded():

@@ -29,6 +29,8 @@ import inspect
 import os
 import re
 import sys
+import typing
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -211,35 +213,41 @@ class Metrics:
             self._families = _shared
             self._registry = CollectorRegistry(auto_describe=False)
             multiprocess.MultiProcessCollector(self._registry, path=self._multiprocess)
-        # (name, *label items) -> the labelled child: the hot path is one dict lookup.
-        self._children: dict[tuple, object] = {}
+        # (name, *label items) -> what records into that series, one dict per kind (a name
+        # used with the wrong method misses and is refused): the hot path is one dict lookup
+        # and one or two value updates.
+        self._counters: dict[tuple, typing.Callable[[float], None]] = {}
+        self._gauges: dict[tuple, typing.Any] = {}
+        self._histograms: dict[tuple, typing.Callable[[float], None]] = {}
         self._servers: dict[str, set[str]] = {}
 
     def inc(self, name: str, amount: float = 1, **labels: str) -> None:
-        child = self._children.get((name, *labels.items()))
-        if child is None:
-            child = self._child(name, "counter", labels)
-        child.inc(amount)
+        record = self._counters.get((name, *labels.items()))
+        if record is None:
+            record = self._recorder(name, "counter", labels)
+        if amount < 0:
+            raise MetricError(f"counter {name!r} cannot go down ({amount})")
+        record(amount)
 
     def gauge_add(self, name: str, delta: float, **labels: str) -> None:
         """A level that goes up and down (open streams)."""
-        child = self._children.get((name, *labels.items()))
-        if child is None:
-            child = self._child(name, "gauge", labels)
-        child.inc(delta)
+        value = self._gauges.get((name, *labels.items()))
+        if value is None:
+            value = self._recorder(name, "gauge", labels)
+        value.inc(delta)
 
     def gauge_set(self, name: str, value: float, **labels: str) -> None:
-        child = self._children.get((name, *labels.items()))
-        if child is None:
-            child = self._child(name, "gauge", labels)
-        child.set(value)
+        level = self._gauges.get((name, *labels.items()))
+        if level is None:
+            level = self._recorder(name, "gauge", labels)
+        level.set(float(value))
 
     def observe(self, name: str, seconds: float, **labels: str) -> None:
         """One sample of a latency histogram (seconds)."""
-        child = self._children.get((name, *labels.items()))
-        if child is None:
-            child = self._child(name, "histogram", labels)
-        child.observe(seconds)
+        record = self._histograms.get((name, *labels.items()))
+        if record is None:
+            record = self._recorder(name, "histogram", labels)
+        record(seconds)
 
     def value(self, name: str, **labels: str) -> float:
         """This process's value of a counter or gauge, or a histogram's count (`name`) or sum
@@ -276,8 +284,25 @@ class Metrics:
             raise MetricError(f"metric {name!r} takes labels {sorted(spec.labels)}, not {sorted(labels)}")
         return spec
 
-    def _child(self, name: str, kind: str, labels: dict):
+    def _recorder(self, name: str, kind: str, labels: dict):
+        """What records into this series: the value object prometheus_client's own methods
+        update, reached directly (its inc/set/observe re-check on every call what was
+        checked here once); cached unless the series is the overflow one."""
         key = (name, *labels.items())
+        child, cacheable = self._child(name, kind, labels)
+        if kind == "counter":
+            recorder = child._value.inc
+        elif kind == "gauge":
+            recorder = child._value
+        else:
+            recorder = _histogram_recorder(child)
+        if cacheable:
+            {"counter": self._counters, "gauge": self._gauges, "histogram": self._histograms}[kind][key] = recorder
+        return recorder
+
+    def _child(self, name: str, kind: str, labels: dict):
+        """The prometheus_client child of a checked series, and whether it may be cached."""
+        cacheable = True
         spec = self._spec(name, kind, labels)
         clean = {}
         for label, allowed in spec.labels.items():
@@ -285,7 +310,7 @@ class Metrics:
             if allowed is SERVER:
                 value = self._server_value(name, value)
                 if value == OTHER_SERVER:
-                    key = None  # not cached: the raw ids past the limit are not bounded
+                    cacheable = False  # the raw ids past the limit are not bounded
             elif allowed is STATUS:
                 if not _STATUS_RE.match(value):
                     raise MetricError(f"metric {name!r}: status {value!r} is not an HTTP status")
@@ -293,10 +318,7 @@ class Metrics:
                 raise MetricError(f"metric {name!r}: {label} {value!r} is not one of {sorted(allowed)}")
             clean[label] = value
         family = self._families[name]
-        child = family.labels(**clean) if clean else family
-        if key is not None:
-            self._children[key] = child
-        return child
+        return (family.labels(**clean) if clean else family), cacheable
 
     def _server_value(self, name: str, server_id: str) -> str:
         seen = self._servers.setdefault(name, set())
@@ -308,6 +330,18 @@ class Metrics:
             return OTHER_SERVER
         seen.add(server_id)
         return server_id
+
+
+def _histogram_recorder(child) -> typing.Callable[[float], None]:
+    """Histogram.observe without its per-call checks: the first bucket whose bound is >= the
+    sample (bisect instead of a scan; the last bound is +Inf), and the sum."""
+    bounds, buckets, total = child._upper_bounds, child._buckets, child._sum
+
+    def record(seconds: float) -> None:
+        buckets[bisect_left(bounds, seconds)].inc(1)
+        total.inc(seconds)
+
+    return record
 
 
 def time_storage(storage: Storage, metrics: Metrics) -> Storage:
@@ -325,8 +359,8 @@ def time_storage(storage: Storage, metrics: Metrics) -> Storage:
 
 
 def _timed(method, op: str, metrics: Metrics):
-    seconds = metrics._child("storage_seconds", "histogram", {"op": op})
-    errors = metrics._child("storage_errors_total", "counter", {"where": op})
+    seconds = metrics._recorder("storage_seconds", "histogram", {"op": op})
+    errors = metrics._recorder("storage_errors_total", "counter", {"where": op})
 
     async def timed(*args, **kwargs):
         start = perf_counter()
@@ -335,10 +369,10 @@ def _timed(method, op: str, metrics: Metrics):
         except Conflict:
             raise  # a conditional write that lost: an answer, not a failure
         except Exception:
-            errors.inc()
+            errors(1)
             raise
         finally:
-            seconds.observe(perf_counter() - start)
+            seconds(perf_counter() - start)
 
     timed.__name__ = timed.__qualname__ = op
     timed.__doc__ = method.__doc__
