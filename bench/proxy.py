@@ -273,6 +273,13 @@ async def run(args, upstream_port: int, gateway: GatewayProcess, server_id: str,
     for _, writer in streams:
         writer.close()
     await asyncio.sleep(1)
+    if baseline is not None:
+        port, path, base_token, pid = baseline
+        base_kib, _, streams = await stream_memory(pid, port, path, base_token, args.streams, upstream_port)
+        for _, writer in streams:
+            writer.close()
+        line("memory per open stream (both sides): baseline tree", f"{base_kib:.1f} KiB")
+        await asyncio.sleep(1)
     gw_kib, gw_up, streams = await stream_memory(gateway.pid, gw_port, mcp_path, token, args.streams, upstream_port)
     line("streams open at the upstream: floor / gateway", f"{floor_up} / {gw_up}")
     line("memory per open stream (both sides): floor", f"{floor_kib:.1f} KiB")

@@ -45,23 +45,35 @@ STORAGE_RETRY_AFTER = 2  # seconds, when a storage failure does not say (Storage
 END_SESSION_TIMEOUT = 5.0  # the best-effort DELETE of an upstream session the gateway could not record
 
 
+class RelayState:
+    """One request's relay state. In slots, not handler attributes: past 30 attribute names
+    CPython stops sharing an instance dict's keys between instances, and every held stream
+    would pay for a dict of its own (about 1.3 KiB)."""
+
+    __slots__ = ("upstream_request", "upstream_response", "reading", "interrupted", "timer", "last_read",
+                 "client_gone", "bytes_out", "flushed", "message", "answered_at", "ttfb", "era")
+
+    def __init__(self) -> None:
+        self.upstream_request: asyncio.Task | None = None  # the handler's task, awaiting upstream headers
+        self.upstream_response = None
+        self.reading: asyncio.Task | None = None  # the handler's task, awaiting an idle stream's next bytes
+        self.interrupted: str | None = None  # why `reading` was cancelled: "keepalive" or "drain"
+        self.timer: asyncio.TimerHandle | None = None  # a stream's keep-alive timer
+        self.last_read = 0.0  # loop time of the upstream's last bytes (a stream)
+        self.client_gone = False
+        self.bytes_out = 0
+        self.flushed = False  # once True, the client has bytes of the answer: no error answer any more
+        self.message = None  # the parsed JSON-RPC body of a POST, for the id of error answers
+        self.answered_at: float | None = None  # when the response to the request went by
+        self.ttfb = 0.0  # seconds from sending the upstream request to its answer's head
+        self.era: str | None = None  # a POST's protocol era, once its routing headers were checked
+
+
 class McpProxyHandler(BaseHandler):
     SUPPORTED_METHODS = ("GET", "POST", "DELETE", "OPTIONS")
 
     def initialize(self) -> None:
-        self._upstream_response = None
-        self._upstream_request: asyncio.Task | None = None  # this handler's task, awaiting upstream headers
-        self._reading: asyncio.Task | None = None  # this handler's task, awaiting an idle stream's next bytes
-        self._interrupted: str | None = None  # why _reading was cancelled: "keepalive" or "drain"
-        self._timer: asyncio.TimerHandle | None = None  # a stream's keep-alive timer
-        self._last_read = 0.0
-        self._client_gone = False
-        self._bytes_out = 0
-        self._flushed = False  # once True, the client has bytes of the answer: no error answer any more
-        self._message = None  # the parsed JSON-RPC body of a POST, for the id of error answers
-        self._answered_at: float | None = None  # when the response to the request went by
-        self._ttfb = 0.0  # seconds from sending the upstream request to its answer's head
-        self._era: str | None = None  # a POST's protocol era, once its routing headers were checked
+        self._r = RelayState()
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -97,25 +109,35 @@ class McpProxyHandler(BaseHandler):
         headers = self.request.headers
         try:
             gate.check_origin(headers.get("Origin"), server_id)
-            return await gate.admit(headers.get("Authorization", ""), server_id)
+            call = await gate.admit(headers.get("Authorization", ""), server_id)
         except Refused as refused:
             self.refuse(refused)
             return None
+        # Not needed past admission: a stream held for hours does not keep the token in memory.
+        del headers["Authorization"]
+        return call
 
     # ------------------------------------------------------------------- relaying
 
+    # A storage failure anywhere in a request is a 503 with Retry-After (storage_failed).
+    # Each verb awaits its steps itself: an idle stream holds every frame on its await chain.
+
     async def get(self, server_id: str) -> None:
-        await self.guarded(self.forward(server_id))
+        try:
+            call = await self.admit(server_id)
+            if call is not None:
+                await self.relay(call, None)
+        except StorageError as exc:
+            self.storage_failed(exc)
 
     delete = get
 
     async def post(self, server_id: str) -> None:
-        await self.guarded(self.forward_post(server_id))
-
-    async def guarded(self, work) -> None:
-        """Run one request; a storage failure anywhere in it is a 503 with Retry-After."""
         try:
-            await work
+            call = await self.admit(server_id)
+            message = None if call is None else self.parse_post(call)
+            if message is not None:
+                await self.relay(call, message)
         except StorageError as exc:
             self.storage_failed(exc)
 
@@ -126,51 +148,45 @@ class McpProxyHandler(BaseHandler):
         self.services.metrics.inc("storage_errors_total", where="proxy")
         if self._finished:
             return
-        if self._flushed:
+        if self._r.flushed:
             self.request.connection.close()  # an answer is under way: cut it, never fake its end
             return
         self.clear()
         retry_after = exc.retry_after if isinstance(exc, StorageUnavailable) else STORAGE_RETRY_AFTER
         self.set_header("Retry-After", str(retry_after))
-        message = self._message
+        message = self._r.message
         self.jsonrpc_error(503, -32603, "the gateway's storage is unavailable; retry later",
                            message.id if message is not None else None)
 
-    async def forward(self, server_id: str) -> None:
-        call = await self.admit(server_id)
-        if call is not None:
-            await self.relay(call, None)
-
-    async def forward_post(self, server_id: str) -> None:
-        call = await self.admit(server_id)
-        if call is None:
-            return
+    def parse_post(self, call: Call):
+        """The POST's JSON-RPC message once it passed the size, syntax, routing-header and
+        step-up checks; otherwise the error is answered and None returned."""
         if len(self.request.body) > MAX_BODY:
             self.jsonrpc_error(413, -32600, f"the request body exceeds {MAX_BODY} bytes")
-            return
+            return None
         try:
             message = jsonrpc.parse_message(self.request.body)
-            self._era = "2026" if eras.check_routing_headers(message, self.request.headers).is_modern else "2025"
+            self._r.era = "2026" if eras.check_routing_headers(message, self.request.headers).is_modern else "2025"
         except jsonrpc.ProtocolError as exc:
             self.jsonrpc_error(400, exc.code, exc.message, getattr(exc, "id", None))
-            return
-        self._message = message
+            return None
+        self._r.message = message
         if message.needs_invoke:
             try:
                 self.services.gate.require_invoke(call)
             except Refused as refused:
                 self.refuse(refused)
-                return
-        await self.relay(call, message)
+                return None
+        return message
 
     def on_connection_close(self) -> None:
         # The client went away: close the upstream request (and its connection) at once,
         # whether the upstream is still to answer (cancel the request) or streaming.
-        self._client_gone = True
-        if self._upstream_request is not None:
-            self._upstream_request.cancel()
-        if self._upstream_response is not None:
-            self._upstream_response.close()
+        self._r.client_gone = True
+        if self._r.upstream_request is not None:
+            self._r.upstream_request.cancel()
+        if self._r.upstream_response is not None:
+            self._r.upstream_response.close()
 
     def _uncancel(self) -> None:
         """The task's cancellation was ours and is handled: later awaits in it are not cancelled."""
@@ -212,11 +228,11 @@ class McpProxyHandler(BaseHandler):
             except Refused as refused:
                 self.refuse(refused)
                 return
-        if self._client_gone:
+        if self._r.client_gone:
             return
         # No task of its own (one per request costs more than the rest of the relay): while
         # the headers are awaited, on_connection_close cancels this handler's task.
-        self._upstream_request = asyncio.current_task()
+        self._r.upstream_request = asyncio.current_task()
         sent = time.perf_counter()
         try:
             response = await services.upstream.request(
@@ -229,7 +245,7 @@ class McpProxyHandler(BaseHandler):
                 public_only=not server.internal_upstream,
             )
         except asyncio.CancelledError:
-            if not self._client_gone:
+            if not self._r.client_gone:
                 raise
             self._uncancel()
             return  # cancelled by on_connection_close: the upstream connection is closed
@@ -255,17 +271,17 @@ class McpProxyHandler(BaseHandler):
             self.record(call, message, "502", started)
             return
         finally:
-            self._upstream_request = None
-        self._ttfb = time.perf_counter() - sent
-        if self._client_gone:
+            self._r.upstream_request = None
+        self._r.ttfb = time.perf_counter() - sent
+        if self._r.client_gone:
             response.close()
             return
-        self._upstream_response = response
+        self._r.upstream_response = response
         try:
             await self.relay_response(response, call, message, started)
         finally:
             response.close()
-            self._upstream_response = None
+            self._r.upstream_response = None
 
     async def relay_response(self, response, call: Call, message, started: float) -> None:
         gate = self.services.gate
@@ -332,7 +348,7 @@ class McpProxyHandler(BaseHandler):
         try:
             while chunk := await response.read_chunk():
                 self.write(chunk)
-                self._bytes_out += len(chunk)
+                self._r.bytes_out += len(chunk)
                 if len(scanned) <= OUTCOME_SCAN_LIMIT:
                     scanned += chunk
                 unflushed += len(chunk)
@@ -340,12 +356,12 @@ class McpProxyHandler(BaseHandler):
                     # Small bodies keep their Content-Length; a large one is never held whole
                     # here, and a client that does not drain it is cut off like an SSE reader.
                     unflushed = 0
-                    self._flushed = True
+                    self._r.flushed = True
                     await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)
         except UpstreamStreamError as exc:
             self.services.metrics.inc("upstream_errors_total", kind="broken_body")
             log.warning("upstream answer broke off: %s", exc)
-            if not self._flushed:
+            if not self._r.flushed:
                 # Nothing went out yet: the client gets a whole answer, an error.
                 self.clear()
                 self.jsonrpc_error(502, -32603, "the upstream MCP server broke off its answer",
@@ -392,22 +408,22 @@ class McpProxyHandler(BaseHandler):
         outcome = "stream"
         streams = _open_streams(draining)
         streams.add(self)
-        self._last_read = loop.time()
-        self._timer = loop.call_at(self._last_read + keepalive, self._keepalive_due, keepalive)
+        self._r.last_read = loop.time()
+        self._r.timer = loop.call_at(self._r.last_read + keepalive, self._keepalive_due, keepalive)
         metrics.gauge_add("sse_streams_open", 1)
         try:
-            self._flushed = True
+            self._r.flushed = True
             self.flush()
             self.observe_latency(call)
             while True:
                 if draining.is_set() and self._may_end_for_drain(message, outcome, parser):
                     metrics.inc("streams_closed_total", reason="drain")
                     break  # finish() below flushes what was written
-                self._reading = asyncio.current_task()
+                self._r.reading = asyncio.current_task()
                 try:
                     chunk = await response.read_chunk()
                 except asyncio.CancelledError:
-                    reason, self._interrupted = self._interrupted, None
+                    reason, self._r.interrupted = self._r.interrupted, None
                     if reason is None:
                         raise
                     self._uncancel()
@@ -416,24 +432,16 @@ class McpProxyHandler(BaseHandler):
                         await self._flush_or_cut()
                     continue  # a drain: the check above
                 finally:
-                    self._reading = None
-                self._last_read = loop.time()
+                    self._r.reading = None
+                self._r.last_read = loop.time()
                 if not chunk:
                     break
-                events = parser.feed(chunk)
+                wrote, outcome = self._write_events(parser, chunk, message, outcome)
+                chunk = None  # not held while the stream idles
                 if parser.pending > MAX_PENDING_EVENT:
                     metrics.inc("streams_closed_total", reason="event_too_large")
                     break
-                for event in events:
-                    self.write(event.raw)
-                    self._bytes_out += len(event.raw)
-                    if message is not None and message.id is not None and outcome in ("stream", "unknown"):
-                        found = jsonrpc.outcome_of(event.data.encode(), message.id)
-                        if found:
-                            outcome = found
-                            if found != "unknown":  # too deep to read: maybe not the answer, keep looking
-                                self._answered_at = time.monotonic()
-                if events:
+                if wrote:
                     await self._flush_or_cut()
         except StreamClosedError:
             metrics.inc("streams_closed_total", reason="client_gone")
@@ -444,7 +452,7 @@ class McpProxyHandler(BaseHandler):
             metrics.inc("streams_closed_total", reason="upstream_broke")
         finally:
             metrics.gauge_add("sse_streams_open", -1)
-            self._timer.cancel()
+            self._r.timer.cancel()
             streams.discard(self)
             if not streams:
                 _close_drain_watch(draining)
@@ -455,6 +463,20 @@ class McpProxyHandler(BaseHandler):
                 pass
         return outcome if outcome != "stream" else "ok"
 
+    def _write_events(self, parser, chunk: bytes, message, outcome: str) -> tuple[bool, str]:
+        """Write the events `chunk` completes; (any written, the call's outcome so far)."""
+        events = parser.feed(chunk)
+        for event in events:
+            self.write(event.raw)
+            self._r.bytes_out += len(event.raw)
+            if message is not None and message.id is not None and outcome in ("stream", "unknown"):
+                found = jsonrpc.outcome_of(event.data.encode(), message.id)
+                if found:
+                    outcome = found
+                    if found != "unknown":  # too deep to read: maybe not the answer, keep looking
+                        self._r.answered_at = time.monotonic()
+        return bool(events), outcome
+
     async def _flush_or_cut(self) -> None:
         """Flush; a client that does not take it within the slow-reader timeout: TimeoutError."""
         flushed = self.flush()
@@ -464,19 +486,19 @@ class McpProxyHandler(BaseHandler):
     def _keepalive_due(self, keepalive: float) -> None:
         """Timer: `keepalive` seconds without upstream bytes interrupt the read for a comment."""
         loop = asyncio.get_running_loop()
-        due = self._last_read + keepalive
+        due = self._r.last_read + keepalive
         if loop.time() < due:  # bytes came meanwhile: one timer per stream, re-armed lazily
-            self._timer = loop.call_at(due, self._keepalive_due, keepalive)
+            self._r.timer = loop.call_at(due, self._keepalive_due, keepalive)
             return
-        self._last_read = loop.time()
-        self._timer = loop.call_at(self._last_read + keepalive, self._keepalive_due, keepalive)
+        self._r.last_read = loop.time()
+        self._r.timer = loop.call_at(self._r.last_read + keepalive, self._keepalive_due, keepalive)
         self._interrupt("keepalive")
 
     def _interrupt(self, reason: str) -> None:
         """Cancel the task only while it awaits the upstream's bytes (a cancel-safe read)."""
-        if self._reading is not None and self._interrupted is None:
-            self._interrupted = reason
-            self._reading.cancel()
+        if self._r.reading is not None and self._r.interrupted is None:
+            self._r.interrupted = reason
+            self._r.reading.cancel()
 
     @staticmethod
     def _may_end_for_drain(message, outcome: str, parser) -> bool:
@@ -494,19 +516,19 @@ class McpProxyHandler(BaseHandler):
         written whole, an SSE stream's head goes at once), less that upstream time."""
         head = getattr(self, "time_to_head", None)  # set at the first flush (BaseHandler)
         if head is None:
-            if not self._flushed and not self._finished:
+            if not self._r.flushed and not self._finished:
                 return  # nothing went out: the client left first
             head = self.request.request_time()
         metrics = self.services.metrics
-        metrics.observe("proxy_upstream_ttfb_seconds", self._ttfb, server=call.server_id)
-        metrics.observe("proxy_gateway_seconds", max(head - self._ttfb, 0.0), server=call.server_id)
+        metrics.observe("proxy_upstream_ttfb_seconds", self._r.ttfb, server=call.server_id)
+        metrics.observe("proxy_gateway_seconds", max(head - self._r.ttfb, 0.0), server=call.server_id)
 
     def record(self, call: Call, message, outcome: str, started: float) -> None:
         self.services.gate.record(
             call, message, outcome,
             # To the response, not to the end of a stream that may stay open after it.
-            ((self._answered_at or time.monotonic()) - started) * 1000,
-            len(self.request.body), self._bytes_out, self.request.headers, self._era,
+            ((self._r.answered_at or time.monotonic()) - started) * 1000,
+            len(self.request.body), self._r.bytes_out, self.request.headers, self._r.era,
         )
 
 
