@@ -291,11 +291,15 @@ def test_a_callback_in_another_browser_or_without_a_sign_in_is_refused(
     scenario()
 
 
-def test_someone_the_server_is_not_shared_with_cannot_connect(
+def test_connect_asks_for_a_sign_in_and_someone_the_server_is_not_shared_with_cannot_connect(
         gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:
+            # The link a client shows (PUBLIC_URL/oauth/upstream/connect/ID) asks for a sign-in first.
+            first = await browser.follow(f"{gateway.url}/oauth/upstream/connect/{server_id}")
+            assert first.status == 200 and urlsplit(first.url).path == "/login"
+            assert any(form.has_input("email") for form in first.forms)
             await sign_in(browser, gateway, "bob@example.com")
             page = await browser.follow(f"{gateway.url}/oauth/upstream/connect/{server_id}")
             assert page.status == 404 and page.is_html
