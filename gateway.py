@@ -11,11 +11,18 @@ import os
 import sys
 from dataclasses import asdict
 
+from cli_upstream import (
+    connections_parser,
+    describe_upstream_auth,
+    run_connections,
+    upstream_change,
+    upstream_flags,
+)
 from config import Config, ConfigError
 from services import Services, build_services
 from services.authserver.clients import registration_response
 from services.common.errors import GatewayError, InvalidInput
-from services.dashboard.probe import McpProbe
+from services.dashboard.probe import McpProbe, account_needed
 from services.dashboard.reports import MAX_DAYS, UsageReports
 from services.dashboard.views import Actor
 from services.proxy.tools.policy import parse_rule
@@ -49,6 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add.add_argument("--id", dest="server_id", help="choose the server id (default: srv_…)")
     add.add_argument("--header", action="append", default=[], help="'Name: value' sent to the upstream")
     add.add_argument("--forward-identity", action="store_true", help="send the user's identity upstream")
+    upstream_flags(add, edit=False)
     servers.add_parser("list", parents=[json_flag], help="list servers")
     for action in ("show", "remove"):
         servers.add_parser(action, parents=[json_flag]).add_argument("server_id")
@@ -64,6 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     identity.add_argument("--forward-identity", dest="forward_identity", action="store_true", default=None)
     identity.add_argument("--no-forward-identity", dest="forward_identity", action="store_false")
     tool_flags(edit, server=True)
+    upstream_flags(edit, edit=True)
     catalog = servers.add_parser("tools", help="the tool catalog of a server").add_subparsers(
         dest="tools_action", required=True)
     catalog.add_parser("list", parents=[json_flag], help="the tools seen in tools/list answers").add_argument("server_id")
@@ -82,6 +91,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     arevoke.add_argument("--user", required=True, help="e-mail or sub")
     arevoke.add_argument("--client", required=True, help="the client_id")
 
+    connections_parser(sub, json_flag)
     grants = sub.add_parser("grants", help="sharing rules").add_subparsers(dest="action", required=True)
     for action in ("add", "edit", "remove"):
         grant = grants.add_parser(action, parents=[json_flag])
@@ -154,6 +164,7 @@ def emit(args, human: list[str], data) -> None:
 def server_view(services: Services, server) -> dict:
     view = asdict(server)
     view.pop("upstream_headers_enc")
+    view["upstream_client_secret"] = "set" if view.pop("upstream_client_secret_enc") else ""  # never the secret
     view["mcp_url"] = services.config.server_resource(server.server_id)
     # Upstream header values are secrets: show names only.
     view["upstream_headers"] = sorted(services.servers.upstream_headers(server))
@@ -204,15 +215,19 @@ async def run_admin(args, services: Services) -> None:
                 forward_identity=args.forward_identity,
                 # The CLI is the operator's: allow-listed internal upstreams are theirs to use.
                 internal_allowed=True,
+                upstream=upstream_change(args, adding=True),
             )
             view = server_view(services, server)
-            emit(args, [f"added {server.name}: {view['mcp_url']}", server.server_id], view)
+            extra = await describe_upstream_auth(services, server, view, fresh=True)
+            emit(args, [f"added {server.name}: {view['mcp_url']}", *extra, server.server_id], view)
         elif args.action == "list":
             rows = [server_view(services, s) for s in await registry.list()]
             emit(args, [f"{r['server_id']}\t{r['name']}\t{r['upstream_url']}\t{r['owner_email']}" for r in rows], rows)
         elif args.action == "show":
-            view = server_view(services, await registry.get(args.server_id))
-            emit(args, [f"{k}: {v}" for k, v in view.items()], view)
+            server = await registry.get(args.server_id)
+            view = server_view(services, server)
+            extra = await describe_upstream_auth(services, server, view)
+            emit(args, [f"{k}: {v}" for k, v in view.items() if k != "upstream_authorization"] + extra, view)
         elif args.action == "remove":
             await registry.remove(args.server_id)
             emit(args, [f"removed {args.server_id}"], {"removed": args.server_id})
@@ -223,6 +238,7 @@ async def run_admin(args, services: Services) -> None:
             server = await registry.update(
                 args.server_id, name=args.name, upstream_url=args.upstream, headers=headers,
                 forward_identity=args.forward_identity, internal_allowed=True,
+                upstream=upstream_change(args, adding=False),
             )
             if tool_rule_given(args):
                 change = await services.tools.set_server_rule(
@@ -232,18 +248,23 @@ async def run_admin(args, services: Services) -> None:
                     print(f"warning: {warning}", file=sys.stderr)
                 server = await registry.get(args.server_id)
             view = server_view(services, server)
-            emit(args, [f"updated {server.server_id}"], view)
+            extra = await describe_upstream_auth(services, server, view, fresh=True)
+            emit(args, [f"updated {server.server_id}", *extra], view)
         elif args.action == "tools":
             await run_tools_command(args, services)
         elif args.action == "test":
             server = await registry.get(args.server_id)
-            result = await McpProbe(services.upstream).probe(
-                server.upstream_url, registry.upstream_headers(server), public_only=not server.internal_upstream
-            )
+            if server.upstream_auth == "oauth":  # the operator has no account there: say so, no failure
+                result = account_needed(await registry.upstream_status(server, fresh=True))
+            else:
+                result = await McpProbe(services.upstream).probe(
+                    server.upstream_url, registry.upstream_headers(server), public_only=not server.internal_upstream
+                )
             lines = ([f"ok: {result.server_name} {result.server_version} ({result.era})",
-                      "tools: " + ", ".join(result.tools)] if result.ok else [f"failed: {result.error}"])
+                      "tools: " + ", ".join(result.tools)] if result.ok else
+                     [f"needs a user account: {result.error}"] if result.needs_account else [f"failed: {result.error}"])
             emit(args, lines, result.as_dict())
-            if not result.ok:
+            if not result.ok and not result.needs_account:
                 raise SystemExit(1)
     elif args.command == "usage":
         await registry.get(args.server_id)
@@ -268,6 +289,9 @@ async def run_admin(args, services: Services) -> None:
             count = await services.dashboard.revoke_authorization(actor, args.client)
             emit(args, [f"revoked {args.client} for {args.user} ({count} grant(s))"],
                  {"revoked": args.client, "families": count})
+    elif args.command == "connections":
+        lines, data = await run_connections(args, services, await cli_actor(services, args.user))
+        emit(args, lines, data)
     elif args.command == "grants":
         if args.action == "list":
             grants = await registry.grants(args.server_id)

@@ -68,7 +68,7 @@ class DashboardPage(BaseHandler):
     def render_page(self, template: str, status: int = 200, **context) -> None:
         notice = NOTICES.get(self.get_query_argument("notice", ""))
         self.page(template, status=status, notice=notice, iso_time=iso_time, human_time=human_time,
-                  server_path=self.server_path, **context)
+                  server_path=self.server_path, upstream_redirect_uri=self.services.servers.redirect_uri, **context)
 
     def server_path(self, server_id: str, suffix: str = "") -> str:
         return f"/dashboard/servers/{quote(server_id, safe='')}{suffix}"

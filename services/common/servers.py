@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from services.authserver.keys import SecretBox
@@ -18,11 +19,21 @@ from services.common.access import AccessPolicy, Principal, decide_for
 from services.common.cache import TtlCache
 from services.common.errors import InvalidInput
 from services.common.logs import security_event
+from services.common.upstream_settings import (
+    UpstreamAuthChange,
+    UpstreamAuthStatus,
+    check_consistent,
+    checked_fields,
+    redirect_uri,
+)
 from services.common.validation import check_text
 from services.proxy.upstream.errors import UpstreamRefused, UpstreamUnreachable
 from services.proxy.upstream.policy import AddressPolicy
 from services.proxy.upstream.urls import parse_upstream_url
 from storage.base import Conflict, Grant, Server, Storage
+
+if TYPE_CHECKING:
+    from services.proxy.upstream_auth.service import UpstreamAuth
 
 __all__ = ["InvalidInput", "ServerRegistry", "check_domain", "check_email", "check_name", "check_upstream_url",
            "parse_header"]
@@ -37,6 +48,8 @@ RESOLVE_TIMEOUT = 5.0  # seconds a registration waits for DNS
 # administrator may resolve to.
 PUBLIC_ONLY = AddressPolicy(())
 HEADERS_CACHE_SIZE = 10000
+DISCOVERY_WAIT = 10.0  # seconds an owner's page or command waits for the upstream's metadata
+STATUS_TTL = 60.0  # a discovery result (or failure) shown to owners is this old at most
 
 
 def check_name(value: object, field: str = "name") -> str:
@@ -88,8 +101,13 @@ def parse_header(line: object, field: str = "headers") -> tuple[str, str]:
 
 class ServerRegistry:
     def __init__(self, storage: Storage, box: SecretBox, access: AccessPolicy, policy: AddressPolicy, *,
-                 now: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.time, upstream_auth: UpstreamAuth | None = None,
+                 public_url: str = ""):
         self._storage = storage
+        # Connected accounts: discovery shown to owners, credentials dropped with access.
+        self.upstream_auth = upstream_auth
+        self.redirect_uri = redirect_uri(public_url)
+        self._status_cache = TtlCache(1000, STATUS_TTL)
         self._box = box
         self._access = access
         self._policy = policy  # MCPGW_UPSTREAM_ALLOW, the same guard the proxy connects through
@@ -109,8 +127,10 @@ class ServerRegistry:
         forward_identity: bool = False,
         owner_sub: str = "",
         internal_allowed: bool = False,
+        upstream: UpstreamAuthChange | None = None,
     ) -> Server:
-        """Register a server. `internal_allowed`: the caller is the operator (CLI) or an
+        """Register a server. `upstream`: its upstream authorization (connected accounts);
+        discovery runs after it is stored (`upstream_status`: a failure is a warning). `internal_allowed`: the caller is the operator (CLI) or an
         administrator, who may point it at allow-listed internal addresses; anyone else
         gets public addresses only (see check_upstream_address), now and at every later
         connection (recorded as `Server.internal_upstream`)."""
@@ -134,6 +154,9 @@ class ServerRegistry:
             created_at=self._now(),
             internal_upstream=internal_allowed,
         )
+        if upstream is not None:
+            server = replace(server, **checked_fields(upstream, server_id, self._box, None))
+        check_consistent(server, parsed)
         try:
             await self._storage.create_server(server)
         except Conflict:
@@ -149,8 +172,10 @@ class ServerRegistry:
         headers: list[str] | None = None,
         forward_identity: bool | None = None,
         internal_allowed: bool = False,
+        upstream: UpstreamAuthChange | None = None,
     ) -> Server:
-        """Change what is given; `headers` (when not None) replaces every upstream header.
+        """Change what is given (only those fields are written over the stored record,
+        read again just before the write, so a tool rule edited meanwhile is kept); `headers` (when not None) replaces every upstream header.
         A new upstream URL passes the same address check as `add`; an unchanged one is
         not checked again (an owner may rename a server the operator pointed inward).
 
@@ -175,13 +200,93 @@ class ServerRegistry:
             changes["upstream_headers_enc"] = self.seal_headers(server_id, parsed) if parsed else ""
         if forward_identity is not None:
             changes["forward_identity"] = forward_identity
-        updated = replace(server, **changes)
+        if upstream is not None:
+            changes.update(checked_fields(upstream, server_id, self._box, server))
+        headers_now = (self.upstream_headers(replace(server, **changes)) if "upstream_headers_enc" in changes
+                       else self.upstream_headers(server))
+        check_consistent(replace(server, **changes), headers_now)
+        fresh = await self._storage.get_server(server_id)
+        if fresh is None:
+            raise InvalidInput(f"there is no server {server_id}")
+        updated = replace(fresh, **changes)
         try:
             await self._storage.update_server(updated)
         except KeyError:
             raise InvalidInput(f"there is no server {server_id}") from None
         self._access.forget(server_id)
+        if fresh.upstream_auth == "oauth" and updated.upstream_auth != "oauth":
+            # No account is needed any more: the users' upstream tokens are of no use here.
+            await self._forget(server_id, None, "upstream_auth_off")
         return updated
+
+    # ------------------------------------------------------ connected accounts
+
+    async def upstream_status(self, server: Server, *, fresh: bool = False) -> UpstreamAuthStatus | None:
+        """What the owner is shown of an oauth server (None for others): discovery of its
+        authorization server, a failure as a warning (the upstream may just be down), kept
+        STATUS_TTL so that owner pages do not ask the upstream every time."""
+        if server.upstream_auth != "oauth":
+            return None
+        from services.proxy.upstream_auth.discovery import foreign_authorization_server
+        from services.proxy.upstream_auth.errors import UpstreamAuthError
+
+        key = (server.server_id, server.upstream_url, server.upstream_issuer)
+        status = None if fresh else self._status_cache.get(key)
+        if status is not None:
+            return status
+        client = "static" if server.upstream_client_id else "discovery"
+        if self.upstream_auth is None:
+            return UpstreamAuthStatus(self.redirect_uri, client=client)
+        try:
+            found = await asyncio.wait_for(self.upstream_auth.discover(server, fresh=fresh), DISCOVERY_WAIT)
+            status = UpstreamAuthStatus(self.redirect_uri, found.server.issuer,
+                                        foreign_authorization_server(found, server.upstream_url), client=client)
+        except (UpstreamAuthError, TimeoutError) as exc:
+            reason = str(exc) or f"no answer within {DISCOVERY_WAIT:.0f} s"
+            status = UpstreamAuthStatus(self.redirect_uri, server.upstream_issuer, client=client, warning=(
+                f"the upstream's authorization server could not be discovered ({reason}); users cannot "
+                "connect their accounts until it can be (the server is saved)"))
+        self._status_cache.set(key, status)
+        return status
+
+    async def forget_lost_access(self, server_id: str) -> int:
+        """After a sharing rule went: the upstream credentials of the users the rules no
+        longer admit to this server (its owner always is), deleted; how many."""
+        server = await self._storage.get_server(server_id)
+        if server is None:
+            return 0
+        grants = tuple(await self._storage.grants_for(server_id))
+        lost = []
+        for credential in await self._storage.upstream_auth.credentials_of_server(server_id):
+            user = await self._storage.get_user(credential.user_sub)
+            principal = Principal(sub=credential.user_sub, email=user.email if user and user.email_verified else "",
+                                  hd=user.hd if user else "")
+            if user is None or not decide_for(principal, server, grants).allowed:
+                lost.append(credential.user_sub)
+        return await self._forget(server_id, lost, "access_removed")
+
+    async def forget_credentials(self, user_sub: str, server_ids: list[str] | None = None) -> int:
+        """The user's upstream credentials for these servers (None: every server) deleted:
+        their authorizations were revoked, or the user was removed."""
+        store = self._storage.upstream_auth
+        if server_ids is None:
+            count = await store.delete_user_credentials(user_sub)
+        else:
+            count = sum([await store.delete_credential(user_sub, server_id) for server_id in server_ids])
+        if count:
+            security_event("upstream_credentials_deleted", "connected accounts deleted with the user's access",
+                           user_sub=user_sub, reason="authorization_revoked", count=count)
+        return count
+
+    async def _forget(self, server_id: str, users: list[str] | None, reason: str) -> int:
+        store = self._storage.upstream_auth
+        if users is None:
+            users = [c.user_sub for c in await store.credentials_of_server(server_id)]
+        count = sum([await store.delete_credential(sub, server_id) for sub in users])
+        if count:
+            security_event("upstream_credentials_deleted", "connected accounts deleted with the users' access",
+                           server_id=server_id, reason=reason, count=count)
+        return count
 
     async def check_upstream_address(self, url: str, *, internal_allowed: bool, field: str = "upstream_url") -> None:
         """Where `url` leads must pass the address guard (MCPGW_UPSTREAM_ALLOW) the proxy
@@ -271,6 +376,7 @@ class ServerRegistry:
         self._access.forget(server_id)
         security_event("grant_removed", "server no longer shared",
                        server_id=server_id, kind=kind, value=value)
+        await self.forget_lost_access(server_id)
 
     async def grants(self, server_id: str) -> list[Grant]:
         await self.get(server_id)

@@ -36,6 +36,10 @@ class ProbeResult:
     catalog: str = ""  # what refreshing the tool catalog did (set by the dashboard)
     error: str = ""
     steps: list[str] = field(default_factory=list)  # what was tried, in order
+    # An upstream that needs each user's own account (connected accounts): not a failure;
+    # `error` says why nothing was listed, `authorization_server` where users connect.
+    needs_account: bool = False
+    authorization_server: str = ""
 
     def as_dict(self) -> dict:
         return {
@@ -49,7 +53,21 @@ class ProbeResult:
             "catalog": self.catalog,
             "error": self.error,
             "steps": self.steps,
+            "needs_account": self.needs_account,
+            "authorization_server": self.authorization_server,
         }
+
+
+def account_needed(status) -> ProbeResult:
+    """Test connection on a server whose upstream needs each user's own account, without one:
+    what discovery found (`status`: services.common.upstream_settings.UpstreamAuthStatus)."""
+    issuer = status.authorization_server if status is not None else ""
+    message = "this upstream needs a user account: each user connects their own"
+    message += f" at {issuer}" if issuer else ""
+    if status is not None and status.warning:
+        message += f"; {status.warning}"
+    return ProbeResult(ok=False, needs_account=True, authorization_server=issuer, error=message,
+                       steps=["read the upstream's authorization metadata (no user account to call it with)"])
 
 
 class ProbeFailed(Exception):

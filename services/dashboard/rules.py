@@ -23,14 +23,15 @@ from services.common.servers import (
     check_upstream_url,
     parse_header,
 )
-from services.dashboard.forms import form_bool, header_lines, sentence
+from services.dashboard.forms import form_bool, header_lines, sentence, upstream_form
 from services.dashboard.install import install_snippets
-from services.dashboard.probe import McpProbe, ProbeResult
+from services.dashboard.probe import McpProbe, ProbeResult, account_needed
 from services.dashboard.reports import UsageReport, UsageReports
 from services.dashboard.tools import ToolPanel, field_errors, panel, refresh_catalog
 from services.dashboard.views import Actor, Authorization, GrantView, Reached, ServerView
 from services.proxy.tools.service import RuleChange, ToolService
 from services.proxy.upstream.errors import UpstreamError, UpstreamRefused, UpstreamTimeout
+from services.proxy.upstream_auth.errors import UpstreamAuthError
 from storage.base import Grant, Server, Storage
 from storage.tools import ToolChange, ToolEntry
 
@@ -111,12 +112,20 @@ class Dashboard:
 
     async def server(self, actor: Actor, server_id: str) -> ServerView:
         server, role = await self._server(actor, server_id)
-        return self._view(server, role)
+        return await self._upstream_view(self._view(server, role))
 
     async def manage(self, actor: Actor, server_id: str) -> ServerView:
         """The server, for someone who may change it (the edit and delete pages)."""
         server = await self._managed(actor, server_id)
-        return self._view(server, self.role(actor, server) or "admin")
+        return await self._upstream_view(self._view(server, self.role(actor, server) or "admin"))
+
+    async def _upstream_view(self, view: ServerView) -> ServerView:
+        """An owner's view of a server whose users connect their own accounts: what discovery
+        found (cached: a page does not ask the upstream every time) and how many connected."""
+        if view.can_manage and view.server.upstream_auth == "oauth":
+            view.upstream = await self._servers.upstream_status(view.server)
+            view.connected_users = await self._storage.upstream_auth.count_credentials(view.server.server_id)
+        return view
 
     async def register(self, actor: Actor, form: dict) -> ServerView:
         if not actor.email:
@@ -126,11 +135,11 @@ class Dashboard:
             server = await self._servers.add(
                 name=name, upstream_url=url, owner_email=actor.email, owner_sub=actor.sub,
                 headers=headers, forward_identity=form_bool(form.get("forward_identity")),
-                internal_allowed=actor.is_admin,
+                internal_allowed=actor.is_admin, upstream=upstream_form(form),
             )
         except InvalidInput as exc:
             raise FieldErrors({exc.field or "name": sentence(str(exc))}) from None
-        return self._view(server, "owner")
+        return await self._upstream_view(self._view(server, "owner"))
 
     async def edit(self, actor: Actor, server_id: str, form: dict) -> ServerView:
         server = await self._managed(actor, server_id)
@@ -147,7 +156,7 @@ class Dashboard:
                 upstream_url=url,
                 headers=new_headers,
                 forward_identity=form_bool(form["forward_identity"]) if "forward_identity" in form else None,
-                internal_allowed=actor.is_admin,
+                internal_allowed=actor.is_admin, upstream=upstream_form(form),
             )
         except InvalidInput as exc:
             raise FieldErrors({exc.field or "name": sentence(str(exc))}) from None
@@ -210,9 +219,14 @@ class Dashboard:
 
     async def test_connection(self, actor: Actor, server_id: str) -> ProbeResult:
         server = await self._managed(actor, server_id)
-        result = await self._probe.probe(
-            server.upstream_url, self._servers.upstream_headers(server), public_only=not server.internal_upstream
-        )
+        headers = dict(self._servers.upstream_headers(server))
+        if server.upstream_auth == "oauth":
+            # The upstream answers each user's own account: the actor's, when connected.
+            try:
+                headers["Authorization"] = "Bearer " + await self._servers.upstream_auth.get_token(actor.sub, server)
+            except UpstreamAuthError:
+                return account_needed(await self._servers.upstream_status(server, fresh=True))
+        result = await self._probe.probe(server.upstream_url, headers, public_only=not server.internal_upstream)
         if result.ok and self._tools is not None:
             await refresh_catalog(self._tools, server_id, result)
         return result
@@ -357,7 +371,24 @@ class Dashboard:
         for family in families:
             await self._tokens.revoke_family(family.family_id)
         await self._storage.delete_consents(actor.sub, client_id)
+        await self._forget_upstream(actor.sub, {f.audience for f in families}, now)
         return len(families)
+
+    async def _forget_upstream(self, sub: str, audiences: set[str], now: float) -> None:
+        """The user's upstream credentials for servers no live authorization of theirs reaches
+        any more (the base resource reaches every server)."""
+        base = self._config.base_resource
+        live = {f.audience for f in await self._storage.families_of_user(sub)
+                if not f.revoked_at and f.expires_at > now}
+        if base in live:
+            return
+        if base in audiences:
+            lost = [c.server_id for c in await self._storage.upstream_auth.credentials_of_user(sub)]
+        else:
+            lost = [a[len(base):] for a in audiences if a.startswith(base) and a not in live]
+        lost = [server_id for server_id in lost if base + server_id not in live]
+        if lost:
+            await self._servers.forget_credentials(sub, lost)
 
 
 

@@ -32,6 +32,10 @@ class ServerView:
     mcp_url: str
     install: dict[str, str]
     header_names: list[str] = field(default_factory=list)
+    # An upstream that needs each user's own account, for its owner: what discovery found
+    # (services.common.upstream_settings.UpstreamAuthStatus) and how many users connected.
+    upstream: object | None = None
+    connected_users: int = 0
 
     @property
     def can_manage(self) -> bool:
@@ -55,6 +59,7 @@ class ServerView:
                 owner_email=s.owner_email,
                 created_at=s.created_at,
                 tools={**rule_dict(ToolRule.of(s)), "pinned": s.tools_pinned},
+                upstream_auth=upstream_dict(s, self.upstream, self.connected_users),
             )
         return view
 
@@ -99,6 +104,17 @@ class Authorization:
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
+
+
+def upstream_dict(s: Server, status, connected: int) -> dict:
+    """A server's upstream authorization in /api's shape: never the client secret."""
+    found = {"mode": s.upstream_auth}
+    if s.upstream_auth == "oauth":
+        found.update(client_id=s.upstream_client_id, client_secret_set=bool(s.upstream_client_secret_enc),
+                     scope=s.upstream_scope, audience=s.upstream_audience, send_resource=s.upstream_send_resource,
+                     issuer=s.upstream_issuer, connected_users=connected,
+                     **(status.as_dict() if status is not None else {}))
+    return found
 
 
 def rule_dict(rule: ToolRule) -> dict:
