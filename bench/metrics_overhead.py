@@ -7,7 +7,8 @@ Not part of the test run.
      each state over all rounds (steadier on a shared machine); goal: metrics cost <= 3 %
   2. metric operations per proxied request (from /metrics) and the cost of one operation
      in this process: in memory (one worker) and in mmap files (multi-process mode),
-     i.e. the expected share of a request's CPU time
+     i.e. the expected share of a request's CPU time; with py-spy installed, the share of
+     the gateway's samples in metrics code
   3. what the storage timing wrapper adds to a storage call (a no-op coroutine, SQLite)
 
 Run: .venv/bin/python bench/metrics_overhead.py [--seconds 2] [--rounds 10]
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -206,6 +208,34 @@ def storage_wrapper_cost(directory: Path) -> dict[str, float]:
     return asyncio.run(measure())
 
 
+def sampled_share(pid: int, load, seconds: float) -> float | None:
+    """Share of py-spy's samples of the gateway under load that are in metrics code (its own
+    frames and prometheus_client's; a storage call awaited inside time_storage is not); None
+    without py-spy (not a project dependency)."""
+    py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")
+    if not Path(py_spy).exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".txt") as out:
+        recorder = subprocess.Popen([py_spy, "record", "-o", out.name, "-f", "raw", "-r", "500",
+                                     "-d", str(int(seconds)), "-p", str(pid)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
+        load(seconds)
+        recorder.wait()
+        total = inside = 0
+        for entry in Path(out.name).read_text().splitlines():
+            stack, _, count = entry.rpartition(" ")
+            total += int(count)
+            frames = stack.split(";")
+            first = next((i for i, f in enumerate(frames) if "common/metrics.py" in f or "prometheus_client" in f),
+                         None)
+            if first is not None and "_timed.<locals>.timed" not in frames[first]:
+                inside += int(count)
+            elif first is not None and first + 1 < len(frames) and "prometheus_client" in frames[first + 1]:
+                inside += int(count)  # the wrapper's own observe, not the storage call it awaits
+    return inside / total if total else None
+
+
 def line(label: str, value: str, target: str = "") -> None:
     print(f"  {label:<56} {value:<34} {target}")
 
@@ -265,6 +295,8 @@ def main() -> None:
                 asyncio.run(go())
 
             ops = operations_per_request(gw.port, 500, run_requests)
+            share = sampled_share(gw.pid, lambda seconds: asyncio.run(throughput(gw.port, path, token, seconds)),
+                                  8.0)
         finally:
             if gw is not None:
                 gw.stop()
@@ -292,6 +324,8 @@ def main() -> None:
         line(f"{label}: inc / observe", f"{cost['inc']:.2f} / {cost['observe']:.2f} µs")
         line(f"{label}: per request, share of {request_us:.0f} µs CPU", f"{per_request:.1f} µs = "
              f"{100 * per_request / request_us:.2f} %")
+    line("py-spy: share of the gateway's samples in metrics code",
+         "(py-spy not installed, or no samples)" if share is None else f"{share:.2%}")
     report_storage(wrapper)
 
 
