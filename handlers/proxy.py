@@ -13,14 +13,14 @@ import asyncio
 import json
 import logging
 import time
-import weakref
 
 from tornado.iostream import StreamClosedError
 
 from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
+from handlers.proxy_stream import RelayState, SseRelay
 from services.common import logs
 from services.proxy.gate import Call, Refused
-from services.proxy.protocol import eras, jsonrpc, sse
+from services.proxy.protocol import eras, jsonrpc
 from services.proxy.upstream.errors import (
     UpstreamError,
     UpstreamProtocolError,
@@ -34,7 +34,6 @@ from storage.base import StorageError, StorageUnavailable
 log = logging.getLogger("gateway.proxy")
 
 MAX_BODY = 1024 * 1024  # a JSON-RPC message bigger than this is refused with 413
-MAX_PENDING_EVENT = 8 * 1024 * 1024  # an SSE event may not grow beyond this in the gateway
 OUTCOME_SCAN_LIMIT = 1024 * 1024  # JSON bodies larger than this are relayed, outcome unknown
 BODY_FLUSH_AT = 256 * 1024  # a non-SSE body past this streams to the client with back-pressure
 # Headers the client sends that the upstream gets as they are (besides Mcp-* and the
@@ -45,31 +44,7 @@ STORAGE_RETRY_AFTER = 2  # seconds, when a storage failure does not say (Storage
 END_SESSION_TIMEOUT = 5.0  # the best-effort DELETE of an upstream session the gateway could not record
 
 
-class RelayState:
-    """One request's relay state. In slots, not handler attributes: past 30 attribute names
-    CPython stops sharing an instance dict's keys between instances, and every held stream
-    would pay for a dict of its own (about 1.3 KiB)."""
-
-    __slots__ = ("upstream_request", "upstream_response", "reading", "interrupted", "timer", "last_read",
-                 "client_gone", "bytes_out", "flushed", "message", "answered_at", "ttfb", "era")
-
-    def __init__(self) -> None:
-        self.upstream_request: asyncio.Task | None = None  # the handler's task, awaiting upstream headers
-        self.upstream_response = None
-        self.reading: asyncio.Task | None = None  # the handler's task, awaiting an idle stream's next bytes
-        self.interrupted: str | None = None  # why `reading` was cancelled: "keepalive" or "drain"
-        self.timer: asyncio.TimerHandle | None = None  # a stream's keep-alive timer
-        self.last_read = 0.0  # loop time of the upstream's last bytes (a stream)
-        self.client_gone = False
-        self.bytes_out = 0
-        self.flushed = False  # once True, the client has bytes of the answer: no error answer any more
-        self.message = None  # the parsed JSON-RPC body of a POST, for the id of error answers
-        self.answered_at: float | None = None  # when the response to the request went by
-        self.ttfb = 0.0  # seconds from sending the upstream request to its answer's head
-        self.era: str | None = None  # a POST's protocol era, once its routing headers were checked
-
-
-class McpProxyHandler(BaseHandler):
+class McpProxyHandler(SseRelay, BaseHandler):
     SUPPORTED_METHODS = ("GET", "POST", "DELETE", "OPTIONS")
 
     def initialize(self) -> None:
@@ -387,128 +362,6 @@ class McpProxyHandler(BaseHandler):
             return "ok"
         return jsonrpc.body_outcome(bytes(scanned), message.id)
 
-    async def relay_stream(self, response, message, started: float, call: Call) -> str:
-        """Relay an SSE stream event by event, flushed at once, never buffered beyond one
-        event; keep-alive comments while idle; slow readers cut off.
-
-        Drain (SIGTERM): a standalone GET stream, or a POST's stream once its answer went by,
-        ends at the next event boundary with a normal end of stream (the chunked terminator),
-        so the client reconnects (to another instance) instead of seeing a reset.
-
-        An idle stream is this handler's task awaiting the upstream's next bytes and nothing
-        else (no task, waiter or timeout per stream or per event: thousands are held open):
-        the keep-alive timer and the drain interrupt that read by cancelling the task."""
-        self.set_header("Cache-Control", "no-cache, no-transform")
-        self.set_header("X-Accel-Buffering", "no")
-        metrics = self.services.metrics
-        draining = self.services.draining
-        keepalive = self.config.sse_keepalive
-        loop = asyncio.get_running_loop()
-        parser = sse.SseParser()
-        outcome = "stream"
-        streams = _open_streams(draining)
-        streams.add(self)
-        self._r.last_read = loop.time()
-        self._r.timer = loop.call_at(self._r.last_read + keepalive, self._keepalive_due, keepalive)
-        metrics.gauge_add("sse_streams_open", 1)
-        try:
-            self._r.flushed = True
-            self.flush()
-            self.observe_latency(call)
-            while True:
-                if draining.is_set() and self._may_end_for_drain(message, outcome, parser):
-                    metrics.inc("streams_closed_total", reason="drain")
-                    break  # finish() below flushes what was written
-                self._r.reading = asyncio.current_task()
-                try:
-                    chunk = await response.read_chunk()
-                except asyncio.CancelledError:
-                    reason, self._r.interrupted = self._r.interrupted, None
-                    if reason is None:
-                        raise
-                    self._uncancel()
-                    if reason == "keepalive" and not parser.pending:
-                        self.write(b": keepalive\n\n")
-                        await self._flush_or_cut()
-                    continue  # a drain: the check above
-                finally:
-                    self._r.reading = None
-                self._r.last_read = loop.time()
-                if not chunk:
-                    break
-                wrote, outcome = self._write_events(parser, chunk, message, outcome)
-                chunk = None  # not held while the stream idles
-                if parser.pending > MAX_PENDING_EVENT:
-                    metrics.inc("streams_closed_total", reason="event_too_large")
-                    break
-                if wrote:
-                    await self._flush_or_cut()
-        except StreamClosedError:
-            metrics.inc("streams_closed_total", reason="client_gone")
-        except TimeoutError:
-            metrics.inc("streams_closed_total", reason="slow_reader")
-            self.request.connection.close()
-        except UpstreamStreamError:
-            metrics.inc("streams_closed_total", reason="upstream_broke")
-        finally:
-            metrics.gauge_add("sse_streams_open", -1)
-            self._r.timer.cancel()
-            streams.discard(self)
-            if not streams:
-                _close_drain_watch(draining)
-        if not self._finished:
-            try:
-                await self.finish()
-            except StreamClosedError:
-                pass
-        return outcome if outcome != "stream" else "ok"
-
-    def _write_events(self, parser, chunk: bytes, message, outcome: str) -> tuple[bool, str]:
-        """Write the events `chunk` completes; (any written, the call's outcome so far)."""
-        events = parser.feed(chunk)
-        for event in events:
-            self.write(event.raw)
-            self._r.bytes_out += len(event.raw)
-            if message is not None and message.id is not None and outcome in ("stream", "unknown"):
-                found = jsonrpc.outcome_of(event.data.encode(), message.id)
-                if found:
-                    outcome = found
-                    if found != "unknown":  # too deep to read: maybe not the answer, keep looking
-                        self._r.answered_at = time.monotonic()
-        return bool(events), outcome
-
-    async def _flush_or_cut(self) -> None:
-        """Flush; a client that does not take it within the slow-reader timeout: TimeoutError."""
-        flushed = self.flush()
-        if not flushed.done():  # usually written at once: no timeout to arm
-            await asyncio.wait_for(flushed, self.config.slow_reader_timeout)
-
-    def _keepalive_due(self, keepalive: float) -> None:
-        """Timer: `keepalive` seconds without upstream bytes interrupt the read for a comment."""
-        loop = asyncio.get_running_loop()
-        due = self._r.last_read + keepalive
-        if loop.time() < due:  # bytes came meanwhile: one timer per stream, re-armed lazily
-            self._r.timer = loop.call_at(due, self._keepalive_due, keepalive)
-            return
-        self._r.last_read = loop.time()
-        self._r.timer = loop.call_at(self._r.last_read + keepalive, self._keepalive_due, keepalive)
-        self._interrupt("keepalive")
-
-    def _interrupt(self, reason: str) -> None:
-        """Cancel the task only while it awaits the upstream's bytes (a cancel-safe read)."""
-        if self._r.reading is not None and self._r.interrupted is None:
-            self._r.interrupted = reason
-            self._r.reading.cancel()
-
-    @staticmethod
-    def _may_end_for_drain(message, outcome: str, parser) -> bool:
-        """While draining: may this stream end here without losing anything owed?"""
-        if parser.pending:
-            return False  # mid-event: end at its boundary
-        if message is None or message.id is None:
-            return True  # a standalone GET stream: the client reconnects
-        return outcome not in ("stream", "unknown")  # the POST's answer went by
-
     def observe_latency(self, call: Call) -> None:
         """proxy_upstream_ttfb_seconds: from sending the upstream request (a pooled connection,
         or connecting) to its answer's head. proxy_gateway_seconds: from the request's arrival
@@ -530,26 +383,3 @@ class McpProxyHandler(BaseHandler):
             ((self._r.answered_at or time.monotonic()) - started) * 1000,
             len(self.request.body), self._r.bytes_out, self.request.headers, self._r.era,
         )
-
-
-# The streams open per drain event, and one task per event waiting for it to interrupt
-# their reads (instead of a waiting task per stream); the task goes with the last stream.
-_streams: weakref.WeakKeyDictionary[asyncio.Event, set[McpProxyHandler]] = weakref.WeakKeyDictionary()
-_drain_watch: weakref.WeakKeyDictionary[asyncio.Event, asyncio.Task] = weakref.WeakKeyDictionary()
-
-
-def _open_streams(draining: asyncio.Event) -> set[McpProxyHandler]:
-    streams = _streams.get(draining)
-    if streams is None:
-        streams = _streams[draining] = set()
-    if draining not in _drain_watch:
-        watch = _drain_watch[draining] = asyncio.ensure_future(draining.wait())
-        watch.add_done_callback(
-            lambda watch: watch.cancelled() or [handler._interrupt("drain") for handler in list(streams)])
-    return streams
-
-
-def _close_drain_watch(draining: asyncio.Event) -> None:
-    watch = _drain_watch.pop(draining, None)
-    if watch is not None and not watch.done():
-        watch.cancel()
