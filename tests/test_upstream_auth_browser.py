@@ -380,3 +380,41 @@ def test_a_remembered_consent_still_detours_when_the_account_is_gone_and_prompt_
             assert await credential(gateway, OWNER, server_id) is not None
 
     scenario()
+
+
+def test_an_upstream_authorization_server_that_is_down_is_a_clear_page_and_connecting_works_after(
+        gateway: GatewayProcess, tmp_path: Path) -> None:
+    own = OAuthUpstream().wait_ready()  # its own AS, stopped here: the module's stays up
+    try:
+        server_id = gateway.add_server(own.mcp_url, OWNER, "Flaky", "--upstream-auth", "oauth")
+        own.stop_as()
+
+        @run
+        async def scenario() -> None:
+            async with ScriptedBrowser() as browser:
+                await sign_in(browser, gateway, OWNER)
+                page = await browser.follow(f"{gateway.url}/oauth/upstream/connect/{server_id}")
+                assert page.status == 200 and "the server's sign-in page" in page.text  # the host is unknown now
+                failed = await browser.submit(page, "return_to")
+                assert failed.status in (502, 503) and failed.is_html and failed.location is None
+                assert "Traceback" not in failed.text and "sign-in" in failed.text
+                assert await credential(gateway, OWNER, server_id) is None
+
+                own.start_as()
+                own.wait_ready()
+                await upstream_user(browser, own, ALICE_AT_UPSTREAM)
+                # Discovery is cached for a while after a failure: wait for the gateway to try again.
+                callback = await to_callback_when_up(browser, gateway, server_id)
+                assert (await browser.follow(callback)).status == 200
+                assert await credential(gateway, OWNER, server_id) is not None
+
+        scenario()
+    finally:
+        own.stop()
+
+
+async def to_callback_when_up(browser: ScriptedBrowser, gateway: GatewayProcess, server_id: str) -> str:
+    page = await browser.follow(f"{gateway.url}/oauth/upstream/connect/{server_id}")
+    stopped = await browser.submit(page, "return_to", stop_at=f"{gateway.url}/oauth/upstream/callback")
+    assert stopped.stopped_at, (stopped.status, stopped.text[:500])
+    return stopped.stopped_at
