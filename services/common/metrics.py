@@ -94,7 +94,7 @@ def _contracts() -> list[tuple[str | None, type]]:
 
 STORAGE_OPS = _contract_ops(*(contract for _, contract in _contracts()))
 ROUTES = frozenset({"mcp", "oauth", "discovery", "dashboard", "api", "ops", "static", "other"})
-STATUS = "status"  # rule labels: checked by _check_value, not by a set
+STATUS = "status"  # rule labels: checked by Metrics._child, not against a set
 SERVER = "server"
 
 
