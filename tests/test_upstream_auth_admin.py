@@ -22,7 +22,7 @@ from services.proxy.upstream_auth.service import UpstreamAuth
 from storage import open_storage
 from storage.base import RefreshFamily, RefreshToken, Storage, User
 from storage.upstream_auth import UpstreamCredential
-from tests.support.dashboard_client import post, sign_in
+from tests.support.dashboard_client import api, post, sign_in
 from tests.support.gateway import GatewayProcess
 from tests.support.oauth_upstream import OAuthUpstream
 
@@ -221,6 +221,30 @@ def test_an_authorization_server_on_another_host_is_shown(gw: GatewayProcess, up
     assert "the authorization server is on another host (127.0.0.1) than the upstream" in out.stdout
     assert gw.cli_json("servers", "show", "srv_foreign")["upstream_authorization"][
         "foreign_authorization_server"] == "127.0.0.1"
+    admin = sign_in(gw, "dash-owner@example.org")
+    form = admin.get("/dashboard/servers/srv_foreign/edit").text
+    assert re.search(r'data-testid="upstream-foreign-as">The authorization server is on another host than the '
+                     r'upstream: <code>127\.0\.0\.1</code>', form)
+    assert 'data-testid="server-foreign-as"' in admin.get("/dashboard/servers/srv_foreign").text
+
+
+def test_the_json_api_sets_upstream_auth_and_never_returns_the_secret(gw: GatewayProcess, upstream: OAuthUpstream):
+    owner = sign_in(gw, "dash-owner@example.org")
+    created = api(owner, "POST", "/api/servers", {"name": "Api", "upstream_url": upstream.mcp_url,
+                                                  "upstream_auth": "oauth", "upstream_client_id": "api-client",
+                                                  "upstream_client_secret": CLIENT_SECRET,
+                                                  "upstream_send_resource": False})
+    assert created.status_code == 201, created.text
+    server_id = created.json()["server_id"]
+    found = created.json()["upstream_auth"]
+    assert (found["mode"], found["client_id"], found["client_secret_set"], found["send_resource"]) == (
+        "oauth", "api-client", True, False)
+    assert found["redirect_uri"] == f"{gw.url}/oauth/upstream/callback"
+    assert CLIENT_SECRET not in created.text
+    bad = api(owner, "PATCH", f"/api/servers/{server_id}", {"upstream_auth": "saml"})
+    assert bad.status_code == 400 and "must be none or oauth" in bad.text
+    off = api(owner, "PATCH", f"/api/servers/{server_id}", {"upstream_auth": "none"})
+    assert off.status_code == 200 and off.json()["upstream_auth"] == {"mode": "none"}
 
 
 # ------------------------------------------------------------------- access removal

@@ -30,6 +30,8 @@ from services.common.validation import check_text
 from services.proxy.upstream.errors import UpstreamRefused, UpstreamUnreachable
 from services.proxy.upstream.policy import AddressPolicy
 from services.proxy.upstream.urls import parse_upstream_url
+from services.proxy.upstream_auth.discovery import foreign_authorization_server
+from services.proxy.upstream_auth.errors import UpstreamAuthError
 from storage.base import Conflict, Grant, Server, Storage
 
 if TYPE_CHECKING:
@@ -227,9 +229,6 @@ class ServerRegistry:
         STATUS_TTL so that owner pages do not ask the upstream every time."""
         if server.upstream_auth != "oauth":
             return None
-        from services.proxy.upstream_auth.discovery import foreign_authorization_server
-        from services.proxy.upstream_auth.errors import UpstreamAuthError
-
         key = (server.server_id, server.upstream_url, server.upstream_issuer)
         status = None if fresh else self._status_cache.get(key)
         if status is not None:
