@@ -269,8 +269,9 @@ def test_removing_a_grant_deletes_exactly_the_credentials_of_users_who_lost_acce
 
     in_storage(gw, seed)
     assert credential_holders(gw, "srv_shared") == set(users)
-    gw.cli("grants", "remove", "srv_shared", "--email", "alice@example.org")
+    removed = gw.cli("grants", "remove", "srv_shared", "--email", "alice@example.org")
     assert credential_holders(gw, "srv_shared") == {"u-bob", "u-carol", "u-owner"}
+    assert removed.stderr.count("connected accounts deleted with the users' access") == 1  # a security event
     assert credential_holders(gw, "srv_other") == {"u-alice"}  # her other server is untouched
     gw.cli("grants", "remove", "srv_shared", "--domain", "corp.org")
     assert credential_holders(gw, "srv_shared") == {"u-carol", "u-owner"}  # carol keeps her own grant
