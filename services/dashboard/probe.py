@@ -62,8 +62,7 @@ def account_needed(status) -> ProbeResult:
     """Test connection on a server whose upstream needs each user's own account, without one:
     what discovery found (`status`: services.common.upstream_settings.UpstreamAuthStatus)."""
     issuer = status.authorization_server if status is not None else ""
-    message = "this upstream needs a user account: each user connects their own"
-    message += f" at {issuer}" if issuer else ""
+    message = "each user connects their own account" + (f" at {issuer}" if issuer else "")
     if status is not None and status.warning:
         message += f"; {status.warning}"
     return ProbeResult(ok=False, needs_account=True, authorization_server=issuer, error=message,
