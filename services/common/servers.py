@@ -27,7 +27,7 @@ from services.common.upstream_settings import (
     redirect_uri,
 )
 from services.common.validation import check_text
-from services.proxy.upstream.errors import UpstreamRefused, UpstreamUnreachable
+from services.proxy.upstream.errors import UpstreamError, UpstreamRefused, UpstreamUnreachable
 from services.proxy.upstream.policy import AddressPolicy
 from services.proxy.upstream.urls import parse_upstream_url
 from services.proxy.upstream_auth.discovery import foreign_authorization_server
@@ -229,7 +229,7 @@ class ServerRegistry:
         STATUS_TTL so that owner pages do not ask the upstream every time."""
         if server.upstream_auth != "oauth":
             return None
-        key = (server.server_id, server.upstream_url, server.upstream_issuer)
+        key = (server.server_id, server.upstream_url, server.upstream_issuer, bool(server.upstream_client_id))
         status = None if fresh else self._status_cache.get(key)
         if status is not None:
             return status
@@ -240,7 +240,7 @@ class ServerRegistry:
             found = await asyncio.wait_for(self.upstream_auth.discover(server, fresh=fresh), DISCOVERY_WAIT)
             status = UpstreamAuthStatus(self.redirect_uri, found.server.issuer,
                                         foreign_authorization_server(found, server.upstream_url), client=client)
-        except (UpstreamAuthError, TimeoutError) as exc:
+        except (UpstreamAuthError, UpstreamError, TimeoutError) as exc:
             reason = str(exc) or f"no answer within {DISCOVERY_WAIT:.0f} s"
             status = UpstreamAuthStatus(self.redirect_uri, server.upstream_issuer, client=client, warning=(
                 f"the upstream's authorization server could not be discovered ({reason}); users cannot "
