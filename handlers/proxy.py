@@ -90,6 +90,8 @@ class McpProxyHandler(SseRelay, BaseHandler):
             return None
         # Not needed past admission: a stream held for hours does not keep the token in memory.
         del headers["Authorization"]
+        claims = call.claims
+        self.log_fields.update(user_sub=claims["sub"], client_id=claims.get("client_id", ""), server_id=server_id)
         return call
 
     # ------------------------------------------------------------------- relaying

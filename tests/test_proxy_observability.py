@@ -252,6 +252,11 @@ def test_attack_like_refusals_are_security_events_and_routine_401s_are_not(rig):
     hijack = events["session_hijack_refused"]
     assert hijack["user_sub"] == BOB["sub"] and hijack["owner_sub"] == ALICE["sub"]
     assert hijack["server_id"] == SRV_SHARED
+    # The access log line of the refused request names who asked, on which server.
+    access = [json.loads(line) for line in rig.gw.log_text().splitlines() if line.startswith("{")]
+    refused = [line for line in access if line.get("logger") == "tornado.access" and line.get("status") == 404
+               and line.get("user_sub") == BOB["sub"]]
+    assert refused and refused[-1]["server_id"] == SRV_SHARED and refused[-1]["client_id"]
     text = json.dumps(list(events.values()))
     assert session not in text  # the session id is a credential of its own
     for token in rig.tokens.values():
