@@ -55,7 +55,7 @@ def start_workers(gw: GatewayProcess, count: int = 2) -> list[int]:
 
 
 def workers_of(gw: GatewayProcess) -> list[int]:
-    """The gateway's child processes (its workers), from /proc."""
+    """The gateway's live child processes (its workers; not a dead one not yet reaped), from /proc."""
     children = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -64,9 +64,16 @@ def workers_of(gw: GatewayProcess) -> list[int]:
                     stat = handle.read()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == gw.pid:
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if int(ppid) == gw.pid and state != "Z":
                 children.append(int(entry))
     return sorted(children)
+
+
+def replaced(gw: GatewayProcess, gone: int) -> bool:
+    """Two workers again, `gone` not among them (one look at /proc)."""
+    pids = workers_of(gw)
+    return len(pids) == 2 and gone not in pids
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
@@ -240,16 +247,18 @@ def test_killed_worker_is_replaced_and_no_request_to_the_other_fails(tmp_path):
         a, b = start_workers(gw)
         with ThreadPoolExecutor(4) as pool:
             clients = [pool.submit(client) for _ in range(4)]
-            time.sleep(0.5)
-            os.kill(a, signal.SIGSTOP)
-            stopped_at = time.monotonic()
-            time.sleep(0.5)
-            os.kill(a, signal.SIGKILL)
-            wait_for(lambda: len(workers_of(gw)) == 2 and a not in workers_of(gw), 20, "a replacement worker")
-            replacement = next(pid for pid in workers_of(gw) if pid != b)
-            wait_for(lambda: "restarting it in" in gw.log_text(), 5, "the restart line")
-            time.sleep(1.5)  # the replacement serves alongside B
-            stop = True
+            try:
+                time.sleep(0.5)
+                os.kill(a, signal.SIGSTOP)
+                stopped_at = time.monotonic()
+                time.sleep(0.5)
+                os.kill(a, signal.SIGKILL)
+                wait_for(lambda: replaced(gw, a), 20, "a replacement worker")
+                replacement = next(pid for pid in workers_of(gw) if pid != b)
+                wait_for(lambda: "restarting it in" in gw.log_text(), 5, "the restart line")
+                time.sleep(1.5)  # the replacement serves alongside B
+            finally:
+                stop = True  # or the clients would keep the pool from shutting down
             for future in clients:
                 future.result(timeout=30)
         after = [outcome for started, outcome in results if started > stopped_at]
@@ -412,7 +421,7 @@ def test_stuck_worker_is_replaced(tmp_path):
         a, b = start_workers(gw)
         os.kill(a, signal.SIGSTOP)
         wait_for(lambda: f"(pid {a}) sent no heartbeat" in gw.log_text(), 20, "the stuck worker to be noticed")
-        wait_for(lambda: len(workers_of(gw)) == 2 and a not in workers_of(gw), 20, "a replacement")
+        wait_for(lambda: replaced(gw, a), 20, "a replacement")
         notify.settimeout(0)
         beats = 0
         while True:
