@@ -356,18 +356,20 @@ def test_rolling_restart_of_two_instances_loses_no_call(rig):
     try:
         with ThreadPoolExecutor(6) as pool:
             workers = [pool.submit(client, worker) for worker in range(6)]
-            time.sleep(1.5)
-            for index in (0, 1):
-                old = instances[index]
-                os.kill(old.pid, signal.SIGTERM)
-                assert wait_exit(old, 25) == 0
-                assert "Traceback" not in old.log_text()
-                old.stop()
-                instances[index] = GatewayProcess(
-                    rig.base.state_dir, share_storage_with=rig.base, port=old.port,
-                    extra_env={"MCPGW_DRAIN_TIMEOUT": "20"}).start()
+            try:
                 time.sleep(1.5)
-            stop.set()
+                for index in (0, 1):
+                    old = instances[index]
+                    os.kill(old.pid, signal.SIGTERM)
+                    assert wait_exit(old, 25) == 0
+                    assert "Traceback" not in old.log_text()
+                    old.stop()
+                    instances[index] = GatewayProcess(
+                        rig.base.state_dir, share_storage_with=rig.base, port=old.port,
+                        extra_env={"MCPGW_DRAIN_TIMEOUT": "20"}).start()
+                    time.sleep(1.5)
+            finally:
+                stop.set()  # or the clients would keep the pool from shutting down
             for worker in workers:
                 worker.result(timeout=60)
         print(f"rolling restart: {len(completed)} calls completed, {len(failures)} failed, "
