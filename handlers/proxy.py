@@ -19,6 +19,7 @@ from tornado.iostream import StreamClosedError
 from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
 from handlers.proxy_stream import RelayState, SseRelay
 from services.common import logs
+from services.proxy import connect_required
 from services.proxy.gate import Call, Refused
 from services.proxy.protocol import eras, jsonrpc
 from services.proxy.upstream.errors import (
@@ -29,6 +30,7 @@ from services.proxy.upstream.errors import (
     UpstreamTimeout,
 )
 from services.proxy.upstream.http11 import hop_by_hop_names
+from services.proxy.upstream_auth.errors import ConnectRequired, UpstreamAuthError
 from storage.base import StorageError, StorageUnavailable
 
 log = logging.getLogger("gateway.proxy")
@@ -49,6 +51,7 @@ class McpProxyHandler(SseRelay, BaseHandler):
 
     def initialize(self) -> None:
         self._r = RelayState()
+        self._upstream_token = ""  # upstream_auth "oauth": the user's token for this request
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
@@ -171,7 +174,7 @@ class McpProxyHandler(SseRelay, BaseHandler):
         if task is not None and task.cancelling():
             task.uncancel()
 
-    def upstream_headers(self, call: Call, session) -> list[tuple[str, str]]:
+    def upstream_headers(self, call: Call, session, token: str = "") -> list[tuple[str, str]]:
         incoming = self.request.headers
         # Fields the client's Connection header names are for the gateway alone (RFC 9110 §7.6.1).
         hop = hop_by_hop_names(incoming.get_list("Connection"))
@@ -190,13 +193,41 @@ class McpProxyHandler(SseRelay, BaseHandler):
         headers.extend(self.services.servers.upstream_headers(server).items())
         if server.forward_identity:
             headers.extend(self.services.identity_headers(server, call.claims))
+        if token:
+            # The user's own upstream token (upstream_auth "oauth"), on this hop only, and the
+            # only credential on it.
+            headers = [h for h in headers if h[0].lower() != "authorization"]
+            headers.append(("Authorization", f"Bearer {token}"))
         return headers
+
+    async def upstream_token(self, call: Call, message, started: float, rejected: str = "",
+                             challenge: str = "") -> str:
+        """The user's upstream access token; "" once the answer (connect link, 503) is sent."""
+        upstream_auth = self.services.upstream_auth
+        try:
+            if rejected:
+                return await connect_required.token_after_401(upstream_auth, call.claims["sub"], call.server,
+                                                              rejected, challenge)
+            return await upstream_auth.get_token(call.claims["sub"], call.server)
+        except UpstreamAuthError as exc:
+            self.upstream_auth_failed(call, message, exc, started)
+            return ""
+
+    def upstream_auth_failed(self, call: Call, message, exc: UpstreamAuthError, started: float) -> None:
+        """Answered without reaching the upstream: never a 401 (the client would re-run the
+        gateway's own authorization), but the connect link or a temporary error."""
+        answer = connect_required.answer_for(message, exc)
+        if answer.retry_after:
+            self.set_header("Retry-After", str(answer.retry_after))
+        self.set_status(answer.status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(answer.body)
+        self.record(call, message, answer.outcome, started)
 
     async def relay(self, call: Call, message) -> None:
         services = self.services
         server = call.server
         server_id = call.server_id
-        method = self.request.method
         started = time.monotonic()
         incoming_session = self.request.headers.get("Mcp-Session-Id")
         if incoming_session:
@@ -207,6 +238,43 @@ class McpProxyHandler(SseRelay, BaseHandler):
                 return
         if self._r.client_gone:
             return
+        token = ""
+        if server.upstream_auth == "oauth":
+            token = self._upstream_token = await self.upstream_token(call, message, started)
+            if not token:
+                return
+        response = await self.send(call, message, started, token)
+        if response is not None and token and response.status == 401 and not self._r.client_gone:
+            # The token expired early or was revoked: another one (refreshed), and one retry
+            # (the body is held whole, so it can be sent again).
+            challenge = response.headers.get("WWW-Authenticate", "")
+            response.close()
+            token = await self.upstream_token(call, message, started, rejected=token, challenge=challenge)
+            if not token:
+                return
+            self._upstream_token = token
+            response = await self.send(call, message, started, token)
+            if response is not None and response.status == 401:
+                response.close()
+                self.upstream_auth_failed(call, message, ConnectRequired(
+                    "the upstream does not accept your account", services.upstream_auth.connect_url(server_id)),
+                    started)
+                return
+        if response is None:
+            return
+        self._r.upstream_response = response
+        try:
+            await self.relay_response(response, call, message, started)
+        finally:
+            response.close()
+            self._r.upstream_response = None
+
+    async def send(self, call: Call, message, started: float, token: str):
+        """The upstream's response, or None once an error is answered (or the client left)."""
+        services = self.services
+        server = call.server
+        server_id = call.server_id
+        method = self.request.method
         # No task of its own (one per request costs more than the rest of the relay): while
         # the headers are awaited, on_connection_close cancels this handler's task.
         self._r.upstream_request = asyncio.current_task()
@@ -215,7 +283,7 @@ class McpProxyHandler(SseRelay, BaseHandler):
             response = await services.upstream.request(
                 method,
                 server.upstream_url,
-                self.upstream_headers(call, call.session),
+                self.upstream_headers(call, call.session, token),
                 self.request.body if method == "POST" else None,
                 # Not approved for internal upstreams: public addresses only, at every
                 # connection (a name re-pointed inward after registration is refused).
@@ -225,12 +293,12 @@ class McpProxyHandler(SseRelay, BaseHandler):
             if not self._r.client_gone:
                 raise
             self._uncancel()
-            return  # cancelled by on_connection_close: the upstream connection is closed
+            return None  # cancelled by on_connection_close: the upstream connection is closed
         except UpstreamTimeout:
             services.metrics.inc("upstream_errors_total", kind="timeout")
             self.jsonrpc_error(504, -32603, "the upstream MCP server did not answer in time", message and message.id)
             self.record(call, message, "504", started)
-            return
+            return None
         except UpstreamRefused as exc:
             services.metrics.inc("upstream_errors_total", kind="refused")
             log.warning("upstream %s refused by the address policy: %s", server_id, exc)
@@ -239,26 +307,21 @@ class McpProxyHandler(SseRelay, BaseHandler):
                 message and message.id,
             )
             self.record(call, message, "502", started)
-            return
+            return None
         except UpstreamError as exc:
             services.metrics.inc("upstream_errors_total",
                                  kind="protocol" if isinstance(exc, UpstreamProtocolError) else "unreachable")
             log.warning("upstream %s unreachable: %s", server_id, exc)
             self.jsonrpc_error(502, -32603, "the upstream MCP server is unreachable", message and message.id)
             self.record(call, message, "502", started)
-            return
+            return None
         finally:
             self._r.upstream_request = None
         self._r.ttfb = time.perf_counter() - sent
         if self._r.client_gone:
             response.close()
-            return
-        self._r.upstream_response = response
-        try:
-            await self.relay_response(response, call, message, started)
-        finally:
-            response.close()
-            self._r.upstream_response = None
+            return None
+        return response
 
     async def relay_response(self, response, call: Call, message, started: float) -> None:
         gate = self.services.gate
@@ -308,7 +371,7 @@ class McpProxyHandler(SseRelay, BaseHandler):
     async def end_upstream_session(self, call: Call, upstream_session: str) -> None:
         """Best effort: DELETE a session at the upstream (MCP's way to end one)."""
         server = call.server
-        headers = [*self.upstream_headers(call, None), ("Mcp-Session-Id", upstream_session)]
+        headers = [*self.upstream_headers(call, None, self._upstream_token), ("Mcp-Session-Id", upstream_session)]
         try:
             response = await self.services.upstream.request(
                 "DELETE", server.upstream_url, headers, None, header_timeout=END_SESSION_TIMEOUT,

@@ -12,7 +12,8 @@ by the `as_user` cookie (set by `GET /signin?user=SUB`), else `--user`. Test con
 `POST /_control` (JSON: `token_status` answers /token with that status; `rotate` false: a
 refresh returns no new refresh token and keeps the old one; `access_ttl`: the lifetime of
 tokens issued from now on; `cimd`: the metadata says client_id_metadata_document_supported; `revoke_user`: every token of that
-subject dies), `GET /_stats` (token requests as seen: grant type, subject, `resource`).
+subject dies; `expire_access`: that subject's access tokens die, its refresh tokens live), `GET /_stats` (token requests as seen: grant type, subject, `resource`; `introspected`: every
+bearer token the MCP server received, in order).
 
 `OAuthUpstream` starts both on sockets the test bound (the AS's port is a `HeldPort`, so
 `stop_as()` leaves it refusing and `start_as()` serves it again).
@@ -133,6 +134,7 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
     control: dict = {"token_status": 0}
     seen: list[dict] = []
     counts = {"register": 0, "revoke": 0}
+    introspected: list[dict] = []  # every bearer token the MCP server was sent, as it asked
 
     async def signin(request):
         response = PlainTextResponse("signed in")
@@ -142,6 +144,7 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
     async def introspect(request):
         form = await request.form()
         token = await provider.load_access_token(str(form.get("token", "")))
+        introspected.append({"token": str(form.get("token", "")), "active": token is not None})
         if token is None:
             return JSONResponse({"active": False})
         return JSONResponse({"active": True, "sub": token.subject, "client_id": token.client_id,
@@ -160,10 +163,14 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
             control["token_status"] = int(body["token_status"])
         if body.get("revoke_user"):
             provider.revoke_user(body["revoke_user"])
+        if body.get("expire_access"):  # the subject's access tokens die; its refresh tokens live
+            for key in [k for k, v in provider.access.items() if v.subject == body["expire_access"]]:
+                del provider.access[key]
         return JSONResponse({"ok": True})
 
     async def stats(request):
-        return JSONResponse({"token_requests": seen, **counts, "clients": list(provider.clients)})
+        return JSONResponse({"token_requests": seen, **counts, "clients": list(provider.clients),
+                             "introspected": introspected})
 
     registration = ClientRegistrationOptions(enabled=True, valid_scopes=SCOPES, default_scopes=SCOPES)
     routes = create_auth_routes(provider, AnyHttpUrl(issuer), client_registration_options=registration,

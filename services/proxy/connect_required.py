@@ -1,0 +1,100 @@
+"""The proxy's answers when a user's upstream account is missing or unusable (issue 11): told to
+the MCP client as a tool error or JSON-RPC error with the connect link, never a bare 401."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+
+from services.proxy.upstream_auth.discovery import parse_www_authenticate
+from services.proxy.upstream_auth.errors import (
+    ConnectRequired,
+    DiscoveryError,
+    UpstreamAuthError,
+    UpstreamAuthTemporarilyUnavailable,
+)
+
+log = logging.getLogger("gateway.proxy")
+
+# The MCP "URL elicitation required" error (2025-11-25): clients that know it offer the link to
+# open; the others show the message, which carries the link too.
+URL_ELICITATION_REQUIRED = -32042
+TEMPORARY_CODE = -32603
+# A 401 whose challenge names metadata re-reads the upstream's auth setup at most this often per
+# server: an upstream that answers 401 to everything must not make each call a discovery.
+REDISCOVER_EVERY = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: bytes
+    outcome: str  # for the usage record
+    retry_after: int = 0
+
+
+def _error(request_id, code: int, message: str, data: dict | None = None) -> dict:
+    error: dict = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def _connect_reply(member, exc: ConnectRequired) -> dict:
+    text = f"{exc} — connect your account: {exc.url}"
+    if member.method == "tools/call":
+        # A tool result the model and the user both see; the call did not reach the upstream.
+        return {"jsonrpc": "2.0", "id": member.id,
+                "result": {"content": [{"type": "text", "text": text}], "isError": True}}
+    elicitation = {"mode": "url", "elicitationId": secrets.token_urlsafe(12), "url": exc.url, "message": text}
+    return _error(member.id, URL_ELICITATION_REQUIRED, text, {"elicitations": [elicitation]})
+
+
+def connect_required(message, exc: ConnectRequired) -> Answer:
+    """The answer to `message` (None for GET/DELETE; a batch answers each request in it)."""
+    members = (message.members if message.kind == "batch" else (message,)) if message is not None else ()
+    replies = [_connect_reply(m, exc) for m in members if m.kind == "request"]
+    if not replies:
+        # A GET, DELETE, notification or response: no id to answer, so an HTTP error (not 401,
+        # which would send the client back through the gateway's own authorization).
+        body = _error(None, URL_ELICITATION_REQUIRED, f"{exc} — connect your account: {exc.url}")
+        return Answer(403, json.dumps(body).encode(), str(URL_ELICITATION_REQUIRED))
+    if message.kind == "batch":
+        return Answer(200, json.dumps(replies).encode(), str(URL_ELICITATION_REQUIRED))
+    reply = replies[0]
+    return Answer(200, json.dumps(reply).encode(), "tool_error" if "result" in reply else str(URL_ELICITATION_REQUIRED))
+
+
+def answer_for(message, exc: UpstreamAuthError) -> Answer:
+    """`connect_required`, else 503 + Retry-After: the upstream's authorization server failed
+    or its metadata cannot be read now (the account is kept; the message says which)."""
+    if isinstance(exc, ConnectRequired):
+        return connect_required(message, exc)
+    retry_after = exc.retry_after if isinstance(exc, UpstreamAuthTemporarilyUnavailable) else 5
+    request_id = message.id if message is not None and message.kind != "batch" else None
+    body = _error(request_id, TEMPORARY_CODE, f"the upstream sign-in is temporarily unavailable: {exc}")
+    return Answer(503, json.dumps(body).encode(), "503", retry_after)
+
+
+_rediscovered: dict[str, float] = {}
+
+
+async def token_after_401(upstream_auth, user_sub: str, server, rejected: str, challenge: str,
+                          clock=time.monotonic) -> str:
+    """After an upstream 401: a token other than the rejected one, re-reading the upstream's
+    auth setup first when the challenge names its metadata (at most once a minute per server)."""
+    if parse_www_authenticate(challenge).get("resource_metadata"):
+        now = clock()
+        if now - _rediscovered.get(server.server_id, -REDISCOVER_EVERY) >= REDISCOVER_EVERY:
+            if len(_rediscovered) > 10000:
+                _rediscovered.clear()
+            _rediscovered[server.server_id] = now
+            try:
+                # A moved authorization server makes get_token drop the account (ConnectRequired).
+                await upstream_auth.discover(server, challenge, fresh=True)
+            except DiscoveryError as exc:
+                log.warning("upstream %s: re-reading its auth metadata after a 401 failed: %s", server.server_id, exc)
+    return await upstream_auth.get_token(user_sub, server, rejected=rejected)
