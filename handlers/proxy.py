@@ -20,7 +20,7 @@ from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
 from handlers.proxy_stream import RelayState, SseRelay
 from services.common import logs
 from services.proxy import connect_required
-from services.proxy.gate import Call, Refused
+from services.proxy.gate import TOOL_METHODS, Call, Refused, ToolRefused
 from services.proxy.protocol import eras, jsonrpc
 from services.proxy.upstream.errors import (
     UpstreamError,
@@ -116,6 +116,8 @@ class McpProxyHandler(SseRelay, BaseHandler):
         try:
             call = await self.admit(server_id)
             message = None if call is None else self.parse_post(call)
+            if message is not None and (message.method in TOOL_METHODS or message.kind == "batch"):
+                message = await self.check_tools(call, message)
             if message is not None:
                 await self.relay(call, message)
         except StorageError as exc:
@@ -157,6 +159,19 @@ class McpProxyHandler(SseRelay, BaseHandler):
             except Refused as refused:
                 self.refuse(refused)
                 return None
+        return message
+
+    async def check_tools(self, call: Call, message):
+        """Tool policy (ProxyGate.check_tools): a refused tools/call is answered here and
+        recorded as denied, never relayed; a tools/list's answer will be filtered."""
+        started = time.monotonic()
+        try:
+            self._r.tools = await self.services.gate.check_tools(self.services.tools, call, message)
+        except ToolRefused as refused:
+            self.refuse(refused)
+            for member, reason in refused.denied:
+                self.record(call, member, f"denied:{reason}", started)
+            return None
         return message
 
     def on_connection_close(self) -> None:
@@ -383,6 +398,8 @@ class McpProxyHandler(SseRelay, BaseHandler):
         response.close()
 
     async def relay_body(self, response, message, status: int) -> str:
+        if self._r.tools is not None and status < 300:  # an HTTP error lists nothing: relayed as it is
+            return await self.relay_tools_body(response, message, status)
         scanned = bytearray()
         unflushed = 0
         try:

@@ -1,10 +1,12 @@
-"""The SSE half of the /mcp/{serverId} relay (a mixin of McpProxyHandler): events written
-and flushed one by one, keep-alive comments, slow readers cut off, drain at event boundaries,
-and an idle stream that costs as little as the process can hold thousands of."""
+"""The SSE half of the /mcp/{serverId} relay (a mixin of McpProxyHandler), and tools/list
+answers filtered for the caller (JSON or SSE): events written and flushed one by one,
+keep-alive comments, slow readers cut off, drain at event boundaries, and an idle stream
+that costs as little as the process can hold thousands of."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import weakref
 
@@ -12,7 +14,10 @@ from tornado.iostream import StreamClosedError
 
 from services.proxy.gate import Call
 from services.proxy.protocol import jsonrpc, sse
+from services.proxy.tools.filtering import MAX_LIST_BYTES, ToolListError
 from services.proxy.upstream.errors import UpstreamStreamError
+
+log = logging.getLogger("gateway.proxy")
 
 MAX_PENDING_EVENT = 8 * 1024 * 1024  # an SSE event may not grow beyond this in the gateway
 
@@ -23,7 +28,7 @@ class RelayState:
     would pay for a dict of its own (about 1.3 KiB)."""
 
     __slots__ = ("upstream_request", "upstream_response", "reading", "interrupted", "timer", "last_read",
-                 "client_gone", "bytes_out", "flushed", "message", "answered_at", "ttfb", "era")
+                 "client_gone", "bytes_out", "flushed", "message", "answered_at", "ttfb", "era", "tools")
 
     def __init__(self) -> None:
         self.upstream_request: asyncio.Task | None = None  # the handler's task, awaiting upstream headers
@@ -39,6 +44,7 @@ class RelayState:
         self.answered_at: float | None = None  # when the response to the request went by
         self.ttfb = 0.0  # seconds from sending the upstream request to its answer's head
         self.era: str | None = None  # a POST's protocol era, once its routing headers were checked
+        self.tools = None  # a ToolContext while a tools/list answer is to be filtered
 
 
 class SseRelay:
@@ -94,7 +100,13 @@ class SseRelay:
                 self._r.last_read = loop.time()
                 if not chunk:
                     break
-                wrote, outcome = self._write_events(parser, chunk, message, outcome)
+                if self._r.tools is None:
+                    wrote, outcome = self._write_events(parser, chunk, message, outcome)
+                else:  # a tools/list answer to filter (only that request's stream pays for it)
+                    wrote, outcome, end = await self._write_tool_events(parser, chunk, message, outcome)
+                    if end:
+                        await self._flush_or_cut()
+                        break
                 chunk = None  # not held while the stream idles
                 if parser.pending > MAX_PENDING_EVENT:
                     metrics.inc("streams_closed_total", reason="event_too_large")
@@ -135,6 +147,77 @@ class SseRelay:
                         self._r.answered_at = time.monotonic()
         return bool(events), outcome
 
+    async def _write_tool_events(self, parser, chunk: bytes, message, outcome: str) -> tuple[bool, str, bool]:
+        """`_write_events` with the tools/list answer filtered for the caller; one that cannot
+        be filtered is replaced by a JSON-RPC error and ends the stream (fail closed)."""
+        gate, tools = self.services.gate, self.services.tools
+        events = parser.feed(chunk)
+        for event in events:
+            raw, data = event.raw, event.data
+            if self._r.tools is not None and data:
+                try:
+                    filtered = await gate.filter_tools_answer(tools, self._r.tools, data, must_answer=False)
+                except ToolListError as exc:
+                    self.services.metrics.inc("upstream_errors_total", kind="protocol")
+                    log.warning("upstream tools/list answer refused: %s", exc)
+                    error = jsonrpc.jsonrpc_error(-32603, "the upstream MCP server sent a tools/list answer "
+                                                  f"the gateway cannot filter ({exc})", message and message.id)
+                    self._r.tools = None
+                    self.write(_event(event, error))
+                    self._r.answered_at = time.monotonic()
+                    return True, "-32603", True
+                if filtered is not None:
+                    raw, data = _event(event, filtered), filtered
+                    if not self._r.tools.pending:
+                        self._r.tools = None
+            self.write(raw)
+            self._r.bytes_out += len(raw)
+            if message is not None and message.id is not None and outcome in ("stream", "unknown"):
+                found = jsonrpc.outcome_of(data if isinstance(data, bytes) else data.encode(), message.id)
+                if found:
+                    outcome = found
+                    if found != "unknown":
+                        self._r.answered_at = time.monotonic()
+        return bool(events), outcome, False
+
+    async def relay_tools_body(self, response, message, status: int) -> str:
+        """A tools/list answer: read whole (bounded), filtered for the caller, then written;
+        anything that cannot be filtered is a 502 JSON-RPC error, never the original list."""
+        data = bytearray()
+        try:
+            if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+                raise ToolListError("the tools/list answer is encoded")
+            while chunk := await response.read_chunk():
+                data += chunk
+                if len(data) > MAX_LIST_BYTES:
+                    self.services.metrics.inc("upstream_errors_total", kind="too_large")
+                    raise ToolListError(f"the tools/list answer is larger than {MAX_LIST_BYTES // 2**20} MiB")
+            body = await self.services.gate.filter_tools_answer(self.services.tools, self._r.tools, bytes(data),
+                                                                 must_answer=True)
+        except (ToolListError, UpstreamStreamError) as exc:
+            self.services.metrics.inc("upstream_errors_total",
+                                      kind="broken_body" if isinstance(exc, UpstreamStreamError) else "protocol")
+            log.warning("upstream tools/list answer refused: %s", exc)
+            session = self._headers.get("Mcp-Session-Id")
+            self.clear()
+            if session:
+                self.set_header("Mcp-Session-Id", session)
+            text = "broke off its answer" if isinstance(exc, UpstreamStreamError) else f"sent a tools/list answer " \
+                f"the gateway cannot filter ({exc})"
+            self.jsonrpc_error(502, -32603, f"the upstream MCP server {text}", message and message.id)
+            return "502"
+        finally:
+            self._r.tools = None
+        self.write(body)
+        self._r.bytes_out += len(body)
+        try:
+            await self.finish()
+        except StreamClosedError:
+            self.services.metrics.inc("streams_closed_total", reason="client_gone")
+        if status >= 400:
+            return str(status)
+        return "ok" if message is None or message.id is None else jsonrpc.body_outcome(body, message.id)
+
     async def _flush_or_cut(self) -> None:
         """Flush; a client that does not take it within the slow-reader timeout: TimeoutError."""
         flushed = self.flush()
@@ -166,6 +249,13 @@ class SseRelay:
         if message is None or message.id is None:
             return True  # a standalone GET stream: the client reconnects
         return outcome not in ("stream", "unknown")  # the POST's answer went by
+
+def _event(event, data: bytes) -> bytes:
+    """`event` written again with `data` (one line of compact JSON) as its data."""
+    head = b"".join(f"{name}: {value}\n".encode() for name, value in
+                    (("id", event.id), ("event", event.event), ("retry", event.retry)) if value is not None)
+    return head + b"data: " + data + b"\n\n"
+
 
 # The streams open per drain event, and one task per event waiting for it to interrupt
 # their reads (instead of a waiting task per stream); the task goes with the last stream.

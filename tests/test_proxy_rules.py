@@ -581,7 +581,7 @@ def test_client_credentials_never_reach_the_upstream_but_server_headers_do(rig):
     token = rig.tokens["alice_base"]
     before = len(rig.fake.requests)
     extra = {"Cookie": "mcpgw_signin=secret-cookie; other=1", "Proxy-Authorization": "Basic eDp5"}
-    response = rig.http.post(f"/mcp/{SRV_REC}", content=json.dumps(rpc("tools/list", 31)),
+    response = rig.http.post(f"/mcp/{SRV_REC}", content=json.dumps(rpc("resources/list", 31)),
                              headers={**headers_for(token), **extra})
     assert response.status_code == 200, response.text
     assert answer_to(response, 31)["result"] == {"ok": True}
@@ -603,7 +603,7 @@ def test_client_credentials_never_reach_the_upstream_but_server_headers_do(rig):
 def test_identity_forwarding_sends_a_gateway_signed_assertion_for_the_upstream(rig):
     token = rig.tokens["alice_base"]
     before = len(rig.fake.requests)
-    response = rig.http.post(f"/mcp/{SRV_IDENTITY}", content=json.dumps(rpc("tools/list", 32)),
+    response = rig.http.post(f"/mcp/{SRV_IDENTITY}", content=json.dumps(rpc("resources/list", 32)),
                              headers=headers_for(token))
     assert response.status_code == 200, response.text
     headers = rig.fake.requests[before]["headers"]
@@ -618,7 +618,7 @@ def test_identity_forwarding_sends_a_gateway_signed_assertion_for_the_upstream(r
     assert claims["sub"] == ALICE["sub"] and claims["exp"] - claims["iat"] <= 300
     # A server without the opt-in gets none of it.
     before = len(rig.fake.requests)
-    rig.http.post(f"/mcp/{SRV_REC}", content=json.dumps(rpc("tools/list", 33)), headers=headers_for(token))
+    rig.http.post(f"/mcp/{SRV_REC}", content=json.dumps(rpc("resources/list", 33)), headers=headers_for(token))
     assert not any(name.startswith("x-mcpgw") for name in rig.fake.requests[before]["headers"])
 
 

@@ -394,7 +394,7 @@ def test_a_client_that_stops_reading_is_cut_off_with_bounded_memory(rig, kind):
                        f"Authorization: Bearer {rig.token}\r\nAccept: text/event-stream\r\n"
                        f"MCP-Protocol-Version: {LEGACY}\r\n\r\n").encode()
         else:
-            body = json.dumps(rpc("tools/list", 31)).encode()
+            body = json.dumps(rpc("resources/list", 31)).encode()
             request = (f"POST /mcp/{SRV[kind]} HTTP/1.1\r\nHost: 127.0.0.1:{rig.gw.port}\r\n"
                        f"Authorization: Bearer {rig.token}\r\nAccept: {ACCEPT}\r\n"
                        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -428,9 +428,9 @@ def test_a_client_that_stops_reading_is_cut_off_with_bounded_memory(rig, kind):
     assert rig.metric("streams_closed_total", reason="slow_reader") == before_metric + 1
     # The gateway goes on serving; a small JSON answer keeps its Content-Length, a large
     # one arrives whole through the streamed path.
-    small = post(rig, "json", rpc("tools/list", 3))
+    small = post(rig, "json", rpc("resources/list", 3))
     assert small.status_code == 200 and small.headers["content-length"] == str(len(small.content))
-    large = post(rig, "json2m", rpc("tools/list", 4))
+    large = post(rig, "json2m", rpc("resources/list", 4))
     assert large.status_code == 200 and large.json() == {"jsonrpc": "2.0", "id": 4, "result": {"big": BIG_RESULT}}
 
 
@@ -439,7 +439,7 @@ def test_a_client_that_stops_reading_is_cut_off_with_bounded_memory(rig, kind):
 
 def test_upstream_silent_before_headers_is_a_504_after_the_timeout(rig):
     started = time.monotonic()
-    response = post(rig, "hang-head", rpc("tools/list", 44))
+    response = post(rig, "hang-head", rpc("resources/list", 44))
     elapsed = time.monotonic() - started
     body = jsonrpc_error(response, 504)
     assert body["id"] == 44 and body["error"]["code"] == -32603
@@ -454,7 +454,7 @@ def test_upstream_silent_before_headers_is_a_504_after_the_timeout(rig):
 @pytest.mark.parametrize("kind", ["s401", "s403"])
 @pytest.mark.parametrize("verb", ["POST", "GET"])
 def test_upstream_refusing_the_gateway_is_a_502_without_its_challenge(rig, kind, verb):
-    content = json.dumps(rpc("tools/list", 55)) if verb == "POST" else None
+    content = json.dumps(rpc("resources/list", 55)) if verb == "POST" else None
     response = rig.http.request(verb, f"/mcp/{SRV[kind]}", content=content, headers=headers_for(rig.token))
     body = jsonrpc_error(response, 502)
     assert body["error"]["code"] == -32603
@@ -479,7 +479,7 @@ def test_upstream_dying_mid_stream_ends_the_client_stream_cleanly(rig, kind):
     assert body.replace(KEEPALIVE, b"") == EV_A, body
     assert rig.metric("streams_closed_total", reason="upstream_broke") == before + 1
     # The gateway keeps serving the next request.
-    listed = post(rig, "json", rpc("tools/list", 7))
+    listed = post(rig, "json", rpc("resources/list", 7))
     assert listed.status_code == 200 and listed.json()["result"] == {"ok": True}
     assert rig.gw._process.poll() is None
 
@@ -487,20 +487,20 @@ def test_upstream_dying_mid_stream_ends_the_client_stream_cleanly(rig, kind):
 def test_upstream_dying_inside_a_held_back_json_answer_is_a_502(rig):
     """Issue 7, finding 14: nothing of a small JSON body had gone out, so the client gets a
     whole answer, a JSON-RPC error, never a closed connection."""
-    body = jsonrpc_error(post(rig, "json-cut", rpc("tools/list", 8)), 502)
+    body = jsonrpc_error(post(rig, "json-cut", rpc("resources/list", 8)), 502)
     assert body == {"jsonrpc": "2.0", "id": 8,
                     "error": {"code": -32603, "message": "the upstream MCP server broke off its answer"}}
-    assert post(rig, "json", rpc("tools/list", 9)).status_code == 200
+    assert post(rig, "json", rpc("resources/list", 9)).status_code == 200
 
 
 def test_upstream_dying_inside_a_streamed_json_answer_never_looks_complete(rig):
     """Past the flush size bytes went out: a cut-off body must not arrive as a complete
     response of the shorter length, so the connection is closed."""
     with pytest.raises(httpx.HTTPError):
-        response = post(rig, "json-cut-big", rpc("tools/list", 10))
+        response = post(rig, "json-cut-big", rpc("resources/list", 10))
         # Reaching here would mean a complete-looking (and so wrong) answer.
         raise AssertionError(f"got a complete response: {response.status_code} {response.content[:200]!r}")
-    assert post(rig, "json", rpc("tools/list", 11)).status_code == 200
+    assert post(rig, "json", rpc("resources/list", 11)).status_code == 200
 
 
 # --------------------------------------------------------- 7. upstream forgets a session
@@ -513,13 +513,13 @@ def test_upstream_404_drops_the_gateway_session(rig):
     assert session.startswith("mcpgw-") and UPSTREAM_SID not in session
 
     arrived = len(rig.fake.of("sess"))
-    lost = post(rig, "sess", rpc("tools/list", 71), Mcp_Session_Id=session)
+    lost = post(rig, "sess", rpc("resources/list", 71), Mcp_Session_Id=session)
     assert lost.status_code == 404, (lost.status_code, lost.text)
     assert len(rig.fake.of("sess")) == arrived + 1
     assert rig.fake.of("sess")[-1]["headers"]["mcp-session-id"] == [UPSTREAM_SID]
 
     # The mapping is gone: the same gateway session id is refused at the gateway.
-    again = post(rig, "sess", rpc("tools/list", 72), Mcp_Session_Id=session)
+    again = post(rig, "sess", rpc("resources/list", 72), Mcp_Session_Id=session)
     assert jsonrpc_error(again, 404)["id"] == 72
     assert "session" in again.json()["error"]["message"]
     stream = rig.http.get(f"/mcp/{SRV['sess']}", headers=headers_for(rig.token, Mcp_Session_Id=session))
@@ -555,7 +555,7 @@ def test_resume_headers_reach_the_upstream_and_its_session_id_never_reaches_the_
     assert "authorization" not in arrived["headers"]
 
     # An upstream that hands out a session id on an ordinary call: the client never sees it.
-    stray = post(rig, "resume", rpc("tools/list", 81))
+    stray = post(rig, "resume", rpc("resources/list", 81))
     assert stray.status_code == 200, stray.text
     assert "mcp-session-id" not in stray.headers
     assert STRAY_SID not in json.dumps(list(stray.headers.multi_items()))

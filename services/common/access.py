@@ -61,6 +61,12 @@ class AccessPolicy:
     async def server(self, server_id: str) -> Server | None:
         return (await self._entry(server_id)).server
 
+    async def rules(self, server_id: str) -> tuple[Server | None, tuple[Grant, ...]]:
+        """The cached server and its grants (the very same objects while cached: the tool
+        policy cache keys on their identity)."""
+        entry = await self._entry(server_id)
+        return entry.server, entry.grants
+
     async def decide(self, principal: Principal, server_id: str) -> Decision:
         entry = await self._entry(server_id)
         if entry.server is None:

@@ -10,6 +10,7 @@ user's session) are also security events. Routine 401s (no or an expired token) 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
 
@@ -20,10 +21,13 @@ from services.common.metrics import Metrics
 from services.common.scopes import MCP_SCOPES, SCOPE_CONNECT, SCOPE_INVOKE, scope_allows
 from services.proxy.protocol import eras
 from services.proxy.sessions import SessionMap
+from services.proxy.tools.filtering import MAX_LIST_BYTES, ToolListError, dump_message, read_tools_message
 from services.proxy.usage import UsageRecorder
 from storage.base import McpSession, Server, UsageEvent
 
 CHALLENGE_SCOPE = " ".join(MCP_SCOPES)  # the scopes a challenge names
+TOOL_METHODS = frozenset({"tools/call", "tools/list"})  # the methods tool policy looks at
+TOOL_NOT_AVAILABLE = -32602
 
 
 class Refused(Exception):
@@ -58,6 +62,40 @@ _TOKEN_FAILURES = (("expired", "expired"), ("revoked", "revoked"), ("unknown key
 def rpc_error(status: int, code: int, message: str, request_id=None, www_authenticate: str | None = None) -> Refused:
     return Refused(status, {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}},
                    www_authenticate)
+
+
+class ToolRefused(Refused):
+    """A tools/call (or a batch holding one) the caller's tool policy refuses: answered
+    200 with the JSON-RPC error(s); `denied` the refused calls with their reasons."""
+
+    def __init__(self, body, denied: list[tuple[object, str]]):
+        super().__init__(200, body)
+        self.denied = denied
+
+
+class ToolContext:
+    """What filtering a tools/list answer needs: the caller's principal and the server's
+    records, and the tools/list request ids still to answer (id -> the request had a cursor)."""
+
+    __slots__ = ("principal", "server", "grants", "pending")
+
+    def __init__(self, principal: Principal, server: Server, grants, pending: list[tuple[object, bool]]):
+        self.principal = principal
+        self.server = server
+        self.grants = grants
+        self.pending = pending
+
+    def take(self, message: object) -> bool | None:
+        """Whether `message` answers a pending tools/list (then it is no longer pending):
+        None when it does not, else whether that request had a cursor."""
+        if not isinstance(message, dict) or "method" in message or "id" not in message:
+            return None
+        found = message["id"]
+        for index, (request_id, had_cursor) in enumerate(self.pending):
+            if type(found) is type(request_id) and found == request_id:
+                del self.pending[index]
+                return had_cursor
+        return None
 
 
 class Call:
@@ -217,3 +255,77 @@ class ProxyGate:
             )
         )
 
+    # ------------------------------------------------------------- tool policy
+
+    async def tool_rules(self, call: Call) -> tuple[Principal, Server, tuple]:
+        """The caller and the server's cached records, for ToolService (its policy cache
+        keys on their identity)."""
+        server, grants = await self._access.rules(call.server_id)
+        claims = call.claims
+        principal = Principal(sub=claims["sub"], email=claims.get("email", ""), hd=claims.get("hd", ""))
+        return principal, server or call.server, grants
+
+    async def check_tools(self, tools, call: Call, message) -> ToolContext | None:
+        """For a POST whose method is in TOOL_METHODS, or a batch: raise ToolRefused when a
+        tools/call in it is one the caller may not use (a batch is refused whole; nothing of
+        it reaches the upstream); the ToolContext when a tools/list answer is to be filtered."""
+        members = message.members if message.kind == "batch" else (message,)
+        rules = None
+        denied: list[tuple[object, str]] = []
+        pending: list[tuple[object, bool]] = []
+        for member in members:
+            if member.method == "tools/call":
+                rules = rules or await self.tool_rules(call)
+                decision = await tools.decide_call(*rules, member.target or "")
+                if not decision.allowed:
+                    denied.append((member, decision.reason))
+            elif member.method == "tools/list" and member.id is not None:
+                pending.append((member.id, (member.params or {}).get("cursor") is not None))
+        if denied:
+            self._metrics.inc("policy_denials_total", len(denied), reason="tool")
+            refused = {id(member) for member, _ in denied}
+            errors = [_tool_error(member, id(member) in refused) for member in members if member.id is not None]
+            raise ToolRefused(errors if message.kind == "batch" else errors[0] if errors
+                              else _tool_error(message, True), denied)
+        if not pending:
+            return None
+        return ToolContext(*(rules or await self.tool_rules(call)), pending)
+
+    async def filter_tools_answer(self, tools, context: ToolContext, data: bytes | str, *,
+                                  must_answer: bool) -> bytes | None:
+        """`data` (a JSON body or one SSE event's data) with every tools/list answer it holds
+        filtered for the caller; None when it answers none of them (an SSE notification) and
+        `must_answer` is False. ToolListError when it cannot be read: fail closed."""
+        if len(data) > MAX_LIST_BYTES:
+            raise ToolListError(f"the tools/list answer is larger than {MAX_LIST_BYTES // (1024 * 1024)} MiB")
+        try:
+            parsed = json.loads(data, parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise ToolListError("the tools/list answer is not valid JSON") from None
+        messages = parsed if isinstance(parsed, list) else [parsed]
+        out, changed = [], False
+        for item in messages:
+            had_cursor = context.take(item)
+            if had_cursor is None:
+                out.append(item)
+                continue
+            listing = read_tools_message(item)
+            out.append(await tools.filter_listing_message(
+                context.principal, context.server, context.grants, listing,
+                complete=not had_cursor and listing.next_cursor is None))
+            changed = True
+        if not changed:
+            if must_answer:
+                raise ToolListError("the upstream's answer holds no answer to the tools/list request")
+            return None
+        return dump_message(out if isinstance(parsed, list) else out[0])
+
+
+
+def _tool_error(member, refused: bool) -> dict:
+    message = "tool not available" if refused else "refused with the batch: it calls a tool that is not available"
+    return {"jsonrpc": "2.0", "id": member.id, "error": {"code": TOOL_NOT_AVAILABLE, "message": message}}
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")

@@ -4,13 +4,18 @@ while it serves (the drift a pinned server must catch).
 
 Run: python -m tests.support.tool_upstream --fd FD  (ToolUpstream below starts it)
 Control: POST /control/describe {"tool": NAME, "description": TEXT}; POST /control/add
-{"names": [NAME, ...]} adds read-only tools (a long catalog)."""
+{"names": [NAME, ...]} adds read-only tools (a long catalog); GET /control/calls counts the
+tools/call requests that reached it, by tool; POST /control/list {"mode": M} answers tools/list
+as M says: "paginate" (two pages), "sse" (an SSE stream, a notification first), "malformed"
+(a tool without a name), "" (the server's own answer)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+from collections import Counter
 
 import httpx
 from mcp.server.mcpserver import MCPServer
@@ -19,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 server = MCPServer("tool-upstream")
+CALLS: Counter[str] = Counter()  # tools/call requests received, by tool name
+LIST_MODE = {"mode": ""}
 READ_ONLY = ToolAnnotations(readOnlyHint=True)
 
 
@@ -73,6 +80,75 @@ async def add(request: Request) -> JSONResponse:
     return JSONResponse({"added": len(names)})
 
 
+@server.custom_route("/control/calls", methods=["GET"])
+async def calls(request: Request) -> JSONResponse:
+    return JSONResponse(dict(CALLS))
+
+
+@server.custom_route("/control/list", methods=["POST"])
+async def list_mode(request: Request) -> JSONResponse:
+    LIST_MODE["mode"] = (await request.json())["mode"]
+    return JSONResponse(LIST_MODE)
+
+
+class Recorder:
+    """ASGI middleware: counts every tools/call POSTed to /mcp, and answers tools/list itself
+    in a scripted LIST_MODE; everything else goes to the server as it came."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/mcp":
+            return await self.app(scope, receive, send)
+        body, more = b"", True
+        while more:
+            event = await receive()
+            body += event.get("body", b"")
+            more = event.get("more_body", False)
+        try:
+            message = json.loads(body)
+        except ValueError:
+            message = None
+        for item in message if isinstance(message, list) else [message]:
+            if isinstance(item, dict) and item.get("method") == "tools/call":
+                CALLS[str((item.get("params") or {}).get("name"))] += 1
+        if isinstance(message, dict) and message.get("method") == "tools/list" and LIST_MODE["mode"]:
+            return await self.scripted(message, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def scripted(self, message: dict, send) -> None:
+        mode = LIST_MODE["mode"]
+        tools = [tool.model_dump(mode="json", by_alias=True, exclude_none=True) for tool in await server.list_tools()]
+        cursor = (message.get("params") or {}).get("cursor")
+        result: dict = {"tools": tools}
+        if mode == "paginate":
+            result = {"tools": tools[2:], "_meta": {"page": 2}} if cursor == "page2" else \
+                {"tools": tools[:2], "nextCursor": "page2"}
+        elif mode == "malformed":
+            result = {"tools": [*tools, {"description": "a tool without a name"}]}
+        answer = json.dumps({"jsonrpc": "2.0", "id": message.get("id"), "result": result}).encode()
+        if mode == "sse":
+            note = json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
+                               "params": {"level": "info", "data": "listing"}}).encode()
+            body, content_type = b"event: message\ndata: " + note + b"\n\nid: e2\nevent: message\ndata: " + \
+                answer + b"\n\n", b"text/event-stream"
+        else:
+            body, content_type = answer, b"application/json"
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 @server.custom_route("/ready", methods=["GET"])
 async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": True})
@@ -110,6 +186,13 @@ class ToolUpstream:
                               timeout=10, trust_env=False)
         response.raise_for_status()
 
+    def calls(self) -> dict[str, int]:
+        """The tools/call requests this upstream got, by tool."""
+        return httpx.get(f"{self.base}/control/calls", timeout=10, trust_env=False).json()
+
+    def list_mode(self, mode: str) -> None:
+        httpx.post(f"{self.base}/control/list", json={"mode": mode}, timeout=10, trust_env=False).raise_for_status()
+
     def add(self, names: list[str]) -> None:
         httpx.post(f"{self.base}/control/add", json={"names": names}, timeout=10, trust_env=False).raise_for_status()
 
@@ -123,7 +206,7 @@ def main(argv: list[str]) -> None:
     import uvicorn
 
     app = server.streamable_http_app(host="127.0.0.1", stateless_http=True, json_response=True)
-    config = uvicorn.Config(app, log_level="warning", fd=int(argv[argv.index("--fd") + 1]))
+    config = uvicorn.Config(Recorder(app), log_level="warning", fd=int(argv[argv.index("--fd") + 1]))
     anyio.run(uvicorn.Server(config).serve)
 
 
