@@ -231,7 +231,7 @@ class McpProxyHandler(SseRelay, BaseHandler):
     def upstream_auth_failed(self, call: Call, message, exc: UpstreamAuthError, started: float) -> None:
         """Answered without reaching the upstream: never a 401 (the client would re-run the
         gateway's own authorization), but the connect link or a temporary error."""
-        answer = connect_required.answer_for(message, exc)
+        answer = connect_required.answer_for(message, exc, self._r.era)
         if answer.retry_after:
             self.set_header("Retry-After", str(answer.retry_after))
         self.set_status(answer.status)

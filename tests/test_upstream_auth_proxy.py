@@ -150,15 +150,16 @@ def test_an_expired_access_token_is_refreshed_without_the_client_noticing(
 # ---------------------------------------------------------- no usable account
 
 
+@pytest.mark.parametrize("mode", ["legacy", "2026-07-28"])
 def test_after_disconnect_a_tools_call_is_a_tool_error_with_the_connect_link_and_reaches_nothing(
-        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream, mode: str) -> None:
     link = f"{gateway.url}/oauth/upstream/connect/{server_id}"
 
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:
             rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-            async with connect(rig) as client:
+            async with connect(rig, mode=mode) as client:
                 assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
                 page = await browser.follow(f"{gateway.url}/dashboard/connections")
                 page = await browser.submit(page, "server_id")  # Disconnect

@@ -43,20 +43,23 @@ def _error(request_id, code: int, message: str, data: dict | None = None) -> dic
     return {"jsonrpc": "2.0", "id": request_id, "error": error}
 
 
-def _connect_reply(member, exc: ConnectRequired) -> dict:
+def _connect_reply(member, exc: ConnectRequired, era: str) -> dict:
     text = f"{exc} — connect your account: {exc.url}"
     if member.method == "tools/call":
         # A tool result the model and the user both see; the call did not reach the upstream.
-        return {"jsonrpc": "2.0", "id": member.id,
-                "result": {"content": [{"type": "text", "text": text}], "isError": True}}
+        result: dict = {"content": [{"type": "text", "text": text}], "isError": True}
+        if era == "2026":
+            result["resultType"] = "complete"  # 2026-07-28 results say what they are
+        return {"jsonrpc": "2.0", "id": member.id, "result": result}
     elicitation = {"mode": "url", "elicitationId": secrets.token_urlsafe(12), "url": exc.url, "message": text}
     return _error(member.id, URL_ELICITATION_REQUIRED, text, {"elicitations": [elicitation]})
 
 
-def connect_required(message, exc: ConnectRequired) -> Answer:
-    """The answer to `message` (None for GET/DELETE; a batch answers each request in it)."""
+def connect_required(message, exc: ConnectRequired, era: str = "2025") -> Answer:
+    """The answer to `message` (None for GET/DELETE; a batch answers each request in it).
+    `era`: "2026" for 2026-07-28 clients."""
     members = (message.members if message.kind == "batch" else (message,)) if message is not None else ()
-    replies = [_connect_reply(m, exc) for m in members if m.kind == "request"]
+    replies = [_connect_reply(m, exc, era) for m in members if m.kind == "request"]
     if not replies:
         # A GET, DELETE, notification or response: no id to answer, so an HTTP error (not 401,
         # which would send the client back through the gateway's own authorization).
@@ -68,11 +71,11 @@ def connect_required(message, exc: ConnectRequired) -> Answer:
     return Answer(200, json.dumps(reply).encode(), "tool_error" if "result" in reply else str(URL_ELICITATION_REQUIRED))
 
 
-def answer_for(message, exc: UpstreamAuthError) -> Answer:
+def answer_for(message, exc: UpstreamAuthError, era: str = "2025") -> Answer:
     """`connect_required`, else 503 + Retry-After: the upstream's authorization server failed
     or its metadata cannot be read now (the account is kept; the message says which)."""
     if isinstance(exc, ConnectRequired):
-        return connect_required(message, exc)
+        return connect_required(message, exc, era)
     retry_after = exc.retry_after if isinstance(exc, UpstreamAuthTemporarilyUnavailable) else 5
     request_id = message.id if message is not None and message.kind != "batch" else None
     body = _error(request_id, TEMPORARY_CODE, f"the upstream sign-in is temporarily unavailable: {exc}")
