@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import time
 
@@ -187,9 +188,17 @@ def test_malformed_listing_is_an_error_never_the_list(rig):
         assert response.json()["error"]["code"] == -32603 and "write_doc" not in response.text
 
 
-def test_denied_call_is_in_usage_as_denied(rig):
+def denials(gw) -> float:
+    text = httpx.get(f"{gw.url}/metrics", trust_env=False, timeout=10).text
+    match = re.search(r'^mcpgw_policy_denials_total\{reason="tool"\} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_denied_call_is_in_usage_as_denied_and_counted(rig):
     gw, _, tokens = rig
+    before = denials(gw)
     refused_call(gw, tokens["bob"], "delete_all", {})
+    assert denials(gw) == before + 1
     deadline = time.monotonic() + 15  # the recorder flushes in batches, about once a second
     rows = []
     while time.monotonic() < deadline:
