@@ -17,9 +17,9 @@ import time
 from tornado.iostream import StreamClosedError
 
 from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
+from handlers.proxy_account import AccountRelay
 from handlers.proxy_stream import RelayState, SseRelay
 from services.common import logs
-from services.proxy import connect_required
 from services.proxy.gate import TOOL_METHODS, Call, Refused, ToolRefused
 from services.proxy.protocol import eras, jsonrpc
 from services.proxy.upstream.errors import (
@@ -30,7 +30,6 @@ from services.proxy.upstream.errors import (
     UpstreamTimeout,
 )
 from services.proxy.upstream.http11 import hop_by_hop_names
-from services.proxy.upstream_auth.errors import ConnectRequired, UpstreamAuthError
 from storage.base import StorageError, StorageUnavailable
 
 log = logging.getLogger("gateway.proxy")
@@ -46,7 +45,7 @@ STORAGE_RETRY_AFTER = 2  # seconds, when a storage failure does not say (Storage
 END_SESSION_TIMEOUT = 5.0  # the best-effort DELETE of an upstream session the gateway could not record
 
 
-class McpProxyHandler(SseRelay, BaseHandler):
+class McpProxyHandler(AccountRelay, SseRelay, BaseHandler):
     SUPPORTED_METHODS = ("GET", "POST", "DELETE", "OPTIONS")
 
     def initialize(self) -> None:
@@ -215,34 +214,9 @@ class McpProxyHandler(SseRelay, BaseHandler):
             headers.append(("Authorization", f"Bearer {token}"))
         return headers
 
-    async def upstream_token(self, call: Call, message, started: float, rejected: str = "",
-                             challenge: str = "") -> str:
-        """The user's upstream access token; "" once the answer (connect link, 503) is sent."""
-        upstream_auth = self.services.upstream_auth
-        try:
-            if rejected:
-                return await connect_required.token_after_401(upstream_auth, call.claims["sub"], call.server,
-                                                              rejected, challenge)
-            return await upstream_auth.get_token(call.claims["sub"], call.server)
-        except UpstreamAuthError as exc:
-            self.upstream_auth_failed(call, message, exc, started)
-            return ""
-
-    def upstream_auth_failed(self, call: Call, message, exc: UpstreamAuthError, started: float) -> None:
-        """Answered without reaching the upstream: never a 401 (the client would re-run the
-        gateway's own authorization), but the connect link or a temporary error."""
-        answer = connect_required.answer_for(message, exc, self._r.era)
-        if answer.retry_after:
-            self.set_header("Retry-After", str(answer.retry_after))
-        self.set_status(answer.status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(answer.body)
-        self.record(call, message, answer.outcome, started)
-
     async def relay(self, call: Call, message) -> None:
         services = self.services
         server = call.server
-        server_id = call.server_id
         started = time.monotonic()
         incoming_session = self.request.headers.get("Mcp-Session-Id")
         if incoming_session:
@@ -253,28 +227,10 @@ class McpProxyHandler(SseRelay, BaseHandler):
                 return
         if self._r.client_gone:
             return
-        token = ""
-        if server.upstream_auth == "oauth":
-            token = self._upstream_token = await self.upstream_token(call, message, started)
-            if not token:
-                return
-        response = await self.send(call, message, started, token)
-        if response is not None and token and response.status == 401 and not self._r.client_gone:
-            # The token expired early or was revoked: another one (refreshed), and one retry
-            # (the body is held whole, so it can be sent again).
-            challenge = response.headers.get("WWW-Authenticate", "")
-            response.close()
-            token = await self.upstream_token(call, message, started, rejected=token, challenge=challenge)
-            if not token:
-                return
-            self._upstream_token = token
-            response = await self.send(call, message, started, token)
-            if response is not None and response.status == 401:
-                response.close()
-                self.upstream_auth_failed(call, message, ConnectRequired(
-                    "the upstream does not accept your account", services.upstream_auth.connect_url(server_id)),
-                    started)
-                return
+        if server.upstream_auth == "oauth":  # the user's own account (handlers/proxy_account.py)
+            response = await self.send_with_account(call, message, started)
+        else:
+            response = await self.send(call, message, started, "")
         if response is None:
             return
         self._r.upstream_response = response
