@@ -39,6 +39,12 @@ class ApiHandler(BaseHandler):
     async def actor(self):
         return await self.dashboard.actor(self.current_user)
 
+    async def manager(self, server_id: str):
+        """The actor, once they are known to be allowed to change this server."""
+        actor = await self.actor()
+        await self.dashboard.check_manager(actor, server_id)
+        return actor
+
     def json_body(self) -> dict:
         if self.body_media_type() != "application/json":
             raise BadRequest("the body must be application/json")
@@ -126,11 +132,12 @@ class GrantsHandler(ApiHandler):
         self.write_json({"grants": [g.as_dict() for g in grants]})
 
     async def post(self, server_id: str) -> None:
+        actor = await self.manager(server_id)
         body = self.json_body()
         rule = (rule_from_json(body, with_pinning=False, also=("kind", "value"))
                 if set(body) - {"kind", "value"} else None)
         grant = await self.dashboard.add_grant(
-            await self.actor(), server_id, str(body.get("kind", "")), str(body.get("value", "")), rule
+            actor, server_id, str(body.get("kind", "")), str(body.get("value", "")), rule
         )
         self.write_json(grant_dict(grant), 201)
 
@@ -138,8 +145,9 @@ class GrantsHandler(ApiHandler):
 class GrantHandler(ApiHandler):
     async def patch(self, server_id: str, kind: str, value: str) -> None:
         """The grant's tool rule: the members given replace that part (`clear` empties it first)."""
+        actor = await self.manager(server_id)
         changes = rule_from_json(self.json_body(), with_pinning=False)
-        grant = await self.dashboard.set_grant_rule(await self.actor(), server_id, kind, value, changes)
+        grant = await self.dashboard.set_grant_rule(actor, server_id, kind, value, changes)
         self.write_json(grant_dict(grant))
 
     async def delete(self, server_id: str, kind: str, value: str) -> None:
@@ -160,8 +168,9 @@ class ToolsHandler(ApiHandler):
 
     async def patch(self, server_id: str) -> None:
         """The server's default tool rule and pinning (members given replace that part)."""
+        actor = await self.manager(server_id)
         changes = rule_from_json(self.json_body(), with_pinning=True)
-        change = await self.dashboard.set_tool_rule(await self.actor(), server_id, changes)
+        change = await self.dashboard.set_tool_rule(actor, server_id, changes)
         self.write_json({"rule": {**rule_dict(change.rule), "pinned": change.pinned}, "warnings": change.warnings})
 
 
@@ -174,10 +183,11 @@ class ToolHistoryHandler(ApiHandler):
 class ApproveToolsHandler(ApiHandler):
     async def post(self, server_id: str) -> None:
         """{"tools": [NAME, ...]} approves those; no `tools`: every tool awaiting approval."""
+        actor = await self.manager(server_id)
         names = self.json_body().get("tools")
         if names is not None and not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
             raise BadRequest("tools must be a non-empty list of tool names (leave it out to approve every one)")
-        approved = await self.dashboard.approve_tools(await self.actor(), server_id, names)
+        approved = await self.dashboard.approve_tools(actor, server_id, names)
         self.write_json({"approved": [c.tool for c in approved]})
 
 

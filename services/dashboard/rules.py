@@ -114,6 +114,11 @@ class Dashboard:
         server, role = await self._server(actor, server_id)
         return await self._upstream_view(self._view(server, role))
 
+    async def check_manager(self, actor: Actor, server_id: str) -> None:
+        """NotFound / Forbidden unless the actor may change the server: asked before a request
+        body is judged, so its errors tell nothing to someone who may not."""
+        await self._managed(actor, server_id)
+
     async def manage(self, actor: Actor, server_id: str) -> ServerView:
         """The server, for someone who may change it (the edit and delete pages)."""
         server = await self._managed(actor, server_id)

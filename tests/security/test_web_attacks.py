@@ -445,6 +445,10 @@ def test_consent_shows_a_look_alike_redirect_host_as_punycode(gw):
 # ----------------------------------------------------------------- another owner's server
 
 
+# Dashboard GETs of form targets: they only send the browser to the server page.
+REDIRECT_ONLY_GETS = ("/test", "/grants", "/grants/tools", "/tools/rule", "/tools/approve")
+
+
 def test_another_owners_server_through_every_route(gw):
     """Bob (no role, not shared) and Carol (shared by e-mail: may use, not manage) against
     Ana's server, through every /api and /dashboard route of the table; and the answer for
@@ -478,12 +482,16 @@ def test_another_owners_server_through_every_route(gw):
         status = response.status_code
         if who == "carol" and real and method == "GET" and pattern in (r"/dashboard/servers/([^/]+)",
                                                                         r"/api/servers/([^/]+)",
+                                                                        r"/api/servers/([^/]+)/tools",
                                                                         r"/dashboard/servers/([^/]+)/test",
-                                                                        r"/dashboard/servers/([^/]+)/grants"):
+                                                                        r"/dashboard/servers/([^/]+)/grants",
+                                                                        r"/dashboard/servers/([^/]+)/grants/tools",
+                                                                        r"/dashboard/servers/([^/]+)/tools/rule",
+                                                                        r"/dashboard/servers/([^/]+)/tools/approve"):
             assert status in (200, 302), (who, method, pattern, status)  # she may see what she may use
             assert "upstream" not in response.text.lower() or "mcp.example" not in response.text
             continue
-        if method == "GET" and pattern.endswith(("/test", "/grants")) and pattern.startswith("/dashboard/"):
+        if method == "GET" and pattern.endswith(REDIRECT_ONLY_GETS) and pattern.startswith("/dashboard/"):
             # These GETs only send the browser to the server page, which answers for itself.
             assert status == 302 and response.headers["location"].startswith("/dashboard/servers/"), status
             continue
