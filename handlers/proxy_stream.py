@@ -65,6 +65,8 @@ class SseRelay:
         self.set_header("Cache-Control", "no-cache, no-transform")
         self.set_header("X-Accel-Buffering", "no")
         metrics = self.services.metrics
+        if message is None and self.request.headers.get("Last-Event-ID"):
+            self._r.tools = await self.services.gate.resumed_tools(call)
         draining = self.services.draining
         keepalive = self.config.sse_keepalive
         loop = asyncio.get_running_loop()
@@ -168,7 +170,7 @@ class SseRelay:
                     return True, "-32603", True
                 if filtered is not None:
                     raw, data = _event(event, filtered), filtered
-                    if not self._r.tools.pending:
+                    if self._r.tools.pending == []:  # None: a resumed stream, filtered to its end
                         self._r.tools = None
             self.write(raw)
             self._r.bytes_out += len(raw)

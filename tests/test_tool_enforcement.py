@@ -176,6 +176,17 @@ def test_sse_listing_is_filtered_and_other_events_pass(rig):
     assert names(via_sdk) == READ_ONLY
 
 
+def test_a_resumed_stream_replaying_a_tools_list_answer_is_filtered(rig):
+    gw, _, tokens = rig
+    response = httpx.get(f"{gw.url}/mcp/{SRV}", trust_env=False, timeout=30, headers={
+        "Authorization": f"Bearer {tokens['bob']}", "Accept": "text/event-stream",
+        "MCP-Protocol-Version": LEGACY, "Last-Event-ID": "e1"})
+    assert response.status_code == 200, response.text
+    note, answer = sse_messages(response.text)
+    assert note["method"] == "notifications/message"
+    assert answer["id"] == "r1" and {t["name"] for t in answer["result"]["tools"]} == READ_ONLY
+
+
 def test_malformed_listing_is_an_error_never_the_list(rig):
     gw, upstream, tokens = rig
     upstream.list_mode("malformed")

@@ -75,11 +75,12 @@ class ToolRefused(Refused):
 
 class ToolContext:
     """What filtering a tools/list answer needs: the caller's principal and the server's
-    records, and the tools/list request ids still to answer (id -> the request had a cursor)."""
+    records, and the tools/list request ids still to answer (id -> the request had a cursor);
+    `pending` None on a resumed stream: every response listing tools is taken for one."""
 
     __slots__ = ("principal", "server", "grants", "pending")
 
-    def __init__(self, principal: Principal, server: Server, grants, pending: list[tuple[object, bool]]):
+    def __init__(self, principal: Principal, server: Server, grants, pending: list[tuple[object, bool]] | None):
         self.principal = principal
         self.server = server
         self.grants = grants
@@ -90,6 +91,9 @@ class ToolContext:
         None when it does not, else whether that request had a cursor."""
         if not isinstance(message, dict) or "method" in message or "id" not in message:
             return None
+        if self.pending is None:  # not known to be complete: nothing is seen to disappear
+            result = message.get("result")
+            return True if isinstance(result, dict) and "tools" in result else None
         found = message["id"]
         for index, (request_id, had_cursor) in enumerate(self.pending):
             if type(found) is type(request_id) and found == request_id:
@@ -290,6 +294,11 @@ class ProxyGate:
         if not pending:
             return None
         return ToolContext(*(rules or await self.tool_rules(call)), pending)
+
+    async def resumed_tools(self, call: Call) -> ToolContext:
+        """A GET resuming a stream (Last-Event-ID) may replay a tools/list answer the client
+        never got: every response listing tools in it is filtered."""
+        return ToolContext(*await self.tool_rules(call), None)
 
     async def filter_tools_answer(self, tools, context: ToolContext, data: bytes | str, *,
                                   must_answer: bool) -> bytes | None:

@@ -56,7 +56,7 @@ class ProxyRig:
     token: str
     http: httpx.Client = field(repr=False)
 
-    def call(self, server_id: str, request_id: int, method: str = "tools/list") -> httpx.Response:
+    def call(self, server_id: str, request_id: int, method: str = "resources/list") -> httpx.Response:
         return self.http.post(f"/mcp/{server_id}", content=json.dumps(rpc(method, request_id)), headers={
             "Accept": ACCEPT, "Content-Type": "application/json", "MCP-Protocol-Version": LEGACY,
             "Authorization": f"Bearer {self.token}"})
@@ -132,7 +132,7 @@ def test_upstream_hanging_is_a_504_while_others_are_served_and_it_recovers(proxy
 
     def hanging_call() -> None:
         with httpx.Client(base_url=proxy.gw.url, trust_env=False, timeout=30) as http:
-            outcome["response"] = http.post(f"/mcp/{FLAKY}", content=json.dumps(rpc("tools/list", 30)), headers={
+            outcome["response"] = http.post(f"/mcp/{FLAKY}", content=json.dumps(rpc("resources/list", 30)), headers={
                 "Accept": ACCEPT, "Content-Type": "application/json", "MCP-Protocol-Version": LEGACY,
                 "Authorization": f"Bearer {proxy.token}"})
 

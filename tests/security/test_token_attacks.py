@@ -540,8 +540,8 @@ def test_the_stream_and_session_end_need_mcp_connect_too(rig):
 
 @pytest.mark.parametrize("scope", ["mcp:connect", "mcp:invoke", "offline_access mcp:invoke"])
 def test_connect_or_invoke_is_enough_to_connect(rig, scope):
-    """mcp:invoke implies mcp:connect: a client that may call tools may list them."""
-    accepted(rig, rig.sign(rig.claims(scope=scope)), rpc("tools/list", 2))
+    """mcp:invoke implies mcp:connect: a client that may call tools may list resources."""
+    accepted(rig, rig.sign(rig.claims(scope=scope)), rpc("resources/list", 2))
 
 
 def test_an_invoke_only_token_can_call(rig):

@@ -7,7 +7,8 @@ Control: POST /control/describe {"tool": NAME, "description": TEXT}; POST /contr
 {"names": [NAME, ...]} adds read-only tools (a long catalog); GET /control/calls counts the
 tools/call requests that reached it, by tool; POST /control/list {"mode": M} answers tools/list
 as M says: "paginate" (two pages), "sse" (an SSE stream, a notification first), "malformed"
-(a tool without a name), "" (the server's own answer)."""
+(a tool without a name), "" (the server's own answer). A GET with Last-Event-ID replays a
+tools/list answer (id "r1", every tool) as a resumed SSE stream would."""
 
 from __future__ import annotations
 
@@ -99,6 +100,9 @@ class Recorder:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == "/mcp" and \
+                any(name == b"last-event-id" for name, _ in scope["headers"]):
+            return await self.scripted({"id": "r1"}, send, "sse")
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/mcp":
             return await self.app(scope, receive, send)
         body, more = b"", True
@@ -126,8 +130,8 @@ class Recorder:
 
         await self.app(scope, replay, send)
 
-    async def scripted(self, message: dict, send) -> None:
-        mode = LIST_MODE["mode"]
+    async def scripted(self, message: dict, send, mode: str = "") -> None:
+        mode = mode or LIST_MODE["mode"]
         tools = [tool.model_dump(mode="json", by_alias=True, exclude_none=True) for tool in await server.list_tools()]
         cursor = (message.get("params") or {}).get("cursor")
         result: dict = {"tools": tools}
