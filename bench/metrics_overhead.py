@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import minimal_upstream  # noqa: E402
-from bench.proxy import Connection, bearer_token  # noqa: E402
+from bench.proxy import Connection, bearer_token, throughput  # noqa: E402
 from tests.support import gateway as gateway_support  # noqa: E402
 from tests.support.gateway import GatewayProcess  # noqa: E402
 
@@ -148,24 +148,6 @@ def cost_per_operation(multiprocess: bool) -> dict[str, float]:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
-
-
-async def throughput(port: int, path: str, token: str, seconds: float) -> tuple[float, int]:
-    """(requests per second, requests done) with 32 concurrent keep-alive clients."""
-    done = 0
-    deadline = time.perf_counter() + seconds
-
-    async def client():
-        nonlocal done
-        connection = Connection(port, path, token)
-        while time.perf_counter() < deadline:
-            await connection.post()
-            done += 1
-        connection.close()
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(32)))
-    return done / (time.perf_counter() - start), done
 
 
 def cpu_seconds(pid: int) -> float:

@@ -98,8 +98,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def throughput(port: int, path: str, token: str | None, seconds: float) -> tuple[float, int]:
-    """(requests per second, requests done) with 32 concurrent keep-alive clients."""
+async def throughput(port: int, path: str, token: str | None, seconds: float,
+                     clients: int = 32) -> tuple[float, int]:
+    """(requests per second, requests done) with `clients` concurrent keep-alive clients."""
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -112,7 +113,7 @@ async def throughput(port: int, path: str, token: str | None, seconds: float) ->
         connection.close()
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(32)))
+    await asyncio.gather(*(worker() for _ in range(clients)))
     return done / (time.perf_counter() - start), done
 
 

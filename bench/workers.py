@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import minimal_upstream  # noqa: E402
-from bench.proxy import Connection, bearer_token  # noqa: E402
+from bench.proxy import bearer_token, throughput  # noqa: E402
 from tests.support.gateway import GatewayProcess  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -77,19 +77,7 @@ class Setup:
 
 
 async def load(port: int, path: str, token: str, clients: int, seconds: float) -> int:
-    done = 0
-    deadline = time.perf_counter() + seconds
-
-    async def client():
-        nonlocal done
-        connection = Connection(port, path, token)
-        while time.perf_counter() < deadline:
-            await connection.post()
-            done += 1
-        connection.close()
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return done
+    return (await throughput(port, path, token, seconds, clients))[1]
 
 
 async def measure(setup: Setup, path: str, token: str, args) -> dict:
