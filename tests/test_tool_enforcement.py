@@ -136,10 +136,12 @@ def test_a_batch_holding_a_refused_call_is_refused_whole(rig):
     gw, upstream, tokens = rig
     before = upstream.calls()
     batch = [rpc("tools/call", 1, name="read_doc", arguments={"path": "x"}),
-             rpc("tools/call", 2, name="write_doc", arguments={"path": "x", "text": "y"})]
+             rpc("tools/call", 2, name="write_doc", arguments={"path": "x", "text": "y"}),
+             rpc("notifications/progress", None, progressToken="t", progress=1)]
     response = post(gw, tokens["bob"], batch, version="2025-03-26")
     assert response.status_code == 200, response.text
     errors = {item["id"]: item["error"] for item in response.json()}
+    assert set(errors) == {1, 2}  # one answer per request, none for the notification
     assert errors[2] == {"code": -32602, "message": "tool not available"}
     assert errors[1]["code"] == -32602
     assert upstream.calls() == before

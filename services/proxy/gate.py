@@ -288,9 +288,10 @@ class ProxyGate:
         if denied:
             self._metrics.inc("policy_denials_total", len(denied), reason="tool")
             refused = {id(member) for member, _ in denied}
-            errors = [_tool_error(member, id(member) in refused) for member in members if member.id is not None]
-            raise ToolRefused(errors if message.kind == "batch" else errors[0] if errors
-                              else _tool_error(message, True), denied)
+            # One error per request (notifications and responses get no answer).
+            errors = [_tool_error(member, id(member) in refused) for member in members if member.kind == "request"]
+            body = (errors if message.kind == "batch" else errors[0]) if errors else _tool_error(message, True)
+            raise ToolRefused(body, denied)
         if not pending:
             return None
         return ToolContext(*(rules or await self.tool_rules(call)), pending)
