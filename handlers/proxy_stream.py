@@ -192,13 +192,13 @@ class SseRelay:
             while chunk := await response.read_chunk():
                 data += chunk
                 if len(data) > MAX_LIST_BYTES:
-                    self.services.metrics.inc("upstream_errors_total", kind="too_large")
                     raise ToolListError(f"the tools/list answer is larger than {MAX_LIST_BYTES // 2**20} MiB")
             body = await self.services.gate.filter_tools_answer(self.services.tools, self._r.tools, bytes(data),
                                                                  must_answer=True)
         except (ToolListError, UpstreamStreamError) as exc:
-            self.services.metrics.inc("upstream_errors_total",
-                                      kind="broken_body" if isinstance(exc, UpstreamStreamError) else "protocol")
+            kind = "broken_body" if isinstance(exc, UpstreamStreamError) else \
+                "too_large" if len(data) > MAX_LIST_BYTES else "protocol"
+            self.services.metrics.inc("upstream_errors_total", kind=kind)
             log.warning("upstream tools/list answer refused: %s", exc)
             session = self._headers.get("Mcp-Session-Id")
             self.clear()

@@ -204,9 +204,10 @@ def test_a_resumed_stream_replaying_a_tools_list_answer_is_filtered(rig):
     assert answer["id"] == "r1" and {t["name"] for t in answer["result"]["tools"]} == READ_ONLY
 
 
-def test_malformed_listing_is_an_error_never_the_list(rig):
+@pytest.mark.parametrize("mode", ["malformed", "huge"])
+def test_malformed_or_huge_listing_is_an_error_never_the_list(rig, mode):
     gw, upstream, tokens = rig
-    upstream.list_mode("malformed")
+    upstream.list_mode(mode)
     try:
         answers = {who: post(gw, tokens[who], rpc("tools/list", 7)) for who in ("bob", "ana")}
     finally:

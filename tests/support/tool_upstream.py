@@ -7,7 +7,7 @@ Control: POST /control/describe {"tool": NAME, "description": TEXT}; POST /contr
 {"names": [NAME, ...]} adds read-only tools (a long catalog); GET /control/calls counts the
 tools/call requests that reached it, by tool; POST /control/list {"mode": M} answers tools/list
 as M says: "paginate" (two pages), "sse" (an SSE stream, a notification first), "malformed"
-(a tool without a name), "" (the server's own answer). A GET with Last-Event-ID replays a
+(a tool without a name), "huge" (9 MiB), "" (the server's own answer). A GET with Last-Event-ID replays a
 tools/list answer (id "r1", every tool) as a resumed SSE stream would."""
 
 from __future__ import annotations
@@ -140,6 +140,8 @@ class Recorder:
                 {"tools": tools[:2], "nextCursor": "page2"}
         elif mode == "malformed":
             result = {"tools": [*tools, {"description": "a tool without a name"}]}
+        elif mode == "huge":  # past the gateway's 8 MiB bound for one answer
+            result = {"tools": [*tools, {"name": "huge", "description": "x" * (9 * 1024 * 1024)}]}
         answer = json.dumps({"jsonrpc": "2.0", "id": message.get("id"), "result": result}).encode()
         if mode == "sse":
             note = json.dumps({"jsonrpc": "2.0", "method": "notifications/message",
