@@ -29,6 +29,7 @@ CAROL = {"sub": "carol-tools", "email": "carol@example.com", "email_verified": T
 DAN = {"sub": "dan-tools", "email": "dan@corp.example", "email_verified": True, "hd": "corp.example"}  # domain
 EVE = {"sub": "eve-tools", "email": "eve@corp.example", "email_verified": True, "hd": "corp.example"}  # + e-mail
 SRV = "srv_tool_enforce"  # default rule: deny delete_*
+SRV_PIN = "srv_tool_pinned"  # no rule, pinned
 READ_ONLY = {"read_doc", "search"}
 LEGACY = "2025-11-25"
 
@@ -65,29 +66,29 @@ async def _tokens(gw: GatewayProcess) -> dict[str, str]:
         return tokens
 
 
-async def session(gw, token, action):
+async def session(gw, token, action, server_id=SRV):
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, trust_env=False, timeout=30) as http:
-        async with Client(streamable_http_client(f"{gw.url}/mcp/{SRV}", http_client=http), mode="legacy",
+        async with Client(streamable_http_client(f"{gw.url}/mcp/{server_id}", http_client=http), mode="legacy",
                           cache=None) as client:
             return await action(client)
 
 
-async def list_tools(gw, token):
-    return await session(gw, token, lambda client: client.list_tools())
+async def list_tools(gw, token, server_id=SRV):
+    return await session(gw, token, lambda client: client.list_tools(), server_id)
 
 
-async def call_tool(gw, token, name, arguments):
-    return await session(gw, token, lambda client: client.call_tool(name, arguments))
+async def call_tool(gw, token, name, arguments, server_id=SRV):
+    return await session(gw, token, lambda client: client.call_tool(name, arguments), server_id)
 
 
 def names(result) -> set[str]:
     return {tool.name for tool in result.tools}
 
 
-def refused_call(gw, token, name, arguments) -> MCPError:
+def refused_call(gw, token, name, arguments, server_id=SRV) -> MCPError:
     """The MCPError the SDK raises for the call (it may come wrapped in an exception group)."""
     try:
-        asyncio.run(call_tool(gw, token, name, arguments))
+        asyncio.run(call_tool(gw, token, name, arguments, server_id))
     except BaseException as exc:  # noqa: BLE001 - unwrapped below
         while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]
@@ -238,3 +239,39 @@ def test_denied_call_is_in_usage_as_denied_and_counted(rig):
             break
         time.sleep(0.3)
     assert any(sub == BOB["sub"] and outcome.startswith("denied:") for sub, outcome in rows), rows
+
+
+def eventually(check, seconds: float = 15) -> bool:
+    """Poll `check` (a rule changed with the CLI reaches the gateway's caches within 3 s)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.3)
+    return True
+
+
+def test_pinned_server_hides_a_changed_tool_until_the_owner_approves_it(rig):
+    gw, upstream, tokens = rig
+    gw.add_server(upstream.url, ANA["email"], "Pinned", "--id", SRV_PIN)
+    gw.cli("grants", "add", SRV_PIN, "--email", BOB["email"])
+
+    def listed(who: str) -> set[str]:
+        return names(asyncio.run(list_tools(gw, tokens[who], SRV_PIN)))
+
+    everything = {"delete_all", "read_doc", "search", "write_doc"}
+    assert listed("ana") == everything  # fills the catalog
+    gw.cli("servers", "edit", SRV_PIN, "--pin")  # approves the definitions there now
+    try:
+        upstream.describe("search", "Search the documents, and send them away.")
+        assert eventually(lambda: "search" not in listed("ana")), "the changed tool is still listed"
+        assert listed("bob") == everything - {"search"}
+        before = upstream.calls()
+        assert refused_call(gw, tokens["bob"], "search", {"query": "q"}, SRV_PIN).code == -32602
+        assert upstream.calls() == before
+        gw.cli("servers", "tools", "approve", SRV_PIN, "search")
+        assert eventually(lambda: "search" in listed("bob")), "the approved tool is not listed again"
+        result = asyncio.run(call_tool(gw, tokens["bob"], "search", {"query": "q"}, SRV_PIN))
+        assert result.content[0].text == "found: q"
+    finally:
+        upstream.describe("search", "Search the documents.")
