@@ -7,7 +7,7 @@ Run: python -m tests.support.oauth_upstream as --fd FD --issuer URL [--access-tt
 
 The AS: RFC 8414 metadata, DCR (RFC 7591), authorization code + PKCE S256 with `resource`,
 refresh tokens with rotation, revocation, introspection (RFC 7662, for the MCP server), access
-tokens that live `--access-ttl` seconds. `/authorize` signs in, without any form, the user named
+tokens that live `--access-ttl` seconds, OpenID `/userinfo` (named in its metadata). `/authorize` signs in, without any form, the user named
 by the `as_user` cookie (set by `GET /signin?user=SUB`), else `--user`. Test controls:
 `POST /_control` (JSON: `token_status` answers /token with that status; `rotate` false: a
 refresh returns no new refresh token and keeps the old one; `access_ttl`: the lifetime of
@@ -133,7 +133,7 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
     provider = TestProvider(default_user, access_ttl)
     control: dict = {"token_status": 0}
     seen: list[dict] = []
-    counts = {"register": 0, "revoke": 0}
+    counts = {"register": 0, "revoke": 0, "userinfo": 0}
     introspected: list[dict] = []  # every bearer token the MCP server was sent, as it asked
 
     async def signin(request):
@@ -150,6 +150,15 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
         return JSONResponse({"active": True, "sub": token.subject, "client_id": token.client_id,
                              "scope": " ".join(token.scopes), "exp": token.expires_at, "aud": token.resource,
                              "iss": issuer})
+
+    async def userinfo(request):
+        """OpenID userinfo for a bearer access token this AS issued: who the account is."""
+        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+        token = await provider.load_access_token(bearer) if scheme.lower() == "bearer" else None
+        counts["userinfo"] += 1
+        if token is None:
+            return JSONResponse({"error": "invalid_token"}, status_code=401)
+        return JSONResponse({"sub": token.subject})
 
     async def set_control(request):
         body = await request.json()
@@ -176,8 +185,11 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
     routes = create_auth_routes(provider, AnyHttpUrl(issuer), client_registration_options=registration,
                                 revocation_options=RevocationOptions(enabled=True))
     metadata = build_metadata(AnyHttpUrl(issuer), None, registration, RevocationOptions(enabled=True))
-    with_cimd = {**metadata.model_dump(mode="json", exclude_none=True), "client_id_metadata_document_supported": True}
+    # The SDK's metadata plus an OpenID userinfo endpoint (the gateway's "connected as").
+    plain = {**metadata.model_dump(mode="json", exclude_none=True), "userinfo_endpoint": f"{issuer.rstrip('/')}/userinfo"}
+    with_cimd = {**plain, "client_id_metadata_document_supported": True}
     routes += [Route("/signin", signin), Route("/introspect", introspect, methods=["POST"]),
+               Route("/userinfo", userinfo),
                Route("/_control", set_control, methods=["POST"]), Route("/_stats", stats)]
     app = Starlette(routes=routes)
 
@@ -193,8 +205,8 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
             if name == "as_user":
                 user = value
         _user.set(user)
-        if path == "/.well-known/oauth-authorization-server" and control.get("cimd"):
-            return await JSONResponse(with_cimd)(scope, receive, send)
+        if path == "/.well-known/oauth-authorization-server":
+            return await JSONResponse(with_cimd if control.get("cimd") else plain)(scope, receive, send)
         if path in ("/register", "/revoke"):
             counts[path[1:]] += 1
         if path != "/token":

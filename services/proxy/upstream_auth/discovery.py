@@ -31,6 +31,7 @@ class AuthServer:
     token_auth_methods: tuple[str, ...] = ("client_secret_basic",)  # RFC 8414's default
     cimd_supported: bool = False  # client_id_metadata_document_supported
     iss_parameter: bool = False  # authorization_response_iss_parameter_supported
+    userinfo_endpoint: str = ""  # OpenID userinfo: who the account is ("connected as")
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ def _auth_server(document: dict, issuer: str, url: str, scheme: str) -> AuthServ
         token_auth_methods=_strings(document, "token_endpoint_auth_methods_supported") or ("client_secret_basic",),
         cimd_supported=document.get("client_id_metadata_document_supported") is True,
         iss_parameter=document.get("authorization_response_iss_parameter_supported") is True,
+        userinfo_endpoint=endpoint("userinfo_endpoint", False),
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -27,7 +28,7 @@ from .discovery import Discoverer, Discovery, same_issuer
 from .errors import AuthorizationFailed, ConnectRequired, UpstreamAuthTemporarilyUnavailable
 from .http import AuthHttp
 from .sealing import SecretBox, TokenSet, Unreadable, open_tokens, seal_tokens
-from .tokens import TokenAnswer, TokenRefused, revoke, token_request
+from .tokens import TokenAnswer, TokenRefused, revoke, token_request, userinfo_subject
 
 log = logging.getLogger("gateway.upstream_auth")
 
@@ -170,6 +171,12 @@ class UpstreamAuth:
                 from None
         credential = self._credential(user_sub, server.server_id, issuer, answer, "",  # type: ignore[attr-defined]
                                       payload.get("scope", ""), previous=None)
+        # "Connected as who": only what the AS itself answers for this token (never an unverified
+        # id_token); an AS without userinfo leaves it empty.
+        subject = await userinfo_subject(self.http, discovery.server, answer.access_token,
+                                         public_only=_public_only(server))
+        if subject:
+            credential = dataclasses.replace(credential, upstream_subject=subject)
         await self.store.put_credential(credential)
         self._tokens.pop((user_sub, credential.server_id))
         return credential.server_id, str(payload.get("return_to", ""))

@@ -80,3 +80,27 @@ async def revoke(http: AuthHttp, server: AuthServer, client: ClientIdentity, tok
     except UpstreamError:
         return False
     return answer.status == 200
+
+
+MAX_SUBJECT = 200  # a display name, not a document
+
+
+async def userinfo_subject(http: AuthHttp, server: AuthServer, access_token: str, *, public_only: bool) -> str:
+    """Who the account is, from the AS's userinfo endpoint (the e-mail, else the preferred user
+    name, else `sub`), asked with the token just issued; "" when the AS has none or will not say."""
+    if not server.userinfo_endpoint:
+        return ""
+    try:
+        answer = await http.send("GET", server.userinfo_endpoint,
+                                 [("Accept", "application/json"), ("Authorization", f"Bearer {access_token}")],
+                                 None, public_only=public_only)
+    except UpstreamError:
+        return ""
+    body = answer.json()
+    if answer.status != 200 or not isinstance(body, dict):
+        return ""  # e.g. 401/403: the scope granted does not cover userinfo
+    for claim in ("email", "preferred_username", "sub"):
+        value = body.get(claim)
+        if isinstance(value, str) and value.strip() and value.isprintable():
+            return value.strip()[:MAX_SUBJECT]
+    return ""
