@@ -54,6 +54,8 @@ class AccountRelay:
         """Answered without reaching the upstream: never a 401 (the client would re-run the
         gateway's own authorization), but the connect link or a temporary error."""
         answer = connect_required.answer_for(message, exc, self._r.era)
+        if isinstance(exc, ConnectRequired):
+            self.services.metrics.inc("connect_required_total")
         if answer.retry_after:
             self.set_header("Retry-After", str(answer.retry_after))
         self.set_status(answer.status)

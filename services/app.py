@@ -184,7 +184,7 @@ def build_services(config: Config, storage: Storage | None = None, *,
         )
     tokens = TokenService(storage, keyring, box, access, config, metrics=metrics, now=now)
     clients = ClientRegistry(storage, fetch_document, now=now, clock=clock)
-    upstream_auth = UpstreamAuth(storage, box, policy, config.public_url, now=now, clock=clock)
+    upstream_auth = UpstreamAuth(storage, box, policy, config.public_url, now=now, clock=clock, metrics=metrics)
     servers = ServerRegistry(storage, box, access, policy, now=now, upstream_auth=upstream_auth,
                              public_url=config.public_url)
     upstream = UpstreamClient(policy, header_timeout=config.upstream_timeout)

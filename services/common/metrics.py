@@ -157,6 +157,12 @@ CATALOGUE: dict[str, Spec] = {
     "accept_paused_total": Spec(
         "counter", "Times accepting was paused because the process ran out of descriptors.", {}),
     "workers_restarted_total": Spec("counter", "Worker processes restarted by the supervisor.", {}),
+    "upstream_token_refreshes_total": Spec(
+        "counter", "Refreshes of users' upstream tokens (connected accounts) at the upstream's token "
+        "endpoint, by outcome (rejected: the user must reconnect; unavailable: kept, try later).",
+        {"outcome": _set("ok", "rejected", "unavailable")}),
+    "connect_required_total": Spec(
+        "counter", "Proxied requests answered with the connect link (no usable upstream account).", {}),
 }
 
 _STATUS_RE = re.compile(r"^[1-5][0-9][0-9]$")

@@ -19,6 +19,7 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from services.common.cache import TtlCache
 from services.common.logs import security_event
+from services.common.metrics import Metrics
 from services.proxy.upstream.policy import AddressPolicy
 from storage.base import Pending, Storage
 from storage.upstream_auth import UpstreamCredential
@@ -54,8 +55,10 @@ class UpstreamAuth:
 
     def __init__(self, storage: Storage, box: SecretBox, policy: AddressPolicy, public_url: str, *,
                  now: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, http: AuthHttp | None = None) -> None:
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, http: AuthHttp | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.store = storage.upstream_auth
+        self.metrics = metrics
         self.pending = storage
         self.box = box
         self.now, self.clock, self.sleep = now, clock, sleep
@@ -277,7 +280,11 @@ class UpstreamAuth:
             form["resource"] = discovery.resource
         try:
             answer = await token_request(self.http, discovery.server, client, form, public_only=_public_only(server))
+        except UpstreamAuthTemporarilyUnavailable:
+            self._count_refresh("unavailable")
+            raise
         except TokenRefused as exc:
+            self._count_refresh("rejected")
             # The grant is gone (revoked, expired, rotated elsewhere): the user reconnects.
             await self.store.delete_credential(user_sub, server_id)
             self._tokens.pop((user_sub, server_id))
@@ -287,12 +294,17 @@ class UpstreamAuth:
                      extra={"user_sub": user_sub, "server_id": server_id})
             raise ConnectRequired("the upstream no longer accepts your sign-in; connect again",
                                   self.connect_url(server_id)) from None
+        self._count_refresh("ok")
         fresh = self._credential(user_sub, server_id, current.issuer, answer, tokens.refresh_token, current.scope,
                                  previous=current)
         if not await self.store.put_credential(fresh, if_updated_at=current.updated_at):
             raise ConnectRequired("your account was disconnected", self.connect_url(server_id))
         self._remember(fresh, TokenSet(answer.access_token))
         return answer.access_token
+
+    def _count_refresh(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.inc("upstream_token_refreshes_total", outcome=outcome)
 
     def _credential(self, user_sub: str, server_id: str, issuer: str, answer: TokenAnswer, old_refresh: str,
                     scope: str, previous: UpstreamCredential | None) -> UpstreamCredential:
