@@ -30,6 +30,7 @@ TOP_TOOLS = 10
 CHART_WIDTH = 720
 CHART_HEIGHT = 160
 NO_TARGET = "(no tool: initialize, lists, ping …)"
+DENIED = "denied:"  # the outcome prefix of a tools/call the tool policy refused
 
 
 def parse_range(value: str | None) -> int:
@@ -189,6 +190,9 @@ def recent_dict(event: UsageEvent) -> dict:
         "method": event.method,
         "tool": event.target,
         "outcome": event.outcome,
+        # A tools/call the tool policy refused (outcome denied:REASON) never reached the
+        # upstream: its reason apart, so it is not read as an upstream error.
+        "denied": event.outcome[len(DENIED):] if event.outcome.startswith(DENIED) else None,
         "latency_ms": round(event.latency_ms, 2),
         "era": event.era,
     }
