@@ -125,11 +125,26 @@ async def filtering(repeat: int, tmp: Path) -> None:
             await filtered()
             samples["filtered"].append((time.perf_counter() - start) * 1000)
         p_plain, p_filtered = (statistics.median(samples[k]) for k in ("plain", "filtered"))
+        await decisions(service, server, grants, caller)
         print(f"\n  500-tool tools/list ({len(data) / 1024:.0f} KiB, {kept} tools kept by read-only): "
               f"json.loads+dumps {p_plain:.2f} ms, parse+record+filter+write {p_filtered:.2f} ms, "
               f"ratio {p_filtered / p_plain:.2f}x, +{p_filtered - p_plain:.2f} ms (medians of {repeat})")
     finally:
         await store.close()
+
+
+async def decisions(service: ToolService, server, grants, caller: Principal, count: int = 20000) -> None:
+    """The check itself, warm, as the proxy makes it per tools/call: a ruled caller (read-only
+    grant: the catalog view is read from the cache) vs the owner (no rule: nothing read)."""
+    owner = Principal("u-owner", email=OWNER)
+    figures = {}
+    for label, who in (("owner, no rule", owner), ("read-only grant", caller)):
+        assert (await service.decide_call(who, server, grants, "tool_000")).allowed
+        start = time.perf_counter()
+        for _ in range(count):
+            await service.decide_call(who, server, grants, "tool_000")
+        figures[label] = (time.perf_counter() - start) / count * 1e6
+    print("  decide_call in-process, warm: " + ", ".join(f"{k} {v:.2f} us" for k, v in figures.items()))
 
 
 async def _server(store) -> str:
