@@ -1,6 +1,7 @@
 // The official TypeScript MCP SDK as a client of the gateway, OAuth included.
 //
 //   node tests/interop/ts_client.mjs MCP_URL
+//   node tests/interop/ts_client.mjs MCP_URL tools TOOL [ARGUMENTS_JSON]
 //
 // The SDK's own auth code does discovery, registration, PKCE, the code exchange and the
 // reactive refresh; this script only supplies an in-memory OAuthClientProvider. Protocol on
@@ -11,7 +12,14 @@
 //   {"tools": [...]}, {"echo": ...}, {"count": ..., "progress": [...]}, {"fail": {...}},
 //   {"resource": ...}, {"prompt": ...}, {"refreshed": true, ...}, then {"done": true}
 //   {"error": MESSAGE}      anything failed (exit status 1)
-// Driven by tests/test_interop_typescript.py.
+// The "tools" mode (tool policy, issue 10), after the same authorization: {"tools": [...]},
+// then a call of TOOL: {"called": TEXT} or, when the gateway answers with a JSON-RPC
+// error, {"refused": {"code": N, "message": M}}; then {"done": true}.
+// The "bearer" mode (connected accounts, issue 11): `node ts_client.mjs MCP_URL bearer TOKEN TOOL`
+// uses a gateway access token obtained elsewhere (no OAuth here): {"tools": [...]}, then a call
+// of TOOL: {"called": TEXT, "isError": BOOL}, or {"refused": {"code": N, "message": M}} when the
+// gateway answers with a JSON-RPC error; then {"done": true}.
+// Driven by tests/test_interop_typescript.py (and tests/test_upstream_auth_typescript.py).
 
 import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
@@ -19,6 +27,7 @@ import { createInterface } from 'node:readline';
 import { UnauthorizedError } from '@modelcontextprotocol/sdk/client/auth.js';
 import { Client } from '@modelcontextprotocol/sdk/client/index.js';
 import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/streamableHttp.js';
+import { McpError } from '@modelcontextprotocol/sdk/types.js';
 
 const REDIRECT_URI = 'http://127.0.0.1:53683/callback';
 
@@ -119,10 +128,46 @@ function textOf(content) {
     return content.filter((part) => part.type === 'text').map((part) => part.text).join('');
 }
 
+/** The tool policy as this SDK sees it: what is listed, and whether a call is refused. */
+async function toolsMode(client, name, args) {
+    if (!name) throw new Error('usage: node ts_client.mjs MCP_URL tools TOOL [ARGUMENTS_JSON]');
+    const listed = await client.listTools();
+    emit({ tools: listed.tools.map((tool) => tool.name) });
+    try {
+        const result = await client.callTool({ name, arguments: args });
+        emit({ called: textOf(result.content), isError: result.isError === true });
+    } catch (error) {
+        if (!(error instanceof McpError)) throw error;
+        emit({ refused: { code: error.code, message: error.message } });
+    }
+}
+
+/** With a gateway access token given on the command line: list the tools, call one. */
+async function bearerMode(serverUrl, token, name) {
+    if (!token || !name) throw new Error('usage: node ts_client.mjs MCP_URL bearer TOKEN TOOL');
+    const transport = new StreamableHTTPClientTransport(serverUrl, {
+        requestInit: { headers: { Authorization: `Bearer ${token}` } },
+    });
+    const client = newClient();
+    try {
+        await client.connect(transport);
+        const listed = await client.listTools();
+        emit({ tools: listed.tools.map((tool) => tool.name) });
+        const result = await client.callTool({ name, arguments: {} });
+        emit({ called: textOf(result.content), isError: result.isError === true });
+    } catch (error) {
+        if (!(error instanceof McpError)) throw error; // e.g. no connected account: the link
+        emit({ refused: { code: error.code, message: error.message } });
+    }
+    await client.close();
+    emit({ done: true });
+}
+
 async function main() {
     const url = process.argv[2];
     if (!url) throw new Error('usage: node ts_client.mjs MCP_URL');
     const serverUrl = new URL(url);
+    if (process.argv[3] === 'bearer') return bearerMode(serverUrl, process.argv[4], process.argv[5]);
     const provider = new InMemoryOAuthProvider();
 
     // First attempt: 401, discovery, registration, then redirectToAuthorization.
@@ -153,6 +198,13 @@ async function main() {
     const transport = new StreamableHTTPClientTransport(serverUrl, { authProvider: provider });
     const client = newClient();
     await client.connect(transport);
+
+    if (process.argv[3] === 'tools') {
+        await toolsMode(client, process.argv[4], JSON.parse(process.argv[5] ?? '{}'));
+        await client.close();
+        emit({ done: true });
+        return;
+    }
 
     const tools = await client.listTools();
     emit({ tools: tools.tools.map((tool) => tool.name) });
