@@ -7,7 +7,8 @@ Run: python -m tests.support.oauth_upstream as --fd FD --issuer URL [--access-tt
 
 The AS: RFC 8414 metadata, DCR (RFC 7591), authorization code + PKCE S256 with `resource`,
 refresh tokens with rotation, revocation, introspection (RFC 7662, for the MCP server), access
-tokens that live `--access-ttl` seconds, OpenID `/userinfo` (named in its metadata). `/authorize` signs in, without any form, the user named
+tokens that live `--access-ttl` seconds, OpenID `/userinfo` (named in its metadata;
+`userinfo_status` in `/_control` makes it answer that status instead). `/authorize` signs in, without any form, the user named
 by the `as_user` cookie (set by `GET /signin?user=SUB`), else `--user`. Test controls:
 `POST /_control` (JSON: `token_status` answers /token with that status; `rotate` false: a
 refresh returns no new refresh token and keeps the old one; `access_ttl`: the lifetime of
@@ -156,6 +157,8 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
         scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
         token = await provider.load_access_token(bearer) if scheme.lower() == "bearer" else None
         counts["userinfo"] += 1
+        if control.get("userinfo_status"):  # e.g. 403: the scope granted does not cover userinfo
+            return JSONResponse({"error": "insufficient_scope"}, status_code=control["userinfo_status"])
         if token is None:
             return JSONResponse({"error": "invalid_token"}, status_code=401)
         return JSONResponse({"sub": token.subject})
@@ -168,6 +171,8 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
             control["cimd"] = bool(body["cimd"])
         if "access_ttl" in body:
             provider.access_ttl = float(body["access_ttl"])
+        if "userinfo_status" in body:
+            control["userinfo_status"] = int(body["userinfo_status"])
         if "token_status" in body:
             control["token_status"] = int(body["token_status"])
         if body.get("revoke_user"):
