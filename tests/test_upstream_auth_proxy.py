@@ -168,12 +168,18 @@ def test_after_disconnect_a_tools_call_is_a_tool_error_with_the_connect_link_and
 
                 result = await client.call_tool("whoami", {})
                 assert result.is_error and link in result.content[0].text
-                # Other requests: a JSON-RPC error with the link (URL elicitation), never a 401.
+                # Other requests: a JSON-RPC error with the link, never a 401: the URL elicitation
+                # error for 2025-era clients; 2026-07-28 removed -32042 and elicitationId, so its
+                # clients get an implementation-defined code with the link.
                 with pytest.raises(MCPError) as raised:
                     await client.list_tools()
-                assert raised.value.code == connect_required.URL_ELICITATION_REQUIRED
                 assert link in raised.value.error.message
-                assert raised.value.error.data["elicitations"][0]["url"] == link
+                if mode == "legacy":
+                    assert raised.value.code == connect_required.URL_ELICITATION_REQUIRED
+                    assert raised.value.error.data["elicitations"][0]["url"] == link
+                else:
+                    assert raised.value.code == connect_required.CONNECT_REQUIRED_2026
+                    assert raised.value.error.data == {"url": link}
                 assert len(introspected(upstream)) == mark  # the upstream received nothing
 
             # On the wire: HTTP 200, the request's id, no challenge.
@@ -245,6 +251,11 @@ def test_the_connect_answers_for_batches_notifications_and_get() -> None:
     assert answer.status == 200 and [r["id"] for r in replies] == [1, "b"]
     assert replies[0]["result"]["isError"] is True and exc.url in replies[0]["result"]["content"][0]["text"]
     assert replies[1]["error"]["code"] == connect_required.URL_ELICITATION_REQUIRED
+    # 2026-07-28 removed -32042 and elicitationId: never emitted to its clients.
+    single = jsonrpc.parse_message(b'{"jsonrpc":"2.0","id":3,"method":"resources/list"}')
+    modern = json.loads(connect_required.answer_for(single, exc, "2026").body)
+    assert modern["error"]["code"] == connect_required.CONNECT_REQUIRED_2026 and -32019 <= modern["error"]["code"] <= -32000
+    assert exc.url in modern["error"]["message"] and "elicitationId" not in json.dumps(modern)
     notification = jsonrpc.parse_message(b'{"jsonrpc":"2.0","method":"notifications/initialized"}')
     for message in (notification, None):  # no id to answer: an HTTP error, never a 401
         answer = connect_required.answer_for(message, exc)

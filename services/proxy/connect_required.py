@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import time
 from dataclasses import dataclass
 
+from services.common.cache import TtlCache
 from services.proxy.upstream_auth.discovery import parse_www_authenticate
 from services.proxy.upstream_auth.errors import (
     ConnectRequired,
@@ -22,6 +22,11 @@ log = logging.getLogger("gateway.proxy")
 # The MCP "URL elicitation required" error (2025-11-25): clients that know it offer the link to
 # open; the others show the message, which carries the link too.
 URL_ELICITATION_REQUIRED = -32042
+# 2026-07-28 removed -32042 and elicitationId and reserves -32020..-32099 for the spec; a gateway
+# may still use the implementation-defined legacy range, so its clients get this code with the
+# link in the message (the URL-mode elicitation of 2026 travels in an input_required result,
+# which the gateway does not send yet).
+CONNECT_REQUIRED_2026 = -32001
 TEMPORARY_CODE = -32603
 # A 401 whose challenge names metadata re-reads the upstream's auth setup at most this often per
 # server: an upstream that answers 401 to everything must not make each call a discovery.
@@ -51,6 +56,8 @@ def _connect_reply(member, exc: ConnectRequired, era: str) -> dict:
         if era == "2026":
             result["resultType"] = "complete"  # 2026-07-28 results say what they are
         return {"jsonrpc": "2.0", "id": member.id, "result": result}
+    if era == "2026":
+        return _error(member.id, CONNECT_REQUIRED_2026, text, {"url": exc.url})
     elicitation = {"mode": "url", "elicitationId": secrets.token_urlsafe(12), "url": exc.url, "message": text}
     return _error(member.id, URL_ELICITATION_REQUIRED, text, {"elicitations": [elicitation]})
 
@@ -60,15 +67,16 @@ def connect_required(message, exc: ConnectRequired, era: str = "2025") -> Answer
     `era`: "2026" for 2026-07-28 clients."""
     members = (message.members if message.kind == "batch" else (message,)) if message is not None else ()
     replies = [_connect_reply(m, exc, era) for m in members if m.kind == "request"]
+    code = str(CONNECT_REQUIRED_2026 if era == "2026" else URL_ELICITATION_REQUIRED)
     if not replies:
         # A GET, DELETE, notification or response: no id to answer, so an HTTP error (not 401,
         # which would send the client back through the gateway's own authorization).
-        body = _error(None, URL_ELICITATION_REQUIRED, f"{exc} — connect your account: {exc.url}")
-        return Answer(403, json.dumps(body).encode(), str(URL_ELICITATION_REQUIRED))
+        body = _error(None, int(code), f"{exc} — connect your account: {exc.url}")
+        return Answer(403, json.dumps(body).encode(), code)
     if message.kind == "batch":
-        return Answer(200, json.dumps(replies).encode(), str(URL_ELICITATION_REQUIRED))
+        return Answer(200, json.dumps(replies).encode(), code)
     reply = replies[0]
-    return Answer(200, json.dumps(reply).encode(), "tool_error" if "result" in reply else str(URL_ELICITATION_REQUIRED))
+    return Answer(200, json.dumps(reply).encode(), "tool_error" if "result" in reply else code)
 
 
 def answer_for(message, exc: UpstreamAuthError, era: str = "2025") -> Answer:
@@ -82,19 +90,15 @@ def answer_for(message, exc: UpstreamAuthError, era: str = "2025") -> Answer:
     return Answer(503, json.dumps(body).encode(), "503", retry_after)
 
 
-_rediscovered: dict[str, float] = {}
+_rediscovered = TtlCache(10_000, REDISCOVER_EVERY)  # server id -> True while re-read recently
 
 
-async def token_after_401(upstream_auth, user_sub: str, server, rejected: str, challenge: str,
-                          clock=time.monotonic) -> str:
+async def token_after_401(upstream_auth, user_sub: str, server, rejected: str, challenge: str) -> str:
     """After an upstream 401: a token other than the rejected one, re-reading the upstream's
     auth setup first when the challenge names its metadata (at most once a minute per server)."""
     if parse_www_authenticate(challenge).get("resource_metadata"):
-        now = clock()
-        if now - _rediscovered.get(server.server_id, -REDISCOVER_EVERY) >= REDISCOVER_EVERY:
-            if len(_rediscovered) > 10000:
-                _rediscovered.clear()
-            _rediscovered[server.server_id] = now
+        if server.server_id not in _rediscovered:
+            _rediscovered.set(server.server_id, True)
             try:
                 # A moved authorization server makes get_token drop the account (ConnectRequired).
                 await upstream_auth.discover(server, challenge, fresh=True)
