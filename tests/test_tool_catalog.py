@@ -149,6 +149,16 @@ def test_filtering_keeps_the_cursor_and_other_members_and_drops_what_is_not_allo
     assert out["result"]["tools"][0] == tools[10]  # kept tools are passed on whole
 
 
+def test_a_public_cache_scope_becomes_private_because_the_list_depends_on_the_caller() -> None:
+    tools = [tool("a", read_only=True), tool("b")]
+    for keep in (lambda t, h: True, lambda t, h: t["name"] == "a"):
+        listing = read_tools_response(response(tools, cacheScope="public", ttlMs=60000))
+        out = json.loads(listing.render(keep))["result"]
+        assert out["cacheScope"] == "private" and out["ttlMs"] == 60000
+    listing = read_tools_response(response(tools, cacheScope="private", ttlMs=0))
+    assert json.loads(listing.render(lambda t, h: True))["result"]["cacheScope"] == "private"
+
+
 def test_an_error_answer_passes_and_odd_but_printable_names_are_fine() -> None:
     error = {"jsonrpc": "2.0", "id": 3, "error": {"code": -32601, "message": "no tools here"}}
     listing = read_tools_response(json.dumps(error).encode())

@@ -57,7 +57,12 @@ class ToolListing:
         if self.is_error:
             return self.message
         kept = [tool for tool, digest in zip(self.tools, self.hashes, strict=True) if keep(tool, digest)]
-        return {**self.message, "result": {**self.message["result"], "tools": kept}}
+        result = {**self.message["result"], "tools": kept}
+        if result.get("cacheScope") == "public":
+            # 2026-07-28: a "public" list may be served by a shared cache to any user; through
+            # the gateway the list depends on who asks (tool rules, pinning), on every page.
+            result["cacheScope"] = "private"
+        return {**self.message, "result": result}
 
     def render(self, keep: Callable[[dict, str], bool]) -> bytes:
         """`filtered(keep)` as compact JSON (a body, or one SSE event's data)."""
