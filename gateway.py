@@ -24,6 +24,7 @@ from services.authserver.clients import registration_response
 from services.common.errors import GatewayError, InvalidInput
 from services.dashboard.probe import McpProbe, account_needed
 from services.dashboard.reports import MAX_DAYS, UsageReports
+from services.dashboard.tools import refresh_catalog
 from services.dashboard.views import Actor
 from services.proxy.tools.policy import parse_rule
 from storage.base import StorageError, ToolRule
@@ -260,8 +261,10 @@ async def run_admin(args, services: Services) -> None:
                 result = await McpProbe(services.upstream).probe(
                     server.upstream_url, registry.upstream_headers(server), public_only=not server.internal_upstream
                 )
+                if result.ok:  # as the dashboard's Test connection: the listed tools into the catalog
+                    await refresh_catalog(services.tools, server.server_id, result)
             lines = ([f"ok: {result.server_name} {result.server_version} ({result.era})",
-                      "tools: " + ", ".join(result.tools)] if result.ok else
+                      "tools: " + ", ".join(result.tools), result.catalog] if result.ok else
                      [f"needs a user account: {result.error}"] if result.needs_account else [f"failed: {result.error}"])
             emit(args, lines, result.as_dict())
             if not result.ok and not result.needs_account:
