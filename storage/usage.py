@@ -22,7 +22,7 @@ class UsageEvent:
     client_id: str
     method: str
     target: str  # tool name, resource URI or prompt name
-    outcome: str  # "ok" or the JSON-RPC error code / HTTP status as text
+    outcome: str  # "ok", "denied:<reason>" (tool policy) or the JSON-RPC error code / HTTP status as text
     latency_ms: float
     bytes_in: int
     bytes_out: int
@@ -40,6 +40,7 @@ class UsageAggregate:
     latency_ms_sum: float
     latency_ms_max: float
     latency_hist: tuple[int, ...] = ()  # calls per latency bucket (see latency_bucket)
+    denied: int = 0  # calls the tool policy refused (outcome "denied:<reason>"), not errors
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class UsageRollup:
     latency_ms_sum: float
     latency_ms_max: float
     latency_hist: tuple[int, ...]
+    denied: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ def latency_bucket(latency_ms: float) -> int:
 def summarize_batch(events) -> tuple[dict, dict, dict]:
     """A batch of UsageEvents pre-summed per aggregate row, so that N events cost one write
     per row: (daily, hourly, users). daily/hourly map (server, period, target, sub) to
-    [calls, errors, latency sum, latency max, histogram]; users map (server, sub) to
+    [calls, errors, latency sum, latency max, histogram, denied] (a call the tool policy
+    refused is denied, not an error); users map (server, sub) to
     [latest e-mail, first seen, last seen]. Both backends store exactly these sums."""
     daily: dict[tuple[str, str, str, str], list] = {}
     hourly: dict[tuple[str, str, str, str], list] = {}
@@ -102,9 +105,11 @@ def summarize_batch(events) -> tuple[dict, dict, dict]:
             key = (event.server_id, period, event.target, event.user_sub)
             row = sums.get(key)
             if row is None:
-                row = sums[key] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS]
+                row = sums[key] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS, 0]
+            denied = event.outcome.startswith("denied:")
             row[0] += 1
-            row[1] += event.outcome != "ok"
+            row[1] += event.outcome != "ok" and not denied
+            row[5] += denied
             row[2] += event.latency_ms
             row[3] = max(row[3], event.latency_ms)
             row[4][latency_bucket(event.latency_ms)] += 1

@@ -939,6 +939,44 @@ def test_usage_aggregates_sum_across_batches_and_split_by_utc_day(storage: Stora
     run(scenario, storage)
 
 
+def test_usage_counts_calls_the_tool_policy_refused_apart_from_errors(storage: Storage) -> None:
+    """An outcome "denied:<reason>" is a denied call, not an error, in daily and hourly rows."""
+    async def scenario(s: Storage) -> None:
+        await s.usage.record_usage([event(T0, outcome="denied:read_only"), event(T0 + 1, outcome="-32602")])
+        await s.usage.record_usage([event(T0 + 2, outcome="denied:deny"), event(T0 + 3)])
+        day = time.strftime("%Y-%m-%d", time.gmtime(T0))
+        [aggregate] = await s.usage.usage_aggregates("srv_a", day)
+        assert (aggregate.calls, aggregate.errors, aggregate.denied) == (4, 1, 2)
+        hour = time.strftime("%Y-%m-%dT%H", time.gmtime(T0 - 3600))
+        for rollup in (await s.usage.usage_rollup("srv_a", day), await s.usage.usage_rollup_hours("srv_a", hour)):
+            assert [(r.calls, r.errors, r.denied) for r in rollup] == [(4, 1, 2)]
+
+    run(scenario, storage)
+
+
+def test_sqlite_migration_8_old_usage_rows_read_no_denied_calls(tmp_path: Path) -> None:
+    path = tmp_path / "v7.db"
+    with sqlite3.connect(path) as conn:
+        conn.create_function("legacy_internal_upstream", 1, legacy_internal_upstream)  # migration 4's
+        for migration in MIGRATIONS[:7]:
+            for statement in migration:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 7")
+        for table, period in (("usage_daily", "2027-01-15"), ("usage_hourly", "2027-01-15T10")):
+            conn.execute(f"INSERT INTO {table} VALUES ('srv_a', ?, 'search', 'u1', 3, 1, 30.0, 10.0, "
+                         f"{', '.join('0' for _ in range(LATENCY_BUCKETS))})", (period,))
+
+    async def scenario(s: Storage) -> None:
+        [old] = await s.usage.usage_rollup("srv_a", "2027-01-15")
+        assert (old.calls, old.errors, old.denied) == (3, 1, 0)
+        [hourly] = await s.usage.usage_rollup_hours("srv_a", "2027-01-15T00")
+        assert (hourly.calls, hourly.errors, hourly.denied) == (3, 1, 0)
+
+    run(scenario, SqliteStorage(str(path)))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
 def test_recent_usage_pages_newest_first(storage: Storage) -> None:
     async def scenario(s: Storage) -> None:
         events = [event(T0 + i, target=f"t{i}") for i in range(7)]

@@ -101,3 +101,37 @@ def test_a_denied_call_shows_on_the_owners_usage_report_with_user_tool_and_reaso
     assert page.status_code == 200
     rows = [row for row in html.unescape(page.text).split('data-testid="recent-row"')[1:] if "write_doc" in row]
     assert len(rows) == 1 and READER in rows[0] and "denied:read_only" in rows[0], rows
+
+
+def write_doc_row(report: dict) -> dict:
+    rows = [r for r in report["users_tools"] if r["tool"] == "write_doc" and r["user_email"] == READER]
+    return rows[0] if rows else {"calls": 0, "errors": 0, "denied": 0}
+
+
+def test_a_denied_call_counts_as_denied_not_as_an_error(rig):
+    gw, _ = rig
+    owner = sign_in(gw, OWNER)
+    usage = f"/api/servers/{SRV}/usage?range=24h"
+    before = write_doc_row(api(owner, "GET", usage).json())
+    token = asyncio.run(dev_token(gw, READER))
+    refused(gw, token, "write_doc", {"path": "a", "text": "b"})
+
+    for _ in range(100):  # usage is recorded off the request path: wait for it to land
+        report = api(owner, "GET", usage).json()
+        if write_doc_row(report)["calls"] > before["calls"]:
+            break
+        time.sleep(0.1)
+    row = write_doc_row(report)
+    assert (row["calls"] - before["calls"], row["denied"] - before["denied"], row["errors"]) == (1, 1, 0), row
+    assert report["denied"] >= 1 and report["errors"] == 0, report
+    top = [t for t in report["top_tools"] if t["tool"] == "write_doc"]
+    assert (top[0]["denied"], top[0]["errors"]) == (row["denied"], 0)
+
+    csv_lines = owner.get(f"/dashboard/servers/{SRV}/usage.csv?range=24h").text.splitlines()
+    header = csv_lines[0].split(",")
+    assert header[4:7] == ["calls", "errors", "denied"]
+    [line] = [dict(zip(header, c.split(","), strict=True)) for c in csv_lines[1:] if ",write_doc," in c]
+    assert (line["errors"], line["denied"]) == ("0", str(row["denied"]))
+
+    page = html.unescape(owner.get(f"/dashboard/servers/{SRV}/usage?range=24h").text)
+    assert f'data-testid="stat-denied">{report["denied"]}<' in page

@@ -83,6 +83,7 @@ class Row:
     latency_ms_sum: float
     latency_ms_max: float
     hist: list[int]
+    denied: int = 0  # refused by the tool policy: never reached the upstream, not errors
 
     @property
     def error_rate(self) -> float:
@@ -111,6 +112,7 @@ class Row:
             "user_email": self.user_email,
             "calls": self.calls,
             "errors": self.errors,
+            "denied": self.denied,
             "error_rate": round(self.error_rate, 4),
             "avg_ms": self.avg_ms,
             "p50_ms": self.p50_ms,
@@ -157,6 +159,7 @@ class UsageReport:
     recent: list[UsageEvent]
     next_before: float | None
     emails: dict[str, str]
+    denied: int = 0
 
     def as_dict(self) -> dict:
         return {
@@ -165,6 +168,7 @@ class UsageReport:
             "range": self.label,
             "calls": self.calls,
             "errors": self.errors,
+            "denied": self.denied,
             "error_rate": round(self.error_rate, 4),
             "active_sessions": self.active_sessions,
             "per_period": [
@@ -211,7 +215,7 @@ class UsageReports:
         emails = {u.user_sub: u.user_email for u in await self._usage.server_users(server_id)}
         table = [
             Row(r.target, r.user_sub, emails.get(r.user_sub, ""), r.calls, r.errors, r.latency_ms_sum,
-                r.latency_ms_max, list(r.latency_hist))
+                r.latency_ms_max, list(r.latency_hist), r.denied)
             for r in rollups
         ]
         table.sort(key=lambda row: (-row.calls, row.target, row.user_email))
@@ -222,6 +226,7 @@ class UsageReports:
                 tool = tools[row.target] = Row(row.target, "", "", 0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS)
             tool.calls += row.calls
             tool.errors += row.errors
+            tool.denied += row.denied
             tool.latency_ms_sum += row.latency_ms_sum
             tool.latency_ms_max = max(tool.latency_ms_max, row.latency_ms_max)
             tool.hist = [a + b for a, b in zip(tool.hist, row.hist, strict=False)]
@@ -245,6 +250,7 @@ class UsageReports:
             recent=recent[:RECENT_PAGE],
             next_before=next_before,
             emails=emails,
+            denied=sum(row.denied for row in table),
         )
 
     async def _read(self, server_id: str, days: int, now: float):
@@ -269,18 +275,18 @@ class UsageReports:
         label = range_label(days)
         rows = [
             Row(r.target, r.user_sub, emails.get(r.user_sub, ""), r.calls, r.errors,
-                r.latency_ms_sum, r.latency_ms_max, list(r.latency_hist))
+                r.latency_ms_sum, r.latency_ms_max, list(r.latency_hist), r.denied)
             for r in rollups
         ]
         rows.sort(key=lambda row: (-row.calls, row.target, row.user_email))
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\r\n")
-        writer.writerow(["range", "user_email", "user_sub", "tool", "calls", "errors", "error_rate",
+        writer.writerow(["range", "user_email", "user_sub", "tool", "calls", "errors", "denied", "error_rate",
                          "avg_ms", "p50_ms", "p95_ms", "max_ms"])
         for row in rows:
             d = row.as_dict()
             writer.writerow([label, safe_cell(d["user_email"]), safe_cell(d["user_sub"]),
-                             safe_cell(d["tool"]), d["calls"], d["errors"], d["error_rate"], d["avg_ms"],
+                             safe_cell(d["tool"]), d["calls"], d["errors"], d["denied"], d["error_rate"], d["avg_ms"],
                              d["p50_ms"], d["p95_ms"], d["max_ms"]])
         return out.getvalue()
 

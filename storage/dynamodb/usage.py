@@ -81,7 +81,7 @@ class DynamoDBUsage(UsageStore):
 
     def _add_aggregate(self, prefix: str, period_name: str, key: tuple, totals: list) -> None:
         server_id, period, target, user_sub = key
-        calls, errors, latency_sum, latency_max, hist = totals
+        calls, errors, latency_sum, latency_max, hist, denied = totals
         pk = f"{prefix}#{_esc(server_id)}"
         item_key = _key(pk, f"{period}#{_esc(target)}#{_esc(user_sub)}")
         expr = _Expr()
@@ -108,6 +108,8 @@ class DynamoDBUsage(UsageStore):
                 for i, n in enumerate(hist)
                 if n
             ),
+            # Rows written before denied calls were counted apart have no attribute: read 0.
+            *([f"{expr.n('denied')} {expr.v({'N': str(denied)})}"] if denied else []),
         ]
         response = self._store._update(item_key, expr, _update_expression(sets, adds), ReturnValues="ALL_OLD")
         old = (response or {}).get("Attributes", {}).get("latency_ms_max")
@@ -153,6 +155,7 @@ class DynamoDBUsage(UsageStore):
                 latency_ms_sum=float(i["latency_ms_sum"]["N"]),
                 latency_ms_max=float(i["latency_ms_max"]["N"]),
                 latency_hist=_hist(i),
+                denied=_denied(i),
             )
             for i in items
         ]
@@ -234,6 +237,10 @@ def _hist(item: dict) -> tuple[int, ...]:
     return tuple(int(Decimal(item[h]["N"])) if h in item else 0 for h in HIST_ATTRIBUTES)
 
 
+def _denied(item: dict) -> int:
+    return int(Decimal(item["denied"]["N"])) if "denied" in item else 0
+
+
 def _rollup(items: list[dict]) -> list[UsageRollup]:
     """Per (target, user) sums of aggregate rows; histograms add up bucket by bucket."""
     sums: dict[tuple[str, str], list] = {}
@@ -241,16 +248,17 @@ def _rollup(items: list[dict]) -> list[UsageRollup]:
         key = (item["target"]["S"], item["user_sub"]["S"])
         row = sums.get(key)
         if row is None:
-            row = sums[key] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS]
+            row = sums[key] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS, 0]
         row[0] += int(Decimal(item["calls"]["N"]))
+        row[5] += _denied(item)
         row[1] += int(Decimal(item["errors"]["N"]))
         row[2] += float(item["latency_ms_sum"]["N"])
         row[3] = max(row[3], float(item["latency_ms_max"]["N"]))
         for i, n in enumerate(_hist(item)):
             row[4][i] += n
     return [
-        UsageRollup(target, user, calls, errors, total, top, tuple(hist))
-        for (target, user), (calls, errors, total, top, hist) in sorted(sums.items())
+        UsageRollup(target, user, calls, errors, total, top, tuple(hist), denied)
+        for (target, user), (calls, errors, total, top, hist, denied) in sorted(sums.items())
     ]
 
 

@@ -348,6 +348,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE servers ADD COLUMN upstream_send_resource INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE servers ADD COLUMN upstream_issuer TEXT NOT NULL DEFAULT ''",
     ),
+    # 8: calls the tool policy refused are counted apart from errors (UsageAggregate.denied);
+    # rows from before counted them as errors and read 0 denied.
+    (
+        "ALTER TABLE usage_daily ADD COLUMN denied INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE usage_hourly ADD COLUMN denied INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 
 

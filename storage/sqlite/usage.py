@@ -24,11 +24,11 @@ if TYPE_CHECKING:
 def _aggregate_upsert(table: str, period: str) -> str:
     """Add pre-summed rows into usage_daily or usage_hourly (histograms add up too)."""
     columns = ("server_id", period, "target", "user_sub", "calls", "errors",
-               "latency_ms_sum", "latency_ms_max", *HIST_COLUMNS)
+               "latency_ms_sum", "latency_ms_max", *HIST_COLUMNS, "denied")
     return (
         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)}) "
         f"ON CONFLICT (server_id, {period}, target, user_sub) DO UPDATE SET "
-        "calls = calls + excluded.calls, errors = errors + excluded.errors, "
+        "calls = calls + excluded.calls, errors = errors + excluded.errors, denied = denied + excluded.denied, "
         "latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum, "
         "latency_ms_max = max(latency_ms_max, excluded.latency_ms_max), "
         + ", ".join(f"{h} = {h} + excluded.{h}" for h in HIST_COLUMNS)
@@ -56,7 +56,7 @@ class SqliteUsage(UsageStore):
             conn.executemany(USAGE_EVENTS.insert, [USAGE_EVENTS.encode(e) for e in events])
             for table, period, sums in (("usage_daily", "day", daily), ("usage_hourly", "hour", hourly)):
                 conn.executemany(_aggregate_upsert(table, period),
-                                 [(*key, *totals[:4], *totals[4]) for key, totals in sums.items()])
+                                 [(*key, *totals[:4], *totals[4], totals[5]) for key, totals in sums.items()])
             conn.executemany(
                 f"{SERVER_USERS.insert} ON CONFLICT (server_id, user_sub) DO UPDATE SET "
                 "user_email = CASE WHEN excluded.last_used_at >= last_used_at AND excluded.user_email != '' "
@@ -71,12 +71,12 @@ class SqliteUsage(UsageStore):
         rows = await self._store._read(
             self._store._select,
             "SELECT day, server_id, target, user_sub, calls, errors, latency_ms_sum, latency_ms_max, "
-            f"{', '.join(HIST_COLUMNS)} FROM usage_daily WHERE server_id = ? AND day >= ? "
+            f"{', '.join(HIST_COLUMNS)}, denied FROM usage_daily WHERE server_id = ? AND day >= ? "
             "ORDER BY day, target, user_sub",
             server_id,
             since_day,
         )
-        return [UsageAggregate(*row[:8], tuple(row[8:])) for row in rows]
+        return [UsageAggregate(*row[:8], tuple(row[8:-1]), row[-1]) for row in rows]
 
     async def usage_rollup(self, server_id: str, since_day: str) -> list[UsageRollup]:
         return await self._rollup("usage_daily", "day", server_id, since_day)
@@ -96,12 +96,12 @@ class SqliteUsage(UsageStore):
         rows = await self._store._read(
             self._store._select,
             "SELECT target, user_sub, sum(calls), sum(errors), sum(latency_ms_sum), max(latency_ms_max), "
-            f"{sums} FROM {table} WHERE server_id = ? AND {period} >= ? "
+            f"{sums}, sum(denied) FROM {table} WHERE server_id = ? AND {period} >= ? "
             "GROUP BY target, user_sub ORDER BY target, user_sub",
             server_id,
             since,
         )
-        return [UsageRollup(*row[:6], tuple(row[6:])) for row in rows]
+        return [UsageRollup(*row[:6], tuple(row[6:-1]), row[-1]) for row in rows]
 
     async def _periods(self, table: str, period: str, server_id: str, since: str) -> list[UsagePeriod]:
         rows = await self._store._read(
