@@ -461,6 +461,21 @@ async def test_a_verified_token_stops_verifying_when_it_expires(tmp_path):
 
 
 @run
+async def test_issued_at_a_little_ahead_of_this_clock_verifies_far_ahead_does_not(tmp_path):
+    """Another instance's clock a few seconds ahead (or the same second, before this clock
+    ticks) must not make its tokens "not valid yet" here; a minute and more still does."""
+    clock = WallClock()
+    async with world(tmp_path, clock) as s:
+        now = int(clock.now)
+        ahead = s.keyring.sign(base_claims(s, iat=now + 30, nbf=now + 30, exp=now + 600))
+        assert (await s.tokens.verify_access_token(ahead))["iat"] == now + 30
+        for claim in ("iat", "nbf"):
+            early = s.keyring.sign(base_claims(s, **{claim: now + 120}, exp=now + 600))
+            with pytest.raises(InvalidToken, match="not valid yet"):
+                await s.tokens.verify_access_token(early)
+
+
+@run
 async def test_code_expiry_and_token_lifetimes_follow_the_services_clock(tmp_path):
     clock = WallClock()
     clock.now += 10 * 86400  # a clock far from the real one: every time comes from it

@@ -16,6 +16,9 @@ from storage.base import RevokedAccessToken, Storage
 
 VERIFIED_CACHE_SIZE = 20000
 REVOCATION_REFRESH = 3.0  # revocations made on another instance apply within this bound
+# iat/nbf a little in the future are accepted: a token issued by another instance whose clock runs
+# a few seconds ahead (or in the same second, before this clock ticks) is valid. exp has none.
+ISSUED_LEEWAY = 60
 
 
 def family_marker(family_id: str) -> str:
@@ -97,7 +100,7 @@ class AccessTokenVerifier:
             now = self._now()
             if claims["exp"] <= now:
                 raise InvalidToken("the access token has expired")
-            if claims["iat"] > now or claims.get("nbf", now) > now:
+            if claims["iat"] > now + ISSUED_LEEWAY or claims.get("nbf", now) > now + ISSUED_LEEWAY:
                 raise InvalidToken("the access token did not verify (not valid yet)")
         return claims
 
