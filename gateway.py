@@ -276,9 +276,10 @@ async def run_admin(args, services: Services) -> None:
         report = await UsageReports(services.storage).report(args.server_id, args.days)
         lines = [
             f"{args.server_id}, {report.label}: {report.calls} calls, {report.errors} errors "
-            f"({report.error_rate:.1%}), {report.active_sessions} active sessions",
-            "user\ttool\tcalls\terrors\tp50_ms\tp95_ms",
-            *(f"{r.user_email or r.user_sub}\t{r.target or '-'}\t{r.calls}\t{r.errors}\t{r.p50_ms}\t{r.p95_ms}"
+            f"({report.error_rate:.1%}), {report.denied} denied by the tool policy, "
+            f"{report.active_sessions} active sessions",
+            "user\ttool\tcalls\terrors\tdenied\tp50_ms\tp95_ms",
+            *(f"{r.user_email or r.user_sub}\t{r.target or '-'}\t{r.calls}\t{r.errors}\t{r.denied}\t{r.p50_ms}\t{r.p95_ms}"
               for r in report.table),
         ]
         emit(args, lines, report.as_dict())

@@ -135,3 +135,9 @@ def test_a_denied_call_counts_as_denied_not_as_an_error(rig):
 
     page = html.unescape(owner.get(f"/dashboard/servers/{SRV}/usage?range=24h").text)
     assert f'data-testid="stat-denied">{report["denied"]}<' in page
+
+    human = gw.cli("usage", SRV, "--days", "1").stdout.splitlines()
+    assert f'{report["denied"]} denied by the tool policy' in human[0]
+    assert human[1].split("\t")[2:5] == ["calls", "errors", "denied"]
+    [cli_row] = [line.split("\t") for line in human[2:] if line.split("\t")[1] == "write_doc"]
+    assert cli_row[3:5] == ["0", str(row["denied"])]
