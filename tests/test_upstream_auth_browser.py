@@ -12,31 +12,24 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import httpx
 import pytest
 
-from storage import SqliteStorage
-from storage.upstream_auth import UpstreamCredential
 from tests.support.browser import Page, ScriptedBrowser
 from tests.support.gateway import GatewayProcess
 from tests.support.inprocess import run
 from tests.support.mcp_oauth import DEFAULT_REDIRECT_URI, connect, make_oauth_rig
 from tests.support.oauth_upstream import OAuthUpstream
 from tests.support.tokens import pkce
-
-OWNER = "owner@example.com"
-ALICE_AT_UPSTREAM = "alice-at-upstream"
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    process = OAuthUpstream().wait_ready()
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def gateway(tmp_path: Path):
-    process = GatewayProcess(tmp_path / "gw").start()
-    yield process
-    process.stop()
+from tests.support.upstream_accounts import (  # noqa: F401 (fixtures)
+    ALICE_AT_UPSTREAM,
+    OWNER,
+    credential,
+    gateway,
+    owners_trip,
+    sign_in,
+    to_callback,
+    token_requests,
+    upstream,
+    upstream_user,
+)
 
 
 @pytest.fixture
@@ -45,38 +38,6 @@ def server_id(gateway: GatewayProcess, upstream: OAuthUpstream) -> str:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-async def sign_in(browser: ScriptedBrowser, gateway: GatewayProcess, email: str) -> None:
-    page = await browser.follow(f"{gateway.url}/login?next=/dashboard")
-    page = await browser.submit(page, "email", {"email": email})
-    assert page.status == 200, page.text
-
-
-async def upstream_user(browser: ScriptedBrowser, upstream: OAuthUpstream, who: str) -> None:
-    """Who the upstream AS signs in (its test cookie; the AS shows no form)."""
-    await browser.follow(f"{upstream.issuer}/signin?{urlencode({'user': who})}")
-
-
-async def to_callback(browser: ScriptedBrowser, gateway: GatewayProcess, server_id: str) -> str:
-    """Connect page → Connect (POST) → the upstream AS → the callback URL (not requested)."""
-    page = await browser.follow(f"{gateway.url}/oauth/upstream/connect/{server_id}")
-    assert page.status == 200 and 'data-testid="connect-button"' in page.text, page.text
-    stopped = await browser.submit(page, "return_to", stop_at=f"{gateway.url}/oauth/upstream/callback")
-    assert stopped.stopped_at, stopped.text
-    return stopped.stopped_at
-
-
-async def credential(gateway: GatewayProcess, email: str, server_id: str) -> UpstreamCredential | None:
-    """The stored upstream credential of the user with this e-mail (the gateway's own SQLite file)."""
-    storage = SqliteStorage(str(gateway.state_dir / "gateway.db"))
-    await storage.open()
-    try:
-        users = await storage.users_matching("email", email)
-        assert len(users) == 1
-        return await storage.upstream_auth.get_credential(users[0].sub, server_id)
-    finally:
-        await storage.close()
 
 
 async def connection_status(browser: ScriptedBrowser, gateway: GatewayProcess, server_id: str) -> str:
@@ -88,8 +49,7 @@ async def connection_status(browser: ScriptedBrowser, gateway: GatewayProcess, s
 
 
 def code_exchanges(upstream: OAuthUpstream, subject: str) -> int:
-    return sum(1 for r in upstream.stats()["token_requests"]
-               if r["grant_type"] == "authorization_code" and r["subject"] == subject)
+    return token_requests(upstream, "authorization_code", subject)
 
 
 async def register_client(gateway: GatewayProcess) -> str:
@@ -232,9 +192,7 @@ def test_a_tampered_or_reused_state_gets_a_clear_page_and_stores_nothing(
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:
-            await sign_in(browser, gateway, OWNER)
-            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
-            callback = await to_callback(browser, gateway, server_id)
+            callback = await owners_trip(browser, gateway, server_id, upstream)
             query = dict(parse_qsl(urlsplit(callback).query))
             tampered = f"{gateway.url}/oauth/upstream/callback?" + urlencode({**query, "state": query["state"] + "x"})
             page = await browser.follow(tampered)
@@ -258,9 +216,7 @@ def test_an_error_from_the_upstream_authorization_server_is_a_clear_page(
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:
-            await sign_in(browser, gateway, OWNER)
-            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
-            callback = await to_callback(browser, gateway, server_id)
+            callback = await owners_trip(browser, gateway, server_id, upstream)
             state = dict(parse_qsl(urlsplit(callback).query))["state"]
             denied = f"{gateway.url}/oauth/upstream/callback?" + urlencode({"state": state, "error": "access_denied"})
             page = await browser.follow(denied)
@@ -275,9 +231,7 @@ def test_a_callback_in_another_browser_or_without_a_sign_in_is_refused(
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser, ScriptedBrowser() as other, ScriptedBrowser() as stranger:
-            await sign_in(browser, gateway, OWNER)
-            await upstream_user(browser, upstream, ALICE_AT_UPSTREAM)
-            callback = await to_callback(browser, gateway, server_id)
+            callback = await owners_trip(browser, gateway, server_id, upstream)
             await sign_in(other, gateway, OWNER)  # the same person, another browser session
             refused = await other.follow(callback)
             assert refused.status == 400 and "another browser" in refused.text

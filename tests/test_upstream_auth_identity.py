@@ -8,10 +8,10 @@ from tests.support.gateway import GatewayProcess
 from tests.support.inprocess import run
 from tests.support.mcp_oauth import connect
 from tests.support.oauth_upstream import OAuthUpstream
-from tests.test_upstream_auth_browser import credential
-from tests.test_upstream_auth_proxy import (  # noqa: F401 (fixtures)
+from tests.support.upstream_accounts import (  # noqa: F401 (fixtures)
     ALICE_AT_UPSTREAM,
     OWNER,
+    credential,
     gateway,
     server_id,
     signed_in,
@@ -21,7 +21,7 @@ from tests.test_upstream_auth_proxy import (  # noqa: F401 (fixtures)
 
 
 def test_the_connections_page_shows_who_the_upstream_says_the_account_is(
-        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:  # noqa: F811
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
     @run
     async def scenario() -> None:
         asked = upstream.stats()["userinfo"]
@@ -40,7 +40,7 @@ def test_the_connections_page_shows_who_the_upstream_says_the_account_is(
 
 
 def test_an_upstream_that_will_not_say_who_leaves_the_account_connected_without_a_name(
-        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:  # noqa: F811
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
     @run
     async def scenario() -> None:
         upstream.control(userinfo_status=403)

@@ -14,7 +14,7 @@ from tests.support.gateway import GatewayProcess
 from tests.support.inprocess import run
 from tests.support.mcp_oauth import connect
 from tests.support.oauth_upstream import OAuthUpstream
-from tests.test_upstream_auth_proxy import (  # noqa: F401 (fixtures)
+from tests.support.upstream_accounts import (  # noqa: F401 (fixtures)
     ALICE_AT_UPSTREAM,
     OWNER,
     gateway,
@@ -39,7 +39,7 @@ def counters(process: GatewayProcess) -> dict[str, float]:
 
 
 def test_refresh_outcomes_and_connect_required_answers_are_counted(
-        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:  # noqa: F811
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:

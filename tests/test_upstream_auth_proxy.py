@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,58 +20,26 @@ from services.proxy.upstream_auth.errors import ConnectRequired, UpstreamAuthTem
 from tests.support.browser import ScriptedBrowser
 from tests.support.gateway import GatewayProcess
 from tests.support.inprocess import run
-from tests.support.mcp_oauth import OAuthRig, connect, make_oauth_rig
+from tests.support.mcp_oauth import connect
 from tests.support.oauth_upstream import OAuthUpstream
-from tests.test_upstream_auth_browser import credential, upstream_user
-
-OWNER = "owner@example.com"
-FRIEND = "friend@example.com"
-ALICE_AT_UPSTREAM = "alice-at-upstream"
-BOB_AT_UPSTREAM = "bob-at-upstream"
-
-
-@pytest.fixture(scope="module")
-def upstream():
-    process = OAuthUpstream().wait_ready()
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def gateway(tmp_path: Path):
-    process = GatewayProcess(tmp_path / "gw").start()
-    yield process
-    process.stop()
-
-
-@pytest.fixture
-def server_id(gateway: GatewayProcess, upstream: OAuthUpstream) -> str:
-    upstream.control(access_ttl=3600, token_status=0)
-    server = gateway.add_server(upstream.mcp_url, OWNER, "Upstream with accounts", "--upstream-auth", "oauth")
-    gateway.cli("grants", "add", server, "--email", FRIEND)
-    return server
-
-
-async def signed_in(browser: ScriptedBrowser, gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream,
-                    email: str, who: str) -> OAuthRig:
-    """An SDK client of `email`, whose sign-in connected the upstream account `who`."""
-    await upstream_user(browser, upstream, who)
-    return make_oauth_rig(f"{gateway.url}/mcp/{server_id}", browser, email=email)
-
-
-def whoami_text(result) -> str:
-    assert not result.is_error, result
-    return result.content[0].text
+from tests.support.upstream_accounts import (  # noqa: F401 (fixtures)
+    ALICE_AT_UPSTREAM,
+    BOB_AT_UPSTREAM,
+    FRIEND,
+    OWNER,
+    credential,
+    gateway,
+    server_id,
+    signed_in,
+    token_requests,
+    upstream,
+    whoami_text,
+)
 
 
 def introspected(upstream: OAuthUpstream) -> list[dict]:
     """Every bearer token the upstream MCP server received, in order."""
     return upstream.stats()["introspected"]
-
-
-def grants(upstream: OAuthUpstream, grant_type: str, subject: str) -> int:
-    return sum(1 for r in upstream.stats()["token_requests"]
-               if r["grant_type"] == grant_type and r["subject"] == subject)
 
 
 # ------------------------------------------------------------------ token injection
@@ -113,16 +80,16 @@ def test_an_access_token_the_upstream_stopped_accepting_is_refreshed_and_the_cal
             rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
             async with connect(rig) as client:
                 assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
-                refreshes = grants(upstream, "refresh_token", ALICE_AT_UPSTREAM)
+                refreshes = token_requests(upstream, "refresh_token", ALICE_AT_UPSTREAM)
                 mark = len(introspected(upstream))
                 upstream.control(expire_access=ALICE_AT_UPSTREAM)  # the refresh token lives on
                 # The upstream answers 401 to the held token: refreshed, and the call sent again.
                 assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
-                assert grants(upstream, "refresh_token", ALICE_AT_UPSTREAM) == refreshes + 1
+                assert token_requests(upstream, "refresh_token", ALICE_AT_UPSTREAM) == refreshes + 1
                 seen = introspected(upstream)[mark:]
                 assert [entry["active"] for entry in seen][:1] == [False] and seen[-1]["active"]
                 assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
-                assert grants(upstream, "refresh_token", ALICE_AT_UPSTREAM) == refreshes + 1
+                assert token_requests(upstream, "refresh_token", ALICE_AT_UPSTREAM) == refreshes + 1
 
     scenario()
 
@@ -137,10 +104,10 @@ def test_an_expired_access_token_is_refreshed_without_the_client_noticing(
                 rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
                 async with connect(rig) as client:
                     assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
-                    refreshes = grants(upstream, "refresh_token", ALICE_AT_UPSTREAM)
+                    refreshes = token_requests(upstream, "refresh_token", ALICE_AT_UPSTREAM)
                     await asyncio.sleep(1.5)  # past its lifetime (waiting, not measuring)
                     assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
-                    assert grants(upstream, "refresh_token", ALICE_AT_UPSTREAM) > refreshes
+                    assert token_requests(upstream, "refresh_token", ALICE_AT_UPSTREAM) > refreshes
         finally:
             upstream.control(access_ttl=3600)
 

@@ -15,17 +15,17 @@ from tests.support.gateway import GatewayProcess
 from tests.support.inprocess import run
 from tests.support.mcp_oauth import connect
 from tests.support.oauth_upstream import OAuthUpstream
-from tests.test_interop_typescript import ROOT, SCRIPT, _node
-from tests.test_upstream_auth_browser import credential
-from tests.test_upstream_auth_proxy import (  # noqa: F401 (fixtures)
+from tests.support.upstream_accounts import (  # noqa: F401 (fixtures)
     ALICE_AT_UPSTREAM,
     OWNER,
+    credential,
     gateway,
     server_id,
     signed_in,
     upstream,
     whoami_text,
 )
+from tests.test_interop_typescript import ROOT, SCRIPT, _node
 
 TIMEOUT = 60
 
@@ -50,7 +50,7 @@ async def ts_client(node: str, mcp_url: str, token: str, tool: str) -> dict:
 
 
 def test_the_typescript_sdk_sees_the_users_own_upstream_identity_then_the_connect_link(
-        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:  # noqa: F811
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
     node = _node()
     mcp_url = f"{gateway.url}/mcp/{server_id}"
 
