@@ -7,23 +7,15 @@ from __future__ import annotations
 import asyncio
 import re
 
-import pytest
 from playwright.async_api import expect
 
 from tests.support.gateway import GatewayProcess
 from tests.support.tool_upstream import ToolUpstream
-from tests.test_dashboard_browser import CHROMIUM, Watch, chromium_browser, new_context, shot
+from tests.test_dashboard_browser import Watch, chromium, chromium_browser, new_context, shot  # noqa: F401 (fixture)
 from tests.test_tool_denied_usage import OWNER, READER, SRV, dev_token, refused
 
 
-@pytest.fixture
-def chromium_path():
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `make test` (it installs Debian's chromium as root)")
-    return CHROMIUM
-
-
-def test_owner_sees_the_refused_call_with_user_tool_and_reason(chromium_path, tmp_path):
+def test_owner_sees_the_refused_call_with_user_tool_and_reason(chromium, tmp_path):
     upstream = ToolUpstream()
     gateway = GatewayProcess(tmp_path / "gw").start()
     try:
@@ -33,7 +25,7 @@ def test_owner_sees_the_refused_call_with_user_tool_and_reason(chromium_path, tm
         error = refused(gateway, token, "write_doc", {"path": "a", "text": "b"})
         assert (error.code, error.message) == (-32602, "tool not available")
         assert upstream.calls().get("write_doc", 0) == 0  # it never reached the upstream
-        asyncio.run(_usage_in_browser(chromium_path, gateway))
+        asyncio.run(_usage_in_browser(chromium, gateway))
     finally:
         gateway.stop()
         upstream.stop()

@@ -10,32 +10,31 @@ import re
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
-import pytest
 from playwright.async_api import expect
 
 from tests.support.gateway import GatewayProcess
 from tests.support.mcp_oauth import DEFAULT_REDIRECT_URI
 from tests.support.oauth_upstream import OAuthUpstream
 from tests.support.tokens import pkce
-from tests.test_dashboard_browser import CHROMIUM, TIMEOUT_MS, Watch, chromium_browser, new_context, shot
+from tests.test_dashboard_browser import (  # noqa: F401 (fixture)
+    TIMEOUT_MS,
+    Watch,
+    chromium,
+    chromium_browser,
+    new_context,
+    shot,
+)
 
 OWNER = "olga@example.com"
 AT_UPSTREAM = "olga-at-upstream"
 
 
-@pytest.fixture
-def chromium_path():
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run `make test` (it installs Debian's chromium as root)")
-    return CHROMIUM
-
-
-def test_consent_goes_through_the_upstream_sign_in_and_back_to_the_client(chromium_path, tmp_path):
+def test_consent_goes_through_the_upstream_sign_in_and_back_to_the_client(chromium, tmp_path):
     upstream = OAuthUpstream().wait_ready()
     gateway = GatewayProcess(tmp_path / "gw").start()
     try:
         server_id = gateway.add_server(upstream.mcp_url, OWNER, "Tracker", "--upstream-auth", "oauth")
-        asyncio.run(_sign_in_trip(chromium_path, gateway, upstream, server_id))
+        asyncio.run(_sign_in_trip(chromium, gateway, upstream, server_id))
     finally:
         gateway.stop()
         upstream.stop()
