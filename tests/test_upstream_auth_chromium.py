@@ -80,6 +80,8 @@ async def _sign_in_trip(chromium, gateway: GatewayProcess, upstream: OAuthUpstre
             await shot(page, "consent-connect-account")
             await page.get_by_role("button", name="Allow").click()
             final = await asyncio.wait_for(landed, TIMEOUT_MS / 1000)
+            # The route answered; let that navigation finish before the next goto interrupts it.
+            await page.wait_for_url(lambda url: url.startswith(DEFAULT_REDIRECT_URI))
 
             query = dict(parse_qsl(urlsplit(final).query))
             assert query["state"] == "st-1" and query.get("code"), query
