@@ -3,17 +3,36 @@ upstream hop, one retry after an upstream 401, and the answers when there is no 
 
 from __future__ import annotations
 
-from services.proxy import connect_required
+import json
+import time
+
+from services.proxy import connect_elicitation, connect_required
 from services.proxy.gate import Call
+from services.proxy.protocol.jsonrpc import INVALID_PARAMS
 from services.proxy.upstream_auth.errors import ConnectRequired, UpstreamAuthError
 
 
 class AccountRelay:
     """McpProxyHandler's methods for servers with upstream_auth "oauth"."""
 
+    # The retry of a call answered with the gateway's own URL elicitation (2026-07-28); set on
+    # such retries only.
+    _connect_retry: connect_elicitation.Retry | None = None
+
     async def send_with_account(self, call: Call, message, started: float):
         """The upstream's response to the request sent with the user's token (another token and
         one retry after a 401), or None once an answer is sent (the connect link, 503, errors)."""
+        try:
+            retry = connect_elicitation.take_retry(self.services.upstream_auth.box, message, call.claims["sub"],
+                                                   call.server_id, now=time.time())
+        except connect_elicitation.InvalidRequestState as exc:
+            self.jsonrpc_error(400, INVALID_PARAMS, str(exc), message.id)
+            self.record(call, message, str(INVALID_PARAMS), started)
+            return None
+        if retry is not None:
+            # What the gateway asked for is answered here: the upstream gets the call as it was.
+            self._connect_retry = retry
+            self.request.body = retry.body
         token = self._upstream_token = await self.upstream_token(call, message, started)
         if not token:
             return None
@@ -53,12 +72,31 @@ class AccountRelay:
     def upstream_auth_failed(self, call: Call, message, exc: UpstreamAuthError, started: float) -> None:
         """Answered without reaching the upstream: never a 401 (the client would re-run the
         gateway's own authorization), but the connect link or a temporary error."""
-        answer = connect_required.answer_for(message, exc, self._r.era)
         if isinstance(exc, ConnectRequired):
             self.services.metrics.inc("connect_required_total")
+            if self._r.era == "2026" and self.ask_to_connect(call, message, exc):
+                return
+        answer = connect_required.answer_for(message, exc, self._r.era)
         if answer.retry_after:
             self.set_header("Retry-After", str(answer.retry_after))
         self.set_status(answer.status)
         self.set_header("Content-Type", "application/json")
         self.finish(answer.body)
         self.record(call, message, answer.outcome, started)
+
+    def ask_to_connect(self, call: Call, message, exc: ConnectRequired) -> bool:
+        """A 2026-07-28 client that takes URL elicitations gets one (an input_required result);
+        False, and the tool error or JSON-RPC error with the link instead, when it cannot take
+        one, the user declined or cancelled, or it was asked MAX_ROUNDS times for this call."""
+        retry = self._connect_retry
+        if not connect_elicitation.accepts_url_elicitation(message) or (
+                retry is not None and (retry.action != "accept" or retry.rounds >= connect_elicitation.MAX_ROUNDS)):
+            return False
+        reply = connect_elicitation.input_required(
+            self.services.upstream_auth.box, message, call.claims["sub"], call.server_id, exc.url,
+            f"{exc}: open the link to connect your account at {call.server.name or call.server_id}, then continue.",
+            rounds=retry.rounds if retry is not None else 0, now=time.time())
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(reply))
+        # Not a usage record: this answer is interim, and the retry is the one logical call.
+        return True

@@ -24,8 +24,8 @@ log = logging.getLogger("gateway.proxy")
 URL_ELICITATION_REQUIRED = -32042
 # 2026-07-28 removed -32042 and elicitationId and reserves -32020..-32099 for the spec; a gateway
 # may still use the implementation-defined legacy range, so its clients get this code with the
-# link in the message (the URL-mode elicitation of 2026 travels in an input_required result,
-# which the gateway does not send yet).
+# link in the message, on requests that cannot carry a URL elicitation (an input_required result,
+# services/proxy/connect_elicitation.py: tools/call, prompts/get, resources/read only).
 CONNECT_REQUIRED_2026 = -32001
 TEMPORARY_CODE = -32603
 # A 401 whose challenge names metadata re-reads the upstream's auth setup at most this often per
