@@ -18,6 +18,7 @@ from cli_upstream import (
     upstream_change,
     upstream_flags,
 )
+from cli_users import run_users, users_parser
 from config import Config, ConfigError
 from services import Services, build_services
 from services.authserver.clients import registration_response
@@ -93,6 +94,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     arevoke.add_argument("--client", required=True, help="the client_id")
 
     connections_parser(sub, json_flag)
+    users_parser(sub, json_flag)
     grants = sub.add_parser("grants", help="sharing rules").add_subparsers(dest="action", required=True)
     for action in ("add", "edit", "remove"):
         grant = grants.add_parser(action, parents=[json_flag])
@@ -296,6 +298,8 @@ async def run_admin(args, services: Services) -> None:
     elif args.command == "connections":
         lines, data = await run_connections(args, services, await cli_actor(services, args.user))
         emit(args, lines, data)
+    elif args.command == "users":
+        emit(args, *await run_users(args, services))
     elif args.command == "grants":
         if args.action == "list":
             grants = await registry.grants(args.server_id)

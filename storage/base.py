@@ -295,6 +295,23 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def get_user(self, sub: str) -> User | None: ...
 
+    @abc.abstractmethod
+    async def list_users(self) -> list[User]:
+        """Every user, by e-mail then sub (the operator's `users list`; DynamoDB: one Scan)."""
+
+    @abc.abstractmethod
+    async def delete_user(self, sub: str) -> bool:
+        """Delete the user row alone; False if unknown. What else the user holds is removed
+        first by the caller (services/ops/users.py), so a failure half-way can be re-run."""
+
+    @abc.abstractmethod
+    async def delete_user_consents(self, sub: str) -> int:
+        """Delete every remembered consent of the user (all clients and audiences)."""
+
+    @abc.abstractmethod
+    async def delete_user_sessions(self, sub: str) -> int:
+        """Delete every MCP session of the user (all servers; not a hot path)."""
+
     # clients
     @abc.abstractmethod
     async def create_client(self, client: Client) -> None:

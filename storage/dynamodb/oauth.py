@@ -38,6 +38,7 @@ from .codecs import (
     _Expr,
     _family_item,
     _family_key,
+    _gsi,
     _key,
     _num,
     _signing_key_key,
@@ -246,7 +247,10 @@ class OAuthRecords:
 
     async def put_consent(self, consent: Consent) -> None:
         key = _key(_consent_pk(consent.user_sub, consent.client_id), f"AUD#{consent.audience}")
-        await self._run(self._put, {**key, **CONSENTS.encode(consent)})
+        # GSI1 lists a user's consents (delete_user_consents); items written before it
+        # existed are found through the user's refresh families instead.
+        index = _gsi("GSI1", f"CONSENTUSER#{_esc(consent.user_sub)}", _esc(consent.client_id))
+        await self._run(self._put, {**key, **CONSENTS.encode(consent), **index})
 
     async def delete_consents(self, user_sub: str, client_id: str) -> int:
         return await self._run(self._delete_consents, user_sub, client_id)
@@ -255,6 +259,16 @@ class OAuthRecords:
         pk = _consent_pk(user_sub, client_id)
         items = self._query_partition(pk, ProjectionExpression="PK, SK")
         return sum(self._delete(_key(pk, item["SK"]["S"])) is not None for item in items)
+
+    async def delete_user_consents(self, sub: str) -> int:
+        return await self._run(self._delete_user_consents, sub)
+
+    def _delete_user_consents(self, sub: str) -> int:
+        clients = {item["client_id"]["S"] for item in self._query_index(
+            "GSI1", f"CONSENTUSER#{_esc(sub)}", ProjectionExpression="client_id")}
+        clients |= {item["client_id"]["S"] for item in self._query_index(
+            "GSI1", f"FAMUSER#{_esc(sub)}", ProjectionExpression="client_id")}
+        return sum(self._delete_consents(sub, client_id) for client_id in sorted(clients))
 
     # -------------------------------------------------------------- signing keys
 

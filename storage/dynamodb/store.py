@@ -16,16 +16,20 @@ from ..base import (
     Storage,
     StorageError,
     StorageUnavailable,
+    User,
 )
 from .codecs import (
     FAMILIES,
     REVOKED_PK,
+    USERS,
     _Codec,
     _esc,
     _Expr,
     _key,
     _num,
+    _sorted,
     _ts,
+    _user_key,
 )
 from .errors import RETRY_AFTER, _cancellation_codes, _is_boto_error, _storage_error
 from .oauth import OAuthRecords
@@ -222,6 +226,51 @@ class DynamoDBStorage(ServerRecords, OAuthRecords, Storage):
             lambda: self._db.get_item(TableName=self.table, Key=_key("PING", "PING"))
         )
 
+
+    # ------------------------------------------------------- removing a user
+
+    async def list_users(self) -> list[User]:
+        items = await self._run(self._scan_users)
+        return _sorted([USERS.decode(i) for i in items], lambda u: (u.email, u.sub))
+
+    def _scan_users(self) -> list[dict]:
+        # No index holds every user (GSI1 has verified e-mails only): one Scan, read by the
+        # operator's `users list` alone; its cost grows with the whole table.
+        expr = _Expr()
+        params: dict[str, Any] = {
+            "TableName": self.table,
+            "ConsistentRead": True,
+            **expr.params(FilterExpression=(
+                f"{expr.n('SK')} = {expr.v({'S': 'USER'})} AND begins_with({expr.n('PK')}, {expr.v({'S': 'USER#'})})"
+            )),
+        }
+        items: list[dict] = []
+        while True:
+            page = self._db.scan(**params)
+            items.extend(page.get("Items", []))
+            if not page.get("LastEvaluatedKey"):
+                return items
+            params["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    async def delete_user(self, sub: str) -> bool:
+        return await self._run(self._delete, _user_key(sub)) is not None
+
+    async def delete_user_sessions(self, sub: str) -> int:
+        return await self._run(self._delete_user_sessions, sub)
+
+    def _delete_user_sessions(self, sub: str) -> int:
+        # Sessions are indexed by server only: one query per server, filtered to the user;
+        # each delete re-checks the owner.
+        deleted = 0
+        for server in self._query_index("GSI3", "SERVERS", ProjectionExpression="server_id"):
+            expr = _Expr()
+            mine = f"{expr.n('user_sub')} = {expr.v({'S': sub})}"
+            for item in self._query_index("GSI1", f"SRVSESS#{_esc(server['server_id']['S'])}", expr=expr,
+                                          FilterExpression=mine):
+                check = _Expr()
+                condition = f"{check.n('user_sub')} = {check.v({'S': sub})}"
+                deleted += self._delete(_key(item["PK"]["S"], item["SK"]["S"]), condition, check) is not None
+        return deleted
 
     # -------------------------------------------------------------- housekeeping
 

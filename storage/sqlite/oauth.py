@@ -174,6 +174,10 @@ class OAuthRecords:
             client_id,
         )
 
+    async def delete_user_consents(self, sub: str) -> int:
+        # user_sub leads the primary key: one range of it.
+        return await self._run(self._change, "DELETE FROM consents WHERE user_sub = ?", sub)
+
     # -------------------------------------------------------------- signing keys
 
     async def list_signing_keys(self) -> list[SigningKey]:

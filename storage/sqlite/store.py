@@ -18,8 +18,9 @@ from ..base import (
     Storage,
     StorageError,
     StorageUnavailable,
+    User,
 )
-from .codecs import PENDING, R, _Table
+from .codecs import PENDING, USERS, R, _Table
 from .connection import (
     _RECONNECT_ON,
     _UNAVAILABLE,
@@ -266,6 +267,18 @@ class SqliteStorage(ServerRecords, OAuthRecords, Storage):
         with self._write() as conn:
             conn.execute(PENDING.upsert, PENDING.encode(probe))
 
+
+    # ------------------------------------------------------- removing a user
+
+    async def list_users(self) -> list[User]:
+        return await self._read(self._all, USERS, "1 ORDER BY email, sub")
+
+    async def delete_user(self, sub: str) -> bool:
+        return await self._run(self._change, "DELETE FROM users WHERE sub = ?", sub) > 0
+
+    async def delete_user_sessions(self, sub: str) -> int:
+        # No index by user: the sessions table holds live sessions only (purged at expiry).
+        return await self._run(self._change, "DELETE FROM sessions WHERE user_sub = ?", sub)
 
     # -------------------------------------------------------------- housekeeping
 
