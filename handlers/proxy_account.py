@@ -37,6 +37,8 @@ class AccountRelay:
         if not token:
             return None
         response = await self.send(call, message, started, token)
+        if response is not None and self.more_scope_needed(call, message, response, started):
+            return None
         if response is None or response.status != 401 or self._r.client_gone:
             return response
         # The token expired early or was revoked: another one (refreshed), and one retry (the
@@ -48,6 +50,8 @@ class AccountRelay:
             return None
         self._upstream_token = token
         response = await self.send(call, message, started, token)
+        if response is not None and self.more_scope_needed(call, message, response, started):
+            return None
         if response is not None and response.status == 401:
             response.close()
             self.upstream_auth_failed(call, message, ConnectRequired(
@@ -55,6 +59,19 @@ class AccountRelay:
                 started)
             return None
         return response
+
+    def more_scope_needed(self, call: Call, message, response, started: float) -> bool:
+        """An upstream 403 insufficient_scope: answered with the link to connect again (asking
+        for more), not the 502 of an upstream that refuses the gateway."""
+        if response.status != 403 or self._r.client_gone:
+            return False  # another 403 (the upstream refuses the gateway) is relay_response's 502
+        exc = connect_required.needs_more_scope(self.services.upstream_auth, call.server_id,
+                                                response.headers.get("WWW-Authenticate", ""))
+        if exc is None:
+            return False
+        response.close()
+        self.upstream_auth_failed(call, message, exc, started)
+        return True
 
     async def upstream_token(self, call: Call, message, started: float, rejected: str = "",
                              challenge: str = "") -> str:

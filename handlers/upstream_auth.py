@@ -64,8 +64,10 @@ class ConnectHandler(UpstreamPage):
         if user is None:
             return
         self.log_fields["server_id"] = server_id
-        server, host = await connections_of(self).server_to_connect(user, server_id)
+        connections = connections_of(self)
+        server, host = await connections.server_to_connect(user, server_id)
         self.page("connect.html", server=server, host=host,
+                  scope=connections.more_scope(self.get_query_argument("scope", None)),
                   return_to=local_path(self.get_query_argument("return_to", None), CONNECTIONS_PATH))
 
     async def post(self, server_id: str) -> None:
@@ -73,7 +75,7 @@ class ConnectHandler(UpstreamPage):
         self.log_fields["server_id"] = server_id
         form = self.form_body()
         return_to = local_path(form.get("return_to"), CONNECTIONS_PATH)
-        self.redirect(await connections_of(self).begin(user, server_id, return_to))
+        self.redirect(await connections_of(self).begin(user, server_id, return_to, form.get("scope") or ""))
 
 
 class CallbackHandler(UpstreamPage):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
@@ -30,7 +31,9 @@ from tests.support.upstream_accounts import (  # noqa: F401 (fixtures)
     credential,
     gateway,
     server_id,
+    sign_in,
     signed_in,
+    to_callback,
     token_requests,
     upstream,
     whoami_text,
@@ -229,3 +232,55 @@ def test_the_connect_answers_for_batches_notifications_and_get() -> None:
         assert answer.status == 403 and exc.url in json.loads(answer.body)["error"]["message"]
     temporary = connect_required.answer_for(None, UpstreamAuthTemporarilyUnavailable("the AS answered 502", 7))
     assert temporary.status == 503 and temporary.retry_after == 7
+
+
+# ------------------------------------------------------------- more permissions
+
+
+def test_an_upstream_403_insufficient_scope_answers_the_link_to_connect_again_and_keeps_the_account(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    link = f"{gateway.url}/oauth/upstream/connect/{server_id}"
+
+    @run
+    async def scenario() -> None:
+        upstream.control(issue_scopes=["profile"])  # its AS grants less than its MCP server needs
+        async with ScriptedBrowser() as browser:
+            rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
+            # The SDK server answers 403 insufficient_scope (to initialize already): not the 502 of
+            # a refused gateway, and not a 401 that would send the client through the gateway's
+            # sign-in again, but the link to connect again.
+            with pytest.raises(BaseException) as raised:
+                async with connect(rig):
+                    pass
+            error = raised.value
+            while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+                error = error.exceptions[0]  # the SDK's task group wraps what initialize raised
+            assert isinstance(error, MCPError) and error.code == connect_required.URL_ELICITATION_REQUIRED
+            assert link in error.error.message and "more permissions" in error.error.message
+            assert await credential(gateway, OWNER, server_id) is not None  # the account is kept
+            upstream.control(issue_scopes=[])
+            await browser.follow(await to_callback(browser, gateway, server_id))
+            async with connect(rig) as client:
+                assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
+
+    scenario()
+
+
+def test_a_connect_link_asking_for_more_scope_shows_it_and_asks_the_upstream_for_it(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+    link = f"{gateway.url}/oauth/upstream/connect/{server_id}"
+
+    @run
+    async def scenario() -> None:
+        async with ScriptedBrowser() as browser:
+            await sign_in(browser, gateway, OWNER)
+            page = await browser.follow(f"{link}?scope=repo+read%3Aorg")
+            assert page.status == 200 and 'data-testid="connect-scope"' in page.text and "read:org" in page.text
+            stopped = await browser.submit(page, "return_to", stop_at=f"{upstream.issuer}/authorize")
+            asked = parse_qs(urlsplit(stopped.stopped_at).query)["scope"][0].split()
+            assert asked == ["mcp", "repo", "read:org"]  # the usual scope first, the link's besides
+            for hostile in ('a"b', " ".join(f"s{i}" for i in range(21)), "x" * 201, "a\tb"):
+                refused = await browser.follow(f"{link}?{urlencode({'scope': hostile})}")
+                assert refused.status == 400 and "not valid" in refused.text
+
+    scenario()

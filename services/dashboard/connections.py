@@ -21,7 +21,7 @@ from services.proxy.upstream_auth.errors import (
     UpstreamAuthTemporarilyUnavailable,
 )
 from services.proxy.upstream_auth.sealing import Unreadable, open_tokens
-from services.proxy.upstream_auth.service import UpstreamAuth
+from services.proxy.upstream_auth.service import UpstreamAuth, more_scopes
 from storage.base import Server, Storage
 
 log = logging.getLogger("gateway.connections")
@@ -94,12 +94,24 @@ class Connections:
         server = await self._usable(_sub(user), server_id)
         return server, await self._sign_in_host(server)
 
+    @staticmethod
+    def more_scope(scope: str | None) -> str:
+        """The scopes a connect link asks for besides the usual ones (the upstream said it needs
+        them); a 400 page for anything that is not a short list of OAuth scopes."""
+        try:
+            return more_scopes(scope or "")
+        except ValueError:
+            raise PageError(400, "This connect link is not valid",
+                            "It asks for permissions in a form the gateway does not pass on. "
+                            "Open Connections from the dashboard instead.") from None
+
     # ----------------------------------------------------------- the trip
 
-    async def begin(self, user: dict, server_id: str, return_to: str) -> str:
-        """The upstream authorization URL for this user's browser (the connect button)."""
+    async def begin(self, user: dict, server_id: str, return_to: str, scope: str = "") -> str:
+        """The upstream authorization URL for this user's browser (the connect button); `scope`:
+        what a connect link asks for besides (checked with `more_scope`)."""
         server = await self._usable(_sub(user), server_id)
-        return await self._begin(_sub(user), server, browser_of(user), return_to)
+        return await self._begin(_sub(user), server, browser_of(user), return_to, self.more_scope(scope))
 
     async def complete(self, user: dict | None, query: dict[str, str]) -> tuple[str, str]:
         """The callback: (server_id, return_to) once the account is stored. A PageError
@@ -157,9 +169,9 @@ class Connections:
 
     # ------------------------------------------------------------ helpers
 
-    async def _begin(self, sub: str, server: Server, browser: str, return_to: str) -> str:
+    async def _begin(self, sub: str, server: Server, browser: str, return_to: str, scope: str = "") -> str:
         try:
-            return await self._auth.begin(sub, server, browser=browser, return_to=return_to)
+            return await self._auth.begin(sub, server, browser=browser, return_to=return_to, more_scope=scope)
         except UpstreamAuthError as exc:
             raise _page_error(exc) from None
 

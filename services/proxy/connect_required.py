@@ -16,6 +16,7 @@ from services.proxy.upstream_auth.errors import (
     UpstreamAuthError,
     UpstreamAuthTemporarilyUnavailable,
 )
+from services.proxy.upstream_auth.service import more_scopes
 
 log = logging.getLogger("gateway.proxy")
 
@@ -88,6 +89,21 @@ def answer_for(message, exc: UpstreamAuthError, era: str = "2025") -> Answer:
     request_id = message.id if message is not None and message.kind != "batch" else None
     body = _error(request_id, TEMPORARY_CODE, f"the upstream sign-in is temporarily unavailable: {exc}")
     return Answer(503, json.dumps(body).encode(), "503", retry_after)
+
+
+def needs_more_scope(upstream_auth, server_id: str, challenge: str) -> ConnectRequired | None:
+    """After an upstream 403: for `insufficient_scope`, connect again, asking for the scope the
+    challenge names (dropped when it is not a short list of OAuth scopes). The account is kept:
+    it still serves what it was granted for. None for any other challenge."""
+    params = parse_www_authenticate(challenge)
+    if params.get("error") != "insufficient_scope":
+        return None
+    try:
+        scope = more_scopes(params.get("scope", ""))
+    except ValueError:
+        scope = ""
+    return ConnectRequired("the server needs more permissions from your account for this; connect again "
+                           "to grant them", upstream_auth.connect_url(server_id, scope))
 
 
 _rediscovered = TtlCache(10_000, REDISCOVER_EVERY)  # server id -> True while re-read recently

@@ -13,7 +13,7 @@ by the `as_user` cookie (set by `GET /signin?user=SUB`), else `--user`. Test con
 `POST /_control` (JSON: `token_status` answers /token with that status; `rotate` false: a
 refresh returns no new refresh token and keeps the old one; `access_ttl`: the lifetime of
 tokens issued from now on; `cimd`: the metadata says client_id_metadata_document_supported; `revoke_user`: every token of that
-subject dies; `expire_access`: that subject's access tokens die, its refresh tokens live), `GET /_stats` (token requests as seen: grant type, subject, `resource`; `introspected`: every
+subject dies; `expire_access`: that subject's access tokens die, its refresh tokens live; `issue_scopes`: what every code grants from now on), `GET /_stats` (token requests as seen: grant type, subject, `resource`; `introspected`: every
 bearer token the MCP server received, in order).
 
 `OAuthUpstream` starts both on sockets the test bound (the AS's port is a `HeldPort`, so
@@ -46,6 +46,7 @@ class TestProvider:
         self.access: dict = {}
         self.refresh: dict = {}
         self.rotate = True
+        self.issue_scopes: list[str] = []  # when set, what every code grants, whatever was asked
 
     async def get_client(self, client_id: str):
         return self.clients.get(client_id)
@@ -58,7 +59,7 @@ class TestProvider:
 
         code = secrets.token_urlsafe(24)
         self.codes[code] = AuthorizationCode(
-            code=code, scopes=params.scopes or SCOPES, expires_at=time.time() + CODE_TTL,
+            code=code, scopes=self.issue_scopes or params.scopes or SCOPES, expires_at=time.time() + CODE_TTL,
             client_id=client.client_id, code_challenge=params.code_challenge,
             redirect_uri=params.redirect_uri,
             redirect_uri_provided_explicitly=params.redirect_uri_provided_explicitly,
@@ -169,6 +170,8 @@ def as_app(issuer: str, default_user: str, access_ttl: float):
             provider.rotate = bool(body["rotate"])
         if "cimd" in body:
             control["cimd"] = bool(body["cimd"])
+        if "issue_scopes" in body:
+            provider.issue_scopes = list(body["issue_scopes"])
         if "access_ttl" in body:
             provider.access_ttl = float(body["access_ttl"])
         if "userinfo_status" in body:

@@ -38,7 +38,7 @@ def gateway(tmp_path: Path):
 @pytest.fixture
 def server_id(gateway: GatewayProcess, upstream: OAuthUpstream) -> str:
     """An oauth server of OWNER, shared with FRIEND; the upstream's test knobs back to normal."""
-    upstream.control(access_ttl=3600, token_status=0)
+    upstream.control(access_ttl=3600, token_status=0, issue_scopes=[])
     server = gateway.add_server(upstream.mcp_url, OWNER, "Upstream with accounts", "--upstream-auth", "oauth")
     gateway.cli("grants", "add", server, "--email", FRIEND)
     return server

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,8 @@ TOKEN_CACHE_TTL = 5.0  # how long another instance's disconnect may go unseen he
 LEASE_TTL = 15.0  # a refresher that died holds (user, server) this long at most
 LEASE_POLL = 0.1  # a waiter looks for the holder's result this often
 REFRESH_MARGIN = 30.0  # refresh this long before expiry (a quarter of short lifetimes)
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,200}")  # RFC 6749 §3.3 scope-token
+MAX_MORE_SCOPES = 20
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,11 @@ class UpstreamAuth:
         self._tokens = TtlCache(10000, TOKEN_CACHE_TTL, clock=clock)
         self._refreshing: dict[tuple[str, str], asyncio.Future] = {}
 
-    def connect_url(self, server_id: str) -> str:
-        """Where a user (re)connects their account for a server (a gateway page)."""
-        return f"{self.public_url}/oauth/upstream/connect/{server_id}"
+    def connect_url(self, server_id: str, scope: str = "") -> str:
+        """Where a user (re)connects their account for a server (a gateway page); `scope`: what
+        the upstream said it needs besides (an insufficient_scope answer)."""
+        url = f"{self.public_url}/oauth/upstream/connect/{server_id}"
+        return f"{url}?{urlencode({'scope': scope})}" if scope else url
 
     def client_metadata(self) -> dict:
         """The client ID metadata document to serve at `client_id_url`."""
@@ -105,14 +110,16 @@ class UpstreamAuth:
 
     # ------------------------------------------------------------- browser trip
 
-    async def begin(self, user_sub: str, server: object, browser: str, return_to: str = "") -> str:
+    async def begin(self, user_sub: str, server: object, browser: str, return_to: str = "",
+                    more_scope: str = "") -> str:
         """The upstream authorization URL to send the browser to (PKCE S256, state, resource).
-        `browser`: a digest of the user's browser session; the callback must present it."""
+        `browser`: a digest of the user's browser session; the callback must present it.
+        `more_scope`: scopes to ask for besides the usual (`more_scopes`-checked)."""
         discovery = await self.discover(server)
         client = await self._client(server, discovery)
         settings = UpstreamAuthSettings.of(server, self.box)
         state, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(48)
-        scope = settings.scope or " ".join(discovery.scopes)
+        scope = " ".join(dict.fromkeys([*(settings.scope.split() or discovery.scopes), *more_scope.split()]))
         query = {
             "response_type": "code", "client_id": client.client_id, "redirect_uri": self.redirect_uri,
             "state": state, "code_challenge": _s256(verifier), "code_challenge_method": "S256",
@@ -341,6 +348,15 @@ class UpstreamAuth:
         except Exception as exc:  # revocation is a courtesy: the credential is gone either way
             log.info("upstream revocation skipped: %s", exc, extra={"user_sub": user_sub, "server_id": server_id})
         return deleted
+
+
+def more_scopes(text: str) -> str:
+    """`text` as space-separated scope tokens (RFC 6749 §3.3), at most MAX_MORE_SCOPES; ValueError
+    for anything else (it comes from a link or an upstream's challenge)."""
+    tokens = text.split(" ") if text else []
+    if len(tokens) > MAX_MORE_SCOPES or not all(SCOPE_TOKEN.fullmatch(t) for t in tokens):
+        raise ValueError("not a list of OAuth scopes")
+    return " ".join(dict.fromkeys(tokens))
 
 
 def _state_key(state: str) -> str:
