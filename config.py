@@ -1,9 +1,5 @@
-"""Config: the gateway's settings, one frozen dataclass read from MCPGW_* environment variables.
-
-Every secret may instead come from a file named by the same variable with a `_FILE` suffix
-(systemd credentials work as is). A bad value raises ConfigError naming the variable, which
-the CLI prints as one line.
-"""
+"""Config: the gateway's settings, one frozen dataclass read from MCPGW_* environment variables;
+a secret may come from a file named by the variable with a `_FILE` suffix (systemd credentials)."""
 
 from __future__ import annotations
 

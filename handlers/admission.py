@@ -1,41 +1,5 @@
-"""Connection admission: the gateway's HTTP server, holding its client connections below the
-process's file-descriptor limit and answering the ones beyond with a 503.
-
-Why (issue 7, finding 8): every client connection is a descriptor, and every proxied call
-or SSE stream holds a second one to its upstream; storage, the log and the IdP and
-metadata fetches need a few more. Out of descriptors, Tornado's accept handler raised
-EMFILE on every readiness of the listening socket, which stays readable while connections
-wait in its backlog, so the loop spun at a full core logging a traceback per attempt
-(193,203 of them, 129 MB, in 13 s) and the connections beyond got no answer at all.
-
-- **Cap.** `connection_cap(limit)` derives how many client connections may be open at
-  once from ``RLIMIT_NOFILE``: a reserve for storage, logs and outbound fetches off the
-  top, the rest halved because each connection may hold an upstream one.
-  ``MCPGW_MAX_CONNECTIONS`` may set it lower. A connection beyond the cap is still
-  accepted (the reserve guarantees a descriptor for it), answered ``503`` with
-  ``Retry-After`` and ``Connection: close`` in one non-blocking send, and closed at once:
-  the client gets an answer and no descriptor stays taken.
-- **Back-off.** Should ``accept`` still fail for want of descriptors (EMFILE, ENFILE, or
-  the kernel out of memory for sockets), the listening socket is taken off the loop for a
-  back-off (0.1 s doubling to 2 s) and put back by a timer: waiting connections stay in
-  the kernel's backlog, and the loop idles instead of spinning.
-- **Reporting.** Both conditions are logged at once, then at most once per
-  `REPORT_INTERVAL` as one line with counts, plus a line when a quiet interval follows;
-  the counters ``connections_refused_total`` and ``accept_paused_total`` go to /metrics.
-
-- **Drain.** `drain(timeout)` (on SIGTERM, gateway.py): the listening sockets close, so
-  new connections are refused (a load balancer or client retries elsewhere, nothing sent);
-  idle keep-alive connections are closed; each request in flight is told to close its
-  connection once its response is complete (``Connection: close`` when its headers are
-  still to go) and gets up to `timeout` seconds; what is still running then is cut.
-  Handlers still at work after their response (usage records) get `HANDLER_GRACE` more.
-
-Cost: one ``len()`` of the server's connection set per accepted connection; per request,
-a small delegate wrapper and a done-callback that track which connections are busy.
-
-It lives in ``handlers`` because it is the HTTP front of the gateway, Tornado-specific
-like the handlers it feeds, and holds no state the services share.
-"""
+"""Connection admission: the gateway's HTTP server, holding client connections below the
+descriptor limit (503 beyond), backing off when accept() runs out, and draining (docs/architecture.md §6)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
-"""The storage contract: the abstract async `Storage` interface (its records: `storage.records`).
-
-Methods are named after access patterns so that every backend serves each one with a
-single key lookup, one query or one conditional write (SQLite: one indexed statement in
-a transaction; DynamoDB: one item or one partition). Anything that must happen at most
-once (redeem a code, rotate a refresh token, take a pending state, create the first
-signing key) is a conditional write that is safe when two processes race.
-
-Times are float UNIX seconds. Secrets never reach storage in clear: tokens and codes are
-stored as hashes, private material as ciphertext made by `services.keys.SecretBox`.
-"""
+"""The storage contract: the abstract async `Storage` (records in `storage.records`); one lookup,
+query or conditional write per method, at-most-once steps race-safe (docs/architecture.md §7–9)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""AuthorizationRequests: the rules of /authorize and its consent step — validating a
-request, parking it while the user signs in, deciding whether consent is needed, and
-issuing the code — so that the handlers only parse the request and render the outcome.
-
-Outcomes are values: `Redirect` (to the client, to sign-in or to consent), `ConsentPage`
-(what the page shows), `Denied` (the friendly refusal). Errors about the client or its
-redirect URI are a `PageError`: shown to the person, never redirected (RFC 6749 §4.1.2.1).
-A `Detour` (connected accounts, issue 11) may send the browser to an upstream's sign-in
-before the code is issued; `resume` issues it when the browser comes back.
-"""
+"""AuthorizationRequests: the rules of /authorize and consent (validate, park during sign-in,
+decide consent, issue the code; outcomes as values, client errors as a PageError never redirected)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""The upstream identity provider (OIDC, Google by default): discovery, the authorization
-URL, the code exchange and ID-token verification.
-
-The HTTP work is asynchronous (Tornado's client). ID tokens are verified with PyJWT against
-a JWKS this module fetched and cached by its Cache-Control header, so no blocking call
-happens on the event loop; a token with or without `kid` is accepted as OpenID Connect
-Core §10.1 allows, within the clock leeway.
-"""
+"""The upstream identity provider (OIDC, Google by default): discovery, the authorization URL,
+the code exchange, and ID-token verification with PyJWT against a JWKS cached by Cache-Control."""
 
 from __future__ import annotations
 

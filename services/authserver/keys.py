@@ -1,9 +1,5 @@
-"""Signing keys and secrets at rest: SecretBox (AES-GCM under the master secret) and
-KeyRing (RS256 keys: race-safe creation, rotation, JWKS, signing and verification).
-
-Everything on the verification path is in memory; storage is read at start, on a timer
-and when a token names a kid this process has not seen yet (a rotation elsewhere).
-"""
+"""Signing keys and secrets at rest: SecretBox (AES-GCM under the master secret) and KeyRing
+(RS256 keys: race-safe creation, rotation, JWKS, signing; verification from memory)."""
 
 from __future__ import annotations
 

@@ -1,13 +1,5 @@
-"""TokenService: authorization codes, the token endpoint's grants, access tokens (RS256
-JWT), refresh-token rotation with reuse detection, and revocation; verification of access
-tokens for the proxy's hot path is in `verification`.
-
-Rotation rule (DESIGN.md): redeeming RT0 returns RT1 and marks RT0 used. Presenting RT0
-again while RT1 is unused and within GRACE seconds returns the same RT1 (a retry after a
-lost response); any other reuse is theft and revokes the whole family. Concurrent
-redemptions of one token in one process are single-flight; across processes the
-conditional write in storage decides and the loser takes the grace path.
-"""
+"""TokenService: authorization codes, the token endpoint's grants, RS256 access tokens, refresh
+rotation with reuse detection (docs/architecture.md §3), revocation; the hot-path check is `verification`."""
 
 from __future__ import annotations
 

@@ -1,12 +1,5 @@
-"""Text checks shared by every edge that takes strings from outside (the JSON API, the
-dashboard's forms, OAuth registration, client metadata documents, the CLI): a string is
-used only when it is valid Unicode text of a sane length, and a refusal names its field.
-
-Why one helper: JSON's `\\ud800` escape and the CLI's surrogate-escaped argv both produce
-Python strings that hold lone surrogates. They pass every regex and length check and then
-fail deep in storage (UTF-8 encoding) as a 500; control characters reach logs and pages.
-Also the header values more than one edge reads (Content-Type's media type, max-age).
-"""
+"""Text checks for every edge that takes strings from outside: valid Unicode (lone surrogates pass
+regexes, then fail in storage as a 500), no control characters, sane length; shared header parsing."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""Usage reports of one server for the last 24 hours or N days: totals, calls per day (or
-hour) as chart geometry, top tools, a user x tool table with p50/p95 latency from the
-aggregates' fixed histograms, active sessions, recent calls and CSV. Reads the daily
-aggregates (the 24-hour view reads one day of events), so the cost does not grow with
-the history kept."""
+"""Usage reports of one server (24 hours or N days): totals, chart geometry, top tools, user x tool
+latency from the aggregates' fixed histograms, sessions, recent calls, CSV; cost independent of history."""
 
 from __future__ import annotations
 

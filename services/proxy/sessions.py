@@ -1,9 +1,5 @@
-"""SessionMap: the gateway's own Mcp-Session-Id <-> the upstream's session id, bound to
-the user and the server. The upstream id never reaches the client; another user (or the
-same user on another server) presenting a gateway id finds nothing.
-
-Warm lookups come from an in-process LRU; any instance sharing the storage can continue
-any session (a miss reads storage once)."""
+"""SessionMap: the gateway's own Mcp-Session-Id <-> the upstream's, bound to user and server (the
+upstream id never reaches the client); an in-process LRU, any instance continues any session."""
 
 from __future__ import annotations
 
