@@ -28,7 +28,7 @@ from services.proxy.upstream_auth.errors import (
     UpstreamAuthTemporarilyUnavailable,
 )
 from services.proxy.upstream_auth.sealing import Unreadable, open_tokens, seal_client_secret
-from services.proxy.upstream_auth.service import UpstreamAuth
+from services.proxy.upstream_auth.service import TOKEN_CACHE_TTL, UpstreamAuth
 from storage import DynamoDBStorage, SqliteStorage, Storage
 from tests.support.oauth_upstream import OAuthUpstream
 from tests.support.ports import bind_unused_port
@@ -493,6 +493,25 @@ def test_disconnect_revokes_at_the_upstream_and_forgets_the_credential(
         assert await svc.disconnect("ivan", server) is False
 
     run(scenario, service(tmp_path / "gw.db"))
+
+
+def test_a_disconnect_on_another_instance_is_seen_within_the_token_cache_lifetime(
+    upstream: OAuthUpstream, stores,
+) -> None:
+    server = Srv(f"srv_two_{uuid.uuid4().hex[:6]}", upstream.mcp_url)
+    clock = Clock()
+
+    async def scenario(one: UpstreamAuth, two: UpstreamAuth) -> None:
+        await connect(one, "judy", server, upstream, as_user="up-judy")
+        assert await whoami(upstream, await two.get_token("judy", server)) == "up-judy"  # warm on two
+        assert await one.disconnect("judy", server) is True
+        clock.offset += TOKEN_CACHE_TTL + 0.1  # no longer than this (5 s): two reads storage again
+        with pytest.raises(ConnectRequired):
+            await two.get_token("judy", server)
+
+    # The token cache runs on the monotonic clock: both instances get the test's clock for it too.
+    run(scenario, *(UpstreamAuth(stores(), SecretBox(MASTER), AddressPolicy(["127.0.0.1/32"]), PUBLIC_URL,
+                                 now=clock, clock=clock) for _ in range(2)))
 
 
 def test_an_authorization_server_that_is_down_or_failing_is_temporary_and_keeps_the_token(tmp_path: Path) -> None:
