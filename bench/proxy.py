@@ -98,6 +98,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children_cpu_seconds(pid: int) -> float:
+    """CPU time of the live child processes of `pid` (the gateway's SQLite usage writer)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 async def throughput(port: int, path: str, token: str | None, seconds: float,
                      clients: int = 32) -> tuple[float, int]:
     """(requests per second, requests done) with `clients` concurrent keep-alive clients."""
@@ -192,11 +205,14 @@ async def measure_round(args, targets: dict[str, tuple[int, str, str | None, int
         result[name]["p50"], result[name]["p99"] = percentiles(await sequential(port, path, token, args.requests))
         result[name]["opened"] = (await stats(upstream_port))["accepted"] - before
     for name, (port, path, token, pid) in targets.items():
-        cpu = cpu_seconds(pid)
+        cpu, helpers = cpu_seconds(pid), children_cpu_seconds(pid)
         result[name]["rps"], done = await throughput(port, path, token, args.seconds)
         # Requests per CPU-second of the serving process: what one core would do alone. The
         # machine is shared, so wall-clock req/s also measures the neighbours; this much less.
-        result[name]["per_cpu"] = done / max(cpu_seconds(pid) - cpu, 1e-9)
+        spent = max(cpu_seconds(pid) - cpu, 1e-9)
+        result[name]["per_cpu"] = done / spent
+        # The same with its child processes' CPU (the usage writer): the machine's cost.
+        result[name]["per_cpu_all"] = done / (spent + max(children_cpu_seconds(pid) - helpers, 0.0))
     return result
 
 
@@ -235,7 +251,8 @@ async def run(args, upstream_port: int, gateway: GatewayProcess, server_id: str,
               f"gateway {r['gateway']['rps']:,.0f} ({r['gateway']['rps'] / r['floor']['rps']:.2f}x floor; "
               f"per CPU-second {r['gateway']['per_cpu'] / r['floor']['per_cpu']:.2f}x); "
               f"p50 {r['direct']['p50']:.3f} / {r['floor']['p50']:.3f} / {r['gateway']['p50']:.3f} ms")
-    med = {name: {key: statistics.median(r[name][key] for r in rounds) for key in ("p50", "p99", "rps", "per_cpu")}
+    med = {name: {key: statistics.median(r[name][key] for r in rounds)
+                  for key in ("p50", "p99", "rps", "per_cpu", "per_cpu_all")}
            for name in targets}
     ratios = [r["gateway"]["rps"] / r["floor"]["rps"] for r in rounds]
     direct, floor, gw = med["direct"], med["floor"], med["gateway"]
@@ -257,11 +274,16 @@ async def run(args, upstream_port: int, gateway: GatewayProcess, server_id: str,
     line("requests per CPU-second: floor / gateway", f"{floor['per_cpu']:,.0f} / {gw['per_cpu']:,.0f} "
          f"= {statistics.median(cpu_ratios):.2f}x floor", "(goal >= 0.85x)")
     line("  per round", " ".join(f"{x:.2f}" for x in cpu_ratios))
+    all_ratios = [r["gateway"]["per_cpu_all"] / r["floor"]["per_cpu"] for r in rounds]
+    line("  with its child processes (usage writer)", f"{gw['per_cpu_all']:,.0f} = "
+         f"{statistics.median(all_ratios):.2f}x floor")
     if baseline is not None:
         base = med["baseline"]
         base_cpu = statistics.median(r["baseline"]["per_cpu"] / r["floor"]["per_cpu"] for r in rounds)
-        line("baseline tree's gateway", f"{base['rps'] / floor['rps']:.2f}x floor, per CPU-second {base_cpu:.2f}x, "
-             f"added p50 +{base['p50'] - direct['p50']:.3f} ms")
+        base_all = statistics.median(r["baseline"]["per_cpu_all"] / r["floor"]["per_cpu"] for r in rounds)
+        line("baseline tree's gateway", f"{base['rps'] / floor['rps']:.2f}x floor, per CPU-second {base_cpu:.2f}x "
+             f"({base_all:.2f}x with children), added p50 +{base['p50'] - direct['p50']:.3f} ms "
+             f"(+{base['p50'] - floor['p50']:.3f} over the floor)")
 
     print("4. upstream connections opened per 1,000 sequential requests (all rounds)")
     for name in ("floor", "gateway"):
