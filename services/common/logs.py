@@ -49,10 +49,31 @@ def security_event(event: str, message: str, **fields: object) -> None:
 
 
 def new_request_id() -> str:
-    """16 hex characters from os.urandom: fork-safe (workers never repeat each other's ids),
-    0.3-0.8 µs (a counter with a random prefix: ~0.2 µs, but it would tell every client how
-    many requests the gateway has served)."""
-    return os.urandom(8).hex()
+    """16 hex characters from os.urandom, drawn 256 ids at a time (one getrandom call instead
+    of one a request: ~0.1 µs; a counter with a random prefix would tell every client how many
+    requests the gateway has served). Fork-safe: a forked worker starts on fresh bytes."""
+    try:
+        return next(_request_ids)  # a list iterator's next() is atomic: threads never share an id
+    except StopIteration:
+        return _refill_request_ids()
+
+
+def _refill_request_ids() -> str:
+    global _request_ids
+    text = os.urandom(8 * _IDS_PER_DRAW).hex()
+    ids = iter([text[i:i + 16] for i in range(0, len(text), 16)])
+    _request_ids = ids
+    return next(ids)
+
+
+def _forget_request_ids() -> None:
+    global _request_ids
+    _request_ids = iter(())
+
+
+_IDS_PER_DRAW = 256
+_request_ids = iter(())
+os.register_at_fork(after_in_child=_forget_request_ids)
 
 
 def accept_request_id(value: str | None) -> str:
