@@ -1,16 +1,9 @@
-"""/mcp/{serverId}: the MCP Streamable HTTP proxy. Authentication and the sharing rules
-are checked on every request before anything reaches the upstream.
-
-Every failure is a JSON-RPC error with the right HTTP status while no byte of the answer
-has gone out (an upstream that breaks off a held-back body: 502; storage that cannot be
-read or written: 503 with Retry-After); once bytes have gone out, the connection is
-closed so a cut-off answer never looks complete. Hop-by-hop headers, including those a
-Connection header names, are dropped in both directions."""
+"""/mcp/{serverId}: the MCP Streamable HTTP proxy. The gate's checks come first on every
+request; then the relay, hop-by-hop headers dropped both ways (errors: handlers/proxy_errors.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 
@@ -18,19 +11,14 @@ from tornado.iostream import StreamClosedError
 
 from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
 from handlers.proxy_account import AccountRelay
+from handlers.proxy_errors import ErrorAnswers
 from handlers.proxy_stream import RelayState, SseRelay
 from services.common import logs
 from services.proxy.gate import TOOL_METHODS, Call, Refused, ToolRefused
 from services.proxy.protocol import eras, jsonrpc
-from services.proxy.upstream.errors import (
-    UpstreamError,
-    UpstreamProtocolError,
-    UpstreamRefused,
-    UpstreamStreamError,
-    UpstreamTimeout,
-)
+from services.proxy.upstream.errors import UpstreamError, UpstreamStreamError
 from services.proxy.upstream.http11 import hop_by_hop_names
-from storage.base import StorageError, StorageUnavailable
+from storage.base import StorageError
 
 log = logging.getLogger("gateway.proxy")
 
@@ -41,11 +29,10 @@ BODY_FLUSH_AT = 256 * 1024  # a non-SSE body past this streams to the client wit
 # upstream's own credentials); Authorization, cookies and hop-by-hop headers never pass.
 FORWARDED_REQUEST_HEADERS = ("Accept", "Content-Type", "Last-Event-ID", "User-Agent", "Accept-Language")
 FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Content-Encoding", "MCP-Protocol-Version", "Retry-After")
-STORAGE_RETRY_AFTER = 2  # seconds, when a storage failure does not say (StorageUnavailable does)
 END_SESSION_TIMEOUT = 5.0  # the best-effort DELETE of an upstream session the gateway could not record
 
 
-class McpProxyHandler(AccountRelay, SseRelay, BaseHandler):
+class McpProxyHandler(AccountRelay, SseRelay, ErrorAnswers, BaseHandler):
     SUPPORTED_METHODS = ("GET", "POST", "DELETE", "OPTIONS")
 
     def initialize(self) -> None:
@@ -63,22 +50,6 @@ class McpProxyHandler(AccountRelay, SseRelay, BaseHandler):
             self.set_header("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS)
             self.set_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
             self.set_header("Access-Control-Max-Age", "86400")
-
-    def jsonrpc_error(self, status: int, code: int, message: str, request_id=None) -> None:
-        self.set_status(status)
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}))
-
-    def refuse(self, refused: Refused) -> None:
-        """A refusal from the gate: its status, challenge and body."""
-        if refused.www_authenticate:
-            self.set_header("WWW-Authenticate", refused.www_authenticate)
-        if refused.jsonrpc:
-            self.set_status(refused.status)
-            self.set_header("Content-Type", "application/json")
-            self.finish(json.dumps(refused.body))
-        else:
-            self.write_json(refused.body, refused.status)
 
     async def admit(self, server_id: str) -> Call | None:
         """The admitted call when the request may proceed; otherwise the response is sent."""
@@ -121,23 +92,6 @@ class McpProxyHandler(AccountRelay, SseRelay, BaseHandler):
                 await self.relay(call, message)
         except StorageError as exc:
             self.storage_failed(exc)
-
-    def storage_failed(self, exc: StorageError) -> None:
-        """503 + Retry-After with a JSON-RPC error (the request's id when known); one log
-        line, no traceback: a locked, read-only or full store is an operating condition."""
-        log.warning("storage failure on %s %s: %s", self.request.method, self.request.path, exc)
-        self.services.metrics.inc("storage_errors_total", where="proxy")
-        if self._finished:
-            return
-        if self._r.flushed:
-            self.request.connection.close()  # an answer is under way: cut it, never fake its end
-            return
-        self.clear()
-        retry_after = exc.retry_after if isinstance(exc, StorageUnavailable) else STORAGE_RETRY_AFTER
-        self.set_header("Retry-After", str(retry_after))
-        message = self._r.message
-        self.jsonrpc_error(503, -32603, "the gateway's storage is unavailable; retry later",
-                           message.id if message is not None else None)
 
     def parse_post(self, call: Call):
         """The POST's JSON-RPC message once it passed the size, syntax, routing-header and
@@ -244,7 +198,6 @@ class McpProxyHandler(AccountRelay, SseRelay, BaseHandler):
         """The upstream's response, or None once an error is answered (or the client left)."""
         services = self.services
         server = call.server
-        server_id = call.server_id
         method = self.request.method
         # No task of its own (one per request costs more than the rest of the relay): while
         # the headers are awaited, on_connection_close cancels this handler's task.
@@ -265,26 +218,8 @@ class McpProxyHandler(AccountRelay, SseRelay, BaseHandler):
                 raise
             self._uncancel()
             return None  # cancelled by on_connection_close: the upstream connection is closed
-        except UpstreamTimeout:
-            services.metrics.inc("upstream_errors_total", kind="timeout")
-            self.jsonrpc_error(504, -32603, "the upstream MCP server did not answer in time", message and message.id)
-            self.record(call, message, "504", started)
-            return None
-        except UpstreamRefused as exc:
-            services.metrics.inc("upstream_errors_total", kind="refused")
-            log.warning("upstream %s refused by the address policy: %s", server_id, exc)
-            self.jsonrpc_error(
-                502, -32603, "the gateway's address policy refuses the upstream MCP server's address",
-                message and message.id,
-            )
-            self.record(call, message, "502", started)
-            return None
         except UpstreamError as exc:
-            services.metrics.inc("upstream_errors_total",
-                                 kind="protocol" if isinstance(exc, UpstreamProtocolError) else "unreachable")
-            log.warning("upstream %s unreachable: %s", server_id, exc)
-            self.jsonrpc_error(502, -32603, "the upstream MCP server is unreachable", message and message.id)
-            self.record(call, message, "502", started)
+            self.upstream_failed(exc, call, message, started)
             return None
         finally:
             self._r.upstream_request = None
@@ -296,20 +231,13 @@ class McpProxyHandler(AccountRelay, SseRelay, BaseHandler):
 
     async def relay_response(self, response, call: Call, message, started: float) -> None:
         gate = self.services.gate
-        server_id = call.server_id
         session = call.session
         status = response.status
         if status == 404 and session is not None:
             # The upstream forgot the session: so do we, and the client re-initializes.
             await gate.drop_session(call)
         if status in (401, 403):
-            # The upstream refused the gateway's own credentials; passing its challenge on
-            # would send the client into a re-authorization loop with us.
-            log.warning("upstream %s answered %s to the gateway", server_id, status)
-            self.services.metrics.inc("upstream_errors_total", kind="auth_rejected")
-            self.jsonrpc_error(502, -32603, "the upstream MCP server refused the gateway", message and message.id)
-            self.observe_latency(call)
-            self.record(call, message, "502", started)
+            self.upstream_refused_gateway(call, message, started, status)
             return
         if self.request.method == "DELETE" and session is not None and status < 300:
             await gate.drop_session(call)
@@ -372,18 +300,7 @@ class McpProxyHandler(AccountRelay, SseRelay, BaseHandler):
                     self._r.flushed = True
                     await asyncio.wait_for(self.flush(), self.config.slow_reader_timeout)
         except UpstreamStreamError as exc:
-            self.services.metrics.inc("upstream_errors_total", kind="broken_body")
-            log.warning("upstream answer broke off: %s", exc)
-            if not self._r.flushed:
-                # Nothing went out yet: the client gets a whole answer, an error.
-                self.clear()
-                self.jsonrpc_error(502, -32603, "the upstream MCP server broke off its answer",
-                                   message and message.id)
-                return "502"
-            # Finishing would make a cut-off body look complete (its Content-Length would
-            # match): closing the connection tells the client the answer broke off.
-            self.request.connection.close()
-            return "502"
+            return self.body_broke_off(exc, message)
         except StreamClosedError:
             self.services.metrics.inc("streams_closed_total", reason="client_gone")
         except TimeoutError:
