@@ -12,7 +12,7 @@ minimal fast upstream, side by side in the same run. Not part of the test run.
   4. upstream TCP connections opened per 1,000 sequential requests (keep-alive)
 
 Rounds interleave the three targets; medians of --rounds rounds (default 3).
-Run: .venv/bin/python bench/proxy.py [--streams 2000] [--seconds 5] [--requests 2000] [--rounds 3]
+Run: .venv/bin/python bench/proxy.py [--streams 2000] [--seconds 5] [--requests 2000] [--rounds 3] [--lean]
 The gateway and the floor are pinned to core 0; the upstream and this load generator share core 1.
 """
 
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import floor as bench_floor  # noqa: E402
-from bench import minimal_upstream  # noqa: E402
+from bench import lean_floor, minimal_upstream  # noqa: E402
 from tests.support.gateway import GatewayProcess  # noqa: E402
 
 TOOLS_CALL = json.dumps(
@@ -237,12 +237,15 @@ async def run(args, upstream_port: int, gateway: GatewayProcess, server_id: str,
                "gateway": (gw_port, mcp_path, token, gateway.pid)}
     if baseline is not None:  # --baseline-tree: the gateway of another checkout, same upstream
         targets["baseline"] = baseline
-    if os.environ.get("BENCH_PROFILE"):  # a py-spy profile of the gateway under load (first round)
+    targets.update(args.lean_targets)  # --lean: the pass-through on leaner server layers (prototypes)
+    if os.environ.get("BENCH_PROFILE"):  # a py-spy profile under load (before the rounds)
+        # BENCH_PROFILE_TARGET=floor profiles the floor instead of the gateway.
+        port, path, profile_token, pid = targets[os.environ.get("BENCH_PROFILE_TARGET", "gateway")]
         py_spy = shutil.which("py-spy") or str(ROOT / ".venv/bin/py-spy")  # not a project dependency
         subprocess.Popen([py_spy, "record", "-o", os.environ["BENCH_PROFILE"],
-                          "-f", "raw", "-r", "400", "-d", str(int(args.seconds) + 4), "-p", str(gateway.pid)])
+                          "-f", "raw", "-r", "400", "-d", str(int(args.seconds) + 4), "-p", str(pid)])
         await asyncio.sleep(1)
-        await throughput(gw_port, mcp_path, token, args.seconds)  # (the figures are in the rounds)
+        await throughput(port, path, profile_token, args.seconds)  # (the figures are in the rounds)
     rounds = []
     for number in range(args.rounds):
         rounds.append(await measure_round(args, targets, upstream_port))
@@ -284,6 +287,13 @@ async def run(args, upstream_port: int, gateway: GatewayProcess, server_id: str,
         line("baseline tree's gateway", f"{base['rps'] / floor['rps']:.2f}x floor, per CPU-second {base_cpu:.2f}x "
              f"({base_all:.2f}x with children), added p50 +{base['p50'] - direct['p50']:.3f} ms "
              f"(+{base['p50'] - floor['p50']:.3f} over the floor)")
+
+    for name, label in (("delegate", "Tornado HTTPServer, bare delegate, no RequestHandler"),
+                        ("asyncio", "no Tornado: asyncio Protocol + httptools")):
+        if name in args.lean_targets:
+            lean_cpu = statistics.median(r[name]["per_cpu"] / r["floor"]["per_cpu"] for r in rounds)
+            line(f"lean pass-through: {label}", f"{med[name]['per_cpu']:,.0f} per CPU-s = {lean_cpu:.2f}x floor, "
+                 f"p50 {med[name]['p50'] - floor['p50']:+.3f} ms")
 
     print("4. upstream connections opened per 1,000 sequential requests (all rounds)")
     for name in ("floor", "gateway"):
@@ -351,10 +361,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline-tree", type=Path,
                         help="also measure the gateway of this checkout (before/after comparisons in one run)")
+    parser.add_argument("--lean", action="store_true",
+                        help="also measure bench/lean_floor.py: the floor's pass-through without Tornado")
     args = parser.parse_args()
+    args.lean_targets = {}
     with tempfile.TemporaryDirectory() as tmp:
         upstream, upstream_port = minimal_upstream.start(Path(tmp) / "port")
         gateway = floor = other = None
+        leans = []
         try:
             os.sched_setaffinity(upstream.pid, {1})
             os.sched_setaffinity(0, {1})
@@ -364,6 +378,12 @@ def main() -> None:
             os.sched_setaffinity(floor.pid, {0})
             server_id = gateway.add_server(f"http://127.0.0.1:{upstream_port}/mcp", "bench@example.com")
             token = bearer_token(gateway, server_id)
+            for kind in ("delegate", "asyncio") if args.lean else ():
+                lean, lean_port = lean_floor.start(Path(tmp) / f"{kind}-port", f"http://127.0.0.1:{upstream_port}/mcp",
+                                                   kind)
+                leans.append(lean)
+                os.sched_setaffinity(lean.pid, {0})
+                args.lean_targets[kind] = (lean_port, "/mcp", None, lean.pid)
             baseline = other = None
             if args.baseline_tree:
                 other = start_baseline(args.baseline_tree.resolve(), Path(tmp) / "baseline", upstream_port)
@@ -376,9 +396,10 @@ def main() -> None:
                 other.stop()
             if gateway is not None:
                 gateway.stop()
-            if floor is not None:
-                floor.terminate()
-                floor.wait(10)
+            for process in (floor, *leans):
+                if process is not None:
+                    process.terminate()
+                    process.wait(10)
             upstream.terminate()
             upstream.wait(10)
 
