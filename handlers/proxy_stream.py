@@ -10,6 +10,7 @@ import logging
 import time
 import weakref
 
+from tornado import httputil
 from tornado.iostream import StreamClosedError
 
 from services.proxy.gate import Call
@@ -80,6 +81,9 @@ class SseRelay:
         try:
             self._r.flushed = True
             self.flush()
+            # The head is out and Tornado reads the response headers no more (finish() only
+            # ends the body): a stream held for hours need not keep them (~1.3 KiB).
+            self._headers = httputil.HTTPHeaders()
             self.observe_latency(call)
             while True:
                 if draining.is_set() and self._may_end_for_drain(message, outcome, parser):
