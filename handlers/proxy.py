@@ -39,6 +39,12 @@ class McpProxyHandler(AccountRelay, SseRelay, ErrorAnswers, BaseHandler):
         self._r = RelayState()
         self._upstream_token = ""  # upstream_auth "oauth": the user's token for this request
 
+    def prepare(self) -> None:
+        # Only the request id's ContextVar: an MCP call authenticates with its bearer token,
+        # never the dashboard's sign-in cookie, whose session BaseHandler.prepare checks.
+        # Not a coroutine: Tornado awaits nothing for it.
+        logs.request_id.set(self.request_id)
+
     def set_default_headers(self) -> None:
         super().set_default_headers()
         origin = self.request.headers.get("Origin")
