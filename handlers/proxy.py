@@ -195,7 +195,14 @@ class McpProxyHandler(AccountRelay, SseRelay, ErrorAnswers, BaseHandler):
             return
         self._r.upstream_response = response
         try:
-            await self.relay_response(response, call, message, started)
+            if await self.relay_head(response, call, message, started):
+                # Awaited here rather than in relay_head: an idle stream holds one frame less.
+                if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    outcome = await self.relay_stream(response, message, started, call)
+                else:
+                    outcome = await self.relay_body(response, message, response.status)
+                    self.observe_latency(call)
+                self.record(call, message, outcome, started)
         finally:
             response.close()
             self._r.upstream_response = None
@@ -235,7 +242,9 @@ class McpProxyHandler(AccountRelay, SseRelay, ErrorAnswers, BaseHandler):
             return None
         return response
 
-    async def relay_response(self, response, call: Call, message, started: float) -> None:
+    async def relay_head(self, response, call: Call, message, started: float) -> bool:
+        """The upstream answer's status and headers, the session it starts or ends; False
+        when the answer is given here instead (an upstream refusing the gateway)."""
         gate = self.services.gate
         session = call.session
         status = response.status
@@ -244,7 +253,7 @@ class McpProxyHandler(AccountRelay, SseRelay, ErrorAnswers, BaseHandler):
             await gate.drop_session(call)
         if status in (401, 403):
             self.upstream_refused_gateway(call, message, started, status)
-            return
+            return False
         if self.request.method == "DELETE" and session is not None and status < 300:
             await gate.drop_session(call)
         self.set_status(status, response.reason or None)
@@ -265,13 +274,7 @@ class McpProxyHandler(AccountRelay, SseRelay, ErrorAnswers, BaseHandler):
                 raise
         if session is not None:
             self.set_header("Mcp-Session-Id", session.session_id)
-        content_type = response.headers.get("Content-Type", "")
-        if content_type.startswith("text/event-stream"):
-            outcome = await self.relay_stream(response, message, started, call)
-        else:
-            outcome = await self.relay_body(response, message, status)
-            self.observe_latency(call)
-        self.record(call, message, outcome, started)
+        return True
 
     async def end_upstream_session(self, call: Call, upstream_session: str) -> None:
         """Best effort: DELETE a session at the upstream (MCP's way to end one)."""
