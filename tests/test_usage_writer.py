@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from storage import SqliteStorage, StorageError, UsageEvent
+from storage.sqlite import usage as usage_module
 
 T0 = 1_800_000_000.0
 
@@ -125,3 +126,17 @@ def test_a_memory_database_writes_in_process() -> None:
             await storage.close()
 
     asyncio.run(main())
+
+
+def test_without_a_writer_process_usage_is_written_in_process(tmp_path: Path, monkeypatch, caplog) -> None:
+    # A host where no process can be started (no such interpreter here): nothing is lost.
+    monkeypatch.setattr(usage_module, "PYTHON", str(tmp_path / "no-such-python"))
+
+    async def body(storage: SqliteStorage) -> None:
+        await storage.usage.record_usage([event(1)])
+        assert storage.usage.writer is None
+        await storage.usage.record_usage([event(2)])
+        assert await recorded(storage) == [T0 + 1, T0 + 2]
+
+    run(tmp_path, body)
+    assert "this process writes the usage events itself" in caplog.text

@@ -4,6 +4,7 @@ of a file database are written by a child process (`UsageWriterProcess`)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pickle
 import signal
@@ -32,6 +33,8 @@ from .schema import HIST_COLUMNS
 
 if TYPE_CHECKING:
     from .store import SqliteStorage
+
+log = logging.getLogger("gateway.usage")
 
 
 def _aggregate_upsert(table: str, period: str) -> str:
@@ -71,7 +74,14 @@ class SqliteUsage(UsageStore):
             return
         if self._store._writer is None:
             raise StorageError("sqlite storage is not open")
-        await self.writer.record(list(events))
+        try:
+            await self.writer.record(list(events))
+        except WriterUnavailable as exc:
+            # No process can be started here (a sandbox without exec, no PIDs left): usage is
+            # still recorded, by this process as before.
+            log.warning("usage: %s; this process writes the usage events itself", exc)
+            self.writer = None
+            await self._store._run(self._record_usage, list(events))
 
     def _record_usage(self, events: list[UsageEvent]) -> None:
         daily, hourly, users = summarize_batch(events)
@@ -172,6 +182,11 @@ class SqliteUsage(UsageStore):
 WRITER_REPLY_TIMEOUT = WRITE_BUDGET + 10.0
 _CHILD = "import sys; sys.path.insert(0, sys.argv[1]); from storage.sqlite.usage import writer_main; writer_main()"
 _ROOT = str(Path(__file__).resolve().parents[2])
+PYTHON = sys.executable  # the child's interpreter
+
+
+class WriterUnavailable(StorageError):
+    """The writer process cannot be started at all."""
 
 
 class UsageWriterProcess:
@@ -196,15 +211,20 @@ class UsageWriterProcess:
 
     async def record(self, events: list[UsageEvent]) -> None:
         reply = await asyncio.get_running_loop().run_in_executor(self._executor, self._exchange, events)
+        if reply[0] == "no process":
+            raise WriterUnavailable(reply[1])
         if reply[0] == "unavailable":
             raise StorageUnavailable(reply[1], reply[2])
         if reply[0] != "ok":
             raise StorageError(reply[1])
 
     def _exchange(self, events: list[UsageEvent]) -> tuple:
-        try:
-            if self._owner != os.getpid() or self._proc is None or self._proc.poll() is not None:
+        if self._owner != os.getpid() or self._proc is None or self._proc.poll() is not None:
+            try:
                 self._start()
+            except OSError as exc:
+                return ("no process", f"cannot start the usage writer process ({type(exc).__name__}: {exc})")
+        try:
             self._send.send_bytes(pickle.dumps(events, pickle.HIGHEST_PROTOCOL))
             if not self._receive.poll(WRITER_REPLY_TIMEOUT):
                 raise TimeoutError("no answer")
@@ -223,7 +243,7 @@ class UsageWriterProcess:
         parent_reads, child_writes = os.pipe()
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", _CHILD, _ROOT, str(child_reads), str(child_writes), self.path],
+                [PYTHON, "-c", _CHILD, _ROOT, str(child_reads), str(child_writes), self.path],
                 stdin=subprocess.DEVNULL, pass_fds=(child_reads, child_writes),  # and no other descriptor
             )
         except BaseException:
