@@ -244,7 +244,10 @@ class UsageWriterProcess:
         try:
             self._proc = subprocess.Popen(
                 [PYTHON, "-c", _CHILD, _ROOT, str(child_reads), str(child_writes), self.path],
-                stdin=subprocess.DEVNULL, pass_fds=(child_reads, child_writes),  # and no other descriptor
+                pass_fds=(child_reads, child_writes),  # and no other descriptor
+                # Its failures reach the log through this process (a reply's text, or the
+                # pipe's end), never as loose lines that would break the JSON log format.
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
         except BaseException:
             for fd in (parent_writes, parent_reads):
