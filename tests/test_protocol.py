@@ -361,7 +361,8 @@ def test_outcomes() -> None:
     )
     assert outcome_of(batch, 2) == "-1"
     pending = response_outcome('{"jsonrpc":"2.0","id":5,"result":{"resultType":"input_required"}}', 5)
-    assert pending is not None and pending.result_type == "input_required" and pending.label == "ok"
+    assert pending is not None and pending.result_type == "input_required"
+    assert pending.label == "input_required"  # interim: the usage record waits for the retry
 
 
 def test_body_outcome_agrees_with_outcome_of_on_whole_answers() -> None:
@@ -376,10 +377,12 @@ def test_body_outcome_agrees_with_outcome_of_on_whole_answers() -> None:
         b'{"jsonrpc":"2.0","id":1,"result":{"text":"the word \\"error\\" in a result"}}',
         b"not json",
         b'{"jsonrpc":"2.0","id":1,"result":' + b"[" * 300 + b"]" * 300 + b"}",
+        b'{"jsonrpc":"2.0","id":1,"result":{"resultType":"input_required","requestState":"s"}}',
     ]
     for body in bodies:
         assert body_outcome(body, 1) == (outcome_of(body, 1) or "ok"), body
     assert body_outcome(bodies[1], 1) == "tool_error" and body_outcome(bodies[3], 1) == "-32602"
+    assert body_outcome(bodies[-1], 1) == "input_required"
     assert body_outcome(b'{"jsonrpc":"2.0","id":1,"result":' + DEEP + b"}", 1) == "unknown"
 
 

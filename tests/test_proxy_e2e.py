@@ -115,3 +115,40 @@ def test_subscriptions_listen_stream_through_the_gateway(gateway, upstream):
 
     event = asyncio.run(main())
     assert type(event).__name__ == "ToolsListChanged"
+
+
+def test_an_input_required_round_through_the_gateway_is_one_call_in_usage(gateway, upstream):
+    """2026-07-28: the upstream answers a tools/call with input_required (its MCPServer's
+    Resolve(Elicit)), the SDK client answers and retries with a new id; the gateway relays both
+    untouched (the upstream's own requestState) and records one logical call, not two."""
+    import sqlite3
+
+    from mcp import types
+
+    from tests.support.workers import wait_for
+
+    server_id = gateway.add_server(upstream.url, ALICE["email"])
+    asked: list[str] = []
+
+    async def on_elicit(context, params):
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"confirm": True})
+
+    async def main():
+        async with ScriptedBrowser() as browser:
+            rig = make_oauth_rig(f"{gateway.url}/mcp/{server_id}", browser, idp_login=ALICE)
+            async with connect(rig, mode="2026-07-28", elicitation_callback=on_elicit) as client:
+                result = await client.call_tool("confirm", {})
+                await client.call_tool("echo", {"text": "after"})  # written after confirm's record
+        return result
+
+    result = asyncio.run(main())
+    assert asked == ["Proceed?"] and result.content[0].text == "answer: True"
+
+    def rows() -> list[tuple[str, str]]:
+        with sqlite3.connect(f"file:{gateway.state_dir / 'gateway.db'}?mode=ro", uri=True) as conn:
+            return conn.execute("SELECT target, outcome FROM usage_events WHERE server_id = ? AND "
+                                "method = 'tools/call' ORDER BY id", (server_id,)).fetchall()
+
+    wait_for(lambda: ("echo", "ok") in rows(), 15, "the usage rows")  # usage is written in order
+    assert rows() == [("confirm", "ok"), ("echo", "ok")]

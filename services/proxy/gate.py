@@ -20,6 +20,7 @@ from services.common.logs import security_event
 from services.common.metrics import Metrics
 from services.common.scopes import MCP_SCOPES, SCOPE_CONNECT, SCOPE_INVOKE, scope_allows
 from services.proxy.protocol import eras
+from services.proxy.protocol.jsonrpc import INPUT_REQUIRED
 from services.proxy.sessions import SessionMap
 from services.proxy.tools.filtering import MAX_LIST_BYTES, ToolListError, dump_message, read_tools_message
 from services.proxy.usage import UsageRecorder
@@ -239,8 +240,8 @@ class ProxyGate:
                headers, era: str | None = None) -> None:
         """The usage event of a JSON-RPC request (notifications and responses leave none);
         `era` ("2025"/"2026") when the caller already knows it from the routing-header check."""
-        if message is None or message.method is None or message.kind != "request":
-            return
+        if message is None or message.method is None or message.kind != "request" or outcome == INPUT_REQUIRED:
+            return  # an input_required answer is interim: its retry is the call (one logical call)
         claims = call.claims
         self._usage.record(
             UsageEvent(

@@ -1,5 +1,6 @@
 """A real upstream: the `mcp` package's own MCPServer over Streamable HTTP, with tools that
-stream progress, ask the client for elicitation, fail, and count what the gateway sends.
+stream progress, ask the client for elicitation (mid-call, or MRTR for 2026-07-28), fail, and count what
+the gateway sends.
 
 Run: python -m tests.support.upstream_server (--fd FD | PORT) [--stateless] [--json]
 (--fd: serve the listening socket the parent bound and passed with Popen(pass_fds=...))."""
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from typing import Annotated
 
-from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver import Context, Elicit, MCPServer, Resolve
 from pydantic import BaseModel
 
 server = MCPServer("upstream-under-test")
@@ -40,6 +42,17 @@ async def ask(ctx: Context) -> str:
     """Ask the client to confirm (elicitation round trip)."""
     result = await ctx.elicit("Proceed?", Confirm)
     return f"answer: {result.action} {getattr(result, 'data', None)}"
+
+
+def _confirmation() -> Elicit[Confirm]:
+    return Elicit("Proceed?", Confirm)
+
+
+@server.tool()
+def confirm(answer: Annotated[Confirm, Resolve(_confirmation)]) -> str:
+    """Ask the client to confirm the way both eras can: mid-call for 2025 clients, an
+    input_required result (MRTR) and a retry for 2026-07-28 ones."""
+    return f"answer: {answer.confirm}"
 
 
 @server.tool()

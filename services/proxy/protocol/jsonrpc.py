@@ -18,6 +18,7 @@ HEADER_MISMATCH = -32020  # MCP 2026-07-28 HeaderMismatch (renumbered from -3200
 
 
 META_PROTOCOL_VERSION = "io.modelcontextprotocol/protocolVersion"
+INPUT_REQUIRED = "input_required"  # the 2026 resultType of an interim answer (MRTR)
 
 CONNECT_METHODS = frozenset(
     {
@@ -266,11 +267,14 @@ class Outcome:
 
     @property
     def label(self) -> str:
-        """ "ok", "tool_error", the error code as text, or "unknown"."""
+        """ "ok", "tool_error", the error code as text, "unknown", or "input_required" (a 2026
+        interim answer: the retry that follows is the call, so usage records skip it)."""
         if not self.known:
             return "unknown"
         if not self.ok:
             return str(self.code)
+        if self.result_type == INPUT_REQUIRED:
+            return INPUT_REQUIRED
         return "tool_error" if self.tool_error else "ok"
 
 
@@ -315,9 +319,9 @@ _SHALLOW = 256  # fewer brackets than this cannot nest anywhere near the recursi
 
 def body_outcome(data: bytes, request_id: str | int) -> str:
     """`outcome_of` for a whole JSON answer, "ok" when it holds no answer to `request_id`.
-    An answer without an "error" or "isError" member, too shallow to be "unknown", is "ok"
+    An answer without an "error", "isError" or "input_required", too shallow to be "unknown", is "ok"
     whatever else it says: those (most) are not parsed a second time."""
-    if (b'"error"' not in data and b'"isError"' not in data
+    if (b'"error"' not in data and b'"isError"' not in data and b'"input_required"' not in data
             and data.count(b"{") + data.count(b"[") < _SHALLOW):
         return "ok"
     return outcome_of(data, request_id) or "ok"
