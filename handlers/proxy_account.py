@@ -64,7 +64,7 @@ class AccountRelay:
         """An upstream 403 insufficient_scope: answered with the link to connect again (asking
         for more), not the 502 of an upstream that refuses the gateway."""
         if response.status != 403 or self._r.client_gone:
-            return False  # another 403 (the upstream refuses the gateway) is relay_response's 502
+            return False  # another 403 (the upstream refuses the gateway) is relay_head's 502
         exc = connect_required.needs_more_scope(self.services.upstream_auth, call.server_id,
                                                 response.headers.get("WWW-Authenticate", ""))
         if exc is None:
