@@ -371,6 +371,7 @@ def test_body_outcome_agrees_with_outcome_of_on_whole_answers() -> None:
         b'{"jsonrpc":"2.0","id":1,"result":{"content":[]}}',
         b'{"jsonrpc":"2.0","id":1,"result":{"isError":true,"content":[]}}',
         b'{"jsonrpc":"2.0","id":1,"result":{"isError": false}}',
+        b'{"jsonrpc":"2.0","id":1,"result":{"isError" :\n true,"content":[]}}',
         b'{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"unknown tool"}}',
         b'{"jsonrpc":"2.0","id":2,"error":{"code":-1,"message":"another id"}}',
         b'[{"jsonrpc":"2.0","id":1,"result":{}},{"jsonrpc":"2.0","id":2,"error":{"code":-1,"message":"x"}}]',
@@ -381,8 +382,9 @@ def test_body_outcome_agrees_with_outcome_of_on_whole_answers() -> None:
     ]
     for body in bodies:
         assert body_outcome(body, 1) == (outcome_of(body, 1) or "ok"), body
-    assert body_outcome(bodies[1], 1) == "tool_error" and body_outcome(bodies[3], 1) == "-32602"
+    assert body_outcome(bodies[1], 1) == "tool_error" and body_outcome(bodies[4], 1) == "-32602"
     assert body_outcome(bodies[-1], 1) == "input_required"
+    assert body_outcome(bodies[3], 1) == "tool_error"  # whitespace around the colon
     assert body_outcome(b'{"jsonrpc":"2.0","id":1,"result":' + DEEP + b"}", 1) == "unknown"
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -317,11 +318,16 @@ def outcome_of(data: str | bytes | None, request_id: str | int | None) -> str | 
 _SHALLOW = 256  # fewer brackets than this cannot nest anywhere near the recursion limit
 
 
+_IS_ERROR_TRUE = re.compile(rb'"isError"\s*:\s*true')
+
+
 def body_outcome(data: bytes, request_id: str | int) -> str:
     """`outcome_of` for a whole JSON answer, "ok" when it holds no answer to `request_id`.
-    An answer without an "error", "isError" or "input_required", too shallow to be "unknown", is "ok"
-    whatever else it says: those (most) are not parsed a second time."""
-    if (b'"error"' not in data and b'"isError"' not in data and b'"input_required"' not in data
+    An answer without an "error" member, an `"isError": true` or "input_required", too shallow
+    to be "unknown", is "ok" whatever else it says: those (most, and every successful tool
+    result of the SDKs, which say `"isError": false`) are not parsed a second time."""
+    if (b'"error"' not in data and b'"input_required"' not in data
+            and (b'"isError"' not in data or not _IS_ERROR_TRUE.search(data))
             and data.count(b"{") + data.count(b"[") < _SHALLOW):
         return "ok"
     return outcome_of(data, request_id) or "ok"
