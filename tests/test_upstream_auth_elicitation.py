@@ -91,54 +91,36 @@ def test_the_sdk_client_is_asked_to_connect_and_its_retry_reaches_the_upstream_a
     scenario()
 
 
-def test_a_declined_elicitation_ends_in_the_tool_error_with_the_link_and_reaches_nothing(
-        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
+@pytest.mark.parametrize("answer, times_asked", [
+    ("decline", 1), ("cancel", 1), ("accept", connect_elicitation.MAX_ROUNDS)])
+def test_an_elicitation_not_followed_by_connecting_ends_in_the_tool_error_and_reaches_nothing(
+        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream, answer: str, times_asked: int) -> None:
+    """Declined or cancelled: the tool result with the link at once. Accepted without connecting
+    (the user closed the page): asked again, at most MAX_ROUNDS times for one call."""
     link = f"{gateway.url}/oauth/upstream/connect/{server_id}"
     asked: list[str] = []
 
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:
-            async def decline(context, params):
+            async def respond(context, params):
                 asked.append(params.url)
-                return mcp_types.ElicitResult(action="decline")
+                return mcp_types.ElicitResult(action=answer)
 
             rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-            async with connect(rig, mode=MODERN, elicitation_callback=decline) as client:
+            async with connect(rig, mode=MODERN, elicitation_callback=respond) as client:
                 assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
                 await disconnect(browser, gateway, server_id)
                 mark = introspected(upstream)
                 result = await client.call_tool("whoami", {})
-                assert asked == [link]
+                assert asked == [link] * times_asked
                 assert result.is_error and link in result.content[0].text
                 assert introspected(upstream) == mark
 
     scenario()
 
 
-def test_an_accept_without_connecting_is_asked_again_at_most_max_rounds_times(
-        gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
-    asked: list[str] = []
-
-    @run
-    async def scenario() -> None:
-        async with ScriptedBrowser() as browser:
-            async def accept_but_do_nothing(context, params):
-                asked.append(params.url)
-                return mcp_types.ElicitResult(action="accept")
-
-            rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-            async with connect(rig, mode=MODERN, elicitation_callback=accept_but_do_nothing) as client:
-                assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
-                await disconnect(browser, gateway, server_id)
-                result = await client.call_tool("whoami", {})
-                assert len(asked) == connect_elicitation.MAX_ROUNDS
-                assert result.is_error and "connect" in result.content[0].text
-
-    scenario()
-
-
-def test_a_client_that_declared_no_url_elicitation_gets_the_tool_error_and_other_methods_the_error(
+def test_a_client_that_declared_no_url_elicitation_gets_the_tool_error_with_the_link(
         gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream) -> None:
     link = f"{gateway.url}/oauth/upstream/connect/{server_id}"
 
