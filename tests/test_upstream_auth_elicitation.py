@@ -24,6 +24,7 @@ from tests.support.oauth_upstream import OAuthUpstream
 from tests.support.upstream_accounts import (  # noqa: F401 (fixtures)
     ALICE_AT_UPSTREAM,
     OWNER,
+    alices_client,
     credential,
     gateway,
     server_id,
@@ -74,9 +75,8 @@ def test_the_sdk_client_is_asked_to_connect_and_its_retry_reaches_the_upstream_a
                 assert (await browser.follow(await to_callback(browser, gateway, server_id))).status == 200
                 return mcp_types.ElicitResult(action="accept")
 
-            rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-            async with connect(rig, mode=MODERN, elicitation_callback=connect_account) as client:
-                assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
+            async with alices_client(browser, gateway, server_id, upstream, mode=MODERN,
+                                     elicitation_callback=connect_account) as (rig, client):
                 await disconnect(browser, gateway, server_id)
                 mark = introspected(upstream)
 
@@ -107,9 +107,8 @@ def test_an_elicitation_not_followed_by_connecting_ends_in_the_tool_error_and_re
                 asked.append(params.url)
                 return mcp_types.ElicitResult(action=answer)
 
-            rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-            async with connect(rig, mode=MODERN, elicitation_callback=respond) as client:
-                assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
+            async with alices_client(browser, gateway, server_id, upstream, mode=MODERN,
+                                     elicitation_callback=respond) as (rig, client):
                 await disconnect(browser, gateway, server_id)
                 mark = introspected(upstream)
                 result = await client.call_tool("whoami", {})
@@ -127,9 +126,8 @@ def test_a_client_that_declared_no_url_elicitation_gets_the_tool_error_with_the_
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:
-            rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-            async with connect(rig, mode=MODERN) as client:  # no elicitation callback: none declared
-                assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
+            # No elicitation callback: the client declares none.
+            async with alices_client(browser, gateway, server_id, upstream, mode=MODERN) as (rig, client):
                 await disconnect(browser, gateway, server_id)
                 result = await client.call_tool("whoami", {})
                 assert result.is_error and link in result.content[0].text

@@ -12,11 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.browser import ScriptedBrowser
 from tests.support.gateway import GatewayProcess
 from tests.support.inprocess import run
-from tests.support.mcp_oauth import connect
 from tests.support.oauth_upstream import OAuthUpstream
 from tests.support.upstream_accounts import (  # noqa: F401 (fixtures)
     ALICE_AT_UPSTREAM,
     OWNER,
+    alices_client,
     gateway,
     server_id,
     signed_in,
@@ -43,9 +43,7 @@ def test_refresh_outcomes_and_connect_required_answers_are_counted(
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:
-            rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-            async with connect(rig) as client:
-                assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
+            async with alices_client(browser, gateway, server_id, upstream) as (rig, client):
                 before = counters(gateway)
 
                 # The upstream stops accepting the token: one refresh, ok.

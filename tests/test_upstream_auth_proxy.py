@@ -28,6 +28,7 @@ from tests.support.upstream_accounts import (  # noqa: F401 (fixtures)
     BOB_AT_UPSTREAM,
     FRIEND,
     OWNER,
+    alices_client,
     credential,
     gateway,
     server_id,
@@ -80,9 +81,7 @@ def test_an_access_token_the_upstream_stopped_accepting_is_refreshed_and_the_cal
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:
-            rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-            async with connect(rig) as client:
-                assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
+            async with alices_client(browser, gateway, server_id, upstream) as (rig, client):
                 refreshes = token_requests(upstream, "refresh_token", ALICE_AT_UPSTREAM)
                 mark = len(introspected(upstream))
                 upstream.control(expire_access=ALICE_AT_UPSTREAM)  # the refresh token lives on
@@ -104,9 +103,7 @@ def test_an_expired_access_token_is_refreshed_without_the_client_noticing(
         upstream.control(access_ttl=1)  # tokens issued from now on live one second
         try:
             async with ScriptedBrowser() as browser:
-                rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-                async with connect(rig) as client:
-                    assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
+                async with alices_client(browser, gateway, server_id, upstream) as (rig, client):
                     refreshes = token_requests(upstream, "refresh_token", ALICE_AT_UPSTREAM)
                     await asyncio.sleep(1.5)  # past its lifetime (waiting, not measuring)
                     assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
@@ -128,9 +125,7 @@ def test_after_disconnect_a_tools_call_is_a_tool_error_with_the_connect_link_and
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:
-            rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-            async with connect(rig, mode=mode) as client:
-                assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
+            async with alices_client(browser, gateway, server_id, upstream, mode=mode) as (rig, client):
                 page = await browser.follow(f"{gateway.url}/dashboard/connections")
                 page = await browser.submit(page, "server_id")  # Disconnect
                 assert page.status == 200 and await credential(gateway, OWNER, server_id) is None
@@ -174,9 +169,7 @@ def test_an_upstream_grant_revoked_at_the_upstream_drops_the_account_and_answers
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:
-            rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-            async with connect(rig) as client:
-                assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
+            async with alices_client(browser, gateway, server_id, upstream) as (rig, client):
                 upstream.control(revoke_user=ALICE_AT_UPSTREAM)  # access and refresh tokens die
                 result = await client.call_tool("whoami", {})
                 assert result.is_error and f"/oauth/upstream/connect/{server_id}" in result.content[0].text
@@ -190,9 +183,7 @@ def test_an_authorization_server_failing_during_refresh_is_a_503_and_keeps_the_a
     @run
     async def scenario() -> None:
         async with ScriptedBrowser() as browser:
-            rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
-            async with connect(rig) as client:
-                assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
+            async with alices_client(browser, gateway, server_id, upstream) as (rig, client):
                 upstream.control(expire_access=ALICE_AT_UPSTREAM, token_status=500)
                 try:
                     with pytest.raises(MCPError) as raised:

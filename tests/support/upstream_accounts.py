@@ -3,6 +3,7 @@ gateway process as fixtures, the users, and the browser steps of connecting an a
 
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -12,7 +13,7 @@ from storage import SqliteStorage
 from storage.upstream_auth import UpstreamCredential
 from tests.support.browser import ScriptedBrowser
 from tests.support.gateway import GatewayProcess
-from tests.support.mcp_oauth import OAuthRig, make_oauth_rig
+from tests.support.mcp_oauth import OAuthRig, connect, make_oauth_rig
 from tests.support.oauth_upstream import OAuthUpstream
 
 OWNER = "owner@example.com"
@@ -89,6 +90,17 @@ async def signed_in(browser: ScriptedBrowser, gateway: GatewayProcess, server_id
     """An SDK client of `email`, whose sign-in connected the upstream account `who`."""
     await upstream_user(browser, upstream, who)
     return make_oauth_rig(f"{gateway.url}/mcp/{server_id}", browser, email=email)
+
+
+@asynccontextmanager
+async def alices_client(browser: ScriptedBrowser, gateway: GatewayProcess, server_id: str, upstream: OAuthUpstream,
+                        **client_kwargs):
+    """(rig, client): OWNER's SDK client through the gateway, signed in with ALICE_AT_UPSTREAM
+    connected, checked by one whoami that answers that identity."""
+    rig = await signed_in(browser, gateway, server_id, upstream, OWNER, ALICE_AT_UPSTREAM)
+    async with connect(rig, **client_kwargs) as client:
+        assert whoami_text(await client.call_tool("whoami", {})) == ALICE_AT_UPSTREAM
+        yield rig, client
 
 
 def whoami_text(result) -> str:
