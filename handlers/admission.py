@@ -14,8 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tornado import httputil
-from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
+
+from handlers.http1 import Exchange, HttpParams, ServerConnection
 
 log = logging.getLogger("gateway.admission")
 
@@ -34,6 +35,9 @@ ACCEPT_BATCH = 128  # accepts per readiness, as Tornado's own handler (fairness 
 # the first would take the whole backlog; a few at a time spreads a burst of connections.
 SHARED_ACCEPT_BATCH = 4
 FRESH_GRACE = 1.0  # seconds a connection accepted just before a drain gets to send its request
+DEFAULT_MAX_BODY = 4 * 1024 * 1024
+DEFAULT_IDLE_TIMEOUT = 75.0  # seconds a connection may take to send a request's head, or its body
+SWEEP_INTERVAL = 5.0  # seconds between two sweeps for connections past that timeout
 HANDLER_GRACE = 1.0  # seconds a handler gets, after its response, to finish its work (usage record)
 
 # accept() failures that mean "no descriptor or socket memory now", not "this connection".
@@ -76,72 +80,86 @@ def connection_cap(limit: int) -> int:
     return max(1, usable // 2)  # each client connection may hold one upstream connection
 
 
-class AdmissionHTTPServer(HTTPServer):
-    """`HTTPServer` with a cap on open client connections and an accept loop that backs off
-    when the process is out of descriptors. Constructed like `HTTPServer`, plus
-    ``max_connections`` and an optional ``metrics`` (`services.metrics.Metrics`)."""
+class AdmissionHTTPServer(httputil.HTTPServerConnectionDelegate):
+    """The gateway's HTTP server: serves `app` (a Tornado Application) on the connections of
+    handlers/http1.py, with a cap on open client connections, an accept loop that backs off
+    when the process is out of descriptors, and a drain."""
 
-    def initialize(self, *args, max_connections: int, metrics=None, accept_batch: int = ACCEPT_BATCH,
-                   **kwargs) -> None:
-        super().initialize(*args, **kwargs)
+    def __init__(self, app, *, max_connections: int, metrics=None, accept_batch: int = ACCEPT_BATCH,
+                 xheaders: bool = False, max_body_size: int = DEFAULT_MAX_BODY,
+                 idle_connection_timeout: float = DEFAULT_IDLE_TIMEOUT, trusted_downstream=()) -> None:
+        self.app = app
+        self.params = HttpParams(max_body_size, idle_connection_timeout, xheaders, trusted_downstream)
         self.max_connections = max_connections
         self.accept_batch = accept_batch
         self._metrics = metrics
+        self._loop = asyncio.get_event_loop()
+        self._connections: set[ServerConnection] = set()
+        self._sockets: list[socket.socket] = []
+        self._acceptors: list[_Acceptor] = []
+        self._sweeper: asyncio.TimerHandle | None = None
         # Counts since the last report, and the report timer (None: no condition pending).
         self._refused = 0
         self._pauses = 0
         self._report_timer: object | None = None
         # Drain: the request each busy connection serves (from its headers to the end of
         # its response), and counts while draining.
-        self._busy: dict[object, httputil.HTTPConnection] = {}
-        self._served: set[object] = set()  # connections that have carried a request
-        self._acceptors: list[_Acceptor] = []
+        self._busy: dict[ServerConnection, Exchange] = {}
         self.draining = False
         self._drain_done = 0
         self._all_closed: asyncio.Event | None = None
 
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
-        # As TCPServer.add_sockets, with our accept loop: TCPServer.stop() calls the
-        # stored remover and closes the socket.
         for sock in sockets:
-            self._sockets[sock.fileno()] = sock
-            acceptor = _Acceptor(self, sock, self.accept_batch)
-            self._acceptors.append(acceptor)
-            self._handlers[sock.fileno()] = acceptor.close
+            self._sockets.append(sock)
+            self._acceptors.append(_Acceptor(self, sock, self.accept_batch))
+        if self._sweeper is None:
+            self._sweep()
 
     def stop(self) -> None:
-        super().stop()
+        """Stop listening (the listening sockets close); open connections are left as they are."""
+        for acceptor in self._acceptors:
+            acceptor.close()
+        for sock in self._sockets:
+            sock.close()
+        self._acceptors.clear()
+        self._sockets.clear()
         if self._report_timer is not None:
             IOLoop.current().remove_timeout(self._report_timer)
             self._report_timer = None
 
-    # ---------------------------------------------------------------------- drain
+    def _sweep(self) -> None:
+        """Close the connections that took longer than the idle timeout to send a request
+        (or were idle between two that long): one timer per server, not one per connection."""
+        now = self._loop.time()
+        for conn in list(self._connections):
+            if conn.deadline is not None and conn.deadline < now:
+                conn.close()
+        self._sweeper = self._loop.call_later(min(self.params.header_timeout / 2, SWEEP_INTERVAL), self._sweep)
 
-    def start_request(self, server_conn, request_conn) -> httputil.HTTPMessageDelegate:
-        return _Tracked(self, server_conn, request_conn, super().start_request(server_conn, request_conn))
+    # ------------------------------------------------------ HTTPServerConnectionDelegate
 
-    def _request_started(self, server_conn, request_conn) -> None:
+    def start_request(self, server_conn: ServerConnection, request_conn: Exchange) -> httputil.HTTPMessageDelegate:
         self._busy[server_conn] = request_conn
-        self._served.add(server_conn)
         if self.draining:
-            _close_after_response(request_conn)
-        # Resolved by Tornado once the response is written and flushed, or the connection closed.
-        request_conn._finish_future.add_done_callback(lambda _: self._request_ended(server_conn, request_conn))
+            request_conn.disconnect = True  # answered with Connection: close, then closed
+        return self.app.start_request(server_conn, request_conn)
 
-    def _request_ended(self, server_conn, request_conn) -> None:
+    def request_ended(self, server_conn: ServerConnection, request_conn: Exchange) -> None:
         if self._busy.get(server_conn) is request_conn:
             del self._busy[server_conn]
             if self.draining:
                 self._drain_done += 1
 
-    def on_close(self, server_conn) -> None:
-        super().on_close(server_conn)
-        self._served.discard(server_conn)
+    def on_close(self, server_conn: ServerConnection) -> None:
+        self._connections.discard(server_conn)
         request_conn = self._busy.get(server_conn)
         if request_conn is not None:
-            self._request_ended(server_conn, request_conn)
+            self.request_ended(server_conn, request_conn)
         if self._all_closed is not None and not self._connections:
             self._all_closed.set()
+
+    # ---------------------------------------------------------------------- drain
 
     async def drain(self, timeout: float) -> DrainResult:
         """Stop accepting, close idle connections, let the requests in flight finish for up
@@ -153,12 +171,14 @@ class AdmissionHTTPServer(HTTPServer):
         for acceptor in list(self._acceptors):
             acceptor.accept_pending()
         self.stop()  # the listening sockets close: new connections are refused
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.draining = True
         self._drain_done = 0
         self._all_closed = asyncio.Event()
         in_flight = len(self._busy)
         for request_conn in self._busy.values():
-            _close_after_response(request_conn)
+            request_conn.disconnect = True
         idle = self._close_idle(fresh_too=False)
         log.info("draining: %d request(s) in flight, %d idle connection(s) closed; "
                  "waiting up to %g s (MCPGW_DRAIN_TIMEOUT)", in_flight, idle, timeout)
@@ -173,7 +193,7 @@ class AdmissionHTTPServer(HTTPServer):
             self._close_idle(fresh_too=True)
         cut = len(self._busy)
         for server_conn in list(self._connections):
-            server_conn.stream.close()
+            server_conn.abort()
         await asyncio.sleep(0)  # the cut requests' handlers see their connections close
         # A handler goes on after its response is out (the proxy records the call's usage
         # then); the services must not stop under it, or that record is lost.
@@ -188,11 +208,11 @@ class AdmissionHTTPServer(HTTPServer):
         read); `fresh_too`: also those that have not carried a request yet."""
         closed = 0
         for server_conn in list(self._connections):
-            if server_conn in self._busy or _has_input(server_conn):
+            if server_conn in self._busy or server_conn.has_input():
                 continue
-            if fresh_too or server_conn in self._served:
+            if fresh_too or server_conn.served:
                 closed += 1
-                server_conn.stream.close()
+                server_conn.close()
         return closed
 
     # -------------------------------------------------------------- per connection
@@ -200,7 +220,7 @@ class AdmissionHTTPServer(HTTPServer):
     def admit(self, connection: socket.socket, address) -> None:
         """One accepted connection: serve it, or refuse it when at the cap."""
         if len(self._connections) < self.max_connections:
-            self._handle_connection(connection, address)
+            self._serve(connection, address)
             return
         _refuse(connection)
         self._refused += 1
@@ -210,6 +230,18 @@ class AdmissionHTTPServer(HTTPServer):
             log.warning("at capacity: %d connections (the cap); answering new ones 503 until some close",
                         len(self._connections))
             self._arm_report()
+
+    def _serve(self, connection: socket.socket, address) -> None:
+        server_conn = ServerConnection(self, self.params, address)
+        self._connections.add(server_conn)
+
+        def served(task: asyncio.Task) -> None:
+            if task.cancelled() or task.exception() is not None:  # closed before it was set up
+                connection.close()
+                self.on_close(server_conn)
+
+        task = self._loop.create_task(self._loop.connect_accepted_socket(lambda: server_conn, connection))
+        task.add_done_callback(served)
 
     def paused(self, delay: float) -> None:
         """The accept loop hit EMFILE/ENFILE and paused for `delay` seconds."""
@@ -249,31 +281,6 @@ class DrainResult:
     seconds: float
 
 
-class _Tracked(httputil.HTTPMessageDelegate):
-    """The application's delegate for one request, noting when its headers arrive."""
-
-    __slots__ = ("_server", "_server_conn", "_request_conn", "_inner")
-
-    def __init__(self, server: AdmissionHTTPServer, server_conn, request_conn, inner) -> None:
-        self._server = server
-        self._server_conn = server_conn
-        self._request_conn = request_conn
-        self._inner = inner
-
-    def headers_received(self, start_line, headers):
-        self._server._request_started(self._server_conn, self._request_conn)
-        return self._inner.headers_received(start_line, headers)
-
-    def data_received(self, chunk):
-        return self._inner.data_received(chunk)
-
-    def finish(self) -> None:
-        self._inner.finish()
-
-    def on_connection_close(self) -> None:
-        self._inner.on_connection_close()
-
-
 async def _handlers_done(timeout: float) -> None:
     """Wait up to `timeout` for the request handlers still running. Tornado runs each as a
     task of RequestHandler._execute (tornado.web._HandlerDelegate.execute), known by name."""
@@ -282,19 +289,6 @@ async def _handlers_done(timeout: float) -> None:
                and getattr(task.get_coro(), "__qualname__", "") == "RequestHandler._execute"]
     if running:
         await asyncio.wait(running, timeout=timeout)
-
-
-def _close_after_response(request_conn) -> None:
-    # Tornado's own flag (set for "Connection: close" requests): the response carries
-    # "Connection: close" if its headers are still to go, and the connection is closed
-    # once it is complete, so no further request arrives on it.
-    request_conn._disconnect_on_finish = True
-
-
-def _has_input(server_conn) -> bool:
-    """Bytes of a next request already read from the connection (an idle one has none)."""
-    stream = server_conn.stream
-    return stream is not None and bool(getattr(stream, "_read_buffer_size", 0))
 
 
 def _refuse(connection: socket.socket) -> None:
