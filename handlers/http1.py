@@ -17,6 +17,7 @@ app_log = logging.getLogger("tornado.application")
 MAX_HEAD = 64 * 1024  # request line and header fields (Tornado's default, nginx's large buffers: 32 KiB)
 WRITE_HIGH_WATER = 64 * 1024  # response bytes buffered for a client before a write waits for it to read
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+LINGER_SECONDS, LINGER_BYTES = 2.0, 1024 * 1024  # reading off a refused request's rest, at most
 NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -65,6 +66,12 @@ class Refusal(Exception):
     """A request refused before it reaches the application (status, reason)."""
 
     def __init__(self, status: int, reason: str) -> None:
+        # Never the refused value itself (it may be a credential with one bad byte): the
+        # reason up to its first quote, in one line.
+        quote = min((i for i in (reason.find("'"), reason.find('"')) if i >= 0), default=-1)
+        if quote >= 0:
+            reason = reason[:quote].rstrip(": ") + " (the value is not shown)"
+        reason = reason.replace("\r", " ").replace("\n", " ")[:200]
         super().__init__(reason)
         self.status = status
         self.reason = reason
@@ -116,6 +123,8 @@ class ServerConnection(asyncio.Protocol):
         self._body_size = 0
         self._refusal: Refusal | None = None
         self._final: bytes | None = None  # a refusal to send once the requests before it are answered
+        self._body_declared = False  # the request being read has a Content-Length or chunked body
+        self._lingering = -1  # bytes read and discarded after a refusal (-1: none sent)
         self._write_paused = False
         self._drained: list[asyncio.Future] = []  # writes waiting for the client to read
         self._written: asyncio.Future = self._loop.create_future()  # returned by writes that did not wait
@@ -129,6 +138,11 @@ class ServerConnection(asyncio.Protocol):
         self.deadline = self._loop.time() + self.params.header_timeout
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering >= 0:
+            self._lingering += len(data)
+            if self._lingering > LINGER_BYTES:
+                self.abort()
+            return
         if self.closed:
             return
         if self._in_message and not self._head_done:
@@ -142,18 +156,19 @@ class ServerConnection(asyncio.Protocol):
             # An Upgrade (h2c, websocket) the gateway does not take: the request is answered
             # as HTTP/1.1; the bytes after it belong to the other protocol, so the connection
             # closes after the answer.
-            self.transport.pause_reading()
-            if self._pending:
+            if self._pending and not self._body_declared:
+                self.transport.pause_reading()
                 self._pending[-1].upgrade = True
-            else:
-                self._refuse(Refusal(400, "an Upgrade request the gateway cannot answer"))
+            else:  # llhttp hands a body after an Upgrade head to the other protocol: not read
+                self._refuse(Refusal(400, "a request body with Upgrade is not supported"))
         except (httptools.HttpParserError, Refusal) as exc:
             self._refuse(self._refusal or (exc if isinstance(exc, Refusal) else Refusal(400, _parser_reason(exc))))
         if self.exchange is None and self._pending:
             self._start_next()
 
     def eof_received(self) -> bool:
-        # As Tornado: a client that shuts its sending side is gone (its request is cancelled).
+        # As Tornado: a client that shuts its sending side is gone (its request is cancelled);
+        # after a refusal, the client has read it and is done.
         return False
 
     def connection_lost(self, exc) -> None:
@@ -205,17 +220,24 @@ class ServerConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._head_done = True
         codings = 0
+        expect_continue = False
+        self._body_declared = False
         for name, value in self._headers:
             lower = name.lower()
-            codings += lower == b"transfer-encoding"
-            if lower == b"transfer-encoding" and (codings > 1 or value.strip().lower() != b"chunked"):
-                # Only plain chunked, as Tornado: codings a relay may read otherwise are refused.
-                self._stop(Refusal(400, "unsupported Transfer-Encoding"))
-            elif lower == b"content-length" and int(value) > self.params.max_body_size:
-                self._stop(Refusal(413, f"the request body exceeds {self.params.max_body_size} bytes"))
-            elif lower == b"expect" and value.lower() == b"100-continue" and self.exchange is None \
-                    and not self._pending:
-                self.transport.write(CONTINUE)
+            if lower == b"transfer-encoding":
+                codings += 1
+                self._body_declared = True
+                if codings > 1 or value.strip().lower() != b"chunked":
+                    # Only plain chunked, as Tornado: codings a relay may read otherwise are refused.
+                    self._stop(Refusal(400, "unsupported Transfer-Encoding"))
+            elif lower == b"content-length":
+                self._body_declared = value != b"0"
+                if int(value) > self.params.max_body_size:
+                    self._stop(Refusal(413, f"the request body exceeds {self.params.max_body_size} bytes"))
+            elif lower == b"expect":
+                expect_continue = value.lower() == b"100-continue"
+        if expect_continue and self.exchange is None and not self._pending:
+            self.transport.write(CONTINUE)  # (a pipelined request's client sends its body unasked)
         self.deadline = self._loop.time() + self.params.header_timeout  # the body's turn
 
     def on_body(self, body: bytes) -> None:
@@ -245,18 +267,31 @@ class ServerConnection(asyncio.Protocol):
 
     def _start_next(self) -> None:
         request = self._pending.popleft()
+        self.served = True
         headers = httputil.HTTPHeaders()
-        for name, value in request.headers:
-            headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        try:
+            # Tornado's checks of each field too (its grammar, as its own parser applies it).
+            for name, value in request.headers:
+                headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        except httputil.HTTPInputError as exc:
+            self._pending.clear()  # what follows a refused request is not answered
+            self._refuse(Refusal(400, str(exc)))
+            return
         context = self.context
         if self.params.xheaders:
             context = context.forwarded(headers, self.params.trusted_downstream)
         exchange = Exchange(self, context, request)
         self.exchange = exchange
-        self.served = True
+        delegate = self.server.start_request(self, exchange)
         try:
-            delegate = self.server.start_request(self, exchange)
             delegate.headers_received(httputil.RequestStartLine(request.method, request.url, request.version), headers)
+        except httputil.HTTPInputError as exc:  # e.g. an HTTP/1.1 request without Host
+            self.exchange = None
+            self.server.request_ended(self, exchange)
+            self._pending.clear()
+            self._refuse(Refusal(400, str(exc)))
+            return
+        try:
             if request.body:
                 delegate.data_received(request.body)
             delegate.finish()
@@ -287,8 +322,7 @@ class ServerConnection(asyncio.Protocol):
 
     def _idle(self) -> None:
         if self._final is not None:  # the malformed request read after the ones answered
-            self.transport.write(self._final)
-            self.close()
+            self._linger(self._final)
             return
         self.deadline = self._loop.time() + self.params.header_timeout
         self.transport.resume_reading()
@@ -330,18 +364,28 @@ class ServerConnection(asyncio.Protocol):
     def _refuse(self, refusal: Refusal) -> None:
         log.info("refused a malformed request from %s: %s", self.context.remote_ip, refusal.reason)
         self._in_message = False
-        self.transport.pause_reading()  # nothing after it can be framed
         if self.exchange is None and not self._pending:
-            self.transport.write(_refusal_bytes(refusal))
-            self.close()
+            self._linger(_refusal_bytes(refusal))
         else:
+            self.transport.pause_reading()  # nothing after it can be framed
             self._final = _refusal_bytes(refusal)
+
+    def _linger(self, answer: bytes) -> None:
+        """Send `answer`, then read and discard what the client still sends for a moment
+        before closing: closing with unread input makes the kernel send a reset, which can
+        destroy the answer before the client reads it (a 413 sent while a body is on its way)."""
+        self._pending.clear()
+        self.transport.write(answer)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._lingering = 0
+        self.deadline = self._loop.time() + LINGER_SECONDS
+        self.transport.resume_reading()
 
 
 def _parser_reason(exc: Exception) -> str:
     cause = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
-    reason = str(cause or exc) or type(exc).__name__
-    return reason.replace("\r", " ").replace("\n", " ")[:200]
+    return str(cause or exc) or type(exc).__name__
 
 
 class Exchange(httputil.HTTPConnection):

