@@ -11,6 +11,7 @@ from tornado.log import access_log
 
 from handlers import api, dashboard, discovery, oauth, ops, proxy, upstream_auth
 from handlers.base import StaticHandler
+from handlers.lean import LeanRoute
 from services.authserver.keys import derive_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,9 +54,10 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
 
 
 def make_app(services, **settings) -> tornado.web.Application:
+    # The hot path: a LeanHandler, reached before Tornado's routing (handlers/lean.py).
+    mcp = LeanRoute(r"/mcp/([^/]+)", proxy.McpProxyHandler)
     routes = [
-        # First: Tornado tries routes in order, and this is the hot path.
-        (r"/mcp/([^/]+)", proxy.McpProxyHandler),
+        (r"/mcp/[^/]+", mcp),
         (r"/", dashboard.HomeHandler),
         (r"/dashboard/?", dashboard.DashboardHandler),
         (r"/dashboard/servers/new", dashboard.NewServerHandler),
@@ -115,7 +117,7 @@ def make_app(services, **settings) -> tornado.web.Application:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
     )
-    return tornado.web.Application(
+    app = tornado.web.Application(
         routes,
         services=services,
         jinja=jinja,
@@ -126,5 +128,8 @@ def make_app(services, **settings) -> tornado.web.Application:
         xsrf_cookies=True,
         log_function=log_request,
         xsrf_cookie_kwargs={"httponly": True, "samesite": "Lax", "secure": services.config.secure_cookies},
+        lean_routes=(mcp,),
         **settings,
     )
+    mcp.application = app
+    return app

@@ -89,6 +89,7 @@ class AdmissionHTTPServer(httputil.HTTPServerConnectionDelegate):
                  xheaders: bool = False, max_body_size: int = DEFAULT_MAX_BODY,
                  idle_connection_timeout: float = DEFAULT_IDLE_TIMEOUT, trusted_downstream=()) -> None:
         self.app = app
+        self._lean_routes = getattr(app, "settings", {}).get("lean_routes", ())
         self.params = HttpParams(max_body_size, idle_connection_timeout, xheaders, trusted_downstream)
         self.max_connections = max_connections
         self.accept_batch = accept_batch
@@ -143,6 +144,9 @@ class AdmissionHTTPServer(httputil.HTTPServerConnectionDelegate):
         self._busy[server_conn] = request_conn
         if self.draining:
             request_conn.disconnect = True  # answered with Connection: close, then closed
+        for route in self._lean_routes:  # the hot path, past Tornado's routing (handlers/lean.py)
+            if route.matches(request_conn.url):
+                return route.start_request(server_conn, request_conn)
         return self.app.start_request(server_conn, request_conn)
 
     def request_ended(self, server_conn: ServerConnection, request_conn: Exchange) -> None:
@@ -281,12 +285,15 @@ class DrainResult:
     seconds: float
 
 
+HANDLER_TASKS = ("RequestHandler._execute", "LeanHandler._execute")  # (handlers/lean.py)
+
+
 async def _handlers_done(timeout: float) -> None:
     """Wait up to `timeout` for the request handlers still running. Tornado runs each as a
     task of RequestHandler._execute (tornado.web._HandlerDelegate.execute), known by name."""
     current = asyncio.current_task()
     running = [task for task in asyncio.all_tasks() if task is not current
-               and getattr(task.get_coro(), "__qualname__", "") == "RequestHandler._execute"]
+               and getattr(task.get_coro(), "__qualname__", "") in HANDLER_TASKS]
     if running:
         await asyncio.wait(running, timeout=timeout)
 

@@ -34,7 +34,7 @@ PAGE_CSP = (
 )
 
 
-__all__ = ["BadRequest", "BaseHandler", "StaticHandler", "error_description", "unique_params"]
+__all__ = ["Answers", "BadRequest", "BaseHandler", "StaticHandler", "error_description", "unique_params"]
 
 # The route group of a handler module: the `route` label of the request metrics and the
 # access log (a fixed set, never a path).
@@ -76,17 +76,11 @@ class RequestIdentity:
         return super().flush(*args, **kwargs)
 
 
-class StaticHandler(RequestIdentity, tornado.web.StaticFileHandler):
-    route_group = "static"
-
-
-class BaseHandler(RequestIdentity, tornado.web.RequestHandler):
-    """API handlers (the default) answer JSON, take no cookies and so need no XSRF token;
-    `is_page` handlers are browser pages: HTML errors, CSP, XSRF-checked forms."""
+class Answers:
+    """The services, and how errors are answered and logged: shared by BaseHandler and the
+    hot path's LeanHandler (handlers/lean.py), which both provide RequestHandler's output API."""
 
     is_page = False
-    cors = False
-    no_store = False  # Cache-Control: no-store on every answer, errors included
     basic_realm = ""  # the realm of WWW-Authenticate when HTTP Basic client authentication fails
     bad_request_title = "Bad request"  # the page title of a BadRequest
 
@@ -95,10 +89,6 @@ class BaseHandler(RequestIdentity, tornado.web.RequestHandler):
         if "route_group" not in cls.__dict__:
             cls.route_group = ROUTE_GROUPS.get(cls.__module__, cls.route_group)
 
-    def check_xsrf_cookie(self) -> None:
-        if self.is_page:
-            super().check_xsrf_cookie()
-
     @property
     def services(self):
         return self.application.settings["services"]
@@ -106,36 +96,6 @@ class BaseHandler(RequestIdentity, tornado.web.RequestHandler):
     @property
     def config(self):
         return self.services.config
-
-    def set_default_headers(self) -> None:
-        super().set_default_headers()
-        self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("Referrer-Policy", "no-referrer")
-        if self.no_store:
-            self.set_header("Cache-Control", "no-store")
-        if self.is_page:
-            self.set_header("Content-Security-Policy", PAGE_CSP)
-            self.set_header("X-Frame-Options", "DENY")
-        if self.cors:
-            self.set_header("Access-Control-Allow-Origin", "*")
-            self.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
-            self.set_header("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS)
-            self.set_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
-            self.set_header("Access-Control-Max-Age", "86400")
-
-    def options(self, *args) -> None:
-        # CORS preflight never needs authentication.
-        self.set_status(204)
-
-    def client_ip(self) -> str:
-        """The address rate limits key on. Behind a trusted reverse proxy, the right-most
-        X-Forwarded-For entry: the address that proxy saw. Entries to its left (and
-        X-Real-Ip, which Tornado's xheaders would prefer) are whatever the client wrote."""
-        if self.config.trust_forwarded:
-            forwarded = self.request.headers.get("X-Forwarded-For", "")
-            if forwarded:
-                return forwarded.rsplit(",", 1)[-1].strip()
-        return self.request.remote_ip or ""
 
     # ------------------------------------------------------------------ output
 
@@ -146,23 +106,6 @@ class BaseHandler(RequestIdentity, tornado.web.RequestHandler):
 
     def oauth_error(self, error: str, description: str, status: int = 400) -> None:
         self.write_json({"error": error, "error_description": error_description(description, error)}, status)
-
-    def page(self, template: str, status: int = 200, **context) -> None:
-        env = self.application.settings["jinja"]
-        self.set_status(status)
-        self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.set_header("Cache-Control", "no-store")
-        html = env.get_template(template).render(
-            user=self.current_user,
-            xsrf_form_html=self.xsrf_form_html,
-            dev_login=self.config.dev_login,
-            static_url=self.static_url,
-            **context,
-        )
-        self.finish(html)
-
-    def error_page(self, status: int, title: str, message: str) -> None:
-        self.page("error.html", status=status, title=title, message=message)
 
     def write_error(self, status_code: int, **kwargs) -> None:
         """Every error answer: a GatewayError in this handler's shape (render_error), else
@@ -238,6 +181,71 @@ class BaseHandler(RequestIdentity, tornado.web.RequestHandler):
                 gen_log.warning("%d %s %s: %s", value.status_code, method, path, message, extra=extra)
             return
         app_log.error("Uncaught exception %s %s", method, path, exc_info=(typ, value, tb), extra=extra)
+
+
+class StaticHandler(RequestIdentity, tornado.web.StaticFileHandler):
+    route_group = "static"
+
+
+class BaseHandler(RequestIdentity, Answers, tornado.web.RequestHandler):
+    """API handlers (the default) answer JSON, take no cookies and so need no XSRF token;
+    `is_page` handlers are browser pages: HTML errors, CSP, XSRF-checked forms."""
+
+    cors = False
+    no_store = False  # Cache-Control: no-store on every answer, errors included
+
+    def check_xsrf_cookie(self) -> None:
+        if self.is_page:
+            super().check_xsrf_cookie()
+
+    def set_default_headers(self) -> None:
+        super().set_default_headers()
+        self.set_header("X-Content-Type-Options", "nosniff")
+        self.set_header("Referrer-Policy", "no-referrer")
+        if self.no_store:
+            self.set_header("Cache-Control", "no-store")
+        if self.is_page:
+            self.set_header("Content-Security-Policy", PAGE_CSP)
+            self.set_header("X-Frame-Options", "DENY")
+        if self.cors:
+            self.set_header("Access-Control-Allow-Origin", "*")
+            self.set_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
+            self.set_header("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS)
+            self.set_header("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS)
+            self.set_header("Access-Control-Max-Age", "86400")
+
+    def options(self, *args) -> None:
+        # CORS preflight never needs authentication.
+        self.set_status(204)
+
+    def client_ip(self) -> str:
+        """The address rate limits key on. Behind a trusted reverse proxy, the right-most
+        X-Forwarded-For entry: the address that proxy saw. Entries to its left (and
+        X-Real-Ip, which Tornado's xheaders would prefer) are whatever the client wrote."""
+        if self.config.trust_forwarded:
+            forwarded = self.request.headers.get("X-Forwarded-For", "")
+            if forwarded:
+                return forwarded.rsplit(",", 1)[-1].strip()
+        return self.request.remote_ip or ""
+
+    # ------------------------------------------------------------------ pages
+
+    def page(self, template: str, status: int = 200, **context) -> None:
+        env = self.application.settings["jinja"]
+        self.set_status(status)
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        html = env.get_template(template).render(
+            user=self.current_user,
+            xsrf_form_html=self.xsrf_form_html,
+            dev_login=self.config.dev_login,
+            static_url=self.static_url,
+            **context,
+        )
+        self.finish(html)
+
+    def error_page(self, status: int, title: str, message: str) -> None:
+        self.page("error.html", status=status, title=title, message=message)
 
     # ------------------------------------------------------------- sign-in cookie
 

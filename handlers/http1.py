@@ -391,13 +391,14 @@ def _parser_reason(exc: Exception) -> str:
 class Exchange(httputil.HTTPConnection):
     """One request's side of the connection, as Tornado's RequestHandler writes its response."""
 
-    __slots__ = ("conn", "context", "method", "version", "keep_alive", "disconnect", "finished",
+    __slots__ = ("conn", "context", "method", "url", "version", "keep_alive", "disconnect", "finished",
                  "_close_callback", "_chunked", "_remaining")
 
     def __init__(self, conn: ServerConnection, context: RequestContext, request: _Request) -> None:
         self.conn = conn
         self.context = context
         self.method = request.method
+        self.url = request.url
         self.version = request.version
         self.keep_alive = request.keep_alive
         self.disconnect = not request.keep_alive or request.upgrade

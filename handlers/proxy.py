@@ -9,7 +9,8 @@ import time
 
 from tornado.iostream import StreamClosedError
 
-from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS, BaseHandler
+from handlers.base import CORS_ALLOW_HEADERS, CORS_EXPOSE_HEADERS
+from handlers.lean import LeanHandler
 from handlers.proxy_account import AccountRelay
 from handlers.proxy_errors import ErrorAnswers
 from handlers.proxy_stream import RelayState, SseRelay
@@ -32,7 +33,7 @@ FORWARDED_RESPONSE_HEADERS = ("Content-Type", "Content-Encoding", "MCP-Protocol-
 END_SESSION_TIMEOUT = 5.0  # the best-effort DELETE of an upstream session the gateway could not record
 
 
-class McpProxyHandler(AccountRelay, SseRelay, ErrorAnswers, BaseHandler):
+class McpProxyHandler(AccountRelay, SseRelay, ErrorAnswers, LeanHandler):
     SUPPORTED_METHODS = ("GET", "POST", "DELETE", "OPTIONS")
 
     def initialize(self) -> None:
@@ -41,8 +42,7 @@ class McpProxyHandler(AccountRelay, SseRelay, ErrorAnswers, BaseHandler):
 
     def prepare(self) -> None:
         # Only the request id's ContextVar: an MCP call authenticates with its bearer token,
-        # never the dashboard's sign-in cookie, whose session BaseHandler.prepare checks.
-        # Not a coroutine: Tornado awaits nothing for it.
+        # never the dashboard's sign-in cookie. Not a coroutine: nothing is awaited for it.
         logs.request_id.set(self.request_id)
 
     def set_default_headers(self) -> None:
@@ -159,7 +159,7 @@ class McpProxyHandler(AccountRelay, SseRelay, ErrorAnswers, BaseHandler):
                 headers.append((name, value))
         if session is not None:
             headers.append(("Mcp-Session-Id", session.upstream_session_id))
-        # The id the client got back (BaseHandler sets it), so upstream logs can be matched.
+        # The id the client got back (LeanHandler sets it), so upstream logs can be matched.
         request_id = getattr(self, "request_id", None) or logs.request_id.get()
         if request_id != "-":
             headers.append(("X-Request-Id", request_id))
@@ -331,7 +331,7 @@ class McpProxyHandler(AccountRelay, SseRelay, ErrorAnswers, BaseHandler):
         or connecting) to its answer's head. proxy_gateway_seconds: from the request's arrival
         to its answer's head leaving the gateway (the first flush: a held-back JSON answer is
         written whole, an SSE stream's head goes at once), less that upstream time."""
-        head = getattr(self, "time_to_head", None)  # set at the first flush (BaseHandler)
+        head = getattr(self, "time_to_head", None)  # set at the first flush (LeanHandler)
         if head is None:
             if not self._r.flushed and not self._finished:
                 return  # nothing went out: the client left first
