@@ -117,6 +117,7 @@ class ServerConnection(asyncio.Protocol):
         self._in_message = False
         self._head_done = False
         self._head_size = 0
+        self._unparsed = 0
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
@@ -145,12 +146,15 @@ class ServerConnection(asyncio.Protocol):
             return
         if self.closed:
             return
-        if self._in_message and not self._head_done:
-            # A header line the parser holds until it ends: bounded here, by bytes received.
-            self._head_size += len(data)
+        if self._in_message:
+            # A header or trailer line httptools holds until it ends, or a chunk's size line:
+            # bytes without any parser progress, bounded here (every callback resets it).
+            self._unparsed += len(data)
         try:
             self._parser.feed_data(data)
-            if self._in_message and not self._head_done and self._head_size > MAX_HEAD:
+            if self._in_message and self._unparsed > MAX_HEAD:
+                if self._head_done:
+                    raise Refusal(400, f"a line of the chunked body or its trailer exceeds {MAX_HEAD} bytes")
                 raise Refusal(431, f"the request head exceeds {MAX_HEAD} bytes")
         except httptools.HttpParserUpgrade:
             # An Upgrade (h2c, websocket) the gateway does not take: the request is answered
@@ -200,6 +204,7 @@ class ServerConnection(asyncio.Protocol):
         self._in_message = True
         self._head_done = False
         self._head_size = 0
+        self._unparsed = 0
         self._url = b""
         self._headers = []
         self._body = []
@@ -210,22 +215,33 @@ class ServerConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_size += len(url)
+        self._unparsed = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
+        self._unparsed = 0
+        if self._head_done:
+            # A trailer field (llhttp reports them after the head): bounded like a head,
+            # and never one of the request's header fields (RFC 9110 §6.5.1); dropped.
+            if self._head_size > MAX_HEAD:
+                self._stop(Refusal(400, f"the trailer exceeds {MAX_HEAD} bytes"))
+            return
         if self._head_size > MAX_HEAD:
             self._stop(Refusal(431, f"the request head exceeds {MAX_HEAD} bytes"))
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._head_done = True
+        self._head_size = 0  # trailer fields count from here
+        self._unparsed = 0
         codings = 0
         expect_continue = False
-        self._body_declared = False
+        self._body_declared = self._te_seen = False
         for name, value in self._headers:
             lower = name.lower()
             if lower == b"transfer-encoding":
                 codings += 1
+                self._te_seen = True
                 self._body_declared = True
                 if codings > 1 or value.strip().lower() != b"chunked":
                     # Only plain chunked, as Tornado: codings a relay may read otherwise are refused.
@@ -241,6 +257,7 @@ class ServerConnection(asyncio.Protocol):
         self.deadline = self._loop.time() + self.params.header_timeout  # the body's turn
 
     def on_body(self, body: bytes) -> None:
+        self._unparsed = 0
         self._body_size += len(body)
         if self._body_size > self.params.max_body_size:
             self._stop(Refusal(413, f"the request body exceeds {self.params.max_body_size} bytes"))
@@ -249,9 +266,12 @@ class ServerConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         parser = self._parser
         body = b"".join(self._body) if self._body else b""
+        version = "HTTP/" + parser.get_http_version()
+        # An HTTP/1.0 message with Transfer-Encoding has faulty framing: the connection
+        # closes after it, whatever it asks (RFC 9112 §6.1).
+        keep_alive = parser.should_keep_alive() and not (self._te_seen and version == "HTTP/1.0")
         self._pending.append(_Request(parser.get_method().decode("latin-1"), self._url.decode("latin-1"),
-                                      "HTTP/" + parser.get_http_version(), self._headers, body,
-                                      parser.should_keep_alive()))
+                                      version, self._headers, body, keep_alive))
         self._in_message = False
         self._headers, self._body = [], []
         self.deadline = None

@@ -99,20 +99,29 @@ def summarize_batch(events) -> tuple[dict, dict, dict]:
     daily: dict[tuple[str, str, str, str], list] = {}
     hourly: dict[tuple[str, str, str, str], list] = {}
     users: dict[tuple[str, str], list] = {}
+    periods: dict[int, tuple[str, str]] = {}  # hour since the epoch -> (day, hour): one strftime each
     for event in events:
-        moment = datetime.fromtimestamp(event.at, tz=UTC)
-        for sums, period in ((daily, moment.strftime("%Y-%m-%d")), (hourly, moment.strftime("%Y-%m-%dT%H"))):
+        hour = int(event.at // 3600)
+        names = periods.get(hour)
+        if names is None:
+            moment = datetime.fromtimestamp(hour * 3600, tz=UTC)
+            names = periods[hour] = (moment.strftime("%Y-%m-%d"), moment.strftime("%Y-%m-%dT%H"))
+        denied = event.outcome.startswith("denied:")
+        error = event.outcome != "ok" and not denied
+        latency = event.latency_ms
+        bucket = latency_bucket(latency)
+        for sums, period in ((daily, names[0]), (hourly, names[1])):
             key = (event.server_id, period, event.target, event.user_sub)
             row = sums.get(key)
             if row is None:
                 row = sums[key] = [0, 0, 0.0, 0.0, [0] * LATENCY_BUCKETS, 0]
-            denied = event.outcome.startswith("denied:")
             row[0] += 1
-            row[1] += event.outcome != "ok" and not denied
+            row[1] += error
             row[5] += denied
-            row[2] += event.latency_ms
-            row[3] = max(row[3], event.latency_ms)
-            row[4][latency_bucket(event.latency_ms)] += 1
+            row[2] += latency
+            if latency > row[3]:
+                row[3] = latency
+            row[4][bucket] += 1
         seen = users.get((event.server_id, event.user_sub))
         if seen is None:
             users[(event.server_id, event.user_sub)] = [event.user_email, event.at, event.at]

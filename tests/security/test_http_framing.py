@@ -243,8 +243,6 @@ def test_request_head_over_64_kib_is_refused_431_and_closed(port, raw):
     assert_healthy(port)
 
 
-@pytest.mark.xfail(strict=True, reason="handlers/http1.py counts a head that spans reads twice "
-                   "(data_received and on_header/on_url): a 40 KB head in pieces is refused 431")
 def test_request_head_under_64_kib_arriving_in_pieces_is_served(port):
     """The head limit counts each byte once, however the head is split across reads."""
     raw = request("GET", "/healthz", "X-Big: " + "a" * 60_000)
@@ -287,8 +285,6 @@ def test_chunked_body_growing_past_4_mib_is_refused_413_and_closed(port):
     assert_healthy(port)
 
 
-@pytest.mark.xfail(strict=True, reason="handlers/http1.py bounds neither trailer bytes nor a trailer line: "
-                   "64 MiB of one trailer field is buffered, unanswered, until the idle timeout")
 def test_oversized_trailer_is_refused_not_buffered(port):
     """A trailer line is bounded like a head (or a body): never read on until the idle timeout."""
     with RawClient(port, timeout=CLOSE_DEADLINE) as client:
@@ -314,8 +310,6 @@ def test_pipelined_requests_are_answered_in_order_each_complete(port):
         assert client.read_response().status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="kept alive on Connection: keep-alive by handlers/http1.py (and Tornado "
-                   "before it): the next request on the connection is read with the faulty framing")
 def test_transfer_encoding_in_http10_request_closes_the_connection_after_the_answer(port):
     """RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing; the
     connection closes after it, whatever its Connection header asks."""
@@ -596,8 +590,6 @@ async def test_client_gone_mid_request_calls_on_connection_close_and_logs_nothin
         await server.drain(0.2)
 
 
-@pytest.mark.xfail(strict=True, reason="handlers/http1.py on_header appends trailer fields (llhttp reports "
-                   "them after on_headers_complete) to the request's header fields")
 @pytest.mark.gen_test(timeout=20)
 async def test_chunked_trailer_fields_do_not_become_request_headers():
     """RFC 9110 §6.5.1: a trailer (here one spelled like a credential) is not a header field."""
