@@ -285,8 +285,9 @@ async def run(args, upstream_port: int, gateway: GatewayProcess, server_id: str,
         base_cpu = statistics.median(r["baseline"]["per_cpu"] / r["floor"]["per_cpu"] for r in rounds)
         base_all = statistics.median(r["baseline"]["per_cpu_all"] / r["floor"]["per_cpu"] for r in rounds)
         line("baseline tree's gateway", f"{base['rps'] / floor['rps']:.2f}x floor, per CPU-second {base_cpu:.2f}x "
-             f"({base_all:.2f}x with children), added p50 +{base['p50'] - direct['p50']:.3f} ms "
-             f"(+{base['p50'] - floor['p50']:.3f} over the floor)")
+             f"({base_all:.2f}x with children), added p50 / p99 +{base['p50'] - direct['p50']:.3f} / "
+             f"+{base['p99'] - direct['p99']:.3f} ms (+{base['p50'] - floor['p50']:.3f} / "
+             f"+{base['p99'] - floor['p99']:.3f} over the floor)")
 
     for name, label in (("delegate", "Tornado HTTPServer, bare delegate, no RequestHandler"),
                         ("asyncio", "no Tornado: asyncio Protocol + httptools")):

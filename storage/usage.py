@@ -147,6 +147,11 @@ class UsageStore(abc.ABC):
     async def record_usage(self, events: list[UsageEvent]) -> None:
         """Append a batch of events and add them to the daily aggregates."""
 
+    async def prepare_recording(self) -> None:
+        """Called once by the serving process's recorder before its first batch: what
+        record_usage needs that is better started ahead than under the first calls."""
+        return None  # nothing, unless a backend says otherwise
+
     @abc.abstractmethod
     async def usage_aggregates(self, server_id: str, since_day: str) -> list[UsageAggregate]: ...
 

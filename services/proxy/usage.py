@@ -128,6 +128,10 @@ class UsageRecorder:
             self._metrics.inc("usage_events_dropped_total", overflow)
 
     async def _run(self) -> None:
+        try:
+            await self._usage.prepare_recording()
+        except Exception as exc:  # the first batch tries again (and says what fails)
+            log.warning("usage: could not prepare recording: %s: %s", type(exc).__name__, exc)
         while True:
             try:
                 await asyncio.wait_for(self._wakeup.wait(), FLUSH_INTERVAL)
