@@ -285,11 +285,20 @@ def test_chunked_body_growing_past_4_mib_is_refused_413_and_closed(port):
     assert_healthy(port)
 
 
-def test_oversized_trailer_is_refused_not_buffered(port):
-    """A trailer line is bounded like a head (or a body): never read on until the idle timeout."""
+ENDLESS_CHUNKED_LINES = {  # the body's start, then what is repeated up to 8 MiB
+    "one-trailer-field": (b"2\r\nab\r\n0\r\nX-Big: ", b"a" * 65536),
+    "many-trailer-fields": (b"2\r\nab\r\n0\r\n", b"".join(b"X-T%05d: v\r\n" % i for i in range(5000))),
+    "chunk-extension": (b"2;ext=", b"a" * 65536),
+    "chunk-size-zeros": (b"", b"0" * 65536),
+}
+
+
+@pytest.mark.parametrize("start, repeated", ENDLESS_CHUNKED_LINES.values(), ids=ENDLESS_CHUNKED_LINES.keys())
+def test_endless_chunked_framing_is_refused_not_buffered(port, start, repeated):
+    """Trailer fields and chunk lines are bounded like a head: never read on until the idle timeout."""
     with RawClient(port, timeout=CLOSE_DEADLINE) as client:
-        client.send(request("POST", "/token", FORM_TYPE, "Transfer-Encoding: chunked") + b"2\r\nab\r\n0\r\nX-Big: ")
-        send_until_answered(client, b"a" * 65536, 2 * MAX_BODY)
+        client.send(request("POST", "/token", FORM_TYPE, "Transfer-Encoding: chunked") + start)
+        send_until_answered(client, repeated, 2 * MAX_BODY)
         response = client.read_response()
         assert response.status in (400, 413, 431), response
         assert client.wait_closed() == b""
