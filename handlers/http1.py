@@ -116,8 +116,9 @@ class ServerConnection(asyncio.Protocol):
         self._pending: deque[_Request] = deque()  # read while another is answered (pipelining)
         self._in_message = False
         self._head_done = False
-        self._head_size = 0
-        self._unparsed = 0
+        self._head_size = 0  # request line and fields (then trailer fields), as llhttp reports them
+        self._unparsed = 0  # bytes received since the parser last reported progress
+        self._te_seen = False  # the request being read has Transfer-Encoding
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._body: list[bytes] = []
@@ -182,6 +183,7 @@ class ServerConnection(asyncio.Protocol):
         for waiter in self._drained:
             if not waiter.done():
                 waiter.set_exception(StreamClosedError())
+                waiter.exception()  # retrieved: a writer that stopped waiting is not an error
         self._drained.clear()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:

@@ -36,8 +36,17 @@ def start_workers(gw: GatewayProcess, count: int = 2) -> list[int]:
     return pids
 
 
+def _is_usage_writer(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"writer_main" in handle.read()
+    except OSError:
+        return False
+
+
 def workers_of(gw: GatewayProcess) -> list[int]:
-    """The gateway's live child processes (its workers; not a dead one not yet reaped), from /proc."""
+    """The gateway's live child processes (its workers; not a dead one not yet reaped, not the
+    SQLite usage writer a serving process starts), from /proc."""
     children = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -47,7 +56,7 @@ def workers_of(gw: GatewayProcess) -> list[int]:
             except OSError:
                 continue
             state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-            if int(ppid) == gw.pid and state != "Z":
+            if int(ppid) == gw.pid and state != "Z" and not _is_usage_writer(int(entry)):
                 children.append(int(entry))
     return sorted(children)
 
