@@ -98,6 +98,19 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin `pid` and its child processes (the usage writer, which a gateway starts with the
+    recorder, before the bench can pin the gateway) to `cpus`."""
+    os.sched_setaffinity(pid, cpus)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[1]) == pid:
+                os.sched_setaffinity(int(stat.parent.name), cpus)
+        except (OSError, ValueError):
+            continue
+
+
 def children_cpu_seconds(pid: int) -> float:
     """CPU time of the live child processes of `pid` (the gateway's SQLite usage writer)."""
     total = 0.0
@@ -350,7 +363,8 @@ def start_baseline(tree: Path, state: Path, upstream_port: int) -> GatewayProces
                 support.ROOT = saved
 
     other.__class__ = Cli
-    os.sched_setaffinity(other.pid, {0})
+    time.sleep(0.5)  # its usage writer started
+    pin(other.pid, {0})
     return other
 
 
@@ -374,7 +388,8 @@ def main() -> None:
             os.sched_setaffinity(upstream.pid, {1})
             os.sched_setaffinity(0, {1})
             gateway = GatewayProcess(Path(tmp) / "gw").start()
-            os.sched_setaffinity(gateway.pid, {0})
+            time.sleep(0.5)  # its usage writer started
+            pin(gateway.pid, {0})
             floor, floor_port = bench_floor.start(Path(tmp) / "floor-port", f"http://127.0.0.1:{upstream_port}/mcp")
             os.sched_setaffinity(floor.pid, {0})
             server_id = gateway.add_server(f"http://127.0.0.1:{upstream_port}/mcp", "bench@example.com")

@@ -118,13 +118,16 @@ class AdmissionHTTPServer(httputil.HTTPServerConnectionDelegate):
             self._sweep()
 
     def stop(self) -> None:
-        """Stop listening (the listening sockets close); open connections are left as they are."""
+        """Stop listening (the listening sockets close) and sweeping; open connections are left as they are."""
         for acceptor in self._acceptors:
             acceptor.close()
         for sock in self._sockets:
             sock.close()
         self._acceptors.clear()
         self._sockets.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._report_timer is not None:
             IOLoop.current().remove_timeout(self._report_timer)
             self._report_timer = None
@@ -174,9 +177,7 @@ class AdmissionHTTPServer(httputil.HTTPServerConnectionDelegate):
         # stack: serve them (closing the socket would reset them), then close it.
         for acceptor in list(self._acceptors):
             acceptor.accept_pending()
-        self.stop()  # the listening sockets close: new connections are refused
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        self.stop()  # the listening sockets close (and the idle sweep ends): new connections are refused
         self.draining = True
         self._drain_done = 0
         self._all_closed = asyncio.Event()

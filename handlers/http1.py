@@ -77,7 +77,8 @@ class Refusal(Exception):
         self.reason = reason
 
 
-_REASONS = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fields Too Large"}
+_REASONS = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+            505: "HTTP Version Not Supported"}
 
 
 def _refusal_bytes(refusal: Refusal) -> bytes:
@@ -233,6 +234,8 @@ class ServerConnection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._parser.get_http_version() not in ("1.1", "1.0"):  # llhttp takes 0.9 and 2.0 lines too
+            self._stop(Refusal(505, "only HTTP/1.1 and HTTP/1.0 are served here"))
         self._head_done = True
         self._head_size = 0  # trailer fields count from here
         self._unparsed = 0

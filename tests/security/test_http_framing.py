@@ -412,6 +412,22 @@ def test_garbage_is_refused_or_closed_without_a_hang(port, raw):
     assert_healthy(port)
 
 
+OTHER_VERSIONS = {
+    "http-0.9": b"GET /healthz\r\n\r\n",
+    "http-0.9-with-host": b"GET /healthz HTTP/0.9\r\nHost: 127.0.0.1\r\n\r\n",
+    "http-2.0": request("GET", "/healthz", version="HTTP/2.0"),
+}
+
+
+@pytest.mark.parametrize("raw", OTHER_VERSIONS.values(), ids=OTHER_VERSIONS.keys())
+def test_request_lines_of_other_http_versions_are_refused_505(port, raw):
+    """llhttp reads HTTP/0.9 and 2.0 request lines; only 1.0 and 1.1 are answered."""
+    with RawClient(port) as client:
+        client.send(raw + request("GET", "/healthz"))
+        assert_refused_and_closed(client, 505)
+    assert_healthy(port)
+
+
 def test_blank_lines_before_a_request_are_ignored_or_refused(port):
     """RFC 9112 §2.2: empty lines before a request line may be skipped."""
     with RawClient(port, timeout=CLOSE_DEADLINE) as client:
