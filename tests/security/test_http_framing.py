@@ -497,11 +497,11 @@ def silent_until_closed(port: int, data: bytes = b"") -> bytes:
         return client.wait_closed()
 
 
-def slowloris(port: int) -> bool:
-    """Send a never-ending head one byte per 0.1 s; True once the server has closed."""
+def trickle(port: int, head: bytes) -> bool:
+    """Send `head`, then one more byte every 0.1 s; True once the server has closed."""
     deadline = time.monotonic() + CLOSE_DEADLINE
     with RawClient(port) as client:
-        client.send(f"GET / HTTP/1.1\r\nHost: {HOST}\r\nX-Slow: ".encode())
+        client.send(head)
         while time.monotonic() < deadline:
             if select.select([client.sock], [], [], 0.1)[0] and not client._recv():
                 return True
@@ -533,29 +533,20 @@ async def test_blank_lines_only_are_closed_after_the_idle_timeout():
 async def test_slowloris_head_is_closed_after_the_idle_timeout():
     server, port = serve()
     try:
-        assert await asyncio.to_thread(slowloris, port), f"still open after {CLOSE_DEADLINE} s"
+        # A never-ending head, one byte per 0.1 s.
+        head = f"GET / HTTP/1.1\r\nHost: {HOST}\r\nX-Slow: ".encode()
+        assert await asyncio.to_thread(trickle, port, head), f"still open after {CLOSE_DEADLINE} s"
     finally:
         await server.drain(0.2)
-
-
-def slow_body(port: int) -> bool:
-    """A head declaring 1,000 body bytes, then one byte per 0.1 s; True once the server has closed."""
-    deadline = time.monotonic() + CLOSE_DEADLINE
-    with RawClient(port) as client:
-        client.send(request("POST", "/echo", "Content-Length: 1000"))
-        while time.monotonic() < deadline:
-            if select.select([client.sock], [], [], 0.1)[0] and not client._recv():
-                return True
-            if not client.send(b"a"):
-                return True
-    return False
 
 
 @pytest.mark.gen_test(timeout=20)
 async def test_slow_body_is_closed_after_the_idle_timeout():
     server, port = serve()
     try:
-        assert await asyncio.to_thread(slow_body, port), f"still open after {CLOSE_DEADLINE} s"
+        # A head declaring 1,000 body bytes, then one byte per 0.1 s.
+        head = request("POST", "/echo", "Content-Length: 1000")
+        assert await asyncio.to_thread(trickle, port, head), f"still open after {CLOSE_DEADLINE} s"
     finally:
         await server.drain(0.2)
 
