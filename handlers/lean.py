@@ -10,6 +10,7 @@ import re
 import time
 from urllib.parse import unquote_to_bytes
 
+import tornado
 from tornado import httputil
 from tornado.escape import utf8
 from tornado.web import HTTPError
@@ -24,7 +25,7 @@ app_log = logging.getLogger("tornado.application")
 _VALID_HEADER_VALUE = re.compile(r"[\x09\x20-\x7e\x80-\xff]*")
 _NO_BODY_STATUSES = frozenset({204, 304})
 _REPRESENTATION_HEADERS = ("Content-Encoding", "Content-Language", "Content-Type")
-SERVER_HEADER = "TornadoServer/" + __import__("tornado").version  # the same as every other route
+SERVER_HEADER = f"TornadoServer/{tornado.version}"  # what every other route sends
 
 
 class _Date:
