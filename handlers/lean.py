@@ -171,6 +171,8 @@ class LeanHandler(Answers):
             self.time_to_head = self.request.request_time()
         chunk = b"".join(self._write_buffer) if self._write_buffer else b""
         self._write_buffer = []
+        if self.request.method == "HEAD":  # the head of the answer a GET would get, as Tornado
+            chunk = b""
         connection = self.request.connection
         if not self._headers_written:
             self._headers_written = True
