@@ -94,7 +94,7 @@ class AdmissionHTTPServer(httputil.HTTPServerConnectionDelegate):
         self.max_connections = max_connections
         self.accept_batch = accept_batch
         self._metrics = metrics
-        self._loop = asyncio.get_event_loop()
+        self._loop = asyncio.get_running_loop()  # constructed by the serving coroutine
         self._connections: set[ServerConnection] = set()
         self._sockets: list[socket.socket] = []
         self._acceptors: list[_Acceptor] = []
