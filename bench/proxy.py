@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from bench import floor as bench_floor  # noqa: E402
 from bench import lean_floor, minimal_upstream  # noqa: E402
 from tests.support.gateway import GatewayProcess  # noqa: E402
+from tests.support.workers import child_processes  # noqa: E402
 
 TOOLS_CALL = json.dumps(
     {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
@@ -102,26 +103,16 @@ def pin(pid: int, cpus: set[int]) -> None:
     """Pin `pid` and its child processes (the usage writer, which a gateway starts with the
     recorder, before the bench can pin the gateway) to `cpus`."""
     os.sched_setaffinity(pid, cpus)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for child, _ in child_processes(pid):
         try:
-            fields = stat.read_text().rpartition(")")[2].split()
-            if int(fields[1]) == pid:
-                os.sched_setaffinity(int(stat.parent.name), cpus)
-        except (OSError, ValueError):
+            os.sched_setaffinity(child, cpus)
+        except OSError:  # gone meanwhile
             continue
 
 
 def children_cpu_seconds(pid: int) -> float:
     """CPU time of the live child processes of `pid` (the gateway's SQLite usage writer)."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    return sum(int(fields[11]) + int(fields[12]) for _, fields in child_processes(pid)) / os.sysconf("SC_CLK_TCK")
 
 
 async def throughput(port: int, path: str, token: str | None, seconds: float,

@@ -87,10 +87,10 @@ class AdmissionHTTPServer(httputil.HTTPServerConnectionDelegate):
 
     def __init__(self, app, *, max_connections: int, metrics=None, accept_batch: int = ACCEPT_BATCH,
                  xheaders: bool = False, max_body_size: int = DEFAULT_MAX_BODY,
-                 idle_connection_timeout: float = DEFAULT_IDLE_TIMEOUT, trusted_downstream=()) -> None:
+                 idle_connection_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
         self.app = app
         self._lean_routes = getattr(app, "settings", {}).get("lean_routes", ())
-        self.params = HttpParams(max_body_size, idle_connection_timeout, xheaders, trusted_downstream)
+        self.params = HttpParams(max_body_size, idle_connection_timeout, xheaders)
         self.max_connections = max_connections
         self.accept_batch = accept_batch
         self._metrics = metrics
@@ -148,8 +148,9 @@ class AdmissionHTTPServer(httputil.HTTPServerConnectionDelegate):
         if self.draining:
             request_conn.disconnect = True  # answered with Connection: close, then closed
         for route in self._lean_routes:  # the hot path, past Tornado's routing (handlers/lean.py)
-            if route.matches(request_conn.url):
-                return route.start_request(server_conn, request_conn)
+            path_args = route.match(request_conn.url)
+            if path_args is not None:
+                return route.start_request(server_conn, request_conn, path_args)
         return self.app.start_request(server_conn, request_conn)
 
     def request_ended(self, server_conn: ServerConnection, request_conn: Exchange) -> None:

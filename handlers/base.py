@@ -34,6 +34,9 @@ PAGE_CSP = (
 )
 
 
+# On every answer of every handler (BaseHandler's and LeanHandler's).
+SECURITY_HEADERS = (("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"))
+
 __all__ = ["Answers", "BadRequest", "BaseHandler", "StaticHandler", "error_description", "unique_params"]
 
 # The route group of a handler module: the `route` label of the request metrics and the
@@ -200,8 +203,8 @@ class BaseHandler(RequestIdentity, Answers, tornado.web.RequestHandler):
 
     def set_default_headers(self) -> None:
         super().set_default_headers()
-        self.set_header("X-Content-Type-Options", "nosniff")
-        self.set_header("Referrer-Policy", "no-referrer")
+        for name, value in SECURITY_HEADERS:
+            self.set_header(name, value)
         if self.no_store:
             self.set_header("Cache-Control", "no-store")
         if self.is_page:

@@ -24,41 +24,35 @@ NO_BODY_STATUSES = frozenset({204, 304})
 class HttpParams:
     """What every connection of one server shares."""
 
-    __slots__ = ("max_body_size", "header_timeout", "xheaders", "trusted_downstream")
+    __slots__ = ("max_body_size", "header_timeout", "xheaders")
 
-    def __init__(self, max_body_size: int, header_timeout: float, xheaders: bool, trusted_downstream=()) -> None:
+    def __init__(self, max_body_size: int, header_timeout: float, xheaders: bool) -> None:
         self.max_body_size = max_body_size
         self.header_timeout = header_timeout  # seconds to send a request's head (and its body)
         self.xheaders = xheaders
-        self.trusted_downstream = frozenset(trusted_downstream)
 
 
 class RequestContext:
     """`connection.context` as HTTPServerRequest reads it: the client's address and scheme."""
 
-    __slots__ = ("address", "remote_ip", "protocol")
+    __slots__ = ("remote_ip", "protocol")
 
-    def __init__(self, address, remote_ip: str, protocol: str = "http") -> None:
-        self.address = address
+    def __init__(self, remote_ip: str, protocol: str = "http") -> None:
         self.remote_ip = remote_ip
         self.protocol = protocol
 
     def __str__(self) -> str:
         return self.remote_ip
 
-    def forwarded(self, headers: httputil.HTTPHeaders, trusted) -> RequestContext:
+    def forwarded(self, headers: httputil.HTTPHeaders) -> RequestContext:
         """This request's context behind a reverse proxy (MCPGW_TRUST_FORWARDED), as Tornado's
-        `xheaders`: X-Real-Ip, else the right-most untrusted X-Forwarded-For entry; X-Scheme or
+        `xheaders`: X-Real-Ip, else the right-most X-Forwarded-For entry; X-Scheme or
         X-Forwarded-Proto."""
-        ip = self.remote_ip
-        for candidate in reversed(headers.get("X-Forwarded-For", self.remote_ip).split(",")):
-            ip = candidate.strip()
-            if ip not in trusted:
-                break
+        ip = headers.get("X-Forwarded-For", self.remote_ip).split(",")[-1].strip()
         ip = headers.get("X-Real-Ip", ip)
         scheme = headers.get("X-Scheme", headers.get("X-Forwarded-Proto", self.protocol))
         scheme = scheme.split(",")[-1].strip() if scheme else scheme
-        return RequestContext(self.address, ip if netutil.is_valid_ip(ip) else self.remote_ip,
+        return RequestContext(ip if netutil.is_valid_ip(ip) else self.remote_ip,
                               scheme if scheme in ("http", "https") else self.protocol)
 
 
@@ -106,7 +100,7 @@ class ServerConnection(asyncio.Protocol):
         self.server = server
         self.params = params
         remote_ip = address[0] if isinstance(address, tuple) and address else "0.0.0.0"
-        self.context = RequestContext(address, remote_ip)
+        self.context = RequestContext(remote_ip)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.served = False  # has carried a request
@@ -304,7 +298,7 @@ class ServerConnection(asyncio.Protocol):
             return
         context = self.context
         if self.params.xheaders:
-            context = context.forwarded(headers, self.params.trusted_downstream)
+            context = context.forwarded(headers)
         exchange = Exchange(self, context, request)
         self.exchange = exchange
         delegate = self.server.start_request(self, exchange)
@@ -434,12 +428,6 @@ class Exchange(httputil.HTTPConnection):
 
     def set_close_callback(self, callback) -> None:
         self._close_callback = callback
-
-    def set_max_body_size(self, max_body_size: int) -> None:
-        pass  # bodies are read whole before the handler runs (no handler streams them)
-
-    def set_body_timeout(self, timeout: float) -> None:
-        pass
 
     def write_headers(self, start_line, headers: httputil.HTTPHeaders, chunk: bytes | None = None) -> asyncio.Future:
         code = start_line.code

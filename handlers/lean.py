@@ -15,7 +15,7 @@ from tornado import httputil
 from tornado.escape import utf8
 from tornado.web import HTTPError
 
-from handlers.base import Answers
+from handlers.base import SECURITY_HEADERS, Answers
 from services.common.logs import REQUEST_ID_HEADER, accept_request_id
 
 log = logging.getLogger("gateway.http")
@@ -45,19 +45,15 @@ class _Date:
 class LeanRequest:
     """What a handler reads of its request (the fields of HTTPServerRequest it uses)."""
 
-    __slots__ = ("method", "uri", "path", "query", "version", "headers", "body", "remote_ip", "protocol",
-                 "host", "connection", "_start_time", "_finish_time")
+    __slots__ = ("method", "path", "headers", "body", "remote_ip", "connection", "_start_time", "_finish_time")
 
     def __init__(self, connection, start_line: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> None:
         self.connection = connection
-        self.method, self.uri, self.version = start_line
-        self.path, _, self.query = self.uri.partition("?")
+        self.method = start_line.method
+        self.path = start_line.path.partition("?")[0]  # (RequestStartLine's "path" is the whole target)
         self.headers = headers
         self.body = b""
-        context = connection.context
-        self.remote_ip = context.remote_ip
-        self.protocol = context.protocol
-        self.host = headers.get("Host") or "127.0.0.1"
+        self.remote_ip = connection.context.remote_ip
         self._start_time = time.time()
         self._finish_time: float | None = None
 
@@ -115,8 +111,8 @@ class LeanHandler(Answers):
     def set_default_headers(self) -> None:
         # BaseHandler's for an API handler.
         self._headers[REQUEST_ID_HEADER] = self.request_id
-        self._headers["X-Content-Type-Options"] = "nosniff"
-        self._headers["Referrer-Policy"] = "no-referrer"
+        for name, value in SECURITY_HEADERS:
+            self._headers[name] = value
 
     def options(self, *args) -> None:
         # CORS preflight never needs authentication.
@@ -136,9 +132,6 @@ class LeanHandler(Answers):
 
     def set_header(self, name: str, value) -> None:
         self._headers[name] = self._header_value(value)
-
-    def add_header(self, name: str, value) -> None:
-        self._headers.add(name, self._header_value(value))
 
     def clear_header(self, name: str) -> None:
         if name in self._headers:
@@ -274,7 +267,7 @@ class LeanHandler(Answers):
 
 
 class LeanRoute(httputil.HTTPServerConnectionDelegate):
-    """A route served by a LeanHandler: AdmissionHTTPServer asks it first (`matches`); in
+    """A route served by a LeanHandler: AdmissionHTTPServer asks it first (`match`); in
     the Application's route table too, so that the table lists every route."""
 
     def __init__(self, pattern: str, handler_class) -> None:
@@ -282,27 +275,33 @@ class LeanRoute(httputil.HTTPServerConnectionDelegate):
         self.handler_class = handler_class
         self.application = None  # the Application (make_app sets it)
 
-    def matches(self, url: str) -> bool:
-        return self.regex.match(url.partition("?")[0]) is not None
+    def match(self, target: str) -> list[bytes] | None:
+        """The captured groups of a request target on this route, %-decoded (as Tornado's
+        routing; the handler decodes UTF-8), or None when it is not this route's."""
+        found = self.regex.match(target.partition("?")[0])
+        return None if found is None else [unquote_to_bytes(group) for group in found.groups()]
 
-    def start_request(self, server_conn, request_conn) -> LeanDispatch:
-        return LeanDispatch(self, request_conn)
+    def start_request(self, server_conn, request_conn, path_args: list[bytes] | None = None) -> LeanDispatch:
+        return LeanDispatch(self, request_conn, path_args)
 
 
 class LeanDispatch(httputil.HTTPMessageDelegate):
     """One request on a LeanRoute: its request built from the head, its body collected, the
     handler run in a task of its own (as Tornado runs RequestHandler._execute)."""
 
-    __slots__ = ("route", "connection", "request", "chunks")
+    __slots__ = ("route", "connection", "path_args", "request", "chunks")
 
-    def __init__(self, route: LeanRoute, connection) -> None:
+    def __init__(self, route: LeanRoute, connection, path_args: list[bytes] | None) -> None:
         self.route = route
         self.connection = connection
+        self.path_args = path_args  # None: reached through the Application, matched at the head
         self.request: LeanRequest | None = None
         self.chunks: list[bytes] = []
 
     def headers_received(self, start_line, headers) -> None:
         self.request = LeanRequest(self.connection, start_line, headers)
+        if self.path_args is None:
+            self.path_args = self.route.match(self.request.path) or []
 
     def data_received(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
@@ -313,9 +312,7 @@ class LeanDispatch(httputil.HTTPMessageDelegate):
             request.body = b"".join(self.chunks)
         route = self.route
         handler = route.handler_class(route.application, request)
-        # As Tornado's routing: the captured groups %-decoded (the handler decodes UTF-8).
-        args = [unquote_to_bytes(group) for group in route.regex.match(request.path).groups()]
-        asyncio.get_running_loop().create_task(handler._execute(*args))
+        asyncio.get_running_loop().create_task(handler._execute(*self.path_args))
 
     def on_connection_close(self) -> None:
         self.chunks = []

@@ -47,19 +47,27 @@ def test_tools_resources_prompts_through_the_gateway(gateway, upstream, stateles
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("mode", ["legacy"])
-def test_elicitation_round_trip_through_the_gateway(gateway, upstream, mode):
-    """A server→client request (elicitation) crosses the gateway inside the SSE stream
-    and the client's answer comes back through it. (2026-07-28 has no such back-channel:
-    elicitation there is an input_required result the client retries, a plain request.)"""
+
+def accepting_elicitation():
+    """The prompts an elicitation callback was asked, and the callback: it accepts with
+    {"confirm": true}."""
     from mcp import types
 
-    server_id = gateway.add_server(upstream.url, ALICE["email"])
     asked: list[str] = []
 
     async def on_elicit(context, params):
         asked.append(params.message)
         return types.ElicitResult(action="accept", content={"confirm": True})
+
+    return asked, on_elicit
+
+@pytest.mark.parametrize("mode", ["legacy"])
+def test_elicitation_round_trip_through_the_gateway(gateway, upstream, mode):
+    """A server→client request (elicitation) crosses the gateway inside the SSE stream
+    and the client's answer comes back through it. (2026-07-28 has no such back-channel:
+    elicitation there is an input_required result the client retries, a plain request.)"""
+    server_id = gateway.add_server(upstream.url, ALICE["email"])
+    asked, on_elicit = accepting_elicitation()
 
     async def main():
         async with ScriptedBrowser() as browser:
@@ -123,16 +131,10 @@ def test_an_input_required_round_through_the_gateway_is_one_call_in_usage(gatewa
     untouched (the upstream's own requestState) and records one logical call, not two."""
     import sqlite3
 
-    from mcp import types
-
     from tests.support.workers import wait_for
 
     server_id = gateway.add_server(upstream.url, ALICE["email"])
-    asked: list[str] = []
-
-    async def on_elicit(context, params):
-        asked.append(params.message)
-        return types.ElicitResult(action="accept", content={"confirm": True})
+    asked, on_elicit = accepting_elicitation()
 
     async def main():
         async with ScriptedBrowser() as browser:

@@ -44,21 +44,27 @@ def _is_usage_writer(pid: int) -> bool:
         return False
 
 
-def workers_of(gw: GatewayProcess) -> list[int]:
-    """The gateway's live child processes (its workers; not a dead one not yet reaped, not the
-    SQLite usage writer a serving process starts), from /proc."""
+def child_processes(pid: int) -> list[tuple[int, list[str]]]:
+    """The child processes of `pid` from /proc: (child pid, the fields of its stat line after
+    the command name: state, ppid, …)."""
     children = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as handle:
-                    stat = handle.read()
+                    fields = handle.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
-            if int(ppid) == gw.pid and state != "Z" and not _is_usage_writer(int(entry)):
-                children.append(int(entry))
-    return sorted(children)
+            if int(fields[1]) == pid:
+                children.append((int(entry), fields))
+    return children
+
+
+def workers_of(gw: GatewayProcess) -> list[int]:
+    """The gateway's live child processes (its workers; not a dead one not yet reaped, not the
+    SQLite usage writer a serving process starts), from /proc."""
+    return sorted(child for child, fields in child_processes(gw.pid)
+                  if fields[0] != "Z" and not _is_usage_writer(child))
 
 
 def replaced(gw: GatewayProcess, gone: int) -> bool:
